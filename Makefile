@@ -1,0 +1,29 @@
+# The two Quickstart commands are `make serve` and `make test`; both set up .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Where no CUDA GPU is present, take torch's CPU build (on this project's machines it lies on
+# disk); elsewhere the normal wheel. Override TORCH_SPEC / TORCH_INDEX_URL to choose another.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<3' || echo 'torch==2.13.0')
+TORCH_INDEX_URL ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install serve test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/bentoml serve
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV)

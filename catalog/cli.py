@@ -1,0 +1,195 @@
+"""``txt2img catalog ...`` and ``txt2img export``: find, inspect, validate and export models.
+
+Everything here answers without importing torch, diffusers, bentoml or sagemaker,
+except ``export``, which loads the model it writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from txt2img.errors import fail
+
+
+@click.group("catalog")
+def app() -> None:
+    """Find models: the 95 SageMaker JumpStart txt2img ids, the built-in demo and your fine-tunes."""
+
+
+def _index():
+    from catalog.index import load_index
+
+    try:
+        return load_index()
+    except Exception as error:
+        from catalog.store import CatalogError
+
+        if not isinstance(error, CatalogError):
+            raise
+        fail(
+            f"the catalog is invalid ({len(error.problems)} problem(s)); first: {error.problems[0]}. "
+            "Run `txt2img catalog validate` for all of them"
+        )
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _print_table(entries, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("id", style="bold cyan", overflow="fold")
+    table.add_column("family")
+    table.add_column("px", justify="right")
+    table.add_column("tags", overflow="fold")
+    table.add_column("JumpStart\nfine-tune", justify="center")
+    table.add_column("local\ntrain", justify="center")
+    table.add_column("source / base", overflow="fold")
+    for entry in entries:
+        origin = entry["hf_repo"] or (f"{entry['method']} of {entry['base']}" if "base" in entry else entry["source"])
+        if "alias_of" in entry:
+            origin += f" (alias of {entry['alias_of']})"
+        table.add_row(
+            entry["id"],
+            entry["family"],
+            str(entry["resolution"]),
+            ", ".join(entry["tags"]),
+            "yes" if entry["fine_tunable"] else "",
+            "yes" if entry["locally_trainable"] else "",
+            origin,
+        )
+    Console().print(table)
+
+
+@app.command("list")
+@click.option("--tag", help="Only models with this tag, e.g. anime.")
+@click.option("--language", help="Only models prompted in this language (en, zh, ko, ja).")
+@click.option("--fine-tunable", is_flag=True, help="Only models SageMaker JumpStart can fine-tune remotely.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entry objects.")
+def list_models(tag: Optional[str], language: Optional[str], fine_tunable: bool, as_json: bool) -> None:
+    """List catalog models."""
+    entries = _index().filter(tag=tag, language=language, fine_tunable=fine_tunable)
+    if as_json:
+        _print_json(entries)
+    else:
+        _print_table(entries, f"{len(entries)} model(s)")
+
+
+@app.command("show")
+@click.argument("model_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the entry as one JSON object.")
+def show_model(model_id: str, as_json: bool) -> None:
+    """Show everything the catalog knows about one model."""
+    from catalog.index import UnknownModelError
+
+    index = _index()
+    try:
+        summary = index.get(model_id)
+    except UnknownModelError as error:
+        fail(str(error))
+    if as_json:
+        _print_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, title=model_id, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in summary.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        table.add_row(key, str(value))
+    table.add_row("defined in", index.origins[model_id])
+    Console().print(table)
+
+
+@app.command("search")
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entry objects, best first.")
+def search_models(query: str, as_json: bool) -> None:
+    """Search ids, repos, tags and example prompts for QUERY; best matches first."""
+    entries = _index().search(query)
+    if as_json:
+        _print_json(entries)
+    elif entries:
+        _print_table(entries, f"{len(entries)} match(es) for '{query}'")
+    else:
+        click.echo(f"no model matches '{query}'", err=True)
+
+
+@app.command("validate")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def validate(path: Optional[Path]) -> None:
+    """Check catalog files against the schema; report every problem with file, entry and field.
+
+    PATH is a catalog YAML file or a directory of entry files; without it, the whole merged catalog.
+    """
+    from catalog.store import validate_path
+
+    if path is not None and not path.exists():
+        fail(f"{path} does not exist")
+    problems = validate_path(path)
+    if problems:
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"{len(problems)} problem(s) found", err=True)
+        raise SystemExit(1)
+    click.echo(f"ok: {path or 'the merged catalog'} is valid")
+
+
+@app.command("schema")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+def json_schema(output: Optional[Path]) -> None:
+    """Print the JSON Schema of a catalog YAML file, for editors' completion and checks."""
+    from catalog.schema import CatalogEntry, CatalogFile
+
+    schema = CatalogFile.model_json_schema()
+    # A user entry file holds one entry at top level; accept both shapes.
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "txt2img catalog file",
+              "anyOf": [schema, CatalogEntry.model_json_schema()]}
+    text = json.dumps(schema, indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+@click.command("export")
+@click.argument("model_id")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--allow-download", is_flag=True, help="Fetch Hub weights that are not in the local HF cache yet.")
+def export(model_id: str, directory: Path, allow_download: bool) -> None:
+    """Write a self-contained diffusers folder (safetensors) of MODEL_ID into DIRECTORY.
+
+    Works for any catalog model: tiny-sd, Hub repos (from the HF cache) and fine-tunes,
+    with a LoRA fused into its base. DIRECTORY must be new or empty.
+    """
+    from catalog.index import UnknownModelError
+    from catalog.store import CatalogError, load_catalog
+
+    try:
+        catalog = load_catalog()
+        catalog.get(model_id)
+    except (CatalogError, UnknownModelError) as error:
+        fail(str(error))
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        fail(f"{directory} exists and is not an empty directory")
+    from rich.console import Console
+
+    from catalog.pipelines import ModelLoadError, export_model
+
+    with Console(stderr=True).status(f"exporting {model_id} ..."):
+        try:
+            written = export_model(model_id, directory, catalog, local_files_only=not allow_download)
+        except ModelLoadError as error:
+            fail(str(error))
+    click.echo(f"wrote {written}")

@@ -1,0 +1,49 @@
+"""Where catalog files live, and how they are written so a crash never corrupts one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+BUILTIN_CATALOG = Path(__file__).with_name("models.yaml")
+ENTRY_SUFFIX = ".yaml"
+
+
+def txt2img_home() -> Path:
+    """The user's txt2img data directory: env ``TXT2IMG_HOME`` or the platform's data dir."""
+    configured = os.environ.get("TXT2IMG_HOME")
+    if configured:
+        return Path(configured).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("txt2img", appauthor=False))
+
+
+def user_catalog_dir() -> Path:
+    """Where fine-tuned models' catalog entries live, one YAML file each."""
+    return txt2img_home() / "catalog"
+
+
+def catalog_files(user_dir: Path | None = None, builtin: Path = BUILTIN_CATALOG) -> list[Path]:
+    """The files that make up the merged catalog: the built-in one, then each user entry."""
+    user_dir = user_catalog_dir() if user_dir is None else user_dir
+    files = [builtin]
+    if user_dir.is_dir():
+        files.extend(sorted(p for p in user_dir.iterdir() if p.suffix == ENTRY_SUFFIX and p.is_file()))
+    return files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a crash at any point leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,134 @@
+"""Turning a catalog entry into a diffusers pipeline, and exporting it as a self-contained folder.
+
+Shared by ``txt2img export``, the serving pipeline manager, the trainer and the deployer, so
+that every part loads a model the same way: safetensors only, Hub repos through the HF cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from catalog.schema import CatalogEntry
+from catalog.store import Catalog
+from catalog.tiny_sd import build_tiny_sd_pipeline
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EXPORT_MANIFEST = "txt2img.yaml"
+
+
+class ModelLoadError(RuntimeError):
+    """A catalog model cannot be turned into a pipeline; the message says why and what to do."""
+
+
+def lora_weights_file(entry: CatalogEntry) -> Path:
+    """The adapter file of a local LoRA fine-tune."""
+    artifact = Path(entry.artifact or "")
+    return artifact if artifact.suffix == ".safetensors" else artifact / LORA_WEIGHT_NAME
+
+
+def _require_local_artifact(entry: CatalogEntry) -> Path:
+    assert entry.artifact is not None  # the schema guarantees it for fine-tunes
+    if entry.artifact.startswith("s3://"):
+        raise ModelLoadError(
+            f"model '{entry.id}' lives on S3 ({entry.artifact}); deploy it with `txt2img deploy {entry.id}` "
+            "or download and extract the artifact, then register the local folder"
+        )
+    path = Path(entry.artifact).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model '{entry.id}': its artifact {path} does not exist")
+    return path
+
+
+def load_base_pipeline(
+    entry: CatalogEntry,
+    *,
+    torch_dtype: Any = None,
+    local_files_only: bool = False,
+    **from_pretrained_kwargs: Any,
+):
+    """The pipeline of an entry that carries its own full weights (not a LoRA)."""
+    if entry.method == "lora":
+        raise ModelLoadError(f"model '{entry.id}' is a LoRA adapter; load its base '{entry.base}' first")
+    if entry.source == "builtin":
+        pipeline = build_tiny_sd_pipeline()
+        return pipeline if torch_dtype is None else pipeline.to(dtype=torch_dtype)
+
+    from diffusers import DiffusionPipeline
+
+    if entry.source == "finetune":
+        location = str(_require_local_artifact(entry))
+    else:
+        location = entry.hf_repo
+    try:
+        return DiffusionPipeline.from_pretrained(
+            location,
+            torch_dtype=torch_dtype,
+            use_safetensors=True,  # refuse pickled checkpoints: they can run arbitrary code
+            local_files_only=local_files_only,
+            **from_pretrained_kwargs,
+        )
+    except (OSError, EnvironmentError, ValueError) as error:
+        hint = (
+            " It is not in the local Hugging Face cache and downloads are off."
+            if local_files_only
+            else " Check the network, your HF token (`huggingface-cli login`) and the repo's license terms."
+        )
+        raise ModelLoadError(f"cannot load model '{entry.id}' from {location}: {error}.{hint}") from error
+
+
+def apply_lora(pipeline, entry: CatalogEntry, adapter_name: str | None = None) -> str:
+    """Load a LoRA fine-tune's adapter onto its already-loaded base; returns the adapter name."""
+    weights = lora_weights_file(_lora_entry_checked(entry))
+    adapter_name = adapter_name or entry.id.replace(".", "_")
+    pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
+    return adapter_name
+
+
+def _lora_entry_checked(entry: CatalogEntry) -> CatalogEntry:
+    _require_local_artifact(entry)
+    if not lora_weights_file(entry).is_file():
+        raise ModelLoadError(f"model '{entry.id}': no adapter file at {lora_weights_file(entry)}")
+    return entry
+
+
+def load_pipeline(entry: CatalogEntry, catalog: Catalog, **kwargs: Any):
+    """A ready pipeline for any catalog entry; a LoRA fine-tune comes as an active adapter on its base."""
+    if entry.method != "lora":
+        return load_base_pipeline(entry, **kwargs)
+    pipeline = load_base_pipeline(catalog.get(entry.base), **kwargs)
+    apply_lora(pipeline, entry)
+    return pipeline
+
+
+def export_model(model_id: str, destination: Path, catalog: Catalog, local_files_only: bool = True) -> Path:
+    """Write a self-contained diffusers folder (safetensors) for any catalog model.
+
+    A LoRA is fused into its base so the folder needs nothing else. The folder is assembled
+    beside ``destination`` and renamed into place, so a failure never leaves half a model.
+    """
+    entry = catalog.get(model_id)
+    destination = destination.expanduser()
+    if destination.exists() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination} exists and is not empty")
+    pipeline = load_pipeline(entry, catalog, local_files_only=local_files_only)
+    if entry.method == "lora":
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        manifest = {"exported_from": entry.model_dump(mode="json", exclude_none=True)}
+        (staging / EXPORT_MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+        if destination.exists():
+            destination.rmdir()
+        staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination

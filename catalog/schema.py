@@ -1,0 +1,152 @@
+"""The pydantic schema of a catalog entry: the one definition every part of txt2img reads.
+
+A catalog entry is one of three kinds, told apart by ``source``:
+
+* ``jumpstart``: a SageMaker JumpStart txt2img model id with the Hugging Face repo it serves;
+* ``builtin``: the offline demo model ``tiny-sd``, built in code;
+* ``finetune``: a model fine-tuned here (or on SageMaker), with its provenance.
+
+This module must stay cheap to import: the catalog CLI answers without torch.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Family = Literal["sd1", "sd2-base", "sd2", "flux", "tiny"]
+Source = Literal["jumpstart", "builtin", "finetune"]
+Method = Literal["full", "lora"]
+
+# The native square resolution of each pipeline family, in pixels.
+NATIVE_RESOLUTION: dict[str, int] = {
+    "sd1": 512,
+    "sd2-base": 512,
+    "sd2": 768,
+    "flux": 1024,
+    "tiny": 64,
+}
+
+# Families our local DreamBooth trainer can fine-tune. JumpStart's own remote
+# fine-tuning (``fine_tunable``) is a different, narrower notion.
+LOCALLY_TRAINABLE_FAMILIES = frozenset({"sd1", "sd2-base", "sd2", "tiny"})
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class JumpStartRef(BaseModel):
+    """Where a model sits in SageMaker JumpStart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    version: str = Field(description="Latest JumpStart model version seen for this id.")
+
+
+class Endpoint(BaseModel):
+    """A SageMaker endpoint this model was deployed to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    region: str
+    instance_type: str
+    created: datetime
+
+
+class CatalogEntry(BaseModel):
+    """One model in the catalog."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The catalog id; for JumpStart models, the JumpStart model id.")
+    source: Source
+    family: Family = Field(description="The pipeline family, which fixes architecture and native size.")
+    resolution: int = Field(gt=0, description="Native square resolution in pixels.")
+    hf_repo: str | None = Field(default=None, description="Hugging Face repo id, for Hub models.")
+    description: str = ""
+    license: str | None = None
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="Prompt languages.")
+    tags: list[str] = Field(default_factory=list)
+    example_prompt: str | None = None
+    fine_tunable: bool = Field(
+        default=False,
+        description=(
+            "Whether SageMaker JumpStart can fine-tune this model remotely (JumpStart's "
+            "training_supported). The local trainer's scope is `locally_trainable`."
+        ),
+    )
+    jumpstart: JumpStartRef | None = None
+    alias_of: str | None = Field(default=None, description="Id of the entry serving the same repo.")
+
+    # Fine-tune provenance; present exactly when source == "finetune".
+    base: str | None = Field(default=None, description="Catalog id of the base model.")
+    method: Method | None = None
+    artifact: str | None = Field(default=None, description="Local path or s3:// URI of the weights.")
+    hyperparameters: dict[str, Any] | None = None
+    dataset_fingerprint: str | None = None
+    metrics: dict[str, float | None] | None = None
+    created: datetime | None = None
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_slug(cls, value: str) -> str:
+        if not ID_PATTERN.match(value):
+            raise ValueError(
+                "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_lowercase(cls, value: list[str]) -> list[str]:
+        bad = [tag for tag in value if tag != tag.lower() or not tag]
+        if bad:
+            raise ValueError(f"tags must be non-empty and lowercase: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> "CatalogEntry":
+        finetune_fields = ("base", "method", "artifact")
+        if self.source == "finetune":
+            missing = [name for name in finetune_fields if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"a finetune entry needs {', '.join(missing)}")
+            if self.method == "lora" and self.base is None:
+                raise ValueError("a LoRA fine-tune needs its base")
+        else:
+            present = [name for name in finetune_fields if getattr(self, name) is not None]
+            if present:
+                raise ValueError(f"only finetune entries may set {', '.join(present)}")
+        if self.source == "jumpstart" and (self.hf_repo is None or self.jumpstart is None):
+            raise ValueError("a jumpstart entry needs hf_repo and jumpstart")
+        if self.fine_tunable and self.source != "jumpstart":
+            raise ValueError("fine_tunable is JumpStart's flag; only jumpstart entries may set it")
+        return self
+
+    @property
+    def locally_trainable(self) -> bool:
+        """Whether txt2img's own DreamBooth trainer can fine-tune this model."""
+        return self.family in LOCALLY_TRAINABLE_FAMILIES and self.method != "lora"
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object the CLI prints for this entry."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        # These keys are always present, even when empty, so scripts can rely on them.
+        data["hf_repo"] = self.hf_repo
+        data["fine_tunable"] = self.fine_tunable
+        data["locally_trainable"] = self.locally_trainable
+        data["tags"] = self.tags
+        return data
+
+
+class CatalogFile(BaseModel):
+    """The layout of a catalog YAML file holding many entries (``catalog/models.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[CatalogEntry]
