@@ -33,12 +33,16 @@ class UnknownModelError(KeyError):
 
 
 def suggest_ids(text: str, ids: list[str], limit: int = 3) -> list[str]:
-    """The ids closest to ``text``, for 'did you mean' hints."""
-    close = difflib.get_close_matches(text, ids, n=limit, cutoff=0.5)
+    """The ids closest to ``text``, for 'did you mean' hints: completions first, then look-alikes."""
     lowered = text.lower()
-    if lowered:
-        close += [i for i in ids if lowered in i and i not in close][: limit - len(close)]
-    return close
+    completions = sorted((i for i in ids if lowered and i.startswith(lowered)), key=len)
+    look_alikes = difflib.get_close_matches(lowered, ids, n=limit, cutoff=0.5)
+    containing = [i for i in ids if lowered and lowered in i]
+    suggestions: list[str] = []
+    for candidate in [*completions, *look_alikes, *containing]:
+        if candidate not in suggestions:
+            suggestions.append(candidate)
+    return suggestions[:limit]
 
 
 def _term_score(term: str, entry: dict[str, Any]) -> int:

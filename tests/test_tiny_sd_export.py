@@ -1,0 +1,119 @@
+"""The built-in demo model and `txt2img export`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.pipelines import ModelLoadError, export_model, load_pipeline
+from catalog.schema import CatalogEntry
+from catalog.store import load_catalog, write_entry
+from catalog.tiny_sd import build_tiny_sd_pipeline
+
+
+def generate(pipeline, seed: int, steps: int = 2) -> np.ndarray:
+    return pipeline(
+        "a photo of sks dog",
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+def test_tiny_sd_builds_fast_and_deterministically():
+    build_tiny_sd_pipeline()  # the first build pays for importing diffusers
+    started = time.perf_counter()
+    first = build_tiny_sd_pipeline()
+    assert time.perf_counter() - started < 1.0
+    second = build_tiny_sd_pipeline()
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_tiny_sd_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_sd_pipeline()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_two_step_generation_is_seed_deterministic():
+    pipeline = build_tiny_sd_pipeline()
+    image = generate(pipeline, seed=1)
+    assert image.shape == (64, 64, 3)
+    assert np.array_equal(image, generate(pipeline, seed=1))
+    assert not np.array_equal(image, generate(pipeline, seed=2))
+
+
+def test_export_round_trips_through_from_pretrained(tmp_path, run_cli):
+    from diffusers import DiffusionPipeline
+
+    target = tmp_path / "tiny-export"
+    result = run_cli("export", "tiny-sd", str(target), check_rc=0)
+    assert str(target) in result.stdout
+    assert (target / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(target.rglob("*.bin"))
+    reloaded = DiffusionPipeline.from_pretrained(target, local_files_only=True)
+    assert np.array_equal(generate(reloaded, seed=3), generate(build_tiny_sd_pipeline(), seed=3))
+
+
+def test_export_refuses_a_non_empty_directory_and_unknown_ids(tmp_path, run_cli):
+    (tmp_path / "keep.txt").write_text("precious")
+    result = run_cli("export", "tiny-sd", str(tmp_path))
+    assert result.returncode == 2 and "not an empty directory" in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    result = run_cli("export", "tiny-s", str(tmp_path / "new"))
+    assert result.returncode == 2 and "Did you mean: tiny-sd" in result.stderr
+
+
+def make_lora_finetune(tmp_path) -> CatalogEntry:
+    """A tiny LoRA on tiny-sd with non-zero weights, registered as a user fine-tune."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = build_tiny_sd_pipeline()
+    pipeline.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in pipeline.unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    artifact = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(artifact, unet_lora_layers=get_peft_model_state_dict(pipeline.unet))
+    entry = CatalogEntry(
+        id="tiny-lora", source="finetune", family="tiny", resolution=64,
+        base="tiny-sd", method="lora", artifact=str(artifact),
+    )
+    write_entry(entry)
+    return entry
+
+
+def test_export_fuses_a_lora_into_its_base(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    entry = make_lora_finetune(tmp_path)
+    catalog = load_catalog()
+    with_adapter = generate(load_pipeline(entry, catalog), seed=4)
+    assert not np.allclose(with_adapter, generate(build_tiny_sd_pipeline(), seed=4), atol=1e-3)
+
+    exported = export_model("tiny-lora", tmp_path / "fused", catalog)
+    fused = DiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    assert np.allclose(generate(fused, seed=4), with_adapter, atol=1e-4)
+
+
+def test_missing_artifact_is_a_clear_error(tmp_path):
+    entry = CatalogEntry(
+        id="gone", source="finetune", family="tiny", resolution=64,
+        base="tiny-sd", method="full", artifact=str(tmp_path / "deleted"),
+    )
+    write_entry(entry)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_pipeline(entry, load_catalog())
