@@ -78,7 +78,8 @@ def load_base_pipeline(
             if local_files_only
             else " Check the network, your HF token (`huggingface-cli login`) and the repo's license terms."
         )
-        raise ModelLoadError(f"cannot load model '{entry.id}' from {location}: {error}.{hint}") from error
+        reason = str(error).strip().rstrip(".")
+        raise ModelLoadError(f"cannot load model '{entry.id}' from {location}: {reason}.{hint}") from error
 
 
 def apply_lora(pipeline, entry: CatalogEntry, adapter_name: str | None = None) -> str:

@@ -117,3 +117,29 @@ def test_missing_artifact_is_a_clear_error(tmp_path):
     write_entry(entry)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_pipeline(entry, load_catalog())
+
+
+def test_export_of_a_hub_model_reads_the_local_hf_cache(tmp_path, cli_env, run_cli):
+    """A JumpStart id whose repo sits in the HF cache exports offline, with no download."""
+    from diffusers import DiffusionPipeline
+
+    entry = load_catalog().get("model-txt2img-stabilityai-stable-diffusion-v2-1-base")
+    cache = tmp_path / "hf-cache"
+    repo_folder = cache / f"models--{entry.hf_repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    build_tiny_sd_pipeline().save_pretrained(repo_folder / "snapshots" / revision, safe_serialization=True)
+    (repo_folder / "refs").mkdir()
+    (repo_folder / "refs" / "main").write_text(revision)
+    cli_env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+
+    run_cli("export", entry.id, str(tmp_path / "sd21"), check_rc=0)
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "sd21", local_files_only=True)
+    assert np.array_equal(generate(reloaded, seed=5), generate(build_tiny_sd_pipeline(), seed=5))
+
+
+def test_a_hub_model_missing_from_the_cache_fails_clearly(tmp_path, cli_env, run_cli):
+    cli_env.update(HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
+    result = run_cli("export", "huggingface-txt2img-nitrosocke-ghibli-diffusion", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ Importing this module must stay cheap; the commands import torch and friends onl
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -25,6 +26,8 @@ app.add_command(catalog_cli.export)
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; usage errors become one line and exit code 2, not click's usage screen."""
+    # transformers warns about optional image backends on every model load; users can opt back in.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app.main(args=argv, prog_name="txt2img", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as error:
