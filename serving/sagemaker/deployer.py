@@ -263,11 +263,12 @@ def create_endpoint(context: AwsContext, plan: DeploymentPlan) -> None:
 
 def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: float = POLL_SECONDS) -> str:
     """Poll until the endpoint is InService; a failed endpoint is removed with its config and model."""
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     sagemaker = context.client("sagemaker")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task(f"endpoint {plan.endpoint_name}: starting", total=None)
         while True:
             with aws_errors(f"waiting for endpoint {plan.endpoint_name}"):

@@ -209,9 +209,11 @@ def register_training_job(
 
 def _wait(describe, name: str, poll_seconds: float, status_key: str, detail) -> dict:
     """Poll ``describe()`` with a spinner until the job finishes; a failed job is an error."""
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as progress:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task(f"{name}: starting", total=None)
         while True:
             with aws_errors(f"waiting for {name}"):

@@ -42,12 +42,13 @@ def default_s3_prefix(context: AwsContext) -> str:
 
 def upload_files(context: AwsContext, files: list[tuple[Path, str]], description: str) -> None:
     """Upload (local path, s3 URI) pairs with one rich progress bar over all their bytes."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     s3 = context.client("s3")
     total = sum(path.stat().st_size for path, _ in files)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress, aws_errors(description):
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress, aws_errors(description):
         task = progress.add_task(description, total=total)
         for path, uri in files:
             bucket, key = split_s3_uri(uri)

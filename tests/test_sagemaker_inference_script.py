@@ -1,0 +1,83 @@
+"""The code/inference.py packaged for local models: JumpStart's text-to-image contract on tiny-sd."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from serving.sagemaker import jumpstart_inference as script
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    import torch
+
+    from catalog.pipelines import export_model
+    from catalog.store import load_catalog
+
+    # One thread: the tiny model gains nothing from more, and the test machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model_dir = export_model("tiny-sd", tmp_path_factory.mktemp("model") / "tiny", load_catalog())
+    yield script.model_fn(str(model_dir))
+    torch.set_num_threads(threads)
+
+
+def _call(pipeline, body, content_type="application/json", accept="application/json;jpeg"):
+    payload = json.dumps(body) if isinstance(body, dict) else body
+    answer, answer_type = script.transform_fn(pipeline, payload.encode(), content_type, accept)
+    assert answer_type == "application/json"
+    return json.loads(answer)
+
+
+def test_json_request_returns_base64_jpegs_per_prompt_copy(pipeline):
+    body = {"prompt": ["a dog", "a cat"], "num_images_per_prompt": 2, "width": 64, "height": 48,
+            "num_inference_steps": 2, "guidance_scale": 7.5, "negative_prompt": ["blurry", "dark"], "seed": 3,
+            "batch_size": 3}
+    answer = _call(pipeline, body)
+    assert answer["prompt"] == ["a dog", "a cat"]
+    images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer["generated_images"]]
+    assert [(image.format, image.size) for image in images] == [("JPEG", (64, 48))] * 4
+
+
+def test_seed_makes_generation_repeatable(pipeline):
+    body = {"prompt": "a dog", "num_inference_steps": 2, "width": 32, "height": 32, "seed": 7}
+    assert _call(pipeline, body) == _call(pipeline, body)
+    other = _call(pipeline, dict(body, seed=8))
+    assert other["generated_images"] != _call(pipeline, body)["generated_images"]
+
+
+def test_text_request_is_the_raw_prompt_answered_as_one_generated_image():
+    # The model's own defaults apply (50 steps), so only the parsing is run here.
+    assert script.parse_request("a lighthouse".encode(), "application/x-text") == (
+        {"prompt": "a lighthouse"},
+        "generated_image",
+    )
+
+
+def test_plain_json_accept_returns_rgb_arrays(pipeline):
+    answer = _call(pipeline, {"prompt": "a dog", "num_inference_steps": 1, "width": 16, "height": 8},
+                   accept="application/json;verbose")
+    array = answer["generated_images"][0]
+    assert (len(array), len(array[0]), len(array[0][0])) == (8, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "accept", "message"),
+    [
+        ({"prompt": "x", "steps": 2}, "application/json", "application/json;jpeg", r"unknown parameter\(s\) \['steps'\]"),
+        ({"prompt": "x", "width": 65}, "application/json", "application/json;jpeg", "'width' must be an integer divisible by 8"),
+        ({"width": 64}, "application/json", "application/json;jpeg", "'prompt' is required"),
+        ({"prompt": ["a"], "negative_prompt": "b"}, "application/json", "application/json;jpeg", "must be a list exactly"),
+        ({"prompt": "x", "seed": "1"}, "application/json", "application/json;jpeg", "'seed' must be an integer"),
+        ({"prompt": "x"}, "image/png", "application/json;jpeg", "unsupported content type image/png"),
+        ({"prompt": "x"}, "application/json", "image/png", "unsupported accept type image/png"),
+    ],
+)
+def test_bad_requests_name_the_problem(body, content_type, accept, message):
+    with pytest.raises(script.RequestError, match=message):
+        script.transform_fn(None, json.dumps(body), content_type, accept)
