@@ -22,6 +22,7 @@ from aws_fixtures import (  # noqa: F401 - fixtures
     copy_spec,
     jumpstart_specs,
     make_bucket,
+    no_network,
     sent_requests,
 )
 

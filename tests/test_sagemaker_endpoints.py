@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from aws_fixtures import ACCOUNT, FIXTURE_MODEL, REGION, ROLE, aws, jumpstart_specs, make_bucket, sent_requests  # noqa: F401
+from aws_fixtures import ACCOUNT, FIXTURE_MODEL, REGION, ROLE, aws, jumpstart_specs, make_bucket, no_network, sent_requests  # noqa: F401
 from PIL import Image
 
 from serving.sagemaker.deployer import deploy
@@ -168,10 +168,8 @@ class _InvocationsHandler(BaseHTTPRequestHandler):
 def test_invoke_with_url_talks_to_a_local_invocations_server(monkeypatch, tmp_path, capsys):
     import torch
 
-    from aws_fixtures import forbid_network
     from catalog.tiny_sd import build_tiny_sd_pipeline
 
-    forbid_network(monkeypatch)
     monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -195,3 +193,10 @@ def test_invoke_with_unreachable_url_is_one_line(monkeypatch, tmp_path, capsys):
         main(["endpoints", "invoke", "local", "a dog", "--url", "http://127.0.0.1:9"])
     assert exit_info.value.code == 2
     assert "Is `bentoml serve` running?" in capsys.readouterr().err
+
+
+def test_the_network_guard_refuses_non_loopback_connections():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(AssertionError, match="network connection"):
+        sock.connect(("192.0.2.1", 443))

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+from aws_fixtures import no_network  # noqa: F401 - autouse
 from PIL import Image
 
 from serving.sagemaker import jumpstart_inference as script
