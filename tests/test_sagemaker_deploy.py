@@ -300,3 +300,27 @@ def test_cli_async_needs_output(aws, capsys):
         main(["deploy", FIXTURE_MODEL, "--async", "--role", ROLE])
     assert exit_info.value.code == 2
     assert "--async and --output s3://... go together" in capsys.readouterr().err
+
+
+def test_cli_without_region_in_a_fresh_process_prints_one_line_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    environment = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(root),
+        "TXT2IMG_HOME": str(tmp_path / "home"),
+        "HOME": str(tmp_path),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "txt2img", "deploy", "tiny-sd", "--role", ROLE],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120,
+    )
+    assert finished.returncode == 2
+    assert finished.stderr == (
+        "txt2img: error: no AWS region: pass --region (e.g. --region us-east-1), set AWS_REGION, or run `aws configure`\n"
+    )

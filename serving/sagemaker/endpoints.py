@@ -109,20 +109,26 @@ def write_images(images: list[bytes], directory: Path, stem: str) -> list[Path]:
 
 def invoke_url(url: str, body: dict, timeout: float = 600.0) -> bytes:
     """POST the request to ``<url>/invocations`` (the local server) and return the response body."""
-    import httpx
+    import urllib.error
+    import urllib.request
 
     target = url.rstrip("/")
     if not target.endswith("/invocations"):
         target += "/invocations"
+    if not target.startswith(("http://", "https://")):
+        raise SageMakerError(f"--url must start with http:// or https://, got '{url}'")
+    request = urllib.request.Request(
+        target, data=json.dumps(body).encode("utf-8"), method="POST",
+        headers={"Content-Type": CONTENT_TYPE, "Accept": ACCEPT},
+    )
     try:
-        response = httpx.post(
-            target, content=json.dumps(body), headers={"Content-Type": CONTENT_TYPE, "Accept": ACCEPT}, timeout=timeout
-        )
-    except httpx.HTTPError as error:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as error:
+        detail = error.read()[:300].decode("utf-8", errors="replace")
+        raise SageMakerError(f"{target} answered HTTP {error.code}: {detail}") from error
+    except (urllib.error.URLError, OSError) as error:
         raise SageMakerError(f"cannot reach {target}: {error}. Is `bentoml serve` running?") from error
-    if response.status_code >= 400:
-        raise SageMakerError(f"{target} answered HTTP {response.status_code}: {response.text[:300]}")
-    return response.content
 
 
 def _async_output_prefix(sagemaker, name: str) -> str | None:
