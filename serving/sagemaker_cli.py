@@ -48,6 +48,36 @@ def remote_job_options(function: Callable) -> Callable:
     return functools.reduce(lambda wrapped, decorator: decorator(wrapped), reversed(decorators), function)
 
 
+def run_remote_training(data: str, base: str, name: str, hyperparameters, **remote_options) -> None:
+    """What ``txt2img train --remote`` does: launch, wait, register, and say so (errors exit 2).
+
+    ``remote_options`` are the keyword arguments ``remote_job_options`` adds, ``remote`` included.
+    """
+    from serving.sagemaker.remote import launch_remote_training
+
+    remote_options.pop("remote", None)
+    result = _run(lambda: launch_remote_training(data, base, name, hyperparameters, **remote_options))
+    _report_remote(result, "training")
+
+
+def run_remote_tuning(data: str, base: str, name: str, hyperparameters, ranges=None, **remote_options) -> None:
+    """What ``txt2img tune --remote`` does; ``remote_options`` may also hold max_jobs, max_parallel_jobs, objective."""
+    from serving.sagemaker.remote import launch_remote_tuning
+
+    remote_options.pop("remote", None)
+    result = _run(lambda: launch_remote_tuning(data, base, name, hyperparameters, ranges, **remote_options))
+    _report_remote(result, "tuning")
+
+
+def _report_remote(result, kind: str) -> None:
+    if isinstance(result, str):
+        click.echo(f"started SageMaker {kind} job {result}; it keeps running (and billing) on AWS")
+        return
+    metrics = "".join(f", {name}={value}" for name, value in (result.metrics or {}).items())
+    click.echo(f"registered {result.id}: {result.artifact}{metrics}")
+    click.echo(f"deploy it:  txt2img deploy {result.id}")
+
+
 @click.command("deploy")
 @click.argument("model_id")
 @click.option("--instance-type", help="e.g. ml.g4dn.xlarge; default: JumpStart's for JumpStart models.")

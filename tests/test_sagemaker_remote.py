@@ -214,3 +214,41 @@ def test_remote_tuning_refuses_bad_requests(jumpstart_bucket, ranges, options, m
     with pytest.raises(SageMakerError, match=message):
         launch_remote_tuning("s3://my-txt2img/dogs/", BASE, "t3", Hyperparameters(), ranges, role=ROLE, **options)
     assert jumpstart_bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
+
+
+def test_cli_helpers_wire_remote_options_into_a_train_command(jumpstart_bucket, dataset, capsys):
+    import click
+
+    from serving.sagemaker_cli import remote_job_options, run_remote_training
+
+    @click.command()
+    @click.argument("data")
+    @click.option("--base")
+    @click.option("--name")
+    @remote_job_options
+    def train(data, base, name, **remote_options):
+        assert remote_options.pop("remote") is True
+        run_remote_training(data, base, name, Hyperparameters(max_steps=100), **remote_options)
+
+    train.main(
+        [str(dataset), "--base", BASE, "--name", "cli-dog", "--remote", "--instance-type", "ml.g4dn.2xlarge",
+         "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE, "--region", REGION],
+        standalone_mode=False,
+    )
+
+    out = capsys.readouterr().out
+    assert out.startswith("registered cli-dog: s3://my-txt2img/cli/jobs/cli-dog/")
+    assert "txt2img deploy cli-dog" in out
+    [summary] = jumpstart_bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+    job = jumpstart_bucket.client("sagemaker").describe_training_job(TrainingJobName=summary["TrainingJobName"])
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g4dn.2xlarge"
+    assert job["HyperParameters"]["max_steps"] == "100"
+
+
+def test_cli_helper_reports_remote_errors_as_one_line(jumpstart_bucket, capsys):
+    from serving.sagemaker_cli import run_remote_tuning
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_remote_tuning("s3://my-txt2img/dogs", BASE, "t4", Hyperparameters(), remote=True, role=ROLE, wait=False)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "txt2img: error: an S3 training prefix must end with '/': s3://my-txt2img/dogs/\n"

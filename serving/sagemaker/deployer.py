@@ -282,7 +282,14 @@ def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: f
                 problems = remove_resources(sagemaker, plan.endpoint_name, plan.endpoint_name, (plan.endpoint_name,))
                 cleanup = f"; cleanup: {'; '.join(problems)}" if problems else "; its endpoint, config and model were removed"
                 raise SageMakerError(f"endpoint {plan.endpoint_name} failed: {reason}{cleanup}")
-            time.sleep(poll_seconds)
+            try:
+                time.sleep(poll_seconds)
+            except KeyboardInterrupt:
+                raise SageMakerError(
+                    f"stopped waiting; endpoint {plan.endpoint_name} keeps starting on AWS and is billed once "
+                    f"InService. Check it with `txt2img endpoints list`, remove it with "
+                    f"`txt2img endpoints delete {plan.endpoint_name}`"
+                ) from None
 
 
 def deploy(

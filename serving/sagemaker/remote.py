@@ -225,7 +225,10 @@ def _wait(describe, name: str, poll_seconds: float, status_key: str, detail) -> 
                     reason = description.get("FailureReason") or "no reason given"
                     raise SageMakerError(f"{name} ended {status}: {reason}")
                 return description
-            time.sleep(poll_seconds)
+            try:
+                time.sleep(poll_seconds)
+            except KeyboardInterrupt:
+                raise SageMakerError(f"stopped waiting; {name} keeps running on SageMaker") from None
 
 
 def launch_remote_training(
