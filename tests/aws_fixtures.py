@@ -128,17 +128,21 @@ def write_jumpstart_specs(root: Path) -> Path:
     return root
 
 
-def forbid_network(monkeypatch) -> None:
-    """Make any socket connection to a non-loopback address fail the test."""
+def forbid_network(monkeypatch) -> list:
+    """Make any socket connection to a non-loopback address fail; returns the list of attempts,
+    so a caller can also fail when some library swallowed the error."""
     real_connect = socket.socket.connect
+    attempts: list = []
 
     def guarded_connect(sock, address):
         host = address[0] if isinstance(address, tuple) else address
         if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and sock.family != socket.AF_UNIX:
+            attempts.append(address)
             raise AssertionError(f"test tried to open a network connection to {address}")
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    return attempts
 
 
 def _drop_empty_describe_fields(monkeypatch) -> None:
@@ -162,7 +166,9 @@ def _drop_empty_describe_fields(monkeypatch) -> None:
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Autouse in every module that imports it: no test may leave the machine."""
-    forbid_network(monkeypatch)
+    attempts = forbid_network(monkeypatch)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 @pytest.fixture(scope="session")

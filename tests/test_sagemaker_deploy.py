@@ -219,6 +219,7 @@ def test_unsupported_instance_type_is_explained_and_leaves_nothing(aws):
     assert _resources(aws) == ([], [], [])
 
 
+@pytest.mark.filterwarnings("ignore:Exception\\(InjectedError\\):UserWarning")
 def test_access_denied_is_one_readable_line(aws, monkeypatch):
     _fail_in_moto(
         monkeypatch, "create_model", "AccessDeniedException",

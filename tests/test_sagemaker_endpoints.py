@@ -195,8 +195,12 @@ def test_invoke_with_unreachable_url_is_one_line(monkeypatch, tmp_path, capsys):
     assert "Is `bentoml serve` running?" in capsys.readouterr().err
 
 
-def test_the_network_guard_refuses_non_loopback_connections():
+def test_the_network_guard_refuses_non_loopback_connections(monkeypatch):
     import socket
 
+    from aws_fixtures import forbid_network
+
+    attempts = forbid_network(monkeypatch)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(AssertionError, match="network connection"):
         sock.connect(("192.0.2.1", 443))
+    assert attempts == [("192.0.2.1", 443)]
