@@ -11,7 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from aws_fixtures import ACCOUNT, FIXTURE_MODEL, REGION, ROLE, aws, jumpstart_specs, make_bucket, no_network, sent_requests  # noqa: F401
+from aws_fixtures import (  # noqa: F401
+    ACCOUNT,
+    FIXTURE_MODEL,
+    REGION,
+    ROLE,
+    aws,
+    jumpstart_specs,
+    make_bucket,
+    no_network,
+    sent_requests,
+)
 from PIL import Image
 
 from serving.sagemaker.deployer import deploy

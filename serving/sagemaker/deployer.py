@@ -179,7 +179,8 @@ def plan_deployment(
             async_output=async_output,
         )
     # A model whose weights are on this machine: package, upload, Hugging Face container.
-    chosen_type = instance_type or (DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE)
+    default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
+    chosen_type = instance_type or default_type
     name = endpoint_name or default_endpoint_name(entry.id)
     return DeploymentPlan(
         model_id=entry.id,
@@ -204,7 +205,9 @@ def _endpoint_status(sagemaker, name: str) -> str | None:
         raise
 
 
-def remove_resources(sagemaker, endpoint: str | None = None, config: str | None = None, models: tuple[str, ...] = ()) -> list[str]:
+def remove_resources(
+    sagemaker, endpoint: str | None = None, config: str | None = None, models: tuple[str, ...] = ()
+) -> list[str]:
     """Delete what is named, endpoint first; returns problems instead of raising, so all are tried."""
     from botocore.exceptions import ClientError
 
@@ -280,7 +283,9 @@ def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: f
             if status in ("Failed", "OutOfService"):
                 reason = description.get("FailureReason", "no reason given")
                 problems = remove_resources(sagemaker, plan.endpoint_name, plan.endpoint_name, (plan.endpoint_name,))
-                cleanup = f"; cleanup: {'; '.join(problems)}" if problems else "; its endpoint, config and model were removed"
+                cleanup = "; its endpoint, config and model were removed"
+                if problems:
+                    cleanup = f"; cleanup: {'; '.join(problems)}"
                 raise SageMakerError(f"endpoint {plan.endpoint_name} failed: {reason}{cleanup}")
             try:
                 time.sleep(poll_seconds)
@@ -307,7 +312,6 @@ def deploy(
     """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
     from catalog.schema import Endpoint
     from serving.sagemaker.records import forget_endpoint, record_endpoint
-
     from serving.sagemaker.s3 import split_s3_uri
 
     if s3_prefix is not None:

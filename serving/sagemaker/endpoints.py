@@ -183,10 +183,13 @@ def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, outpu
                         continue
                     raise SageMakerError(f"cannot read {location}: {error}") from error
                 if index == 1:
-                    raise SageMakerError(f"endpoint {name} failed on this request: {answer[:300].decode(errors='replace')}")
+                    reason = answer[:300].decode(errors="replace")
+                    raise SageMakerError(f"endpoint {name} failed on this request: {reason}")
                 return answer
             time.sleep(ASYNC_POLL_SECONDS)
-    raise SageMakerError(f"no answer from {name} within {ASYNC_TIMEOUT_SECONDS:.0f} s; it may still appear at {locations[0]}")
+    raise SageMakerError(
+        f"no answer from {name} within {ASYNC_TIMEOUT_SECONDS:.0f} s; it may still appear at {locations[0]}"
+    )
 
 
 def delete_endpoint(name: str, region: str | None = None) -> list[str]:

@@ -60,7 +60,6 @@ def _quietly(function, *args, **kwargs):
 def model_specs(model_id: str, region: str, version: str = "*"):
     """JumpStart's spec object for ``model_id``; a SageMakerError when JumpStart does not know it."""
     from botocore.exceptions import ClientError
-
     from sagemaker.core.jumpstart.accessors import JumpStartModelsAccessor
 
     try:
