@@ -167,7 +167,7 @@ def list_command(region: Optional[str], as_json: bool) -> None:
 @click.option("--negative-prompt")
 @click.option("--num-images", "num_images_per_prompt", type=click.IntRange(min=1))
 @click.option("--url", help="Talk to a local server instead, e.g. http://localhost:3000 (`bentoml serve`).")
-@click.option("--region", help="AWS region of the endpoint.")
+@click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
 def invoke_command(name: str, prompt: str, output_dir: Path, url: Optional[str], region: Optional[str], **parameters) -> None:
     """Generate images from PROMPT on endpoint NAME and write them as JPEG files."""
     from serving.sagemaker.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
@@ -180,7 +180,9 @@ def invoke_command(name: str, prompt: str, output_dir: Path, url: Optional[str],
     if url:
         answer = _run(lambda: invoke_url(url, body))
     else:
-        answer = _run(lambda: invoke_endpoint(aws_context(region), name, body))
+        from serving.sagemaker.records import recorded_region
+
+        answer = _run(lambda: invoke_endpoint(aws_context(region or recorded_region(name)), name, body))
     images = _run(lambda: decode_images(answer))
     for path in write_images(images, output_dir, name):
         click.echo(f"wrote {path}")

@@ -34,11 +34,11 @@ def _jpeg(size: tuple[int, int], color: tuple[int, int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _queue_results(path: str, results: list[dict]) -> None:
+def _queue_results(path: str, results: list[dict], region: str = REGION) -> None:
     """moto's documented API for what the next invocations answer."""
     answer = requests.post(
         f"http://motoapi.amazonaws.com/moto-api/static/sagemaker/{path}",
-        json={"results": results, "account_id": ACCOUNT, "region": REGION},
+        json={"results": results, "account_id": ACCOUNT, "region": region},
     )
     assert answer.status_code == 201
 
@@ -214,3 +214,15 @@ def test_the_network_guard_refuses_non_loopback_connections(monkeypatch):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(AssertionError, match="network connection"):
         sock.connect(("192.0.2.1", 443))
     assert attempts == [("192.0.2.1", 443)]
+
+
+def test_invoke_and_delete_find_the_recorded_region(aws, monkeypatch, tmp_path, capsys):
+    deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="far", region="eu-west-1", poll_seconds=0)
+    body = json.dumps({"generated_images": [_jpeg((8, 8), (1, 2, 3))]})
+    _queue_results("endpoint-results", [{"Body": body, "ContentType": "application/json"}], region="eu-west-1")
+
+    main(["endpoints", "invoke", "far", "x", "-o", str(tmp_path)])
+    main(["endpoints", "delete", "far"])
+
+    assert (tmp_path / "far-0.jpg").exists()
+    assert aws.client("sagemaker", region_name="eu-west-1").list_endpoints()["Endpoints"] == []

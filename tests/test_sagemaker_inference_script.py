@@ -52,12 +52,25 @@ def test_seed_makes_generation_repeatable(pipeline):
     assert other["generated_images"] != _call(pipeline, body)["generated_images"]
 
 
-def test_text_request_is_the_raw_prompt_answered_as_one_generated_image():
-    # The model's own defaults apply (50 steps), so only the parsing is run here.
+class _OneStep:
+    """The real pipeline, run for one step: a text request otherwise gets the model's 50."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __call__(self, **arguments):
+        return self.pipeline(**arguments, num_inference_steps=1)
+
+
+def test_text_request_is_the_raw_prompt_answered_as_one_generated_image(pipeline):
     assert script.parse_request("a lighthouse".encode(), "application/x-text") == (
         {"prompt": "a lighthouse"},
         "generated_image",
     )
+    answer = _call(_OneStep(pipeline), "a lighthouse", content_type="application/x-text")
+    assert answer["prompt"] == "a lighthouse"
+    image = Image.open(io.BytesIO(base64.b64decode(answer["generated_image"])))
+    assert image.size == (64, 64)  # tiny-sd's native size
 
 
 def test_plain_json_accept_returns_rgb_arrays(pipeline):

@@ -197,10 +197,9 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
     from botocore.exceptions import ClientError
 
     from serving.sagemaker.deployer import remove_resources
-    from serving.sagemaker.records import forget_endpoint, recorded_endpoints
+    from serving.sagemaker.records import forget_endpoint, recorded_region
 
-    recorded_region = next((r.endpoint.region for r in recorded_endpoints() if r.endpoint.name == name), None)
-    context = aws_context(region or recorded_region)
+    context = aws_context(region or recorded_region(name))
     sagemaker = context.client("sagemaker")
     with aws_errors(f"looking up endpoint {name}"):
         try:

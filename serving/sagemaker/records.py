@@ -90,3 +90,8 @@ def forget_endpoint(name: str) -> list[str]:
         models.extend(record.model_id for record in records.endpoints if record.endpoint.name == name)
         _write_file(EndpointRecordsFile(endpoints=kept_records))
     return models
+
+
+def recorded_region(name: str) -> str | None:
+    """The region txt2img deployed endpoint ``name`` to, if it did."""
+    return next((record.endpoint.region for record in recorded_endpoints() if record.endpoint.name == name), None)
