@@ -59,6 +59,33 @@ def test_jumpstart_spec_fixture_is_the_shared_one(jumpstart_specs):
     assert copy_spec(FIXTURE_MODEL, jumpstart_specs) == shared
 
 
+def test_generated_specs_agree_with_the_shared_fixture_where_the_tests_rely_on_it(tmp_path, monkeypatch):
+    """Without ../shared (a bare clone) the tests run on generated specs; they must expect the same."""
+    import json
+
+    import aws_fixtures
+
+    if not SHARED_SPECS.is_dir():
+        pytest.skip(f"{SHARED_SPECS} is missing; nothing to compare the generated specs with")
+    shared = json.loads(next((SHARED_SPECS / "community_models" / FIXTURE_MODEL).glob("specs_*.json")).read_text())
+    monkeypatch.setattr(aws_fixtures, "SHARED_SPECS", tmp_path / "missing")
+    generated = copy_spec(FIXTURE_MODEL, aws_fixtures.write_jumpstart_specs(tmp_path / "specs"))
+
+    for key in ("hosting_prepacked_artifact_key", "default_inference_instance_type", "resource_name_base",
+                "inference_enable_network_isolation", "supported_inference_instance_types"):
+        assert generated[key] == shared[key], key
+
+    def required_environment(spec):
+        variables = spec["inference_environment_variables"]
+        return {v["name"]: str(v["default"]) for v in variables if v["required_for_model_class"]}
+
+    def images_here(spec):
+        return spec["hosting_instance_type_variants"]["regional_aliases"][REGION]
+
+    assert required_environment(generated) == required_environment(shared)
+    assert images_here(generated) == images_here(shared)
+
+
 def test_deploy_jumpstart_model_uses_jumpstart_container_and_artifacts(aws, sent_requests):
     result = deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="lineart", poll_seconds=0)
 
