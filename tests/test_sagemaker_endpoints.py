@@ -163,11 +163,11 @@ class _InvocationsHandler(BaseHTTPRequestHandler):
         from serving.sagemaker import jumpstart_inference
 
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        answer, content_type = jumpstart_inference.transform_fn(
+        answer = jumpstart_inference.transform_fn(
             self.pipeline, body, self.headers["Content-Type"], self.headers["Accept"]
         )
         self.send_response(200 if self.path == "/invocations" else 404)
-        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Type", self.headers["Accept"])
         self.end_headers()
         self.wfile.write(answer.encode())
 

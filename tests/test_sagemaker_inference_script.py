@@ -30,9 +30,7 @@ def pipeline(tmp_path_factory):
 
 def _call(pipeline, body, content_type="application/json", accept="application/json;jpeg"):
     payload = json.dumps(body) if isinstance(body, dict) else body
-    answer, answer_type = script.transform_fn(pipeline, payload.encode(), content_type, accept)
-    assert answer_type == "application/json"
-    return json.loads(answer)
+    return json.loads(script.transform_fn(pipeline, payload.encode(), content_type, accept))
 
 
 def test_json_request_returns_base64_jpegs_per_prompt_copy(pipeline):
@@ -95,3 +93,13 @@ def test_plain_json_accept_returns_rgb_arrays(pipeline):
 def test_bad_requests_name_the_problem(body, content_type, accept, message):
     with pytest.raises(script.RequestError, match=message):
         script.transform_fn(None, json.dumps(body), content_type, accept)
+
+
+def test_handlers_have_the_signatures_the_hugging_face_container_passes_context_to():
+    # The container passes its context when a handler has as many parameters as its own default.
+    import inspect
+
+    assert list(inspect.signature(script.model_fn).parameters) == ["model_dir", "context"]
+    assert list(inspect.signature(script.transform_fn).parameters) == [
+        "model", "input_data", "content_type", "accept", "context"
+    ]

@@ -1,7 +1,8 @@
 """The inference script packaged as ``code/inference.py`` for models deployed from local weights.
 
-It runs inside SageMaker's Hugging Face PyTorch inference container, which calls ``model_fn``
-once and ``transform_fn`` per request, and it speaks SageMaker JumpStart's text-to-image
+It runs inside SageMaker's Hugging Face PyTorch inference container, which calls
+``model_fn(model_dir, context)`` once and ``transform_fn(model, body, content_type, accept, context)``
+per request, and it speaks SageMaker JumpStart's text-to-image
 contract so one client works for JumpStart endpoints, these endpoints and the local server:
 
 * ``application/x-text``: the body is the prompt; the answer has one ``generated_image``.
@@ -147,9 +148,12 @@ def encode_images(images: list, image_format: str) -> list:
 
 
 def transform_fn(model, input_data, content_type, accept, context=None):
-    """One request: JumpStart JSON in, JumpStart JSON out."""
+    """One request: JumpStart JSON in, the JSON body out.
+
+    The container sends it with the request's Accept as content type, and turns an exception into
+    HTTP 400 with the exception's message.
+    """
     image_format = accepted_format(accept)
     parameters, key = parse_request(input_data, content_type or "application/json")
     images = encode_images(generate(model, parameters), image_format)
-    body = {key: images[0] if key == "generated_image" else images, "prompt": parameters["prompt"]}
-    return json.dumps(body), "application/json"
+    return json.dumps({key: images[0] if key == "generated_image" else images, "prompt": parameters["prompt"]})
