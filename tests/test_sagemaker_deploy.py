@@ -352,3 +352,15 @@ def test_cli_without_region_in_a_fresh_process_prints_one_line_and_no_traceback(
     assert finished.stderr == (
         "txt2img: error: no AWS region: pass --region (e.g. --region us-east-1), set AWS_REGION, or run `aws configure`\n"
     )
+
+
+def test_leftover_config_with_the_same_name_is_reported_and_our_model_removed(aws, monkeypatch):
+    # What SageMaker answers when an endpoint config of that name is left over (moto overwrites instead).
+    _fail_in_moto(
+        monkeypatch, "create_endpoint_config", "ValidationException",
+        f'Cannot create already existing endpoint configuration "arn:aws:sagemaker:{REGION}:{ACCOUNT}:'
+        'endpoint-config/leftover".',
+    )
+    with pytest.raises(SageMakerError, match="already existing endpoint configuration.*Pick another --endpoint-name"):
+        deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="leftover", poll_seconds=0)
+    assert _resources(aws) == ([], [], [])

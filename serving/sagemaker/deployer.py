@@ -227,16 +227,20 @@ def remove_resources(
     return problems
 
 
+def ensure_name_is_free(context: AwsContext, name: str) -> None:
+    """Refuse an endpoint name already in use, before anything is packed, uploaded or created."""
+    with aws_errors(f"checking endpoint {name}"):
+        status = _endpoint_status(context.client("sagemaker"), name)
+    if status is not None:
+        raise SageMakerError(
+            f"endpoint {name} already exists in {context.region} ({status}). Pick another "
+            f"--endpoint-name, or remove it with `txt2img endpoints delete {name}`"
+        )
+
+
 def create_endpoint(context: AwsContext, plan: DeploymentPlan) -> None:
     """Create model, endpoint config and endpoint; on any failure remove what this call created."""
     sagemaker = context.client("sagemaker")
-    with aws_errors(f"checking endpoint {plan.endpoint_name}"):
-        status = _endpoint_status(sagemaker, plan.endpoint_name)
-    if status is not None:
-        raise SageMakerError(
-            f"endpoint {plan.endpoint_name} already exists in {context.region} ({status}). Pick another "
-            f"--endpoint-name, or remove it with `txt2img endpoints delete {plan.endpoint_name}`"
-        )
     created: dict[str, str] = {}
     try:
         with aws_errors(f"creating model {plan.endpoint_name}", plan.instance_type):
@@ -324,6 +328,7 @@ def deploy(
         endpoint_name=endpoint_name,
         async_output=async_output,
     )
+    ensure_name_is_free(context, plan.endpoint_name)
     if plan.local_archive:
         _upload_local_model(context, plan, s3_prefix)
     create_endpoint(context, plan)
