@@ -11,6 +11,7 @@ import sys
 import click
 
 from catalog import cli as catalog_cli
+from serving import sagemaker_cli
 from txt2img.errors import fail
 
 
@@ -22,6 +23,8 @@ def app() -> None:
 
 app.add_command(catalog_cli.app)
 app.add_command(catalog_cli.export)
+app.add_command(sagemaker_cli.deploy)
+app.add_command(sagemaker_cli.endpoints)
 
 
 def main(argv: list[str] | None = None) -> None:

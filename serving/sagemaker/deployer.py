@@ -1,0 +1,369 @@
+"""``txt2img deploy``: put a catalog model on a SageMaker real-time or async endpoint.
+
+Three kinds of model, one endpoint contract (JumpStart's text-to-image JSON):
+
+* JumpStart ids run on JumpStart's own container and artifacts;
+* fine-tunes trained on SageMaker (an ``s3://`` artifact) run on their base's JumpStart container;
+* models on this machine (fine-tunes, tiny-sd) are exported, packed with ``code/inference.py``
+  into a ``model.tar.gz``, uploaded, and run on a Hugging Face PyTorch inference container.
+
+Resources are created with plain boto3 calls so that, when one fails, exactly what was created
+for this deployment is removed again.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from serving.sagemaker.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
+
+ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# The Hugging Face PyTorch inference container for models deployed from local weights.
+HF_TRANSFORMERS_VERSION = "4.49.0"
+HF_PYTORCH_VERSION = "pytorch2.6.0"
+HF_PY_VERSION = "py312"
+# A T4 GPU runs SD 1.x/2.x at 512-768 px; the CPU-only demo model needs no GPU.
+DEFAULT_LOCAL_INSTANCE_TYPE = "ml.g4dn.xlarge"
+DEFAULT_CPU_INSTANCE_TYPE = "ml.m5.xlarge"
+LOCAL_MODEL_ENVIRONMENT = {
+    "SAGEMAKER_PROGRAM": "inference.py",
+    "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+    "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+    "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3600",
+    "MMS_MAX_RESPONSE_SIZE": "20000000",
+}
+POLL_SECONDS = 20.0
+
+
+@dataclass
+class DeploymentPlan:
+    """Everything ``create_endpoint`` sends to SageMaker, decided before anything is created."""
+
+    model_id: str
+    endpoint_name: str
+    instance_type: str
+    image_uri: str
+    model_data: str | None  # None: a local model, packed and uploaded by ``deploy`` (which sets it)
+    environment: dict[str, str]
+    network_isolation: bool = False
+    async_output: str | None = None
+    local_archive: bool = False
+
+    def primary_container(self) -> dict:
+        if self.model_data is None:
+            raise SageMakerError(f"model {self.model_id} has not been uploaded yet")
+        container: dict = {"Image": self.image_uri, "Environment": dict(self.environment)}
+        if self.model_data.endswith("/"):
+            # JumpStart's prepacked artifacts are uncompressed S3 prefixes, not archives.
+            container["ModelDataSource"] = {
+                "S3DataSource": {"S3Uri": self.model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}
+            }
+        else:
+            container["ModelDataUrl"] = self.model_data
+        return container
+
+    def production_variant(self) -> dict:
+        return {
+            "VariantName": "AllTraffic",
+            "ModelName": self.endpoint_name,
+            "InstanceType": self.instance_type,
+            "InitialInstanceCount": 1,
+        }
+
+    def async_inference_config(self) -> dict | None:
+        if self.async_output is None:
+            return None
+        from serving.sagemaker.s3 import join_s3
+
+        return {
+            "OutputConfig": {
+                "S3OutputPath": join_s3(self.async_output, "output"),
+                "S3FailurePath": join_s3(self.async_output, "failures"),
+            }
+        }
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    model_id: str
+    endpoint_name: str
+    region: str
+    instance_type: str
+    status: str
+    is_async: bool
+
+
+def default_endpoint_name(stem: str, now: datetime | None = None) -> str:
+    """``<stem>-<UTC timestamp>``, shortened to SageMaker's 63-character limit."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    cleaned = re.sub(r"[^a-zA-Z0-9]+", "-", stem).strip("-")
+    return f"{cleaned[: 63 - len(stamp) - 1].rstrip('-')}-{stamp}"
+
+
+def _hf_image(region: str, instance_type: str) -> str:
+    from sagemaker.core import image_uris
+
+    try:
+        return image_uris.retrieve(
+            framework="huggingface",
+            region=region,
+            version=HF_TRANSFORMERS_VERSION,
+            base_framework_version=HF_PYTORCH_VERSION,
+            py_version=HF_PY_VERSION,
+            instance_type=instance_type,
+            image_scope="inference",
+        )
+    except ValueError as error:
+        raise SageMakerError(f"no Hugging Face inference container for {instance_type} in {region}: {error}") from error
+
+
+def plan_deployment(
+    model_id: str,
+    region: str,
+    *,
+    instance_type: str | None = None,
+    endpoint_name: str | None = None,
+    async_output: str | None = None,
+) -> DeploymentPlan:
+    """Decide container, artifact, environment and names for ``model_id``; creates nothing."""
+    from catalog.index import UnknownModelError
+    from catalog.store import load_catalog
+    from serving.sagemaker.jumpstart import hosting_spec
+
+    catalog = load_catalog()
+    try:
+        entry = catalog.get(model_id)
+    except UnknownModelError as error:
+        raise SageMakerError(str(error)) from error
+    if endpoint_name is not None and not ENDPOINT_NAME.match(endpoint_name):
+        raise SageMakerError(
+            f"invalid endpoint name '{endpoint_name}': up to 63 letters, digits and '-', starting and ending "
+            "with a letter or digit"
+        )
+    if async_output is not None and not async_output.startswith("s3://"):
+        raise SageMakerError(f"--output must be an s3:// prefix for async results, got '{async_output}'")
+
+    if entry.source == "jumpstart":
+        spec = hosting_spec(entry.jumpstart.model_id if entry.jumpstart else entry.id, region, instance_type)
+        return DeploymentPlan(
+            model_id=entry.id,
+            endpoint_name=endpoint_name or default_endpoint_name(spec.resource_name_base or entry.id),
+            instance_type=instance_type or spec.default_instance_type,
+            image_uri=spec.image_uri,
+            model_data=spec.model_data,
+            environment=spec.environment,
+            network_isolation=spec.network_isolation,
+            async_output=async_output,
+        )
+    if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
+        base = catalog.get(entry.base)
+        if base.source != "jumpstart":
+            raise SageMakerError(
+                f"model '{entry.id}' has an S3 artifact but its base '{base.id}' is not a JumpStart model, "
+                "so there is no JumpStart container to run it on"
+            )
+        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
+        return DeploymentPlan(
+            model_id=entry.id,
+            endpoint_name=endpoint_name or default_endpoint_name(entry.id),
+            instance_type=instance_type or spec.default_instance_type,
+            image_uri=spec.image_uri,
+            model_data=entry.artifact,
+            environment=spec.environment,
+            network_isolation=spec.network_isolation,
+            async_output=async_output,
+        )
+    # A model whose weights are on this machine: package, upload, Hugging Face container.
+    default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
+    chosen_type = instance_type or default_type
+    name = endpoint_name or default_endpoint_name(entry.id)
+    return DeploymentPlan(
+        model_id=entry.id,
+        endpoint_name=name,
+        instance_type=chosen_type,
+        image_uri=_hf_image(region, chosen_type),
+        model_data=None,
+        environment=dict(LOCAL_MODEL_ENVIRONMENT),
+        async_output=async_output,
+        local_archive=True,
+    )
+
+
+def _endpoint_status(sagemaker, name: str) -> str | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return sagemaker.describe_endpoint(EndpointName=name)["EndpointStatus"]
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ValidationException":
+            return None  # SageMaker's answer for "no such endpoint"
+        raise
+
+
+def remove_resources(
+    sagemaker, endpoint: str | None = None, config: str | None = None, models: tuple[str, ...] = ()
+) -> list[str]:
+    """Delete what is named, endpoint first; returns problems instead of raising, so all are tried."""
+    from botocore.exceptions import ClientError
+
+    problems = []
+    steps = []
+    if endpoint:
+        steps.append(("endpoint", endpoint, lambda: sagemaker.delete_endpoint(EndpointName=endpoint)))
+    if config:
+        steps.append(("endpoint config", config, lambda: sagemaker.delete_endpoint_config(EndpointConfigName=config)))
+    for model in models:
+        steps.append(("model", model, lambda model=model: sagemaker.delete_model(ModelName=model)))
+    for kind, name, delete in steps:
+        try:
+            delete()
+        except ClientError as error:
+            problems.append(explain_client_error(error, f"deleting {kind} {name}"))
+    return problems
+
+
+def ensure_name_is_free(context: AwsContext, name: str) -> None:
+    """Refuse an endpoint name already in use, before anything is packed, uploaded or created."""
+    with aws_errors(f"checking endpoint {name}"):
+        status = _endpoint_status(context.client("sagemaker"), name)
+    if status is not None:
+        raise SageMakerError(
+            f"endpoint {name} already exists in {context.region} ({status}). Pick another "
+            f"--endpoint-name, or remove it with `txt2img endpoints delete {name}`"
+        )
+
+
+def create_endpoint(context: AwsContext, plan: DeploymentPlan) -> None:
+    """Create model, endpoint config and endpoint; on any failure remove what this call created."""
+    sagemaker = context.client("sagemaker")
+    created: dict[str, str] = {}
+    try:
+        with aws_errors(f"creating model {plan.endpoint_name}", plan.instance_type):
+            sagemaker.create_model(
+                ModelName=plan.endpoint_name,
+                PrimaryContainer=plan.primary_container(),
+                ExecutionRoleArn=context.role,
+                EnableNetworkIsolation=plan.network_isolation,
+            )
+        created["model"] = plan.endpoint_name
+        config = {"EndpointConfigName": plan.endpoint_name, "ProductionVariants": [plan.production_variant()]}
+        if plan.async_output is not None:
+            config["AsyncInferenceConfig"] = plan.async_inference_config()
+        with aws_errors(f"creating endpoint config {plan.endpoint_name}", plan.instance_type):
+            sagemaker.create_endpoint_config(**config)
+        created["config"] = plan.endpoint_name
+        with aws_errors(f"creating endpoint {plan.endpoint_name}", plan.instance_type):
+            sagemaker.create_endpoint(EndpointName=plan.endpoint_name, EndpointConfigName=plan.endpoint_name)
+    except BaseException as error:
+        problems = remove_resources(
+            sagemaker, config=created.get("config"), models=(created["model"],) if "model" in created else ()
+        )
+        if problems and isinstance(error, SageMakerError):
+            raise SageMakerError(f"{error}; cleanup: {'; '.join(problems)}") from error
+        raise
+
+
+def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: float = POLL_SECONDS) -> str:
+    """Poll until the endpoint is InService; a failed endpoint is removed with its config and model."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    sagemaker = context.client("sagemaker")
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"endpoint {plan.endpoint_name}: starting", total=None)
+        while True:
+            with aws_errors(f"waiting for endpoint {plan.endpoint_name}"):
+                description = sagemaker.describe_endpoint(EndpointName=plan.endpoint_name)
+            status = description["EndpointStatus"]
+            progress.update(task, description=f"endpoint {plan.endpoint_name}: {status} (usually 5-15 min)")
+            if status == "InService":
+                return status
+            if status in ("Failed", "OutOfService"):
+                reason = description.get("FailureReason", "no reason given")
+                problems = remove_resources(sagemaker, plan.endpoint_name, plan.endpoint_name, (plan.endpoint_name,))
+                cleanup = "; its endpoint, config and model were removed"
+                if problems:
+                    cleanup = f"; cleanup: {'; '.join(problems)}"
+                raise SageMakerError(f"endpoint {plan.endpoint_name} failed: {reason}{cleanup}")
+            try:
+                time.sleep(poll_seconds)
+            except KeyboardInterrupt:
+                raise SageMakerError(
+                    f"stopped waiting; endpoint {plan.endpoint_name} keeps starting on AWS and is billed once "
+                    f"InService. Check it with `txt2img endpoints list`, remove it with "
+                    f"`txt2img endpoints delete {plan.endpoint_name}`"
+                ) from None
+
+
+def deploy(
+    model_id: str,
+    *,
+    instance_type: str | None = None,
+    endpoint_name: str | None = None,
+    role: str | None = None,
+    region: str | None = None,
+    async_output: str | None = None,
+    s3_prefix: str | None = None,
+    wait: bool = True,
+    poll_seconds: float = POLL_SECONDS,
+) -> DeployResult:
+    """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
+    from catalog.schema import Endpoint
+    from serving.sagemaker.records import forget_endpoint, record_endpoint
+    from serving.sagemaker.s3 import split_s3_uri
+
+    if s3_prefix is not None:
+        split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
+    context = aws_context(region, role, need_role=True)
+    plan = plan_deployment(
+        model_id,
+        context.region,
+        instance_type=instance_type,
+        endpoint_name=endpoint_name,
+        async_output=async_output,
+    )
+    ensure_name_is_free(context, plan.endpoint_name)
+    if plan.local_archive:
+        _upload_local_model(context, plan, s3_prefix)
+    create_endpoint(context, plan)
+    record_endpoint(
+        plan.model_id,
+        Endpoint(
+            name=plan.endpoint_name,
+            region=context.region,
+            instance_type=plan.instance_type,
+            created=datetime.now(timezone.utc),
+        ),
+    )
+    status = "Creating"
+    if wait:
+        try:
+            status = wait_for_endpoint(context, plan, poll_seconds)
+        except SageMakerError:
+            forget_endpoint(plan.endpoint_name)
+            raise
+    return DeployResult(
+        model_id=plan.model_id,
+        endpoint_name=plan.endpoint_name,
+        region=context.region,
+        instance_type=plan.instance_type,
+        status=status,
+        is_async=plan.async_output is not None,
+    )
+
+
+def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: str | None) -> None:
+    from serving.sagemaker.package import build_model_archive
+    from serving.sagemaker.s3 import default_s3_prefix, join_s3, upload_files
+
+    prefix = s3_prefix or default_s3_prefix(context)
+    plan.model_data = join_s3(prefix, "models", plan.endpoint_name, "model.tar.gz")
+    with tempfile.TemporaryDirectory(prefix="txt2img-deploy-") as workdir:
+        archive = build_model_archive(plan.model_id, Path(workdir))
+        upload_files(context, [(archive, plan.model_data)], f"uploading {plan.model_id} model.tar.gz")

@@ -1,0 +1,199 @@
+"""``txt2img deploy`` and ``txt2img endpoints list|invoke|delete``, plus the click options that
+``txt2img train --remote`` and ``txt2img tune --remote`` share.
+
+Only click is imported here; boto3 and sagemaker load when a command runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+
+from txt2img.errors import fail
+
+
+def _run(action: Callable):
+    """Run ``action``; a SageMakerError becomes one line on stderr and exit code 2."""
+    from serving.sagemaker.errors import SageMakerError
+
+    try:
+        return action()
+    except SageMakerError as error:
+        fail(str(error))
+
+
+def aws_options(function: Callable) -> Callable:
+    """--region and --role, read by every command that talks to SageMaker."""
+    function = click.option(
+        "--role",
+        envvar="TXT2IMG_SAGEMAKER_ROLE",
+        help="IAM role ARN SageMaker runs as (env TXT2IMG_SAGEMAKER_ROLE). See docs/sagemaker.md.",
+    )(function)
+    return click.option("--region", help="AWS region; default: AWS_REGION or your AWS config.")(function)
+
+
+def remote_job_options(function: Callable) -> Callable:
+    """The options of ``train --remote`` / ``tune --remote``, passed on as keyword arguments."""
+    decorators = [
+        click.option("--remote", is_flag=True, help="Run on SageMaker (JumpStart training) instead of this machine."),
+        click.option("--instance-type", help="SageMaker training instance, e.g. ml.g5.2xlarge; default: JumpStart's."),
+        click.option("--s3-prefix", help="Where data and results go; default s3://sagemaker-REGION-ACCOUNT/txt2img."),
+        click.option("--wait/--no-wait", default=True, show_default=True, help="Wait and register the result in the catalog."),
+        aws_options,
+    ]
+    return functools.reduce(lambda wrapped, decorator: decorator(wrapped), reversed(decorators), function)
+
+
+def run_remote_training(data: str, base: str, name: str, hyperparameters, **remote_options) -> None:
+    """What ``txt2img train --remote`` does: launch, wait, register, and say so (errors exit 2).
+
+    ``remote_options`` are the keyword arguments ``remote_job_options`` adds, ``remote`` included.
+    """
+    from serving.sagemaker.remote import launch_remote_training
+
+    remote_options.pop("remote", None)
+    result = _run(lambda: launch_remote_training(data, base, name, hyperparameters, **remote_options))
+    _report_remote(result, "training")
+
+
+def run_remote_tuning(data: str, base: str, name: str, hyperparameters, ranges=None, **remote_options) -> None:
+    """What ``txt2img tune --remote`` does; ``remote_options`` may also hold max_jobs, max_parallel_jobs, objective."""
+    from serving.sagemaker.remote import launch_remote_tuning
+
+    remote_options.pop("remote", None)
+    result = _run(lambda: launch_remote_tuning(data, base, name, hyperparameters, ranges, **remote_options))
+    _report_remote(result, "tuning")
+
+
+def _report_remote(result, kind: str) -> None:
+    if isinstance(result, str):
+        click.echo(f"started SageMaker {kind} job {result}; it keeps running (and billing) on AWS")
+        return
+    metrics = "".join(f", {name}={value}" for name, value in (result.metrics or {}).items())
+    click.echo(f"registered {result.id}: {result.artifact}{metrics}")
+    click.echo(f"deploy it:  txt2img deploy {result.id}")
+
+
+@click.command("deploy")
+@click.argument("model_id")
+@click.option("--instance-type", help="e.g. ml.g4dn.xlarge; default: JumpStart's for JumpStart models.")
+@click.option("--endpoint-name", help="Default: <model>-<UTC timestamp>.")
+@aws_options
+@click.option("--async", "is_async", is_flag=True, help="Create an asynchronous endpoint (long generations).")
+@click.option("--output", help="s3:// prefix where an --async endpoint writes its results.")
+@click.option("--s3-prefix", help="Where local models are uploaded; default s3://sagemaker-REGION-ACCOUNT/txt2img.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the endpoint is InService.")
+def deploy(
+    model_id: str,
+    instance_type: Optional[str],
+    endpoint_name: Optional[str],
+    region: Optional[str],
+    role: Optional[str],
+    is_async: bool,
+    output: Optional[str],
+    s3_prefix: Optional[str],
+    wait: bool,
+) -> None:
+    """Deploy MODEL_ID (JumpStart id, fine-tune or tiny-sd) to a SageMaker endpoint."""
+    if is_async != (output is not None):
+        fail("--async and --output s3://... go together")
+    from serving.sagemaker.deployer import deploy as deploy_model
+
+    result = _run(
+        lambda: deploy_model(
+            model_id,
+            instance_type=instance_type,
+            endpoint_name=endpoint_name,
+            role=role,
+            region=region,
+            async_output=output,
+            s3_prefix=s3_prefix,
+            wait=wait,
+        )
+    )
+    name = result.endpoint_name
+    kind = "async endpoint" if result.is_async else "endpoint"
+    click.echo(f"{kind} {name} ({result.instance_type}, {result.region}) serves {result.model_id}: {result.status}")
+    region_flag = f" --region {result.region}"
+    click.echo(f'invoke:   txt2img endpoints invoke {name} "a prompt" -o images/{region_flag}')
+    click.echo(f"clean up: txt2img endpoints delete {name}{region_flag}   (it is billed per instance-hour until deleted)")
+
+
+@click.group("endpoints")
+def endpoints() -> None:
+    """List, invoke and delete SageMaker endpoints (and invoke the local server with --url)."""
+
+
+@endpoints.command("list")
+@click.option("--region", help="AWS region; default: AWS_REGION or your AWS config.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def list_command(region: Optional[str], as_json: bool) -> None:
+    """Endpoints in the region and every endpoint txt2img deployed, with the model each serves."""
+    from dataclasses import asdict
+
+    from serving.sagemaker.endpoints import list_endpoints
+
+    found = _run(lambda: list_endpoints(region))
+    if as_json:
+        click.echo(json.dumps([asdict(info) for info in found], indent=2))
+        return
+    if not found:
+        click.echo("no endpoints")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(found)} endpoint(s)", title_justify="left")
+    for column in ("name", "region", "status", "model", "instance", "created"):
+        table.add_column(column, overflow="fold")
+    for info in found:
+        table.add_row(info.name, info.region, info.status, info.model_id or "", info.instance_type or "", info.created or "")
+    Console().print(table)
+
+
+@endpoints.command("invoke")
+@click.argument("name")
+@click.argument("prompt")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@click.option("--seed", type=int)
+@click.option("--steps", "num_inference_steps", type=click.IntRange(min=1))
+@click.option("--width", type=click.IntRange(min=8))
+@click.option("--height", type=click.IntRange(min=8))
+@click.option("--guidance-scale", type=float)
+@click.option("--negative-prompt")
+@click.option("--num-images", "num_images_per_prompt", type=click.IntRange(min=1))
+@click.option("--url", help="Talk to a local server instead, e.g. http://localhost:3000 (`bentoml serve`).")
+@click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
+def invoke_command(name: str, prompt: str, output_dir: Path, url: Optional[str], region: Optional[str], **parameters) -> None:
+    """Generate images from PROMPT on endpoint NAME and write them as JPEG files."""
+    from serving.sagemaker.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
+    from serving.sagemaker.errors import aws_context
+
+    for side in ("width", "height"):
+        if parameters[side] is not None and parameters[side] % 8:
+            fail(f"--{side} must be divisible by 8")
+    body = request_body(prompt, **parameters)
+    if url:
+        answer = _run(lambda: invoke_url(url, body))
+    else:
+        from serving.sagemaker.records import recorded_region
+
+        answer = _run(lambda: invoke_endpoint(aws_context(region or recorded_region(name)), name, body))
+    images = _run(lambda: decode_images(answer))
+    for path in write_images(images, output_dir, name):
+        click.echo(f"wrote {path}")
+
+
+@endpoints.command("delete")
+@click.argument("name")
+@click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
+def delete_command(name: str, region: Optional[str]) -> None:
+    """Delete endpoint NAME with its endpoint config and model (stops its billing)."""
+    from serving.sagemaker.endpoints import delete_endpoint
+
+    for deleted in _run(lambda: delete_endpoint(name, region)):
+        click.echo(f"deleted {deleted}")

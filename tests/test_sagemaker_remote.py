@@ -1,0 +1,254 @@
+"""txt2img train/tune --remote: the JumpStart training and tuning jobs sent to SageMaker, and the
+catalog entry their result becomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aws_fixtures import (  # noqa: F401 - fixtures
+    ACCOUNT,
+    JUMPSTART_BUCKET,
+    REGION,
+    ROLE,
+    TRAINING_GPU_IMAGE,
+    TRAINING_SCRIPT_KEY,
+    aws,
+    jumpstart_specs,
+    make_bucket,
+    no_network,
+    sent_requests,
+)
+from PIL import Image
+
+from serving.sagemaker.errors import SageMakerError
+from serving.sagemaker.remote import dataset_fingerprint, launch_remote_training, launch_remote_tuning
+from training.hyperparameters import Hyperparameters
+
+BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
+SCRIPT_URI = f"s3://{JUMPSTART_BUCKET}/{TRAINING_SCRIPT_KEY}"
+BASE_MODEL_URI = f"s3://{JUMPSTART_BUCKET}/stabilityai-training/train-{BASE}.tar.gz"
+
+
+@pytest.fixture
+def jumpstart_bucket(aws):
+    """JumpStart's regional bucket with the training script the ModelTrainer checks for."""
+    make_bucket(aws, JUMPSTART_BUCKET)
+    aws.client("s3").put_object(Bucket=JUMPSTART_BUCKET, Key=TRAINING_SCRIPT_KEY, Body=b"script tarball")
+    make_bucket(aws, "my-txt2img")
+    return aws
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for index, color in enumerate([(200, 100, 50), (50, 100, 200)]):
+        Image.new("RGB", (8, 8), color).save(folder / f"dog-{index}.png")
+    (folder / "dataset_info.json").write_text(json.dumps({"instance_prompt": "a photo of sks dog"}))
+    return folder
+
+
+def _channels(job: dict) -> dict[str, str]:
+    return {channel["ChannelName"]: channel["DataSource"]["S3DataSource"]["S3Uri"] for channel in job["InputDataConfig"]}
+
+
+def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_result(jumpstart_bucket, dataset):
+    hyperparameters = Hyperparameters.from_pairs(["max_steps=200", "learning_rate=1e-6", "with_prior_preservation=true"])
+
+    entry = launch_remote_training(
+        str(dataset), BASE, "sks-dog", hyperparameters,
+        instance_type="ml.g5.2xlarge", s3_prefix="s3://my-txt2img/work", role=ROLE, poll_seconds=0,
+    )
+
+    sagemaker = jumpstart_bucket.client("sagemaker")
+    [summary] = sagemaker.list_training_jobs()["TrainingJobSummaries"]
+    job = sagemaker.describe_training_job(TrainingJobName=summary["TrainingJobName"])
+    assert job["TrainingJobName"].startswith("sks-dog-")
+    assert job["AlgorithmSpecification"]["TrainingImage"] == TRAINING_GPU_IMAGE
+    assert job["RoleArn"] == ROLE
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
+    assert job["HyperParameters"] == hyperparameters.sagemaker_strings()
+    assert job["HyperParameters"]["max_steps"] == "200" and job["HyperParameters"]["with_prior_preservation"] == "True"
+    fingerprint = dataset_fingerprint(dataset)
+    data_uri = f"s3://my-txt2img/work/datasets/{fingerprint[:16]}/"
+    channels = _channels(job)
+    assert (channels["training"], channels["model"], channels["code"]) == (data_uri, BASE_MODEL_URI, SCRIPT_URI)
+    assert job["OutputDataConfig"]["S3OutputPath"] == "s3://my-txt2img/work/jobs/sks-dog"
+    listed = jumpstart_bucket.client("s3").list_objects_v2(Bucket="my-txt2img", Prefix=f"work/datasets/{fingerprint[:16]}/")
+    assert sorted(item["Key"].rsplit("/", 1)[1] for item in listed["Contents"]) == ["dataset_info.json", "dog-0.png", "dog-1.png"]
+
+    assert entry.id == "sks-dog" and entry.source == "finetune" and entry.method == "full"
+    assert (entry.base, entry.family, entry.resolution) == (BASE, "sd2-base", 512)
+    assert entry.artifact == job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert entry.artifact.startswith("s3://my-txt2img/work/jobs/sks-dog/")
+    assert entry.hyperparameters == hyperparameters.model_dump(mode="json")
+    assert entry.dataset_fingerprint == fingerprint
+    from catalog.store import load_catalog
+
+    assert load_catalog().get("sks-dog") == entry
+
+
+def test_remote_training_result_is_deployable_on_the_jumpstart_container(jumpstart_bucket, dataset):
+    from serving.sagemaker.deployer import deploy
+
+    entry = launch_remote_training(str(dataset), BASE, "sks-dog", Hyperparameters(), s3_prefix="s3://my-txt2img/w",
+                                   role=ROLE, poll_seconds=0)
+    deploy("sks-dog", role=ROLE, endpoint_name="sks-dog", instance_type="ml.g4dn.xlarge", poll_seconds=0)
+    container = jumpstart_bucket.client("sagemaker").describe_model(ModelName="sks-dog")["PrimaryContainer"]
+    assert container["ModelDataUrl"] == entry.artifact
+    assert container["Image"].endswith("huggingface-pytorch-inference:1.10.2-transformers4.17.0-gpu-py38-cu113-ubuntu20.04")
+
+
+def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_job(jumpstart_bucket, sent_requests):
+    job_name = launch_remote_training("s3://my-txt2img/dogs/", BASE, "dog2", Hyperparameters(), role=ROLE, wait=False)
+
+    assert isinstance(job_name, str) and job_name.startswith("dog2-")
+    job = jumpstart_bucket.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    assert _channels(job)["training"] == "s3://my-txt2img/dogs/"
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"  # the spec's default training instance
+    uploads = [params["Key"] for operation, params in sent_requests if operation in ("PutObject", "CreateMultipartUpload")]
+    assert not any("dogs" in key or "datasets" in key for key in uploads)
+    from catalog.store import load_catalog
+
+    assert "dog2" not in load_catalog()
+
+
+@pytest.mark.parametrize(
+    ("data", "base", "name", "pairs", "message"),
+    [
+        ("s3://my-txt2img/dogs", BASE, "x", [], "must end with '/'"),
+        ("DATASET", "huggingface-txt2img-conflictx-complex-lineart", "x", [], "cannot fine-tune"),
+        ("DATASET", BASE, "tiny-sd", [], "already has a model 'tiny-sd'"),
+        ("DATASET", BASE, "x", ["method=lora"], "full fine-tunes only"),
+        ("NO_INFO", BASE, "x", [], "has no dataset_info.json"),
+    ],
+)
+def test_remote_training_refuses_bad_requests_before_starting(jumpstart_bucket, dataset, data, base, name, pairs, message):
+    if data == "NO_INFO":
+        (dataset / "dataset_info.json").unlink()
+    data = str(dataset) if data in ("DATASET", "NO_INFO") else data
+    with pytest.raises(SageMakerError, match=message):
+        launch_remote_training(data, base, name, Hyperparameters.from_pairs(pairs), role=ROLE)
+    assert jumpstart_bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+
+
+def test_remote_tuning_sends_bayesian_fid_search_and_registers_the_best_job(jumpstart_bucket, dataset):
+    sagemaker = jumpstart_bucket.client("sagemaker")
+    # moto names every tuning job's best training job "FakeTrainingJobName"; give it a real one.
+    best_artifacts = "s3://my-txt2img/tune/FakeTrainingJobName/output"
+    sagemaker.create_training_job(
+        TrainingJobName="FakeTrainingJobName",
+        AlgorithmSpecification={"TrainingImage": TRAINING_GPU_IMAGE, "TrainingInputMode": "File"},
+        RoleArn=ROLE,
+        OutputDataConfig={"S3OutputPath": best_artifacts},
+        ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600},
+    )
+    hyperparameters = Hyperparameters.from_pairs(["with_prior_preservation=true", "seed=5"])
+
+    entry = launch_remote_tuning(
+        str(dataset), BASE, "tuned-dog", hyperparameters,
+        s3_prefix="s3://my-txt2img/w", role=ROLE, poll_seconds=0,
+    )
+
+    [summary] = sagemaker.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=summary["HyperParameterTuningJobName"])
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": "fid_score"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 7, "MaxParallelTrainingJobs": 7}
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-07", "MaxValue": "3e-06", "ScalingType": "Linear"}
+    ]
+    assert config["ParameterRanges"]["IntegerParameterRanges"] == [
+        {"Name": "max_steps", "MinValue": "50", "MaxValue": "400", "ScalingType": "Linear"}
+    ]
+    definition = tuning["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == [
+        {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}
+    ]
+    assert definition["AlgorithmSpecification"]["TrainingImage"] == TRAINING_GPU_IMAGE
+    static = definition["StaticHyperParameters"]
+    expected = {k: v for k, v in hyperparameters.sagemaker_strings().items() if k not in ("learning_rate", "max_steps")}
+    expected["compute_fid"] = "True"  # the objective is only printed when FID is computed
+    assert {k: v for k, v in static.items() if not k.startswith("sagemaker_")} == expected
+    assert static["sagemaker_submit_directory"] == SCRIPT_URI and static["sagemaker_program"] == "transfer_learning.py"
+    channels = _channels(definition)
+    assert channels["model"] == BASE_MODEL_URI and channels["training"].startswith("s3://my-txt2img/w/datasets/")
+
+    assert entry.id == "tuned-dog" and entry.base == BASE
+    assert entry.artifact == f"{best_artifacts}/FakeTrainingJobName/output/model.tar.gz"
+    assert entry.metrics == {"fid_score": tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]}
+    assert entry.hyperparameters["compute_fid"] is True and entry.hyperparameters["seed"] == 5
+
+
+def test_remote_tuning_ranges_follow_the_caller(jumpstart_bucket, dataset):
+    job = launch_remote_tuning(
+        "s3://my-txt2img/dogs/", BASE, "t2", Hyperparameters(),
+        {"learning_rate": (1e-7, 1e-5, True), "num_class_images": (50, 200, False)},
+        max_jobs=4, max_parallel_jobs=2, role=ROLE, wait=False,
+    )
+    tuning = jumpstart_bucket.client("sagemaker").describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=job)
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2}
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-07", "MaxValue": "1e-05", "ScalingType": "Logarithmic"}
+    ]
+    assert config["ParameterRanges"]["IntegerParameterRanges"] == [
+        {"Name": "num_class_images", "MinValue": "50", "MaxValue": "200", "ScalingType": "Linear"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ranges", "options", "message"),
+    [
+        ({"lora_rank": (2, 8, False)}, {}, "cannot tune 'lora_rank' remotely"),
+        ({"learning_rate": (0.0, 1e-5, True)}, {}, "bad range for learning_rate"),
+        (None, {"objective": "clip_score"}, "reports only fid_score"),
+        (None, {"max_jobs": 2, "max_parallel_jobs": 3}, "max_parallel_jobs <= max_jobs"),
+    ],
+)
+def test_remote_tuning_refuses_bad_requests(jumpstart_bucket, ranges, options, message):
+    with pytest.raises(SageMakerError, match=message):
+        launch_remote_tuning("s3://my-txt2img/dogs/", BASE, "t3", Hyperparameters(), ranges, role=ROLE, **options)
+    assert jumpstart_bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
+
+
+def test_cli_helpers_wire_remote_options_into_a_train_command(jumpstart_bucket, dataset, capsys):
+    import click
+
+    from serving.sagemaker_cli import remote_job_options, run_remote_training
+
+    @click.command()
+    @click.argument("data")
+    @click.option("--base")
+    @click.option("--name")
+    @remote_job_options
+    def train(data, base, name, **remote_options):
+        assert remote_options.pop("remote") is True
+        run_remote_training(data, base, name, Hyperparameters(max_steps=100), **remote_options)
+
+    train.main(
+        [str(dataset), "--base", BASE, "--name", "cli-dog", "--remote", "--instance-type", "ml.g4dn.2xlarge",
+         "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE, "--region", REGION],
+        standalone_mode=False,
+    )
+
+    out = capsys.readouterr().out
+    assert out.startswith("registered cli-dog: s3://my-txt2img/cli/jobs/cli-dog/")
+    assert "txt2img deploy cli-dog" in out
+    [summary] = jumpstart_bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+    job = jumpstart_bucket.client("sagemaker").describe_training_job(TrainingJobName=summary["TrainingJobName"])
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g4dn.2xlarge"
+    assert job["HyperParameters"]["max_steps"] == "100"
+
+
+def test_cli_helper_reports_remote_errors_as_one_line(jumpstart_bucket, capsys):
+    from serving.sagemaker_cli import run_remote_tuning
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_remote_tuning("s3://my-txt2img/dogs", BASE, "t4", Hyperparameters(), remote=True, role=ROLE, wait=False)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "txt2img: error: an S3 training prefix must end with '/': s3://my-txt2img/dogs/\n"
