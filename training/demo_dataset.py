@@ -18,6 +18,8 @@ from training.dataset import DATASET_INFO
 SUBJECTS = {
     "red": ((220, 30, 30), "ellipse"),
     "blue": ((30, 60, 220), "rectangle"),
+    "green": ((40, 160, 60), "ellipse"),
+    "purple": ((130, 40, 170), "rectangle"),
 }
 
 

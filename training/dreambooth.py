@@ -335,6 +335,10 @@ def train(
             }
             return save_checkpoint(checkpoint_dir, step, trainable.state_dict(), state)
 
+        logger.info(
+            "training %s: steps %d to %d, %d instance image(s), %s",
+            hp.method, step + 1, total_steps, dataset.num_instance_images, precision.device,
+        )
         task = bars.add_task("training", total=total_steps, completed=step, status="loss -")
         device_type = precision.device.type
         last_checkpoint_step = step
