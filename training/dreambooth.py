@@ -117,11 +117,13 @@ def _optimizer(parameters: list[Any], hyperparameters: Hyperparameters):
     if hyperparameters.use_8bit_adam:
         import bitsandbytes
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer_class, options = bitsandbytes.optim.AdamW8bit, {}
     else:
-        optimizer_class = torch.optim.AdamW
+        # The fused kernel updates all tensors in one pass: several times faster than the loop.
+        optimizer_class, options = torch.optim.AdamW, {"fused": True}
     return optimizer_class(
         parameters,
+        **options,
         lr=hyperparameters.learning_rate,
         betas=(hyperparameters.adam_beta1, hyperparameters.adam_beta2),
         weight_decay=hyperparameters.adam_weight_decay,
@@ -343,6 +345,7 @@ def train(
         device_type = precision.device.type
         last_checkpoint_step = step
         trainable.train()
+        first_step, loop_started = step, time.monotonic()
         with _StopOnCtrlC() as stop:
             while step < total_steps:
                 step_loss = 0.0
@@ -388,6 +391,7 @@ def train(
                     if on_checkpoint is not None:
                         on_checkpoint(step, {"loss": sum(recent) / len(recent)})
         trainable.train(False)
+        loop_seconds = time.monotonic() - loop_started
 
         model_dir = _save_model_atomically(pipeline, trainable, output_dir)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -399,6 +403,7 @@ def train(
         "final_loss": sum(recent) / len(recent) if recent else None,
         "steps": float(total_steps),
         "train_seconds": round(train_seconds, 2),
+        "steps_per_second": round((step - first_step) / loop_seconds, 3) if step > first_step else None,
     }
     entry = CatalogEntry(
         id=name,
