@@ -139,7 +139,7 @@ def test_two_concepts_in_one_run_learn_both(tmp_path):
     red, blue = _images(data / "red"), _images(data / "blue")
     before = (_loss(base, red, RED), _loss(base, blue, BLUE))
 
-    entry = train(data, "tiny-sd", "two-toys", Hyperparameters(max_steps=30, **FAST), progress=False)
+    entry = train(data, "tiny-sd", "two-toys", Hyperparameters(max_steps=20, **FAST), progress=False)
 
     trained = load_pipeline(entry, load_catalog())
     after = (_loss(trained, red, RED), _loss(trained, blue, BLUE))
@@ -171,13 +171,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, caplog):
     data = write_demo_dataset(tmp_path / "data")
     home = Path(os.environ["TXT2IMG_HOME"])
     checkpoints = home / "models" / "resumed" / "checkpoints"
-    process = _start_cli_training(data, home, "resumed", "max_steps=30", "checkpointing_steps=3")
+    process = _start_cli_training(data, home, "resumed", "max_steps=12", "checkpointing_steps=3")
     _wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir()), process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (home / "catalog" / "resumed.yaml").exists()
 
-    hp = Hyperparameters(max_steps=30, checkpointing_steps=3, **FAST)
+    hp = Hyperparameters(max_steps=12, checkpointing_steps=3, **FAST)
     with caplog.at_level(logging.INFO, logger="txt2img.training"):
         resumed = train(data, "tiny-sd", "resumed", hp, resume=True, progress=False)
     assert "resuming from" in caplog.text and "step 0 of" not in caplog.text

@@ -470,7 +470,7 @@ def _evaluate_and_record(entry: CatalogEntry, data_dir: Path) -> CatalogEntry:
         logger.warning("compute_fid: training.evaluation is not available in this install; evaluation skipped")
         return entry
     logger.info("compute_fid: evaluating %s", entry.id)
-    results = evaluate_model(entry.id, data_dir)
-    entry = entry.model_copy(update={"metrics": {**(entry.metrics or {}), **results}})
+    report = evaluate_model(entry.id, data_dir)
+    entry = entry.model_copy(update={"metrics": {**(entry.metrics or {}), **report.metrics}})
     write_entry(entry, overwrite=True)
     return entry
