@@ -61,10 +61,12 @@ def run_reference(script: Path, python: str, data: Path, model: Path, out: Path,
         "--output_dir", str(out),
     ]  # fmt: skip
     output, rss = _run(command, {**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
-    rates = re.findall(rf"{steps}/{steps} \[[^\]]*?([\d.]+)it/s\]", output)
+    # tqdm's final bar: "60/60 [00:13<00:00,  4.34it/s, loss=...]", or "s/it" when slower than 1 it/s.
+    rates = re.findall(rf"{steps}/{steps} \[[^\]]*?([\d.]+)(it/s|s/it)", output)
     if not rates:
         sys.exit(f"could not read the reference's it/s from its output:\n{output[-2000:]}")
-    return float(rates[-1]), rss
+    value, unit = rates[-1]
+    return (float(value) if unit == "it/s" else 1 / float(value)), rss
 
 
 def main() -> None:
