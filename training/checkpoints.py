@@ -54,8 +54,6 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, Any], state: 
 
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{step}"
-    if final.exists():
-        return final
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=directory))
     try:
         save_file({key: value.to("cpu") for key, value in weights.items()}, str(staging / WEIGHTS_FILE))

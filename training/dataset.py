@@ -56,7 +56,6 @@ class Concept:
 class DreamBoothDataset:
     """A validated dataset: its concepts, the training resolution and a content fingerprint."""
 
-    root: Path
     concepts: list[Concept]
     resolution: int
     center_crop: bool
@@ -170,7 +169,6 @@ def load_dataset(data_dir: Path, hyperparameters: Hyperparameters, family_resolu
         assert instance_prompt is not None  # required=True above
         concepts.append(Concept(instance_prompt, class_prompt, images, class_dir, class_images))
     return DreamBoothDataset(
-        root=data_dir,
         concepts=concepts,
         resolution=hyperparameters.resolution or family_resolution,
         center_crop=hyperparameters.center_crop,
