@@ -77,6 +77,7 @@ class Hyperparameters(BaseModel):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW; CUDA only.")
     checkpointing_steps: int = Field(500, ge=1)
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps for the lr schedulers that use them.")
     validation_prompts: list[str] | None = None
 
     @model_validator(mode="before")

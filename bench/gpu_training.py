@@ -1,0 +1,194 @@
+"""Peak GPU memory of ``txt2img train``'s memory tiers on the full-size SD 2.1-base architecture.
+
+The model has SD 2.1-base's exact shapes (865M-parameter UNet, OpenCLIP ViT-H text encoder,
+the SD VAE) with random weights, so nothing is downloaded. It is saved as a local diffusers
+folder, registered in a scratch catalog as a full model of the SD 2.1-base family, and each
+tier runs the real trainer (``training.dreambooth.train``) in its own process, so the peak
+(``torch.cuda.max_memory_allocated``) belongs to that tier alone.
+
+    python bench/gpu_training.py [--steps 20] [--tier NAME ...]
+
+Needs a CUDA GPU, and bitsandbytes for the 8-bit Adam tiers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "sd21-base-random"
+BASE_ID = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
+GIB = 1024**3
+
+# name -> (hyperparameters, the budget the docs claim in GiB)
+TIERS: dict[str, tuple[dict[str, object], float | None]] = {
+    "full-fp32": ({"method": "full", "mixed_precision": "no"}, None),
+    "full-fp16-8bit-gc": (
+        {"method": "full", "mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True},
+        16.0,
+    ),
+    "lora-fp16": ({"method": "lora", "mixed_precision": "fp16", "learning_rate": 1e-4}, 10.0),
+    "lora-fp16-gc": (
+        {"method": "lora", "mixed_precision": "fp16", "gradient_checkpointing": True, "learning_rate": 1e-4},
+        10.0,
+    ),
+}
+
+
+def build_sd21_base_random(folder: Path) -> None:
+    """Save a StableDiffusionPipeline with SD 2.1-base's architecture and random weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from catalog.tiny_sd import write_tiny_tokenizer_files
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=512,
+        layers_per_block=2,
+    )
+    # The real tokenizer is a Hub download; a byte-level one yields ids inside the same vocabulary.
+    tokenizer_dir = folder.parent / "tokenizer-files"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def register(folder: Path) -> None:
+    from catalog.schema import CatalogEntry
+    from catalog.store import write_entry
+
+    write_entry(
+        CatalogEntry(
+            id=MODEL_ID,
+            source="finetune",
+            family="sd2-base",
+            resolution=512,
+            description="SD 2.1-base architecture with random weights, for memory measurements.",
+            base=BASE_ID,
+            method="full",
+            artifact=str(folder),
+        )
+    )
+
+
+def run_tier(name: str, data: Path, steps: int) -> dict[str, float]:
+    """Child-process body: train one tier and report its peak GPU memory."""
+    import torch
+
+    from training.dreambooth import train
+    from training.hyperparameters import Hyperparameters
+
+    overrides, _ = TIERS[name]
+    hyperparameters = Hyperparameters(
+        max_steps=steps, checkpointing_steps=steps + 1, validation_prompts=["a photo of sks toy"], **overrides
+    )
+    torch.cuda.reset_peak_memory_stats()
+    entry = train(data, MODEL_ID, f"tier-{name}", hyperparameters, progress=False)
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        "steps_per_second": entry.metrics["steps_per_second"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tier", action="append", choices=sorted(TIERS), help="default: all tiers")
+    parser.add_argument("--child", nargs=2, metavar=("TIER", "DATA_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    if args.child:
+        print("RESULT " + json.dumps(run_tier(args.child[0], Path(args.child[1]), args.steps)), flush=True)
+        return
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_training.py needs a CUDA GPU")
+    from training.demo_dataset import write_demo_dataset
+
+    with tempfile.TemporaryDirectory(prefix="txt2img-gpu-bench-") as scratch:
+        root = Path(scratch)
+        os.environ["TXT2IMG_HOME"] = str(root / "home")
+        print("building SD 2.1-base (random weights) ...", flush=True)
+        build_sd21_base_random(root / "sd21-base")
+        register(root / "sd21-base")
+        data = write_demo_dataset(root / "data", size=512)
+        print(f"{'tier':<20} {'peak alloc GiB':>15} {'peak reserved GiB':>18} {'steps/s':>8}  budget")
+        for name in args.tier or list(TIERS):
+            result = subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--child", name, str(data)],
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                capture_output=True,
+                text=True,
+            )
+            lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+            if result.returncode or not lines:
+                print(f"{name:<20} failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+                continue
+            numbers = json.loads(lines[-1][len("RESULT ") :])
+            budget = TIERS[name][1]
+            verdict = "" if budget is None else f"< {budget:g} GiB: {'yes' if numbers['peak_reserved_gib'] < budget else 'NO'}"
+            print(
+                f"{name:<20} {numbers['peak_allocated_gib']:>15.2f} {numbers['peak_reserved_gib']:>18.2f} "
+                f"{numbers['steps_per_second'] or 0:>8.2f}  {verdict}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

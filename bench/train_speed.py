@@ -1,0 +1,105 @@
+"""Training speed and peak memory of ``txt2img train`` on tiny-sd, optionally against diffusers'
+``examples/dreambooth/train_dreambooth.py`` run on the same model, data and hyperparameters.
+
+Each trainer runs in its own process, so peak RSS (from ``wait4``) is that trainer's alone.
+Steps/s counts only the optimisation loop: ours reports it as the ``steps_per_second`` metric,
+the reference's is read from its tqdm bar.
+
+    python bench/train_speed.py [--steps 60] [--method full|lora]
+    python bench/train_speed.py --reference /path/to/train_dreambooth.py --reference-python /venv/bin/python
+
+The reference script needs torchvision (so, usually, its own virtualenv); fetch it from the
+diffusers repository yourself and never commit it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of sks red toy"
+# JumpStart's defaults, made explicit for both trainers.
+LEARNING_RATE = "2e-6"
+
+
+def _run(command: list[str], env: dict[str, str]) -> tuple[str, float]:
+    """Run ``command``; return its combined output and its peak RSS in GB."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    if process.returncode:
+        sys.exit(f"{command[0]} {command[1]} failed ({process.returncode}):\n{output[-3000:]}")
+    return output, usage.ru_maxrss / 1024 / 1024  # ru_maxrss is in KiB on Linux
+
+
+def run_ours(data: Path, home: Path, steps: int, method: str) -> tuple[float, float]:
+    command = [
+        sys.executable, "-m", "txt2img", "train", str(data), "--base", "tiny-sd", "--name", "bench",
+        "--method", method, "--hp", f"max_steps={steps}", "--hp", f"learning_rate={LEARNING_RATE}",
+        "--hp", f"checkpointing_steps={steps + 1}", "--hp", f"validation_prompts={PROMPT}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(home)}
+    output, rss = _run(command, env)
+    return float(re.search(r"steps_per_second=([\d.]+)", output).group(1)), rss
+
+
+def run_reference(script: Path, python: str, data: Path, model: Path, out: Path, steps: int) -> tuple[float, float]:
+    command = [
+        python, str(script), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
+        "--instance_prompt", PROMPT, "--resolution", "64", "--train_batch_size", "1",
+        "--max_train_steps", str(steps), "--learning_rate", LEARNING_RATE, "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0", "--seed", "0", "--checkpointing_steps", str(steps + 1),
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    output, rss = _run(command, {**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
+    # tqdm's final bar: "60/60 [00:13<00:00,  4.34it/s, loss=...]", or "s/it" when slower than 1 it/s.
+    rates = re.findall(rf"{steps}/{steps} \[[^\]]*?([\d.]+)(it/s|s/it)", output)
+    if not rates:
+        sys.exit(f"could not read the reference's it/s from its output:\n{output[-2000:]}")
+    value, unit = rates[-1]
+    return (float(value) if unit == "it/s" else 1 / float(value)), rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--reference", type=Path, help="path to diffusers' train_dreambooth.py")
+    parser.add_argument("--reference-python", default=sys.executable, help="python of a venv with torchvision")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from catalog.tiny_sd import build_tiny_sd_pipeline
+    from training.demo_dataset import write_demo_dataset
+
+    with tempfile.TemporaryDirectory(prefix="txt2img-train-bench-") as scratch:
+        root = Path(scratch)
+        data = write_demo_dataset(root / "data")
+        ours_rate, ours_rss = run_ours(data, root / "home", args.steps, args.method)
+        print(f"txt2img train ({args.method}): {ours_rate:.2f} steps/s, peak RSS {ours_rss:.2f} GB")
+        if args.reference is None:
+            return
+        model = root / "tiny-sd"
+        build_tiny_sd_pipeline().save_pretrained(model, safe_serialization=True)
+        instance = root / "instance"  # the reference reads every file in the folder as an image
+        instance.mkdir()
+        for image in data.glob("*.png"):
+            (instance / image.name).write_bytes(image.read_bytes())
+        ref_rate, ref_rss = run_reference(
+            args.reference, args.reference_python, instance, model, root / "reference", args.steps
+        )
+        print(f"diffusers train_dreambooth.py: {ref_rate:.2f} steps/s, peak RSS {ref_rss:.2f} GB")
+        print(f"ratio (ours / reference): speed {ours_rate / ref_rate:.2f}x, peak RSS {ours_rss / ref_rss:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
