@@ -216,24 +216,15 @@ def test_remote_tuning_refuses_bad_requests(jumpstart_bucket, ranges, options, m
     assert jumpstart_bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
 
 
-def test_cli_helpers_wire_remote_options_into_a_train_command(jumpstart_bucket, dataset, capsys):
-    import click
+def test_txt2img_train_remote_runs_the_jumpstart_job(jumpstart_bucket, dataset, capsys):
+    from txt2img.cli import main
 
-    from serving.sagemaker_cli import remote_job_options, run_remote_training
-
-    @click.command()
-    @click.argument("data")
-    @click.option("--base")
-    @click.option("--name")
-    @remote_job_options
-    def train(data, base, name, **remote_options):
-        assert remote_options.pop("remote") is True
-        run_remote_training(data, base, name, Hyperparameters(max_steps=100), **remote_options)
-
-    train.main(
-        [str(dataset), "--base", BASE, "--name", "cli-dog", "--remote", "--instance-type", "ml.g4dn.2xlarge",
-         "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE, "--region", REGION],
-        standalone_mode=False,
+    main(
+        [
+            "train", str(dataset), "--base", BASE, "--name", "cli-dog", "--hp", "max_steps=100", "--remote",
+            "--instance-type", "ml.g4dn.2xlarge", "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE,
+            "--region", REGION,
+        ]
     )
 
     out = capsys.readouterr().out

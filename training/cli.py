@@ -11,6 +11,7 @@ from typing import Optional
 
 import click
 
+from serving.sagemaker_cli import remote_job_options, run_remote_training
 from txt2img.errors import fail
 
 INTERRUPTED_EXIT_CODE = 130
@@ -49,7 +50,7 @@ def _log_to_stderr() -> None:
 
 
 @click.command("train")
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir")
 @click.option("--base", required=True, metavar="MODEL_ID", help="Catalog id to fine-tune, e.g. tiny-sd.")
 @click.option("--name", required=True, metavar="NEW_ID", help="Catalog id of the new model.")
 @click.option(
@@ -63,13 +64,30 @@ def _log_to_stderr() -> None:
     help="A hyperparameter, JumpStart's names (e.g. max_steps=400); repeatable.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run of NEW_ID from its last checkpoint.")
-def train_command(data_dir: Path, base: str, name: str, method: Optional[str], pairs: tuple[str, ...], resume: bool) -> None:
+@remote_job_options
+def train_command(
+    data_dir: str,
+    base: str,
+    name: str,
+    method: Optional[str],
+    pairs: tuple[str, ...],
+    resume: bool,
+    **remote_options,
+) -> None:
     """Fine-tune MODEL_ID on the photos in DATA_DIR and register the result as NEW_ID.
 
     DATA_DIR holds the instance images and dataset_info.json ({"instance_prompt": ...,
-    "class_prompt": ...}), as for SageMaker JumpStart; see docs/training.md.
+    "class_prompt": ...}), as for SageMaker JumpStart; see docs/training.md. With --remote
+    the job runs on SageMaker JumpStart, and DATA_DIR may be an s3:// prefix ending in '/'.
     """
     hyperparameters = _hyperparameters(pairs, method)
+    if remote_options["remote"]:
+        if resume:
+            fail("--resume is for local runs; a SageMaker job runs to completion on its own")
+        run_remote_training(data_dir, base, name, hyperparameters, **remote_options)
+        return
+    if data_dir.startswith("s3://"):
+        fail(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
     _log_to_stderr()
     from catalog.index import UnknownModelError
     from catalog.pipelines import ModelLoadError
@@ -78,7 +96,7 @@ def train_command(data_dir: Path, base: str, name: str, method: Optional[str], p
     from training.dreambooth import TrainingInterrupted, TrainingSetupError, train
 
     try:
-        entry = train(data_dir, base, name, hyperparameters, resume=resume)
+        entry = train(Path(data_dir), base, name, hyperparameters, resume=resume)
     except (DatasetError, TrainingSetupError, UnknownModelError, ModelLoadError, CatalogError) as error:
         fail(str(error))
     except TrainingInterrupted as error:
