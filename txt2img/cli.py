@@ -10,6 +10,7 @@ import sys
 import click
 
 from catalog import cli as catalog_cli
+from training import eval_cli
 from txt2img.errors import fail
 
 
@@ -21,6 +22,8 @@ def app() -> None:
 
 app.add_command(catalog_cli.app)
 app.add_command(catalog_cli.export)
+app.add_command(eval_cli.evaluate)
+app.add_command(eval_cli.tune)
 
 
 def main(argv: list[str] | None = None) -> None:
