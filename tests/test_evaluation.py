@@ -32,6 +32,17 @@ SAGEMAKER_FID_REGEX = r"fid_score=([-+]?\d\.?\d*)"
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On a small shared CPU, one thread is several times faster than torch's default of one per core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no real cached CLIP/DINO may leak in
