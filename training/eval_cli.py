@@ -90,7 +90,9 @@ def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], ti
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
 @click.option("--metric", "metrics", multiple=True, help=f"Compute only these ({METRICS_HELP}); repeatable.")
-@click.option("--output", type=click.Path(path_type=Path, file_okay=False), help="Folder for the JSON, grid and images.")
+@click.option(
+    "--output", type=click.Path(path_type=Path, file_okay=False), help="Folder for the JSON, grid and images."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_weight_options
 def evaluate(
@@ -177,7 +179,9 @@ def _print_trials(result) -> None:
 @click.option("--base", required=True, help="Catalog id of the model to fine-tune.")
 @click.option("--name", required=True, help="Catalog id the best trial is registered as.")
 @click.option("--trials", type=click.IntRange(min=1), required=True, help="Trials to finish (completed or pruned).")
-@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, help="Trials at once (processes).")
+@click.option(
+    "--parallel", type=click.IntRange(min=1), default=1, show_default=True, help="Trials at once (processes)."
+)
 @click.option("--objective", default="fid_score", show_default=True, help=f"Metric to optimise: {METRICS_HELP}.")
 @click.option(
     "--range",
@@ -273,12 +277,16 @@ def tune(
             weights=_weights(inception_path, clip_path, dino_path),
         ),
     )
+    from training.dreambooth import TrainingInterrupted
     from training.tuning import tune as run_study
 
     try:
         result = run_study(config, resume=resume)
     except (TuningError, UnknownModelError, CatalogError, EvaluationError) as error:
         fail(str(error))
+    except TrainingInterrupted:
+        click.echo(f"txt2img: interrupted; run the same command with --resume to continue study '{name}'", err=True)
+        raise SystemExit(130) from None
     _print_trials(result)
     _print_metrics(result.best.metrics, {}, f"best trial {result.best.number}, registered as {result.name}")
     click.echo(f"wrote {result.trials_path} and {result.plot_path}")

@@ -168,7 +168,8 @@ def image_grid(images: list["Image"], columns: int) -> "Image":
     rows = math.ceil(len(images) / columns)
     grid = PILImage.new("RGB", (columns * width, rows * height), "white")
     for index, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((width, height)), ((index % columns) * width, (index // columns) * height))
+        corner = ((index % columns) * width, (index // columns) * height)
+        grid.paste(image.convert("RGB").resize((width, height)), corner)
     return grid
 
 

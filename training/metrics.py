@@ -169,16 +169,13 @@ class InceptionFeatures:
         import torch
 
         path = Path(location).expanduser()
+        remedy = HOW_TO_PROVIDE["inception"].format(default=metric_weights_dir() / INCEPTION_FILE_NAME)
         if not path.is_file():
-            raise MissingWeights(
-                f"no Inception weights at {path}; "
-                + HOW_TO_PROVIDE["inception"].format(default=metric_weights_dir() / INCEPTION_FILE_NAME)
-            )
+            raise MissingWeights(f"no Inception weights at {path}; {remedy}")
         try:
             network = torch.jit.load(str(path), map_location=_device()).eval()
         except RuntimeError as error:
-            raise MissingWeights(f"{path} is not a TorchScript network ({error}); " + HOW_TO_PROVIDE["inception"].format(
-                default=metric_weights_dir() / INCEPTION_FILE_NAME)) from error
+            raise MissingWeights(f"{path} is not a TorchScript network ({error}); {remedy}") from error
         takes_flag = "return_features" in str(network.forward.schema)
         return cls(network, call_kwargs={"return_features": True} if takes_flag else None)
 
@@ -266,7 +263,11 @@ class DinoFeatures:
         return hidden[:, 0].double().cpu().numpy()
 
 
-EXTRACTOR_LOADERS = {"inception": InceptionFeatures.from_path, "clip": ClipFeatures.from_path, "dino": DinoFeatures.from_path}
+EXTRACTOR_LOADERS = {
+    "inception": InceptionFeatures.from_path,
+    "clip": ClipFeatures.from_path,
+    "dino": DinoFeatures.from_path,
+}
 
 
 def frechet_distance(features_a: "np.ndarray", features_b: "np.ndarray") -> float:

@@ -219,6 +219,13 @@ def _load_study(config: StudyConfig, storage=None):
     )
 
 
+def model_dir(name: str) -> Path:
+    """Where the registered best trial's run goes: where ``txt2img train`` would have put it."""
+    from training.dreambooth import default_output_dir
+
+    return default_output_dir(name)
+
+
 def trial_dir(config: StudyConfig, number: int) -> Path:
     return Path(config.study_dir) / "trials" / f"{number:04d}"
 
@@ -226,11 +233,12 @@ def trial_dir(config: StudyConfig, number: int) -> Path:
 def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, Any]) -> None:
     """Train and evaluate one asked trial, then tell the study; runs in a worker process or in-process."""
     import optuna
+    import torch
 
     from catalog.pipelines import load_pipeline
     from catalog.store import load_catalog
     from training.dataset import load_dataset
-    from training.dreambooth import train
+    from training.dreambooth import TrainingInterrupted, train
     from training.evaluation import evaluate_pipeline
 
     config = StudyConfig.model_validate_json(config_json)
@@ -262,6 +270,8 @@ def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, An
         catalog = load_catalog()
         dataset = load_dataset(Path(config.data_dir), hyperparameters, catalog.get(config.base).resolution)
         pipeline = load_pipeline(entry, catalog, local_files_only=True)
+        if torch.cuda.is_available():
+            pipeline = pipeline.to("cuda")
         settings = config.evaluation
         report = evaluate_pipeline(
             pipeline,
@@ -282,6 +292,8 @@ def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, An
         shutil.rmtree(folder / "run", ignore_errors=True)
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
         return
+    except TrainingInterrupted:
+        raise  # Ctrl-C stops the study; the trial stays RUNNING, so --resume runs it again
     except Exception as error:
         trial.set_user_attr("error", f"{type(error).__name__}: {error}")
         study.tell(number, state=optuna.trial.TrialState.FAIL)
@@ -323,6 +335,8 @@ def _check_inputs(config: StudyConfig) -> None:
         raise TuningError(f"'{config.base}' cannot be fine-tuned locally (family {base.family})")
     if config.name in catalog:
         raise TuningError(f"'{config.name}' is already in the catalog; pick another --name")
+    if model_dir(config.name).exists():
+        raise TuningError(f"{model_dir(config.name)} already exists; remove it or pick another --name")
     try:
         hyperparameters = Hyperparameters.model_validate(config.hyperparameters)
         load_dataset(Path(config.data_dir), hyperparameters, base.resolution)
@@ -342,7 +356,9 @@ def _prepare_study(config: StudyConfig, resume: bool):
     storage = open_storage(config)
     existing = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
     if config.name in existing and not resume:
-        raise TuningError(f"study '{config.name}' already exists in {config.storage_label}; pass --resume to continue it")
+        raise TuningError(
+            f"study '{config.name}' already exists in {config.storage_label}; pass --resume to continue it"
+        )
     if config.name not in existing and resume:
         raise TuningError(f"no study '{config.name}' in {config.storage_label} to resume")
     if not resume:
@@ -369,6 +385,7 @@ def _prepare_study(config: StudyConfig, resume: bool):
         # told, so it is failed and its parameters queued again.
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        shutil.rmtree(trial_dir(config, trial.number), ignore_errors=True)
     return study
 
 
@@ -492,18 +509,16 @@ def plot_objective(records: list[TrialRecord], config: StudyConfig, path: Path) 
 
 
 def _register_best(study, best: TrialRecord, records: list[TrialRecord], config: StudyConfig):
-    """Move the best trial's weights to the models folder and register them as ``config.name``."""
+    """Copy the best trial's run (weights and training report) to the models folder and register it."""
     from catalog.schema import CatalogEntry
     from catalog.store import write_entry
 
     trial = next(trial for trial in study.get_trials(deepcopy=False) if trial.number == best.number)
     entry = CatalogEntry.model_validate(trial.user_attrs["entry"])
-    source = Path(entry.artifact or "")
-    destination = txt2img_home() / "models" / config.name
-    if destination.exists():
-        raise TuningError(f"{destination} already exists; remove it or pick another --name")
+    weights = Path(entry.artifact or "")
+    destination = model_dir(config.name)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, destination) if source.is_dir() else shutil.copy2(source, destination)
+    shutil.copytree(weights.parent, destination)
     tuning = {
         "study": config.name,
         "storage": config.storage_label,
@@ -516,12 +531,14 @@ def _register_best(study, best: TrialRecord, records: list[TrialRecord], config:
     registered = entry.model_copy(
         update={
             "id": config.name,
-            "artifact": str(destination),
+            "artifact": str(destination / weights.name),
             "metrics": {**(entry.metrics or {}), **best.metrics},
             "tags": [*entry.tags, "tuned"],
             "tuning": tuning,
             "created": datetime.now(timezone.utc),
-            "description": f"Best of {len(records)} tuning trials of {config.base} ({config.objective}={best.value:.6f}).",
+            "description": (
+                f"Best of {len(records)} tuning trials of {config.base} ({config.objective}={best.value:.6f})."
+            ),
         }
     )
     write_entry(CatalogEntry.model_validate(registered.model_dump()))
