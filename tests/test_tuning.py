@@ -113,6 +113,7 @@ def test_tune_refuses_bad_input_before_training(tmp_path):
         (["--objective", "sharpness"], "unknown objective"),
         (["--hp", "learning_rate=-1", "--objective", "instance_loss"], "--hp"),
         (["--objective", "instance_loss", "--resume"], "no study 'tuned'"),
+        (["--objective", "instance_loss", "--storage", "nosuch://db"], "cannot open storage nosuch://db"),
     ]:
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
@@ -200,3 +201,19 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated
     pipeline = load_pipeline(entry, catalog)
     image = pipeline("a sks toy", num_inference_steps=1, height=64, width=64).images[0]
     assert image.size == (64, 64)
+
+
+def test_a_study_on_an_rdb_url(tmp_path, isolated_home):
+    import optuna
+
+    from catalog.store import load_catalog
+
+    data = write_dataset(tmp_path / "data")
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1",
+                                      "--storage", url, *TINY_TRIAL])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="on-rdb", storage=url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    assert not (isolated_home / "studies" / "on-rdb" / "journal.log").exists()
+    assert load_catalog().get("on-rdb").tuning["storage"] == url

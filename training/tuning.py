@@ -145,7 +145,16 @@ class StudyConfig(BaseModel):
 
     @property
     def storage_label(self) -> str:
-        return self.storage or str(Path(self.study_dir) / JOURNAL_FILE_NAME)
+        """Where the study lives, as shown to people and kept in the catalog: never with a password."""
+        if not self.storage:
+            return str(Path(self.study_dir) / JOURNAL_FILE_NAME)
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            return make_url(self.storage).render_as_string(hide_password=True)
+        except ArgumentError:
+            return "<unparsable storage URL>"
 
     def search_signature(self) -> dict[str, Any]:
         """What must not change when a study resumes."""
@@ -191,10 +200,13 @@ def open_storage(config: StudyConfig):
     from optuna.storages.journal import JournalFileBackend
 
     if config.storage:
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             return optuna.storages.RDBStorage(config.storage)
-        except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as error:
-            raise TuningError(f"cannot open storage {config.storage}: {error}") from error
+        except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+            reason = str(error).splitlines()[0]
+            raise TuningError(f"cannot open storage {config.storage_label}: {reason}") from error
     path = Path(config.study_dir) / JOURNAL_FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
