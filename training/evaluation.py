@@ -207,12 +207,13 @@ def _generate(pipeline, jobs: list[PromptImages], images_per_prompt: int, resolu
               images_dir: Path, progress: bool) -> list[list["Image"]]:
     """Generate ``images_per_prompt`` images per prompt, each from its own fixed seed, saving each PNG."""
     import torch
+    from rich.console import Console
     from rich.progress import Progress
 
     images_dir.mkdir(parents=True, exist_ok=True)
     pipeline.set_progress_bar_config(disable=True)
     generated: list[list["Image"]] = []
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(jobs))
         for index, job in enumerate(jobs):
             generators = [

@@ -435,12 +435,13 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
     sharing one study run ``config.trials`` trials between them.
     """
     from optuna.trial import TrialState
+    from rich.console import Console
     from rich.progress import Progress
 
     config_json = config.model_dump_json()
     failed_before = _count(study, TrialState.FAIL)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    with Progress(disable=not progress) as bar:
+    with Progress(console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task(f"tuning {config.name}", total=config.trials, completed=_count(study, *finished))
         if config.parallel == 1:
             while _claimed(study) < config.trials:
