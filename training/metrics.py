@@ -47,16 +47,16 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 HOW_TO_PROVIDE = {
     "inception": (
-        "put the TorchScript Inception network (the `inception-2015-12-05.pt` that StyleGAN and clean-fid use) "
-        "at {default} or point --inception-path / TXT2IMG_INCEPTION_PATH at it"
+        "get the TorchScript `inception-2015-12-05.pt` that StyleGAN and clean-fid use and put it there, "
+        "or pass --inception-path / TXT2IMG_INCEPTION_PATH"
     ),
     "clip": (
-        "download a CLIP model folder (e.g. `huggingface-cli download {repo}` on a machine with network, "
-        "then copy the HF cache) or point --clip-path / TXT2IMG_CLIP_PATH at a local folder"
+        "pass --clip-path / TXT2IMG_CLIP_PATH with a local CLIP model folder, or copy in a Hugging Face cache "
+        "holding {repo}"
     ),
     "dino": (
-        "download a DINO ViT folder (e.g. `huggingface-cli download {repo}`, then copy the HF cache) "
-        "or point --dino-path / TXT2IMG_DINO_PATH at a local folder"
+        "pass --dino-path / TXT2IMG_DINO_PATH with a local DINO ViT folder, or copy in a Hugging Face cache "
+        "holding {repo}"
     ),
 }
 
@@ -150,8 +150,7 @@ def _local_model_folder(location: str, extractor: str, repo: str) -> Path:
         return Path(snapshot_download(location, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as error:
         raise MissingWeights(
-            f"{location} is not in the local Hugging Face cache ({type(error).__name__}); "
-            + HOW_TO_PROVIDE[extractor].format(repo=repo)
+            f"{location} is not in the local Hugging Face cache; " + HOW_TO_PROVIDE[extractor].format(repo=repo)
         ) from error
 
 
@@ -169,7 +168,7 @@ class InceptionFeatures:
         import torch
 
         path = Path(location).expanduser()
-        remedy = HOW_TO_PROVIDE["inception"].format(default=metric_weights_dir() / INCEPTION_FILE_NAME)
+        remedy = HOW_TO_PROVIDE["inception"]
         if not path.is_file():
             raise MissingWeights(f"no Inception weights at {path}; {remedy}")
         try:
