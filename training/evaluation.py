@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,7 @@ from training.metrics import (
     EXTRACTOR_LOADERS,
     METRIC_DIRECTIONS,
     METRIC_EXTRACTOR,
+    ImageEmbedder,
     MetricWeights,
     MissingWeights,
     frechet_distance,
@@ -184,8 +185,8 @@ def _load_images(paths: Iterable[Path]) -> list["Image"]:
 
 
 def resolve_extractors(
-    needed: set[str], injected: dict[str, Any] | None, weights: MetricWeights
-) -> tuple[dict[str, Any], dict[str, str]]:
+    needed: set[str], injected: dict[str, ImageEmbedder] | None, weights: MetricWeights
+) -> tuple[dict[str, ImageEmbedder], dict[str, str]]:
     """Load each extractor the requested metrics need; a missing one becomes a reason, not an error."""
     extractors, missing = {}, {}
     for name in sorted(needed):
@@ -251,7 +252,7 @@ def evaluate_pipeline(
     inference_steps: int = DEFAULT_INFERENCE_STEPS,
     metrics: Iterable[str] | None = None,
     output_dir: Path | None = None,
-    feature_extractors: dict[str, Any] | None = None,
+    feature_extractors: dict[str, ImageEmbedder] | None = None,
     weights: MetricWeights | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -364,7 +365,7 @@ def evaluate_model(
     inference_steps: int = DEFAULT_INFERENCE_STEPS,
     metrics: Iterable[str] | None = None,
     output_dir: Path | None = None,
-    feature_extractors: dict[str, Any] | None = None,
+    feature_extractors: dict[str, ImageEmbedder] | None = None,
     weights: MetricWeights | None = None,
     seed: int = 0,
     progress: bool = True,

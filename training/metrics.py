@@ -66,6 +66,8 @@ class MissingWeights(Exception):
 
 
 class ImageEmbedder(Protocol):
+    """What the evaluation needs of a feature extractor (CLIP's also has ``embed_texts``)."""
+
     def embed_images(self, images: list["Image"]) -> "np.ndarray": ...
 
 
