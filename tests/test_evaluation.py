@@ -105,14 +105,18 @@ def tiny_clip_folder(folder: Path) -> Path:
     return folder
 
 
-def tiny_dino():
+def tiny_dino_folder(folder: Path) -> Path:
+    """A random-weight ViT saved as a model folder, with the normalisation its preprocessor declares."""
     import torch
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                        image_size=32, patch_size=8)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor), encoding="utf-8")
+    return folder
 
 
 # --- the math ---------------------------------------------------------------------------------
@@ -191,8 +195,9 @@ def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     extractors = {
         "inception": inception,
         "clip": ClipFeatures(CLIPModel.from_pretrained(clip_folder), CLIPTokenizer.from_pretrained(clip_folder)),
-        "dino": DinoFeatures(tiny_dino()),
+        "dino": DinoFeatures.from_path(str(tiny_dino_folder(tmp_path / "dino"))),
     }
+    assert extractors["dino"].mean == (0.5, 0.5, 0.5) and extractors["dino"].std == (0.25, 0.25, 0.25)
     report = evaluate_model(
         "tiny-sd", data, prompts_per_subject=3, images_per_prompt=2, inference_steps=1,
         output_dir=tmp_path / "out", feature_extractors=extractors, progress=False,
