@@ -90,6 +90,9 @@ class CatalogEntry(BaseModel):
     dataset_fingerprint: str | None = None
     metrics: dict[str, float | None] | None = None
     created: datetime | None = None
+    tuning: dict[str, Any] | None = Field(
+        default=None, description="For a tuned fine-tune: its study and every trial's hyperparameters and metrics."
+    )
     endpoints: list[Endpoint] = Field(default_factory=list)
 
     @field_validator("id")

@@ -12,6 +12,7 @@ import click
 
 from catalog import cli as catalog_cli
 from serving import sagemaker_cli
+from training import eval_cli
 from training.cli import train_command
 from txt2img.errors import fail
 
@@ -25,6 +26,8 @@ def app() -> None:
 app.add_command(catalog_cli.app)
 app.add_command(catalog_cli.export)
 app.add_command(train_command)
+app.add_command(eval_cli.evaluate)
+app.add_command(eval_cli.tune)
 app.add_command(sagemaker_cli.deploy)
 app.add_command(sagemaker_cli.endpoints)
 

@@ -1,0 +1,277 @@
+"""Evaluation metrics: the math, the DreamBooth prompts, and `txt2img evaluate` end to end on tiny-sd."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from training.evaluation import (
+    dreambooth_prompts,
+    evaluate_model,
+    metric_lines,
+    subject_phrase,
+)
+from training.metrics import (
+    ClipFeatures,
+    DinoFeatures,
+    InceptionFeatures,
+    MetricWeights,
+    frechet_distance,
+    mean_matched_cosine,
+    mean_pairwise_cosine,
+)
+from txt2img.cli import app
+
+SAGEMAKER_FID_REGEX = r"fid_score=([-+]?\d\.?\d*)"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On a small shared CPU, one thread is several times faster than torch's default of one per core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no real cached CLIP/DINO may leak in
+    for name in ("INCEPTION", "CLIP", "DINO"):
+        monkeypatch.delenv(f"TXT2IMG_{name}_PATH", raising=False)
+    return tmp_path / "home"
+
+
+def write_dataset(directory: Path, count: int = 3) -> Path:
+    """JumpStart's layout: a few 64 px photos and dataset_info.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for index in range(count):
+        pixels = np.full((64, 64, 3), 120, dtype=np.uint8)
+        pixels[16:48, 8 + 4 * index : 40 + 4 * index] = rng.integers(150, 255, size=3)
+        Image.fromarray(pixels).save(directory / f"{index}.png")
+    info = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
+    (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return directory
+
+
+def tiny_inception():
+    """A scriptable stand-in for NVIDIA's TorchScript Inception: uint8 NCHW in, (N, 8) features out."""
+    import torch
+
+    class TinyInception(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+        def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            features = self.conv(images.float() / 255.0).relu().mean(dim=(2, 3))
+            return features if return_features else features.softmax(dim=1)
+
+    torch.manual_seed(0)
+    return TinyInception().eval()
+
+
+def tiny_clip_folder(folder: Path) -> Path:
+    """A random-weight CLIPModel and a character-level tokenizer, saved as a model folder."""
+    import tempfile
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from catalog.tiny_sd import write_tiny_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as vocabulary:
+        write_tiny_tokenizer_files(Path(vocabulary))
+        tokenizer = CLIPTokenizer.from_pretrained(vocabulary, model_max_length=77)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_dino_folder(folder: Path) -> Path:
+    """A random-weight ViT saved as a model folder, with the normalisation its preprocessor declares."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor), encoding="utf-8")
+    return folder
+
+
+# --- the math ---------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, size=(4000, 3)) * np.array([1.0, 2.0, 0.5])
+    b = rng.normal(1.0, 1.0, size=(4000, 3)) * np.array([3.0, 1.0, 0.5])
+    var_a, var_b = a.var(axis=0, ddof=1), b.var(axis=0, ddof=1)
+    mean_gap = ((a.mean(axis=0) - b.mean(axis=0)) ** 2).sum()
+    # With (near-)diagonal covariances the trace term is sum((sqrt(var_a) - sqrt(var_b))^2).
+    expected = mean_gap + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_works_with_fewer_images_than_feature_dimensions():
+    rng = np.random.default_rng(1)
+    few = rng.normal(size=(4, 64))  # DreamBooth: a handful of photos, a 2048-d feature space
+    assert frechet_distance(few, few) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(few, few + 1.0) == pytest.approx(64.0, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(few[:1], few)
+
+
+def test_cosine_similarities():
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    b = np.array([[3.0, 0.0]])
+    assert mean_pairwise_cosine(a, b) == pytest.approx(0.5)
+    assert mean_matched_cosine(a, np.array([[2.0, 0.0], [0.0, -1.0]])) == pytest.approx(0.0)
+
+
+# --- prompts, metric lines, weights --------------------------------------------------------------
+
+
+def test_subject_phrase_and_the_papers_prompts():
+    assert subject_phrase("a photo of sks dog", "a photo of dog") == "sks dog"
+    assert subject_phrase("a photo of sks backpack", None) == "sks backpack"
+    live = dreambooth_prompts("sks dog", "a photo of dog")
+    objects = dreambooth_prompts("sks backpack", "a photo of backpack")
+    assert len(live) == len(objects) == 25 == len(set(live))
+    assert "a sks dog wearing a santa hat" in live and "a sks dog on top of a mirror" not in live
+    assert "a sks backpack on top of a mirror" in objects
+    assert not any("santa" in prompt for prompt in objects)
+    assert objects[-5:] == ["a red sks backpack", "a purple sks backpack", "a shiny sks backpack",
+                            "a wet sks backpack", "a cube shaped sks backpack"]
+    assert live[-1] == "a cube shaped sks dog"
+
+
+def test_metric_lines_are_what_sagemaker_regexes_read():
+    lines = metric_lines({"fid_score": 12.3456789, "instance_loss": 0.000123, "dino": None})
+    assert lines == ["fid_score=12.345679", "instance_loss=0.000123"]
+    assert re.search(SAGEMAKER_FID_REGEX, lines[0]).group(1) == "12"  # that regex keeps one integer digit
+    assert re.fullmatch(r"fid_score=([-+]?[0-9.]+)", lines[0])
+
+
+def test_metric_weights_come_from_flags_then_env_then_defaults(monkeypatch, isolated_home):
+    monkeypatch.setenv("TXT2IMG_CLIP_PATH", "/env/clip")
+    monkeypatch.setenv("TXT2IMG_DINO_PATH", "/env/dino")
+    weights = MetricWeights.from_env(dino="/flag/dino")
+    assert weights.clip == "/env/clip" and weights.dino == "/flag/dino"
+    assert weights.inception == str(isolated_home / "metric-weights" / "inception-2015-12-05.pt")
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
+    """FID end to end: the injected extractor's features of the real and generated images give the FID."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    data = write_dataset(tmp_path / "data")
+    clip_folder = tiny_clip_folder(tmp_path / "clip")
+    inception = InceptionFeatures(tiny_inception(), input_size=32, call_kwargs={"return_features": True})
+    extractors = {
+        "inception": inception,
+        "clip": ClipFeatures(CLIPModel.from_pretrained(clip_folder), CLIPTokenizer.from_pretrained(clip_folder)),
+        "dino": DinoFeatures.from_path(str(tiny_dino_folder(tmp_path / "dino"))),
+    }
+    assert extractors["dino"].mean == (0.5, 0.5, 0.5) and extractors["dino"].std == (0.25, 0.25, 0.25)
+    report = evaluate_model(
+        "tiny-sd", data, prompts_per_subject=3, images_per_prompt=2, inference_steps=1,
+        output_dir=tmp_path / "out", feature_extractors=extractors, progress=False,
+    )
+    assert report.skipped == {}
+    assert set(report.metrics) == {"fid_score", "clip_i", "clip_t", "dino", "instance_loss"}
+    assert all(value is not None and np.isfinite(value) for value in report.metrics.values())
+    for name in ("clip_i", "clip_t", "dino"):
+        assert -1.0 <= report.metrics[name] <= 1.0
+
+    assert [job.prompt for job in report.generations] == ["a sks dog in the jungle", "a sks dog in the snow",
+                                                          "a sks dog on the beach"]
+    generated = [Image.open(path).convert("RGB") for job in report.generations for path in job.images]
+    real = [Image.open(path).convert("RGB") for path in sorted(data.glob("*.png"))]
+    assert len(generated) == 6 and generated[0].size == (64, 64)
+    expected = frechet_distance(inception.embed_images(real), inception.embed_images(generated))
+    assert report.metrics["fid_score"] == pytest.approx(expected, rel=1e-9)
+
+    saved = json.loads(Path(report.json_path).read_text())
+    assert saved["metrics"] == report.metrics
+    with Image.open(report.grid_path) as grid:
+        assert grid.size == (2 * 64, 3 * 64)  # one row per prompt, one column per image
+
+
+def test_cli_loads_weights_from_paths_and_skips_a_missing_one(tmp_path):
+    import torch
+
+    data = write_dataset(tmp_path / "data")
+    inception_file = tmp_path / "inception.pt"
+    torch.jit.script(tiny_inception()).save(str(inception_file))
+    clip_folder = tiny_clip_folder(tmp_path / "clip")
+    output = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "evaluate", "tiny-sd", str(data), "--prompts-per-subject", "2", "--steps", "1",
+        "--inception-path", str(inception_file), "--clip-path", str(clip_folder),
+        "--dino-path", str(tmp_path / "no-dino-here"), "--output", str(output),
+    ])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(re.fullmatch(r"fid_score=\d+\.\d{6}", line) for line in lines)
+    assert any(line.startswith("clip_t=") for line in lines)
+    assert any(line.startswith("instance_loss=") for line in lines)
+    assert not any(line.startswith("dino=") for line in lines)  # skipped, never printed as 0
+    assert re.search(r"dino\s+.*skipped", result.output)
+
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved["metrics"]["dino"] is None
+    assert "TXT2IMG_DINO_PATH" in saved["skipped"]["dino"] and "no-dino-here" in saved["skipped"]["dino"]
+    assert (output / "grid.png").is_file()
+
+
+def test_cli_without_any_weights_still_reports_instance_loss(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\na sks dog as a painting\n\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["evaluate", "tiny-sd", str(data), "--prompts", str(prompts), "--steps", "1",
+                                      "--metric", "instance_loss", "--metric", "fid_score"])
+    assert result.exit_code == 0, result.output
+    assert "instance_loss=" in result.output and "fid_score=" not in result.output
+    assert "inception-2015-12-05.pt" in result.output  # the skipped row says how to provide the weights
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["evaluate", "no-such-model", "{data}"], "no-such-model"),
+        (["evaluate", "tiny-sd", "{data}", "--metric", "sharpness"], "unknown metric"),
+        (["evaluate", "tiny-sd", "{missing}"], "missing"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, arguments, message):
+    data = write_dataset(tmp_path / "data")
+    filled = [a.format(data=data, missing=tmp_path / "missing") for a in arguments]
+    result = CliRunner().invoke(app, filled)
+    assert result.exit_code == 2, result.output
+    assert "txt2img: error:" in result.output and message in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,219 @@
+"""`txt2img tune` on tiny-sd: search ranges, a full study, parallel workers, a killed study resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from training.tuning import DEFAULT_RANGES, SearchRange, TuningError
+from txt2img.cli import app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tiny trials: 1-3 optimisation steps, a checkpoint (and so a pruning report) every step, one
+# validation prompt, and each evaluation on 2 of the paper's prompts at 1 inference step.
+TINY_TRIAL = [
+    "--range", "learning_rate=1e-5:1e-3:log", "--range", "max_steps=1:3",
+    "--hp", "checkpointing_steps=1", "--hp", "validation_prompts=a toy",
+    "--objective", "instance_loss", "--prompts-per-subject", "2", "--steps", "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On a small shared CPU, one thread is several times faster than torch's default of one per core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("INCEPTION", "CLIP", "DINO"):
+        monkeypatch.delenv(f"TXT2IMG_{name}_PATH", raising=False)
+    return tmp_path / "home"
+
+
+def write_dataset(directory: Path, count: int = 3) -> Path:
+    """JumpStart's layout: a few 64 px photos of one subject and dataset_info.json."""
+    from PIL import Image, ImageDraw
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = Image.new("RGB", (64, 64), (120, 130, 140))
+        ImageDraw.Draw(image).ellipse((8 + 4 * index, 16, 40 + 4 * index, 48), fill=(220, 40, 40))
+        image.save(directory / f"{index}.png")
+    info = {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of toy"}
+    (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return directory
+
+
+def study_trials(study_dir: Path, name: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+# --- search ranges --------------------------------------------------------------------------------
+
+
+def test_range_parsing():
+    assert SearchRange.parse("learning_rate=1e-6:1e-4:log") == SearchRange(
+        name="learning_rate", low=1e-6, high=1e-4, log=True, integer=False
+    )
+    assert SearchRange.parse("max_steps=10:20").integer
+    assert SearchRange.parse("prior_loss_weight=0:2") == SearchRange(name="prior_loss_weight", low=0, high=2)
+    assert [r.name for r in DEFAULT_RANGES] == ["learning_rate", "max_steps"]
+    assert (DEFAULT_RANGES[0].low, DEFAULT_RANGES[0].high, DEFAULT_RANGES[1].low, DEFAULT_RANGES[1].high) == (
+        1e-7, 3e-6, 50, 400)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rat=1e-6:1e-4", "did you mean 'learning_rate'"),
+        ("lr_scheduler=1:2", "not numeric"),
+        ("learning_rate=1e-4:1e-6", "lo must be below hi"),
+        ("prior_loss_weight=0:2:log", "lo > 0"),
+        ("max_steps=0:10", "not a valid value"),
+        ("max_steps=1.5:10", "integer"),
+        ("learning_rate=1e-6", "expected key=lo:hi"),
+    ],
+)
+def test_bad_ranges_are_refused(text, message):
+    with pytest.raises(TuningError, match=message):
+        SearchRange.parse(text)
+
+
+def test_tune_refuses_bad_input_before_training(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    runner = CliRunner()
+    base = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "2"]
+    # The default objective is fid_score, and no Inception weights are on this machine.
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "fid_score cannot be computed" in result.output, result.output
+    assert "TXT2IMG_INCEPTION_PATH" in result.output
+    for extra, message in [
+        (["--range", "max_steps=1:3", "--hp", "max_steps=2"], "more than once"),
+        (["--objective", "sharpness"], "unknown objective"),
+        (["--hp", "learning_rate=-1", "--objective", "instance_loss"], "--hp"),
+        (["--objective", "instance_loss", "--resume"], "no study 'tuned'"),
+        (["--objective", "instance_loss", "--storage", "nosuch://db"], "cannot open storage nosuch://db"),
+    ]:
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+        assert "Traceback" not in result.output
+
+
+# --- studies ----------------------------------------------------------------------------------------
+
+
+def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, isolated_home):
+    import optuna
+
+    data = write_dataset(tmp_path / "data")
+    result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "para", "--trials", "3",
+                                      "--parallel", "2", *TINY_TRIAL])
+    assert result.exit_code == 0, result.output
+    trials = study_trials(isolated_home / "studies" / "para", "para")
+    assert [t.number for t in trials] == [0, 1, 2]
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert all(t.state in finished for t in trials), [t.state for t in trials]
+    # Each worker process wrote its checkpoint losses (for the pruner) and results to the journal.
+    assert all(t.intermediate_values for t in trials)
+    assert all("metrics" in t.user_attrs for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated_home):
+    """Three instance_loss trials; the process is killed during the second, and --resume finishes the study."""
+    import optuna
+
+    from catalog.pipelines import load_pipeline
+    from catalog.store import load_catalog
+
+    data = write_dataset(tmp_path / "data")
+    study_dir = isolated_home / "studies" / "tuned"
+    command = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "3", "--no-prune", *TINY_TRIAL]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "txt2img", *command], env=environment, cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if (study_dir / "trials" / "0001").is_dir():  # trial 0 is done and trial 1 has begun
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the study ended before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    before = study_trials(study_dir, "tuned")
+    assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+
+    result = CliRunner().invoke(app, command + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert "instance_loss=" in result.output
+    trials = study_trials(study_dir, "tuned")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(complete) == 3
+    # The interrupted trial was failed and its parameters run again.
+    assert [t.number for t in failed] == [1]
+    retry = next(t for t in complete if t.user_attrs.get("retry_of") == 1)
+    assert retry.params == failed[0].params
+    best = min(complete, key=lambda t: t.value)
+
+    catalog = load_catalog()
+    entry = catalog.get("tuned")
+    assert entry.source == "finetune" and entry.base == "tiny-sd" and "tuned" in entry.tags
+    assert entry.tuning["best_trial"] == best.number and entry.tuning["objective"] == "instance_loss"
+    assert [t["number"] for t in entry.tuning["trials"]] == [t.number for t in trials]
+    assert next(t for t in entry.tuning["trials"] if t["number"] == best.number)["params"] == best.params
+    assert entry.metrics["instance_loss"] == pytest.approx(best.value)
+    assert entry.hyperparameters["max_steps"] == best.params["max_steps"]
+    assert Path(entry.artifact) == isolated_home / "models" / "tuned" / "model"
+    assert not any(name.startswith("tuned-trial") for name in catalog.ids())  # trials are not registered
+
+    # Only the best's weights survive (in the models folder); every trial keeps its evaluation grid.
+    for trial in complete:
+        folder = study_dir / "trials" / f"{trial.number:04d}"
+        assert not (folder / "run" / "model").exists()
+        assert (folder / "evaluation" / "grid.png").is_file()
+    report = json.loads((study_dir / "report" / "trials.json").read_text())
+    assert report["best"]["number"] == best.number and len(report["trials"]) == 4
+    assert (study_dir / "report" / "objective.png").stat().st_size > 1000
+
+    pipeline = load_pipeline(entry, catalog)
+    image = pipeline("a sks toy", num_inference_steps=1, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_a_study_on_an_rdb_url(tmp_path, isolated_home):
+    import optuna
+
+    from catalog.store import load_catalog
+
+    data = write_dataset(tmp_path / "data")
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1",
+                                      "--storage", url, *TINY_TRIAL])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="on-rdb", storage=url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    assert not (isolated_home / "studies" / "on-rdb" / "journal.log").exists()
+    assert load_catalog().get("on-rdb").tuning["storage"] == url

@@ -1,0 +1,292 @@
+"""``txt2img evaluate`` and ``txt2img tune``: score a model on a DreamBooth dataset, and search for the best fine-tune.
+
+Only click is imported at startup; the commands import pydantic, torch and Optuna when they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from txt2img.errors import fail
+
+METRICS_HELP = "fid_score, clip_i, clip_t, dino or instance_loss"
+
+
+def _weight_options(command):
+    """--inception-path, --clip-path and --dino-path, shared by both commands."""
+    options = [
+        click.option(
+            "--inception-path",
+            help="TorchScript Inception network for fid_score (default: env TXT2IMG_INCEPTION_PATH, "
+            "then $TXT2IMG_HOME/metric-weights/inception-2015-12-05.pt).",
+        ),
+        click.option(
+            "--clip-path",
+            help="Local CLIP model folder or a repo id in the HF cache, for clip_i/clip_t "
+            "(default: env TXT2IMG_CLIP_PATH, then openai/clip-vit-large-patch14 from the cache).",
+        ),
+        click.option(
+            "--dino-path",
+            help="Local DINO ViT folder or a repo id in the HF cache, for dino "
+            "(default: env TXT2IMG_DINO_PATH, then facebook/dino-vits16 from the cache).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _weights(inception_path: str | None, clip_path: str | None, dino_path: str | None):
+    from training.metrics import MetricWeights
+
+    return MetricWeights.from_env(inception=inception_path, clip=clip_path, dino=dino_path)
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    from training.evaluation import EvaluationError, read_prompts_file
+
+    if path is None:
+        return None
+    try:
+        return read_prompts_file(path)
+    except EvaluationError as error:
+        fail(str(error))
+
+
+def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from training.evaluation import metric_lines
+    from training.metrics import METRIC_DIRECTIONS
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", style="bold cyan")
+    table.add_column("value", justify="right")
+    table.add_column("better")
+    table.add_column("note", overflow="fold")
+    for name, value in metrics.items():
+        better = "lower" if METRIC_DIRECTIONS.get(name) == "minimize" else "higher"
+        shown = "skipped" if value is None else f"{value:.4f}"
+        table.add_row(name, shown, better, skipped.get(name, ""))
+    Console().print(table)
+    for line in metric_lines(metrics):
+        click.echo(line)
+
+
+@click.command("evaluate")
+@click.argument("model_id")
+@click.argument("data_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A file with one prompt a line, instead of the DreamBooth paper's 25 prompts per subject.",
+)
+@click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Use only the first N paper prompts.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
+@click.option("--metric", "metrics", multiple=True, help=f"Compute only these ({METRICS_HELP}); repeatable.")
+@click.option(
+    "--output", type=click.Path(path_type=Path, file_okay=False), help="Folder for the JSON, grid and images."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_weight_options
+def evaluate(
+    model_id: str,
+    data_dir: Path,
+    prompts_file: Optional[Path],
+    prompts_per_subject: Optional[int],
+    images_per_prompt: int,
+    steps: int,
+    metrics: tuple[str, ...],
+    output: Optional[Path],
+    seed: int,
+    inception_path: Optional[str],
+    clip_path: Optional[str],
+    dino_path: Optional[str],
+) -> None:
+    """Generate images with MODEL_ID for the subjects in DATA_DIR and score them.
+
+    Prints a table, then `name=value` lines (e.g. `fid_score=12.34`) as SageMaker metric regexes
+    read them, and writes metrics.json, grid.png and the images. A metric whose network weights
+    are not on this machine is shown as skipped, with how to provide them.
+    """
+    from catalog.index import UnknownModelError
+    from catalog.pipelines import ModelLoadError
+    from catalog.store import CatalogError
+    from training.dataset import DatasetError
+    from training.evaluation import EvaluationError, evaluate_model
+
+    prompts = _read_prompts(prompts_file)
+    try:
+        report = evaluate_model(
+            model_id,
+            data_dir,
+            prompts=prompts,
+            prompts_per_subject=prompts_per_subject,
+            images_per_prompt=images_per_prompt,
+            inference_steps=steps,
+            metrics=list(metrics) or None,
+            output_dir=output,
+            weights=_weights(inception_path, clip_path, dino_path),
+            seed=seed,
+        )
+    except (UnknownModelError, CatalogError, DatasetError, EvaluationError, ModelLoadError) as error:
+        fail(str(error))
+    _print_metrics(report.metrics, report.skipped, f"{model_id} on {data_dir}")
+    click.echo(f"wrote {report.json_path} and {report.grid_path}")
+
+
+def _fixed_hyperparameters(pairs: tuple[str, ...]) -> dict[str, Any]:
+    from training.hyperparameters import Hyperparameters
+
+    try:
+        return Hyperparameters.from_pairs(list(pairs)).model_dump(mode="json", exclude_unset=True)
+    except ValueError as error:
+        fail(f"--hp: {' '.join(str(error).split())}")
+
+
+def _print_trials(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    searched = list(result.best.params)
+    table = Table(title=f"study {result.name}: {result.objective} ({result.direction})", title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column("state")
+    for name in searched:
+        table.add_column(name, justify="right")
+    table.add_column(result.objective, justify="right", style="bold")
+    table.add_column("grid", overflow="fold")
+    for record in result.trials:
+        marker = " *" if record.number == result.best.number else ""
+        table.add_row(
+            f"{record.number}{marker}",
+            record.state.lower(),
+            *(f"{record.params[name]:.4g}" if name in record.params else "" for name in searched),
+            "" if record.value is None else f"{record.value:.4f}",
+            record.grid or (record.error or ""),
+        )
+    Console().print(table)
+
+
+@click.command("tune")
+@click.argument("data_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--base", required=True, help="Catalog id of the model to fine-tune.")
+@click.option("--name", required=True, help="Catalog id the best trial is registered as.")
+@click.option("--trials", type=click.IntRange(min=1), required=True, help="Trials to finish (completed or pruned).")
+@click.option(
+    "--parallel", type=click.IntRange(min=1), default=1, show_default=True, help="Trials at once (processes)."
+)
+@click.option("--objective", default="fid_score", show_default=True, help=f"Metric to optimise: {METRICS_HELP}.")
+@click.option(
+    "--range",
+    "ranges",
+    multiple=True,
+    metavar="KEY=LO:HI[:log]",
+    help="Search a numeric hyperparameter; repeatable. Default: learning_rate=1e-7:3e-6:log, max_steps=50:400.",
+)
+@click.option("--hp", "fixed", multiple=True, metavar="KEY=VALUE", help="A fixed hyperparameter; repeatable.")
+@click.option("--storage", help="Optuna RDB URL (e.g. postgresql://...) shared by several machines.")
+@click.option("--resume", is_flag=True, help="Continue the study NAME after an interruption.")
+@click.option("--keep-top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep the weights of this many best trials; the others' are removed.")
+@click.option("--study-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the journal, trials and report (default $TXT2IMG_HOME/studies/NAME).")
+@click.option("--no-prune", is_flag=True, help="Let every trial run to its end.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and the evaluations.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Evaluation prompts file, one a line (default: the DreamBooth paper's).")
+@click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Evaluate on the first N paper prompts.")
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
+@_weight_options
+def tune(
+    data_dir: Path,
+    base: str,
+    name: str,
+    trials: int,
+    parallel: int,
+    objective: str,
+    ranges: tuple[str, ...],
+    fixed: tuple[str, ...],
+    storage: Optional[str],
+    resume: bool,
+    keep_top_k: int,
+    study_dir: Optional[Path],
+    no_prune: bool,
+    seed: int,
+    prompts_file: Optional[Path],
+    prompts_per_subject: Optional[int],
+    images_per_prompt: int,
+    steps: int,
+    inception_path: Optional[str],
+    clip_path: Optional[str],
+    dino_path: Optional[str],
+) -> None:
+    """Search DreamBooth hyperparameters of BASE on DATA_DIR with Optuna's TPE and register the best as NAME.
+
+    Each trial trains, is evaluated, and may be pruned at a checkpoint when its loss lags. The
+    study lives in a journal file in the study folder (safe for --parallel processes) or in
+    --storage; --resume continues it. The report holds a table, objective.png and a grid per trial.
+    """
+    from catalog.index import UnknownModelError
+    from catalog.store import CatalogError
+    from training.evaluation import EvaluationError
+    from training.tuning import (
+        DEFAULT_RANGES,
+        EvaluationSettings,
+        SearchRange,
+        StudyConfig,
+        TuningError,
+        default_study_dir,
+    )
+
+    try:
+        searches = [SearchRange.parse(text) for text in ranges] or list(DEFAULT_RANGES)
+    except TuningError as error:
+        fail(f"--range: {error}")
+    fixed_values = _fixed_hyperparameters(fixed)
+    names = [search.name for search in searches]
+    overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
+    if overlap:
+        fail(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
+    config = StudyConfig(
+        data_dir=str(data_dir.expanduser().resolve()),
+        base=base,
+        name=name,
+        trials=trials,
+        parallel=parallel,
+        objective=objective,
+        ranges=searches,
+        hyperparameters=fixed_values,
+        storage=storage,
+        study_dir=str((study_dir or default_study_dir(name)).expanduser().resolve()),
+        keep_top_k=keep_top_k,
+        prune=not no_prune,
+        seed=seed,
+        evaluation=EvaluationSettings(
+            prompts=_read_prompts(prompts_file),
+            prompts_per_subject=prompts_per_subject,
+            images_per_prompt=images_per_prompt,
+            inference_steps=steps,
+            weights=_weights(inception_path, clip_path, dino_path),
+        ),
+    )
+    from training.dreambooth import TrainingInterrupted
+    from training.tuning import tune as run_study
+
+    try:
+        result = run_study(config, resume=resume)
+    except (TuningError, UnknownModelError, CatalogError, EvaluationError) as error:
+        fail(str(error))
+    except TrainingInterrupted:
+        click.echo(f"txt2img: interrupted; run the same command with --resume to continue study '{name}'", err=True)
+        raise SystemExit(130) from None
+    _print_trials(result)
+    _print_metrics(result.best.metrics, {}, f"best trial {result.best.number}, registered as {result.name}")
+    click.echo(f"wrote {result.trials_path} and {result.plot_path}")

@@ -1,0 +1,602 @@
+"""Bayesian hyperparameter tuning of DreamBooth fine-tunes with Optuna's TPE sampler.
+
+Each trial trains an unregistered fine-tune with hyperparameters TPE suggests, reports its
+training loss at each checkpoint (so the median pruner can stop a hopeless trial early), then
+evaluates it and tells the study its objective metric. The parent process asks the study for
+trials and hands them to ``parallel`` worker processes; the workers report and tell through the
+shared storage (a journal file in the study folder by default, or any RDB URL), so a killed
+study resumes from what storage holds. The best trial becomes catalog entry ``name``, with every
+trial's hyperparameters and metrics as its provenance.
+"""
+
+from __future__ import annotations
+
+import shutil
+import typing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from catalog.paths import atomic_write_text, txt2img_home
+from training.evaluation import DEFAULT_INFERENCE_STEPS
+from training.hyperparameters import Hyperparameters
+from training.metrics import METRIC_DIRECTIONS, MetricWeights
+
+JOURNAL_FILE_NAME = "journal.log"
+CONFIG_FILE_NAME = "study.json"
+TRIALS_FILE_NAME = "trials.json"
+PLOT_FILE_NAME = "objective.png"
+CONFIG_ATTRIBUTE = "txt2img_config"
+
+
+class TuningError(ValueError):
+    """The study cannot run as asked; the message says why and what to do."""
+
+
+class SearchRange(BaseModel):
+    """One hyperparameter's search interval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "SearchRange":
+        """Parse ``key=lo:hi`` or ``key=lo:hi:log`` for a numeric hyperparameter."""
+        key, separator, bounds = text.partition("=")
+        parts = bounds.split(":")
+        if not separator or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+            raise TuningError(f"expected key=lo:hi or key=lo:hi:log, got '{text}'")
+        key = key.strip()
+        integer = _numeric_kind(key)
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise TuningError(f"range bounds of '{key}' must be numbers, got '{bounds}'") from None
+        if integer and (low != int(low) or high != int(high)):
+            raise TuningError(f"'{key}' is an integer hyperparameter; its bounds must be integers")
+        if not low < high:
+            raise TuningError(f"range of '{key}': lo must be below hi, got {parts[0]}:{parts[1]}")
+        log = len(parts) == 3
+        if log and low <= 0:
+            raise TuningError(f"a log range needs lo > 0 ('{key}')")
+        candidate = cls(name=key, low=low, high=high, log=log, integer=integer)
+        for bound in (low, high):
+            try:
+                Hyperparameters(**{key: int(bound) if integer else bound})
+            except ValueError as error:
+                message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+                raise TuningError(f"range of '{key}': {bound:g} is not a valid value ({message})") from None
+        return candidate
+
+    def suggest(self, trial) -> float | int:
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+
+def _numeric_kind(name: str) -> bool:
+    """Whether hyperparameter ``name`` is an integer (True) or a float (False); anything else is refused."""
+    field = Hyperparameters.model_fields.get(name)
+    if field is None:
+        from difflib import get_close_matches
+
+        close = get_close_matches(name, list(Hyperparameters.model_fields), n=1)
+        raise TuningError(f"unknown hyperparameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    kinds = {kind for kind in typing.get_args(field.annotation) or (field.annotation,) if kind is not type(None)}
+    if kinds == {int}:
+        return True
+    if kinds == {float}:
+        return False
+    raise TuningError(f"'{name}' is not numeric; only int and float hyperparameters can be searched")
+
+
+# SageMaker JumpStart's default tuning ranges for Stable Diffusion fine-tuning.
+DEFAULT_RANGES = (
+    SearchRange(name="learning_rate", low=1e-7, high=3e-6, log=True),
+    SearchRange(name="max_steps", low=50, high=400, integer=True),
+)
+
+
+class EvaluationSettings(BaseModel):
+    """How each trial is evaluated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = None
+    prompts_per_subject: int | None = Field(None, ge=1)
+    images_per_prompt: int = Field(1, ge=1)
+    inference_steps: int = Field(DEFAULT_INFERENCE_STEPS, ge=1)
+    weights: MetricWeights = Field(
+        default_factory=MetricWeights.from_env, description="Resolved once, so every worker reads the same weights."
+    )
+
+
+class StudyConfig(BaseModel):
+    """Everything a study needs; saved in the study folder and in the study itself, so workers and
+    ``--resume`` see the same search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: str
+    base: str
+    name: str
+    trials: int = Field(ge=1)
+    parallel: int = Field(1, ge=1)
+    objective: str = "fid_score"
+    ranges: list[SearchRange] = Field(default_factory=lambda: list(DEFAULT_RANGES))
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Fixed, non-searched values.")
+    storage: str | None = Field(None, description="An RDB URL; None means the journal file in the study folder.")
+    study_dir: str
+    keep_top_k: int = Field(1, ge=1)
+    prune: bool = True
+    seed: int = 0
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+    @property
+    def direction(self) -> str:
+        return METRIC_DIRECTIONS[self.objective]
+
+    @property
+    def storage_label(self) -> str:
+        """Where the study lives, as shown to people and kept in the catalog: never with a password."""
+        if not self.storage:
+            return str(Path(self.study_dir) / JOURNAL_FILE_NAME)
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            return make_url(self.storage).render_as_string(hide_password=True)
+        except ArgumentError:
+            return "<unparsable storage URL>"
+
+    def search_signature(self) -> dict[str, Any]:
+        """What must not change when a study resumes."""
+        return self.model_dump(mode="json", include={"data_dir", "base", "objective", "ranges", "hyperparameters"})
+
+
+class TrialRecord(BaseModel):
+    """One trial's outcome, as the report and the catalog provenance show it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None = None
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    grid: str | None = None
+    artifact: str | None = None
+    error: str | None = None
+
+
+class TuningResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    objective: str
+    direction: str
+    best: TrialRecord
+    trials: list[TrialRecord]
+    study_dir: str
+    plot_path: str
+    trials_path: str
+
+
+def default_study_dir(name: str) -> Path:
+    return txt2img_home() / "studies" / name
+
+
+def open_storage(config: StudyConfig):
+    """The study's Optuna storage: the RDB URL if given, else the journal file (safe across processes)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if config.storage:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return optuna.storages.RDBStorage(config.storage)
+        except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+            reason = str(error).splitlines()[0]
+            raise TuningError(f"cannot open storage {config.storage_label}: {reason}") from error
+    path = Path(config.study_dir) / JOURNAL_FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _pruner(config: StudyConfig):
+    import optuna
+
+    if not config.prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def _load_study(config: StudyConfig, storage=None):
+    import optuna
+
+    return optuna.load_study(
+        study_name=config.name,
+        storage=storage or open_storage(config),
+        sampler=optuna.samplers.TPESampler(seed=config.seed, constant_liar=True),
+        pruner=_pruner(config),
+    )
+
+
+def model_dir(name: str) -> Path:
+    """Where the registered best trial's run goes: where ``txt2img train`` would have put it."""
+    from training.dreambooth import default_output_dir
+
+    return default_output_dir(name)
+
+
+def trial_dir(config: StudyConfig, number: int) -> Path:
+    return Path(config.study_dir) / "trials" / f"{number:04d}"
+
+
+def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, Any]) -> None:
+    """Train and evaluate one asked trial, then tell the study; runs in a worker process or in-process."""
+    import optuna
+    import torch
+
+    from catalog.pipelines import load_pipeline
+    from catalog.store import load_catalog
+    from training.dataset import load_dataset
+    from training.dreambooth import TrainingInterrupted, train
+    from training.evaluation import evaluate_pipeline
+
+    config = StudyConfig.model_validate_json(config_json)
+    study = _load_study(config)
+    trial = optuna.trial.Trial(study, trial_id)
+    folder = trial_dir(config, number)
+    hyperparameters = Hyperparameters.model_validate({**config.hyperparameters, **params})
+    report_losses = config.prune and config.direction == "minimize"
+
+    def on_checkpoint(step: int, values: dict[str, float]) -> None:
+        # The training loss is a stand-in for the (lower-is-better) objective at this step; for a
+        # higher-is-better objective it would point the wrong way, so such studies do not prune.
+        if report_losses and values.get("loss") is not None:
+            trial.report(float(values["loss"]), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+    try:
+        entry = train(
+            Path(config.data_dir),
+            config.base,
+            f"{config.name}-trial-{number}",
+            hyperparameters,
+            output_dir=folder / "run",
+            progress=False,
+            register=False,
+            on_checkpoint=on_checkpoint,
+        )
+        catalog = load_catalog()
+        dataset = load_dataset(Path(config.data_dir), hyperparameters, catalog.get(config.base).resolution)
+        pipeline = load_pipeline(entry, catalog, local_files_only=True)
+        if torch.cuda.is_available():
+            pipeline = pipeline.to("cuda")
+        settings = config.evaluation
+        report = evaluate_pipeline(
+            pipeline,
+            dataset.concepts,
+            model_id=entry.id,
+            data_dir=Path(config.data_dir),
+            resolution=entry.resolution,
+            prompts=settings.prompts,
+            prompts_per_subject=settings.prompts_per_subject,
+            images_per_prompt=settings.images_per_prompt,
+            inference_steps=settings.inference_steps,
+            output_dir=folder / "evaluation",
+            weights=settings.weights,
+            seed=config.seed,
+            progress=False,
+        )
+    except optuna.TrialPruned:
+        shutil.rmtree(folder / "run", ignore_errors=True)
+        study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        return
+    except TrainingInterrupted:
+        raise  # Ctrl-C stops the study; the trial stays RUNNING, so --resume runs it again
+    except Exception as error:
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        return
+    value = report.metrics.get(config.objective)
+    trial.set_user_attr("metrics", report.metrics)
+    trial.set_user_attr("grid", report.grid_path)
+    trial.set_user_attr("entry", entry.model_dump(mode="json", exclude_none=True))
+    if value is None:
+        trial.set_user_attr("error", report.skipped.get(config.objective, "objective not computed"))
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        return
+    study.tell(number, value)
+
+
+def _limit_threads(parallel: int) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+
+
+def _check_inputs(config: StudyConfig) -> None:
+    """Fail before any training if the base, dataset, name or objective cannot work."""
+    from catalog.store import CatalogError, load_catalog
+    from training.dataset import DatasetError, load_dataset
+    from training.evaluation import resolve_extractors
+    from training.metrics import METRIC_EXTRACTOR
+
+    if config.objective not in METRIC_DIRECTIONS:
+        raise TuningError(f"unknown objective '{config.objective}'; choose from {', '.join(METRIC_DIRECTIONS)}")
+    try:
+        catalog = load_catalog()
+    except CatalogError as error:
+        raise TuningError(f"the catalog is broken: {error}") from error
+    base = catalog.get(config.base)
+    if not base.locally_trainable:
+        raise TuningError(f"'{config.base}' cannot be fine-tuned locally (family {base.family})")
+    if config.name in catalog:
+        raise TuningError(f"'{config.name}' is already in the catalog; pick another --name")
+    if model_dir(config.name).exists():
+        raise TuningError(f"{model_dir(config.name)} already exists; remove it or pick another --name")
+    try:
+        hyperparameters = Hyperparameters.model_validate(config.hyperparameters)
+        load_dataset(Path(config.data_dir), hyperparameters, base.resolution)
+    except DatasetError as error:
+        raise TuningError(str(error)) from error
+    extractor = METRIC_EXTRACTOR.get(config.objective)
+    if extractor:
+        _, missing = resolve_extractors({extractor}, None, config.evaluation.weights)
+        if missing:
+            raise TuningError(f"objective {config.objective} cannot be computed: {missing[extractor]}")
+
+
+def _prepare_study(config: StudyConfig, resume: bool):
+    """Create the study, or (``resume``) reopen it; on the journal, re-queue the trials a crash left running."""
+    import optuna
+
+    storage = open_storage(config)
+    existing = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+    if config.name in existing and not resume:
+        raise TuningError(
+            f"study '{config.name}' already exists in {config.storage_label}; pass --resume to continue it"
+        )
+    if config.name not in existing and resume:
+        raise TuningError(f"no study '{config.name}' in {config.storage_label} to resume")
+    if not resume:
+        study = optuna.create_study(
+            study_name=config.name,
+            storage=storage,
+            direction=config.direction,
+            sampler=optuna.samplers.TPESampler(seed=config.seed, constant_liar=True),
+            pruner=_pruner(config),
+        )
+        study.set_user_attr(CONFIG_ATTRIBUTE, config.search_signature())
+        return study
+    study = _load_study(config, storage)
+    saved = study.user_attrs.get(CONFIG_ATTRIBUTE)
+    if saved != config.search_signature():
+        raise TuningError(
+            f"study '{config.name}' was started with a different search ({saved}); "
+            "resume it with the same data, base, objective, ranges and --hp values"
+        )
+    if config.storage:
+        return study  # an RDB study may be shared with other machines whose trials are still running
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # The journal is one machine's: a trial left running by a killed process will never be
+        # told, so it is failed and its parameters queued again.
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        shutil.rmtree(trial_dir(config, trial.number), ignore_errors=True)
+    return study
+
+
+def _count(study, *states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _claimed(study) -> int:
+    """Trials that count towards the study's total: finished, or being run by some worker."""
+    from optuna.trial import TrialState
+
+    return _count(study, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _ask(study, config: StudyConfig) -> tuple[int, int, dict[str, Any]]:
+    trial = study.ask()
+    params = {search.name: search.suggest(trial) for search in config.ranges}
+    return trial._trial_id, trial.number, params
+
+
+def _check_failures(study, config: StudyConfig, failed_before: int) -> None:
+    """Stop a study whose trials keep failing instead of retrying forever."""
+    from optuna.trial import TrialState
+
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[failed_before:]
+    if len(failed) >= config.trials:
+        errors = sorted({trial.user_attrs.get("error", "unknown error") for trial in failed})
+        raise TuningError(f"{len(failed)} trials of study '{config.name}' failed: {'; '.join(errors)}")
+
+
+def _run_trials(study, config: StudyConfig, progress: bool) -> None:
+    """Run trials until ``config.trials`` have completed or been pruned, ``parallel`` at a time.
+
+    The count comes from the storage, so several ``tune`` processes (or machines, on an RDB)
+    sharing one study run ``config.trials`` trials between them.
+    """
+    from optuna.trial import TrialState
+    from rich.console import Console
+    from rich.progress import Progress
+
+    config_json = config.model_dump_json()
+    failed_before = _count(study, TrialState.FAIL)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    with Progress(console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task(f"tuning {config.name}", total=config.trials, completed=_count(study, *finished))
+        if config.parallel == 1:
+            while _claimed(study) < config.trials:
+                run_trial(config_json, *_ask(study, config))
+                bar.update(task, completed=_count(study, *finished))
+                _check_failures(study, config, failed_before)
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        context = multiprocessing.get_context("spawn")  # torch does not survive fork with threads running
+        with ProcessPoolExecutor(
+            config.parallel, mp_context=context, initializer=_limit_threads, initargs=(config.parallel,)
+        ) as pool:
+            running: set = set()
+            while True:
+                while len(running) < config.parallel and _claimed(study) < config.trials:
+                    running.add(pool.submit(run_trial, config_json, *_ask(study, config)))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a crashed worker process surfaces here
+                bar.update(task, completed=_count(study, *finished))
+                _check_failures(study, config, failed_before)
+
+
+def _records(study) -> list[TrialRecord]:
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        entry = trial.user_attrs.get("entry") or {}
+        records.append(
+            TrialRecord(
+                number=trial.number,
+                state=trial.state.name,
+                params=trial.params,
+                value=trial.value,
+                metrics=trial.user_attrs.get("metrics", {}),
+                grid=trial.user_attrs.get("grid"),
+                artifact=entry.get("artifact"),
+                error=trial.user_attrs.get("error"),
+            )
+        )
+    return records
+
+
+def _ranked(records: list[TrialRecord], direction: str) -> list[TrialRecord]:
+    complete = [record for record in records if record.state == "COMPLETE" and record.value is not None]
+    return sorted(complete, key=lambda record: record.value if direction == "minimize" else -record.value)
+
+
+def plot_objective(records: list[TrialRecord], config: StudyConfig, path: Path) -> None:
+    """One scatter panel per searched hyperparameter: the objective of each completed trial, best marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    ranked = _ranked(records, config.direction)
+    figure, axes = pyplot.subplots(1, len(config.ranges), figsize=(4.5 * len(config.ranges), 3.6), squeeze=False)
+    for axis, search in zip(axes[0], config.ranges):
+        points = [(record.params[search.name], record.value) for record in ranked if search.name in record.params]
+        if points:
+            axis.scatter(*zip(*points), color="tab:blue", label="trial")
+            best = ranked[0]
+            axis.scatter([best.params[search.name]], [best.value], color="tab:red", marker="*", s=160, label="best")
+        if search.log:
+            axis.set_xscale("log")
+        axis.set_xlabel(search.name)
+        axis.set_ylabel(f"{config.objective} ({config.direction})")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(loc="best")
+    figure.suptitle(f"study {config.name}: {len(ranked)} completed trials")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def _register_best(study, best: TrialRecord, records: list[TrialRecord], config: StudyConfig):
+    """Copy the best trial's run (weights and training report) to the models folder and register it."""
+    from catalog.schema import CatalogEntry
+    from catalog.store import write_entry
+
+    trial = next(trial for trial in study.get_trials(deepcopy=False) if trial.number == best.number)
+    entry = CatalogEntry.model_validate(trial.user_attrs["entry"])
+    weights = Path(entry.artifact or "")
+    destination = model_dir(config.name)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(weights.parent, destination)
+    tuning = {
+        "study": config.name,
+        "storage": config.storage_label,
+        "objective": config.objective,
+        "direction": config.direction,
+        "best_trial": best.number,
+        "ranges": [search.model_dump() for search in config.ranges],
+        "trials": [record.model_dump(include={"number", "state", "params", "value", "metrics"}) for record in records],
+    }
+    registered = entry.model_copy(
+        update={
+            "id": config.name,
+            "artifact": str(destination / weights.name),
+            "metrics": {**(entry.metrics or {}), **best.metrics},
+            "tags": [*entry.tags, "tuned"],
+            "tuning": tuning,
+            "created": datetime.now(timezone.utc),
+            "description": (
+                f"Best of {len(records)} tuning trials of {config.base} ({config.objective}={best.value:.6f})."
+            ),
+        }
+    )
+    write_entry(CatalogEntry.model_validate(registered.model_dump()))
+    return registered
+
+
+def _prune_artifacts(ranked: list[TrialRecord], records: list[TrialRecord], keep_top_k: int) -> None:
+    """Delete the weights of every trial outside the top ``keep_top_k``; evaluations and grids stay.
+
+    The best trial's weights now live in the models folder, so its copy in the study goes too.
+    """
+    keep = {record.number for record in ranked[1:keep_top_k]}
+    for record in records:
+        if record.number not in keep and record.artifact:
+            path = Path(record.artifact)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def tune(config: StudyConfig, *, resume: bool = False, progress: bool = True) -> TuningResult:
+    """Run (or resume) the study, register its best trial as ``config.name`` and write the report."""
+    _check_inputs(config)
+    study_dir = Path(config.study_dir)
+    study = _prepare_study(config, resume)
+    atomic_write_text(study_dir / CONFIG_FILE_NAME, config.model_dump_json(indent=2) + "\n")
+    _run_trials(study, config, progress)
+
+    records = _records(study)
+    ranked = _ranked(records, config.direction)
+    if not ranked:
+        errors = sorted({record.error for record in records if record.error})
+        raise TuningError(f"no trial of study '{config.name}' completed" + (f": {'; '.join(errors)}" if errors else ""))
+    best = ranked[0]
+    report_dir = study_dir / "report"
+    plot_objective(records, config, report_dir / PLOT_FILE_NAME)
+    registered = _register_best(study, best, records, config)
+    _prune_artifacts(ranked, records, config.keep_top_k)
+    result = TuningResult(
+        name=registered.id,
+        objective=config.objective,
+        direction=config.direction,
+        best=best,
+        trials=records,
+        study_dir=str(study_dir),
+        plot_path=str(report_dir / PLOT_FILE_NAME),
+        trials_path=str(report_dir / TRIALS_FILE_NAME),
+    )
+    atomic_write_text(report_dir / TRIALS_FILE_NAME, result.model_dump_json(indent=2) + "\n")
+    return result
