@@ -243,3 +243,34 @@ def test_cli_helper_reports_remote_errors_as_one_line(jumpstart_bucket, capsys):
         run_remote_tuning("s3://my-txt2img/dogs", BASE, "t4", Hyperparameters(), remote=True, role=ROLE, wait=False)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "txt2img: error: an S3 training prefix must end with '/': s3://my-txt2img/dogs/\n"
+
+
+def test_txt2img_tune_remote_starts_automatic_model_tuning(jumpstart_bucket, capsys):
+    from txt2img.cli import main
+
+    main(
+        [
+            "tune", "s3://my-txt2img/dogs/", "--base", BASE, "--name", "cli-tuned", "--trials", "5",
+            "--range", "learning_rate=1e-7:1e-5:log", "--hp", "seed=3", "--remote", "--no-wait", "--role", ROLE,
+        ]
+    )
+
+    sagemaker = jumpstart_bucket.client("sagemaker")
+    [summary] = sagemaker.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    assert summary["HyperParameterTuningJobName"] in capsys.readouterr().out
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=summary["HyperParameterTuningJobName"])
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 5, "MaxParallelTrainingJobs": 5}
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-07", "MaxValue": "1e-05", "ScalingType": "Logarithmic"}
+    ]
+    assert tuning["TrainingJobDefinition"]["StaticHyperParameters"]["seed"] == "3"
+
+
+def test_txt2img_tune_needs_trials_locally(capsys):
+    from txt2img.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "some-folder", "--base", "tiny-sd", "--name", "x"])
+    assert exit_info.value.code == 2
+    assert "--trials is required" in capsys.readouterr().err

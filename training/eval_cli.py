@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import click
 
+from serving.sagemaker_cli import remote_job_options, run_remote_tuning
 from txt2img.errors import fail
 
 METRICS_HELP = "fid_score, clip_i, clip_t, dino or instance_loss"
@@ -174,13 +175,18 @@ def _print_trials(result) -> None:
     Console().print(table)
 
 
+REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's max_jobs and max_parallel_jobs
+
+
 @click.command("tune")
-@click.argument("data_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("data_dir")
 @click.option("--base", required=True, help="Catalog id of the model to fine-tune.")
 @click.option("--name", required=True, help="Catalog id the best trial is registered as.")
-@click.option("--trials", type=click.IntRange(min=1), required=True, help="Trials to finish (completed or pruned).")
 @click.option(
-    "--parallel", type=click.IntRange(min=1), default=1, show_default=True, help="Trials at once (processes)."
+    "--trials", type=click.IntRange(min=1), help="Trials to finish (completed or pruned); with --remote default 7."
+)
+@click.option(
+    "--parallel", type=click.IntRange(min=1), help="Trials at once (processes); default 1, with --remote 7."
 )
 @click.option("--objective", default="fid_score", show_default=True, help=f"Metric to optimise: {METRICS_HELP}.")
 @click.option(
@@ -205,12 +211,13 @@ def _print_trials(result) -> None:
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
 @_weight_options
+@remote_job_options
 def tune(
-    data_dir: Path,
+    data_dir: str,
     base: str,
     name: str,
-    trials: int,
-    parallel: int,
+    trials: Optional[int],
+    parallel: Optional[int],
     objective: str,
     ranges: tuple[str, ...],
     fixed: tuple[str, ...],
@@ -227,12 +234,15 @@ def tune(
     inception_path: Optional[str],
     clip_path: Optional[str],
     dino_path: Optional[str],
+    **remote_options,
 ) -> None:
     """Search DreamBooth hyperparameters of BASE on DATA_DIR with Optuna's TPE and register the best as NAME.
 
     Each trial trains, is evaluated, and may be pruned at a checkpoint when its loss lags. The
     study lives in a journal file in the study folder (safe for --parallel processes) or in
     --storage; --resume continues it. The report holds a table, objective.png and a grid per trial.
+    With --remote, SageMaker Automatic Model Tuning (Bayesian) runs the trials as JumpStart
+    training jobs instead, minimising fid_score; DATA_DIR may then be an s3:// prefix.
     """
     from catalog.index import UnknownModelError
     from catalog.store import CatalogError
@@ -255,12 +265,34 @@ def tune(
     overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
         fail(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
+    if remote_options["remote"]:
+        from training.hyperparameters import Hyperparameters
+
+        jobs = trials or REMOTE_TUNING_DEFAULT_JOBS
+        # No --range: the launcher searches JumpStart's own ranges, on JumpStart's linear scale.
+        remote_ranges = {search.name: (search.low, search.high, search.log) for search in searches} if ranges else None
+        run_remote_tuning(
+            data_dir,
+            base,
+            name,
+            Hyperparameters.model_validate(fixed_values),
+            remote_ranges,
+            max_jobs=jobs,
+            max_parallel_jobs=parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
+            objective=objective,
+            **remote_options,
+        )
+        return
+    if trials is None:
+        fail("--trials is required (how many trials the study should finish)")
+    if data_dir.startswith("s3://"):
+        fail(f"{data_dir} is on S3: add --remote to tune on SageMaker, or download it first")
     config = StudyConfig(
-        data_dir=str(data_dir.expanduser().resolve()),
+        data_dir=str(Path(data_dir).expanduser().resolve()),
         base=base,
         name=name,
         trials=trials,
-        parallel=parallel,
+        parallel=parallel or 1,
         objective=objective,
         ranges=searches,
         hyperparameters=fixed_values,
