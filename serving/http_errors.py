@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse
 from catalog.index import UnknownModelError
 from catalog.pipelines import ModelLoadError
 from serving.jumpstart import MalformedBody, UnacceptableMediaType, UnsupportedMediaType
-from serving.schema import LimitExceeded
+from serving.schema import LimitExceeded, describe_validation_error
 from serving.worker import ClientGone, GenerationTimeout, QueueFull
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
@@ -15,10 +15,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why 
 
 def validation_error_body(error) -> dict:
     """pydantic's errors as JSON: which field, and what is wrong with it."""
-    detail = [
-        {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
-        for item in error.errors(include_url=False, include_input=False, include_context=False)
-    ]
+    detail = describe_validation_error(error)
     summary = "; ".join(f"{item['field'] or 'body'}: {item['message']}" for item in detail)
     return {"error": f"invalid request: {summary}", "detail": detail}
 

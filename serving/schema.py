@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +31,19 @@ class GenerationRequest(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="Sampler; defaults to the model's own.")
     num_images: int = Field(1, ge=1)
     format: ImageFormat = "png"
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each image: ``seed``, ``seed + 1``, ...; a random start when no seed was given."""
+        first = self.seed if self.seed is not None else random.randrange(2**63 - self.num_images)
+        return [first + index for index in range(self.num_images)]
+
+
+def describe_validation_error(error) -> list[dict]:
+    """pydantic's errors as ``{"field", "message"}`` pairs a person can read."""
+    return [
+        {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
+        for item in error.errors(include_url=False, include_input=False, include_context=False)
+    ]
 
 
 class LimitExceeded(ValueError):

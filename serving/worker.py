@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -70,9 +69,7 @@ class Job:
 
     @classmethod
     def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
-        first_seed = request.seed if request.seed is not None else random.randrange(2**63 - request.num_images)
-        seeds = [first_seed + index for index in range(request.num_images)]
-        return cls(entry, request, width, height, seeds, deadline=time.monotonic() + timeout_s)
+        return cls(entry, request, width, height, request.image_seeds(), deadline=time.monotonic() + timeout_s)
 
     @property
     def batch_key(self) -> tuple:

@@ -10,6 +10,7 @@ import sys
 import click
 
 from catalog import cli as catalog_cli
+from serving import cli as serving_cli
 from txt2img.errors import fail
 
 
@@ -21,6 +22,7 @@ def app() -> None:
 
 app.add_command(catalog_cli.app)
 app.add_command(catalog_cli.export)
+app.add_command(serving_cli.generate)
 
 
 def main(argv: list[str] | None = None) -> None:
