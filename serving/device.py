@@ -11,9 +11,11 @@ logger = logging.getLogger(__name__)
 
 
 def pick_device(settings: ServingSettings) -> str:
-    """The device named in the settings, or the best one present."""
+    """The device named in the settings, or the best one present; applies ``torch_threads`` on the way."""
     import torch
 
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     if settings.device != "auto":
         return settings.device
     if torch.cuda.is_available():

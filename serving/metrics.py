@@ -38,6 +38,6 @@ def serving_metrics() -> ServingMetrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
         ),
         interrupted=prometheus_client.Counter(
-            "txt2img_interrupted", "Pipeline calls stopped early because every request in them gave up."
+            "txt2img_interrupted", "Pipeline calls stopped before their last step because every request in them gave up."
         ),
     )

@@ -22,6 +22,9 @@ class ServingSettings(BaseSettings):
         "auto", description="CUDA attention kernel; auto = xformers when installed, else PyTorch SDPA."
     )
     compile: bool = Field(False, description="torch.compile the UNet (CUDA); compiled during warm-up.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; set it when other processes share the cores."
+    )
     local_files_only: bool = Field(False, description="Never download: Hub models must be in the HF cache.")
 
     max_loaded_models: int = Field(3, ge=1, description="Pipelines kept in memory (shared LoRA bases count once).")

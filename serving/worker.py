@@ -187,6 +187,12 @@ class GenerationQueue:
             BatchItem(job.request.prompt, job.request.negative_prompt, seed) for job in batch for seed in job.seeds
         ]
         started = time.monotonic()
+        steps_done = 0
+
+        def count_step(done: int) -> None:
+            nonlocal steps_done
+            steps_done = done
+
         try:
             pipeline = self.manager.pipeline_for(head.entry)
             images = generate_images(
@@ -198,6 +204,7 @@ class GenerationQueue:
                 guidance_scale=head.request.guidance_scale,
                 scheduler=head.request.scheduler,
                 should_stop=lambda: all(job.gave_up() for job in batch),
+                on_step=count_step,
             )
         except Exception as error:  # every waiting request hears about it; the thread lives on
             logger.exception("generation failed for %s", head.entry.id)
@@ -206,8 +213,11 @@ class GenerationQueue:
             return
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
-        if all(job.gave_up() for job in batch) and self.metrics is not None:
-            self.metrics.interrupted.inc()
+        if steps_done < head.request.num_inference_steps:
+            logger.info("stopped after %d of %d steps: every request in the batch gave up",
+                        steps_done, head.request.num_inference_steps)
+            if self.metrics is not None:
+                self.metrics.interrupted.inc()
         offset = 0
         for job in batch:
             count = len(job.seeds)
