@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from serving.schema import LimitExceeded
+
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -66,6 +68,10 @@ def generate_images(
     import torch
 
     view = request_pipeline(pipeline, scheduler)
+    # Schedulers index a table of num_train_timesteps entries; more steps than that overrun it.
+    most_steps = view.scheduler.config.num_train_timesteps - 1
+    if num_inference_steps > most_steps:
+        raise LimitExceeded("num_inference_steps", most_steps, num_inference_steps)
 
     def after_step(step_pipeline, step, timestep, callback_kwargs):
         on_step(step + 1)

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
 from serving.manager import PipelineManager
-from serving.schema import GenerationRequest
+from serving.schema import GenerationRequest, LimitExceeded
 from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class GenerationQueue:
                 on_step=count_step,
             )
         except Exception as error:  # every waiting request hears about it; the thread lives on
-            logger.exception("generation failed for %s", head.entry.id)
+            if not isinstance(error, LimitExceeded):
+                logger.exception("generation failed for %s", head.entry.id)
             for job in batch:
                 job.future.set_exception(error)
             return
