@@ -93,6 +93,7 @@ def _run(request):
     from catalog.store import CatalogError
     from serving.generation import BatchItem, generate_images
     from serving.manager import PipelineManager
+    from serving.schema import LimitExceeded
     from serving.settings import ServingSettings
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -110,14 +111,17 @@ def _run(request):
         steps = progress.add_task(f"generating on {manager.device}", total=request.num_inference_steps)
         seeds = request.image_seeds()
         size = entry.resolution
-        images = generate_images(
-            pipeline,
-            [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
-            width=request.width or size,
-            height=request.height or size,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
-            on_step=lambda done: progress.update(steps, completed=done),
-        )
+        try:
+            images = generate_images(
+                pipeline,
+                [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
+                width=request.width or size,
+                height=request.height or size,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                scheduler=request.scheduler,
+                on_step=lambda done: progress.update(steps, completed=done),
+            )
+        except LimitExceeded as error:
+            fail(str(error).replace("num_inference_steps", "--steps"))
     return images, seeds

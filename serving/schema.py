@@ -53,7 +53,7 @@ class LimitExceeded(ValueError):
         self.field = field
         self.limit = limit
         self.value = value
-        super().__init__(f"{field} is {value}, above this server's limit of {limit}")
+        super().__init__(f"{field} is {value}, above the limit of {limit}")
 
     def as_json(self) -> dict:
         return {"error": str(self), "field": self.field, "limit": self.limit, "value": self.value}
