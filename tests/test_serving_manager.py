@@ -21,7 +21,7 @@ def make_manager(**settings):
     from serving.settings import ServingSettings
 
     # One torch thread: the test machine's two cores are shared, and oversubscribed threads crawl.
-    return PipelineManager(ServingSettings(device="cpu", torch_threads=1, **settings))
+    return PipelineManager(ServingSettings(**{"device": "cpu", "torch_threads": 1, **settings}))
 
 
 def test_count_bound_evicts_least_recently_used(finetuned_home):
@@ -77,3 +77,16 @@ def test_only_catalog_ids_load(finetuned_home, tmp_path):
     for name in ("runwayml/stable-diffusion-v1-5", str(tmp_path), "../tiny-sd"):
         with pytest.raises(UnknownModelError):
             manager.entry(name)
+
+
+def test_eviction_releases_gpu_memory(finetuned_home):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    manager = make_manager(device="cuda", max_loaded_models=1)
+    before = torch.cuda.memory_allocated()
+    manager.pipeline_for(manager.catalog.get("tiny-sd"))
+    with_one_model = torch.cuda.memory_allocated()
+    manager.pipeline_for(manager.catalog.get(FULL_ID))  # evicts tiny-sd
+    assert with_one_model > before
+    assert torch.cuda.memory_allocated() - before <= (with_one_model - before) * 1.05
