@@ -8,7 +8,7 @@ are RGB arrays for ``Accept: application/json`` and base64 JPEGs for ``applicati
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,7 +39,7 @@ class JumpStartPayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | list[str]
+    prompt: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(min_length=1)
     width: int | None = Field(None, gt=0, multiple_of=8)
     height: int | None = Field(None, gt=0, multiple_of=8)
     num_inference_steps: int | None = Field(None, ge=1)

@@ -1,4 +1,4 @@
-"""The Prometheus metrics the service adds to BentoML's ``/metrics``: latency, queue depth, batch sizes, interrupts.
+"""The Prometheus metrics the service adds to BentoML's ``/metrics``: latency, queue depth, batches, interrupts.
 
 prometheus_client is imported when the metrics are first made, inside the BentoML worker, after
 BentoML has switched it to multiprocess mode; importing it earlier would hide these metrics.
@@ -14,6 +14,7 @@ from functools import lru_cache
 class ServingMetrics:
     generation_seconds: object
     queue_depth: object
+    running_images: object
     batch_images: object
     interrupted: object
 
@@ -31,6 +32,9 @@ def serving_metrics() -> ServingMetrics:
         ),
         queue_depth=prometheus_client.Gauge(
             "txt2img_queue_depth", "Requests waiting for the device.", multiprocess_mode="livesum"
+        ),
+        running_images=prometheus_client.Gauge(
+            "txt2img_running_images", "Images in the pipeline call running now.", multiprocess_mode="livesum"
         ),
         batch_images=prometheus_client.Histogram(
             "txt2img_batch_images",

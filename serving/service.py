@@ -7,6 +7,8 @@ other catalog models load on first use. Every ``TXT2IMG_*`` setting is in servin
 
 from __future__ import annotations
 
+import asyncio
+
 import bentoml
 from fastapi import FastAPI, Request
 from PIL import Image
@@ -60,7 +62,7 @@ class Txt2Img:
     async def txt2img(self, request: GenerationRequest, /, ctx: bentoml.Context) -> Image.Image:
         """Generate images. One image comes back as image/png or image/jpeg; several as JSON with base64 images."""
         try:
-            result = await self._generate(request, ctx.request)
+            [result] = await self._generate([request], ctx.request)
         except Exception as error:
             response = error_response(error)
         else:
@@ -93,7 +95,7 @@ class Txt2Img:
                 raise UnsupportedMediaType(
                     f"unsupported content type '{content_type}'; use {JSON_CONTENT} or {TEXT_CONTENT}"
                 )
-            results = [await self._generate(generation, request) for generation in requests]
+            results = await self._generate(requests, request)
         except Exception as error:
             return error_response(error)
         images = encode_images([image for result in results for image in result.images], encoding)
@@ -111,14 +113,26 @@ class Txt2Img:
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
         }
 
-    async def _generate(self, request: GenerationRequest, http_request: Request) -> GenerationResult:
+    async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
+        """Queue every request at once (so they can share pipeline calls) and wait for all of them."""
+        jobs = [self._job(request) for request in requests]  # checks them all before queueing any
+        try:
+            for job in jobs:
+                self.queue.submit(job)
+            return await asyncio.gather(
+                *(self.queue.wait(job, client_gone=http_request.is_disconnected) for job in jobs)
+            )
+        except BaseException:
+            for job in jobs:
+                job.abandoned.set()
+            raise
+
+    def _job(self, request: GenerationRequest) -> Job:
         entry = self.manager.entry(request.model or self.settings.model)
         width = request.width or entry.resolution
         height = request.height or entry.resolution
         check_limits(request, self.settings, width, height)
-        job = Job.create(entry, request, width, height, self.settings.request_timeout_s)
-        self.queue.submit(job)
-        return await self.queue.wait(job, client_gone=http_request.is_disconnected)
+        return Job.create(entry, request, width, height, self.settings.request_timeout_s)
 
     def _txt2img_response(self, request: GenerationRequest, result: GenerationResult) -> Response:
         headers = {"X-Batch-Images": str(result.batch_images)}

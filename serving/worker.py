@@ -193,6 +193,8 @@ class GenerationQueue:
             nonlocal steps_done
             steps_done = done
 
+        if self.metrics is not None:
+            self.metrics.running_images.set(len(items))
         try:
             pipeline = self.manager.pipeline_for(head.entry)
             images = generate_images(
@@ -212,6 +214,9 @@ class GenerationQueue:
             for job in batch:
                 job.future.set_exception(error)
             return
+        finally:
+            if self.metrics is not None:
+                self.metrics.running_images.set(0)
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
         if steps_done < head.request.num_inference_steps:

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -266,6 +265,9 @@ BAD_INVOCATIONS = [
     (b'["a cat"]', "application/json", "application/json", 400, "body"),
     (b"\xff\xfe", "application/json", "application/json", 400, "JSON"),
     (b"{}", "application/json", "application/json", 400, "prompt"),
+    (jumpstart_payload(prompt=[]), "application/json", "application/json", 400, "prompt"),
+    (jumpstart_payload(prompt=["a cat"], negative_prompt=["x", "y"]), "application/json", "application/json", 400,
+     "negative_prompt"),
     (b"a cat", "image/png", "application/json", 415, "content type"),
     (jumpstart_payload(), "application/json", "image/png", 406, "accept"),
     (jumpstart_payload(), "application/json", "application/json;png", 406, "accept"),
@@ -342,22 +344,31 @@ def test_timed_out_request_gets_504_and_stops_the_pipeline(client):
     assert metric(client, "txt2img_interrupted_total") == interrupted + 1
 
 
+def wait_for_metric(client, name: str, value: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(client, name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}"
+        time.sleep(0.2)
+
+
 def test_full_queue_answers_429_and_a_disconnected_client_stops_its_generation(server, client):
+    import json
+
     interrupted = metric(client, "txt2img_interrupted_total")
-
-    def long_request_then_hang_up():
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server}/txt2img", json={"prompt": "slow", **FAST, "num_inference_steps": 900}, timeout=3)
-
-    hang_up = threading.Thread(target=long_request_then_hang_up)
-    hang_up.start()
-    time.sleep(1)  # the long request now holds the device
+    # A long request sent by hand, so the test decides when its client hangs up.
+    body = json.dumps({"prompt": "slow", **FAST, "num_inference_steps": 900}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    hanging = socket.create_connection((host, int(port)))
+    hanging.sendall(b"POST /txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    wait_for_metric(client, "txt2img_running_images", 1)  # the long request holds the device
     with ThreadPoolExecutor(MAX_QUEUE + 2) as pool:
-        responses = list(pool.map(lambda seed: txt2img(client, seed=seed), range(MAX_QUEUE + 2)))
-    hang_up.join()
+        pending = [pool.submit(txt2img, client, seed=seed) for seed in range(MAX_QUEUE + 2)]
+        wait_for_metric(client, "txt2img_queue_depth", MAX_QUEUE)
+        hanging.close()
+        responses = [future.result() for future in pending]
     statuses = [response.status_code for response in responses]
-    assert set(statuses) <= {200, 429}
-    assert statuses.count(429) >= 1 and statuses.count(200) >= MAX_QUEUE - 1
+    assert sorted(statuses) == [200] * MAX_QUEUE + [429] * 2
     refused = next(response for response in responses if response.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert "queue is full" in refused.json()["error"]
