@@ -17,7 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from serving_common import TORCH_THREADS, in_process_images, in_process_pipeline, post_image, running_server
+from serving_common import (
+    TORCH_THREADS,
+    in_process_images,
+    in_process_pipeline,
+    post_image,
+    run_in_own_session,
+    running_server,
+)
 
 CONCURRENCY = 8
 
@@ -35,6 +42,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per server per round")
     parser.add_argument("--wait-ms", default="50", help="TXT2IMG_BATCH_WAIT_MS of the batching server")
     args = parser.parse_args()
+    run_in_own_session()
 
     pipeline = in_process_pipeline()
     in_process_images(pipeline, list(range(CONCURRENCY)))

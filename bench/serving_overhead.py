@@ -14,7 +14,14 @@ import time
 
 import httpx
 
-from serving_common import TORCH_THREADS, in_process_images, in_process_pipeline, post_image, running_server
+from serving_common import (
+    TORCH_THREADS,
+    in_process_images,
+    in_process_pipeline,
+    post_image,
+    run_in_own_session,
+    running_server,
+)
 
 
 def main() -> None:
@@ -22,6 +29,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--images", type=int, default=8, help="images per side per round")
     args = parser.parse_args()
+    run_in_own_session()
 
     pipeline = in_process_pipeline()
     in_process_images(pipeline, [0])  # first call pays one-time setup; the server warms up too
