@@ -124,6 +124,8 @@ class GenerationQueue:
                 raise GenerationTimeout(f"not done within {self.settings.request_timeout_s:g} s")
             done, _ = await asyncio.wait({waiting}, timeout=min(remaining, 0.25))
             if done:
+                if waiting.cancelled():  # dropped from the queue after its deadline passed
+                    raise GenerationTimeout(f"not done within {self.settings.request_timeout_s:g} s")
                 return waiting.result()
             if client_gone is not None and await client_gone():
                 job.abandoned.set()
@@ -163,7 +165,7 @@ class GenerationQueue:
                 head = self._pending.popleft()
                 if not head.gave_up():
                     break
-                head.future.set_exception(GenerationTimeout("gave up while queued"))
+                head.future.cancel()  # its waiter has already answered the client
             batch = [head]
             images = len(head.seeds)
             wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
