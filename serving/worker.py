@@ -100,10 +100,6 @@ class GenerationQueue:
         self._thread = threading.Thread(target=self._run, args=(warm_model,), name="txt2img-generation", daemon=True)
         self._thread.start()
 
-    def depth(self) -> int:
-        with self._condition:
-            return len(self._pending)
-
     def submit(self, job: Job) -> Future:
         with self._condition:
             if len(self._pending) >= self.settings.max_queue:

@@ -41,11 +41,13 @@ def save_lora_adapter(folder: Path) -> Path:
     return folder
 
 
-def register_finetunes(root: Path) -> None:
-    """Save the fine-tunes under ``root`` and add them to the user catalog (TXT2IMG_HOME must point at a temp dir)."""
+def register_finetunes(home: Path) -> None:
+    """Save the fine-tunes under ``home``/models and add them to the user catalog of txt2img home ``home``."""
+    root = home / "models"
+    catalog_dir = home / "catalog"
     full = save_full_finetune(root / FULL_ID)
     lora = save_lora_adapter(root / LORA_ID)
     common = {"source": "finetune", "family": "tiny", "resolution": 64, "base": "tiny-sd"}
-    write_entry(CatalogEntry(id=FULL_ID, method="full", artifact=str(full), **common))
-    write_entry(CatalogEntry(id=OTHER_FULL_ID, method="full", artifact=str(full), **common))
-    write_entry(CatalogEntry(id=LORA_ID, method="lora", artifact=str(lora), **common))
+    write_entry(CatalogEntry(id=FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
+    write_entry(CatalogEntry(id=OTHER_FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
+    write_entry(CatalogEntry(id=LORA_ID, method="lora", artifact=str(lora), **common), user_dir=catalog_dir)

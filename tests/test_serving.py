@@ -35,9 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("serving-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TXT2IMG_HOME", str(home))
-        register_finetunes(home / "models")
+    register_finetunes(home)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -10,10 +10,14 @@ from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetune
 @pytest.fixture(scope="module")
 def finetuned_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TXT2IMG_HOME", str(home))
-        register_finetunes(home / "models")
-        yield home
+    register_finetunes(home)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def use_finetuned_home(finetuned_home, monkeypatch):
+    """Every test here reads the catalog holding the fine-tunes."""
+    monkeypatch.setenv("TXT2IMG_HOME", str(finetuned_home))
 
 
 def make_manager(**settings):
@@ -24,7 +28,7 @@ def make_manager(**settings):
     return PipelineManager(ServingSettings(**{"device": "cpu", "torch_threads": 1, **settings}))
 
 
-def test_count_bound_evicts_least_recently_used(finetuned_home):
+def test_count_bound_evicts_least_recently_used():
     manager = make_manager(max_loaded_models=2)
     catalog = manager.catalog
     manager.pipeline_for(catalog.get("tiny-sd"))
@@ -35,7 +39,7 @@ def test_count_bound_evicts_least_recently_used(finetuned_home):
     assert manager.loaded_ids() == ["tiny-sd", OTHER_FULL_ID]
 
 
-def test_memory_budget_evicts_before_loading(finetuned_home):
+def test_memory_budget_evicts_before_loading():
     from serving.device import weights_bytes
 
     probe = make_manager()
@@ -47,7 +51,7 @@ def test_memory_budget_evicts_before_loading(finetuned_home):
     assert manager.resident_bytes() == size
 
 
-def test_lora_shares_its_base_and_switches_adapters(finetuned_home):
+def test_lora_shares_its_base_and_switches_adapters():
     import torch
 
     from serving.generation import BatchItem, generate_images
@@ -70,7 +74,7 @@ def test_lora_shares_its_base_and_switches_adapters(finetuned_home):
     assert torch.equal(base_after, base_before)  # ...and switched off again for the base
 
 
-def test_only_catalog_ids_load(finetuned_home, tmp_path):
+def test_only_catalog_ids_load(tmp_path):
     from catalog.index import UnknownModelError
 
     manager = make_manager()
@@ -79,7 +83,7 @@ def test_only_catalog_ids_load(finetuned_home, tmp_path):
             manager.entry(name)
 
 
-def test_eviction_releases_gpu_memory(finetuned_home):
+def test_eviction_releases_gpu_memory():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
