@@ -46,6 +46,9 @@ def server(tmp_path_factory):
         "TXT2IMG_MAX_QUEUE": str(MAX_QUEUE),
         "TXT2IMG_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
         "TXT2IMG_TORCH_THREADS": "1",  # the test machine's cores are shared
+        "TXT2IMG_LOCAL_FILES_ONLY": "1",  # Hub models must come from the (empty) HF cache
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
     }
     port = free_port()
     log = (home / "server.log").open("wb")
@@ -308,6 +311,14 @@ def test_lora_finetune_is_served_on_its_shared_base(client):
     assert base_again.content == base.content
     # One model slot holds both: the adapter rides on the base instead of loading a second copy.
     assert client.get("/models").json()["loaded"] == ["tiny-sd", LORA_ID]
+
+
+def test_hub_model_missing_from_the_cache_gets_503_and_the_server_carries_on(client):
+    model = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
+    response = txt2img(client, model=model, width=64, height=64)
+    assert response.status_code == 503
+    assert model in response.json()["error"] and "local Hugging Face cache" in response.json()["error"]
+    assert txt2img(client).status_code == 200
 
 
 # Load: concurrency, batching, the bounded queue, timeouts and disconnects
