@@ -11,6 +11,7 @@ import sys
 import click
 
 from catalog import cli as catalog_cli
+from serving import cli as serving_cli
 from serving import sagemaker_cli
 from training import eval_cli
 from training.cli import train_command
@@ -25,6 +26,7 @@ def app() -> None:
 
 app.add_command(catalog_cli.app)
 app.add_command(catalog_cli.export)
+app.add_command(serving_cli.generate)
 app.add_command(train_command)
 app.add_command(eval_cli.evaluate)
 app.add_command(eval_cli.tune)

@@ -1,0 +1,203 @@
+"""GPU speed of full-size SD 2.1-base (random weights): fp32, fp16+SDPA, fp16+xformers, fp16+compile, and the service.
+
+Builds the SD 2.1-base architecture in code (no download: weights are random, which does not change
+the speed), then reports it/s and s/image at 512x512, 50 steps, batch 1, for each setup. The last
+row serves the same fp16 model through a real ``bentoml serve`` (our pipeline manager, queue and
+HTTP) at concurrency 1, to set against the plain diffusers loop (the fp16+SDPA row).
+
+Needs a CUDA GPU (xformers optional: its row says so when it is absent). Run from the repo root:
+
+    PYTHONPATH=. python bench/gpu_pipeline.py [--steps 50] [--images 5] [--skip-compile] [--skip-service]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZE = 512
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def build_sd21_base_components(dtype) -> dict:
+    """SD 2.1-base's UNet, VAE and OpenCLIP ViT-H text encoder, shaped as in the published configs."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from catalog.tiny_sd import write_tiny_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tiny_tokenizer_files(Path(folder))
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=512,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return {
+        **{name: module.to(dtype).eval() for name, module in modules.items()},
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def build_pipeline(dtype):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(**build_sd21_base_components(dtype), requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to("cuda")
+
+
+def time_pipeline(pipeline, steps: int, images: int) -> tuple[float, float, float]:
+    """(it/s, s/image, seconds of the first call) over ``images`` single-image calls after one warm-up call."""
+    import torch
+
+    def one(seed: int) -> None:
+        pipeline(PROMPT, width=SIZE, height=SIZE, num_inference_steps=steps,
+                 generator=torch.Generator("cpu").manual_seed(seed))
+
+    started = time.perf_counter()
+    one(0)
+    torch.cuda.synchronize()
+    warm_up = time.perf_counter() - started
+    started = time.perf_counter()
+    for seed in range(images):
+        one(seed + 1)
+    torch.cuda.synchronize()
+    per_image = (time.perf_counter() - started) / images
+    return steps / per_image, per_image, warm_up
+
+
+def tuned_pipeline(attention: str, compile_unet: bool):
+    """An fp16 pipeline tuned by the service's own code path (serving/device.py)."""
+    import torch
+
+    from serving.device import optimize_for_device
+    from serving.settings import ServingSettings
+
+    pipeline = build_pipeline(torch.float16)
+    optimize_for_device(pipeline, "cuda", ServingSettings(attention=attention, compile=compile_unet))
+    return pipeline
+
+
+def time_service(steps: int, images: int) -> tuple[float, float, float]:
+    """The same model behind ``bentoml serve``: saved as a local full fine-tune, warmed, then timed over HTTP."""
+    import httpx
+    import torch
+
+    from catalog.schema import CatalogEntry
+    from catalog.store import write_entry
+    from serving_common import running_server
+
+    home = tempfile.mkdtemp(prefix="txt2img-gpu-bench-")
+    folder = Path(home) / "sd21-base-random"
+    build_pipeline(torch.float16).save_pretrained(folder, safe_serialization=True)
+    entry = CatalogEntry(id="sd21-base-random", source="finetune", family="sd2-base", resolution=SIZE,
+                         base="model-txt2img-stabilityai-stable-diffusion-v2-1-base", method="full",
+                         artifact=str(folder))
+    write_entry(entry, user_dir=Path(home) / "catalog")
+    payload = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": steps}
+    with running_server(home=home, model=entry.id, attention="sdpa") as url, httpx.Client(
+        base_url=url, timeout=600
+    ) as client:
+        started = time.perf_counter()
+        client.post("/txt2img", json={**payload, "seed": 0}).raise_for_status()
+        warm_up = time.perf_counter() - started
+        started = time.perf_counter()
+        for seed in range(images):
+            client.post("/txt2img", json={**payload, "seed": seed + 1}).raise_for_status()
+        per_image = (time.perf_counter() - started) / images
+    return steps / per_image, per_image, warm_up
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--images", type=int, default=5, help="timed images per setup")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-service", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_pipeline.py needs a CUDA GPU")
+
+    rows: list[tuple[str, str]] = []
+
+    def record(name: str, measure) -> None:
+        iterations, per_image, warm_up = measure()
+        rows.append((name, f"{iterations:6.2f} | {per_image:6.3f} | {warm_up:6.1f}"))
+        print(rows[-1][0], rows[-1][1], flush=True)
+        torch.cuda.empty_cache()
+
+    record("fp32 (SDPA)", lambda: time_pipeline(build_pipeline(torch.float32), args.steps, args.images))
+    record("fp16 + SDPA (plain diffusers loop)",
+           lambda: time_pipeline(build_pipeline(torch.float16), args.steps, args.images))
+    record("fp16 + SDPA + channels_last (service tuning)",
+           lambda: time_pipeline(tuned_pipeline("sdpa", False), args.steps, args.images))
+    if importlib.util.find_spec("xformers"):
+        record("fp16 + xformers + channels_last",
+               lambda: time_pipeline(tuned_pipeline("xformers", False), args.steps, args.images))
+    else:
+        rows.append(("fp16 + xformers", "skipped: xformers is not installed"))
+    if not args.skip_compile:
+        record("fp16 + SDPA + compile (regional)",
+               lambda: time_pipeline(tuned_pipeline("sdpa", True), args.steps, args.images))
+    if not args.skip_service:
+        record("service over HTTP (fp16 + SDPA), concurrency 1", lambda: time_service(args.steps, args.images))
+
+    print(f"\n{torch.cuda.get_device_name(0)}, SD 2.1-base architecture (random weights), "
+          f"{SIZE}x{SIZE}, {args.steps} steps, batch 1, torch {torch.__version__}\n")
+    print("| setup | it/s | s/image | first call, s |")
+    print("| --- | --- | --- | --- |")
+    for name, values in rows:
+        print(f"| {name} | {values} |")
+
+
+if __name__ == "__main__":
+    main()

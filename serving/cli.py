@@ -1,0 +1,127 @@
+"""``txt2img generate``: generate images from a catalog model in this process, without a server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from txt2img.errors import fail
+
+FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def save_atomically(image, path: Path, image_format: str) -> None:
+    """Write the image beside ``path`` and rename it into place, so a crash never leaves half a file."""
+    from serving.images import image_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(image_bytes(image, image_format))
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; images need not be
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@click.command("generate")
+@click.argument("model_id")
+@click.argument("prompt")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
+              show_default=True, help="Image file (.png, .jpg); with -n N, numbered files beside it.")
+@click.option("--seed", type=int, help="Seed of the first image (image i uses seed + i). Random if absent.")
+@click.option("--steps", type=int, help="Denoising steps.  [default: 25]")
+@click.option("--width", type=int, help="Pixels, a multiple of 8.  [default: the model's native size]")
+@click.option("--height", type=int, help="Pixels, a multiple of 8.  [default: the model's native size]")
+@click.option("--negative", help="Negative prompt.")
+@click.option("--guidance", type=float, help="Guidance scale.  [default: 7.5]")
+@click.option("--scheduler", help="ddim, pndm, euler, euler-a, dpm++, unipc or lms.  [default: the model's own]")
+@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
+def generate(model_id, prompt, output, seed, steps, width, height, negative, guidance, scheduler, num_images):
+    """Generate images from catalog model MODEL_ID locally, with a progress bar."""
+    from pydantic import ValidationError
+
+    from serving.schema import GenerationRequest, describe_validation_error
+
+    image_format = FORMATS_BY_SUFFIX.get(output.suffix.lower())
+    if image_format is None:
+        fail(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
+    options = {
+        "model": model_id, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
+        "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed, "scheduler": scheduler,
+        "num_images": num_images, "format": image_format,
+    }
+    try:
+        request = GenerationRequest(**{name: value for name, value in options.items() if value is not None})
+    except ValidationError as error:
+        names = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "negative_prompt": "--negative"}
+        problems = [
+            f"{names.get(p['field'], '--' + p['field'].replace('_', '-'))}: {p['message']}"
+            for p in describe_validation_error(error)
+        ]
+        fail("; ".join(problems))
+    images, seeds = _run(request)
+    paths = output_paths(output, len(images))
+    for image, path, image_seed in zip(images, paths, seeds):
+        save_atomically(image, path, image_format)
+        click.echo(f"{path}  (seed {image_seed})")
+
+
+def _run(request):
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from catalog.index import UnknownModelError
+    from catalog.pipelines import ModelLoadError
+    from catalog.store import CatalogError
+    from serving.generation import BatchItem, generate_images
+    from serving.manager import PipelineManager
+    from serving.schema import LimitExceeded
+    from serving.settings import ServingSettings
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True) as progress:
+        loading = progress.add_task(f"loading {request.model}", total=None)
+        try:
+            manager = PipelineManager(ServingSettings())
+            entry = manager.entry(request.model)
+            pipeline = manager.pipeline_for(entry)
+        except (UnknownModelError, ModelLoadError) as error:
+            fail(str(error))
+        except CatalogError as error:
+            fail(f"the catalog is invalid; first problem: {error.problems[0]}")
+        progress.remove_task(loading)
+        steps = progress.add_task(f"generating on {manager.device}", total=request.num_inference_steps)
+        seeds = request.image_seeds()
+        size = entry.resolution
+        try:
+            images = generate_images(
+                pipeline,
+                [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
+                width=request.width or size,
+                height=request.height or size,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                scheduler=request.scheduler,
+                on_step=lambda done: progress.update(steps, completed=done),
+            )
+        except LimitExceeded as error:
+            fail(str(error).replace("num_inference_steps", "--steps"))
+    return images, seeds

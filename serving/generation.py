@@ -1,0 +1,96 @@
+"""One pipeline call for a batch of images: its own scheduler, one CPU generator per image, and a stop check.
+
+The loaded pipeline is shared; this module never mutates it. Each call runs on a fresh pipeline
+object that reuses the loaded modules but owns a new scheduler (schedulers keep per-run state and
+are not thread-safe) and its own interrupt flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from serving.schema import LimitExceeded
+
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+@dataclass
+class BatchItem:
+    """One image of a batch: its prompt, negative prompt and seed."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+
+def fresh_scheduler(pipeline, name: str | None):
+    """A new scheduler built from the pipeline's config; ``name`` picks another sampler class."""
+    import diffusers
+
+    scheduler_class = type(pipeline.scheduler) if name is None else getattr(diffusers, SCHEDULER_CLASSES[name])
+    return scheduler_class.from_config(pipeline.scheduler.config)
+
+
+def request_pipeline(pipeline, scheduler_name: str | None):
+    """A pipeline sharing ``pipeline``'s modules with its own scheduler and interrupt flag."""
+    components = {**pipeline.components, "scheduler": fresh_scheduler(pipeline, scheduler_name)}
+    view = type(pipeline)(**components, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+def generate_images(
+    pipeline,
+    items: list[BatchItem],
+    *,
+    width: int,
+    height: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    scheduler: str | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[int], None] = lambda step: None,
+) -> list:
+    """Generate one PIL image per item in one pipeline call.
+
+    ``should_stop`` is asked after every denoising step; once it says yes, the remaining steps
+    are skipped. ``on_step`` receives the number of steps done, for progress bars.
+    """
+    import torch
+
+    view = request_pipeline(pipeline, scheduler)
+    # Schedulers index a table of num_train_timesteps entries; more steps than that overrun it.
+    most_steps = view.scheduler.config.num_train_timesteps - 1
+    if num_inference_steps > most_steps:
+        raise LimitExceeded("num_inference_steps", most_steps, num_inference_steps)
+
+    def after_step(step_pipeline, step, timestep, callback_kwargs):
+        on_step(step + 1)
+        if should_stop():
+            step_pipeline._interrupt = True
+        return callback_kwargs
+
+    # CPU generators give the same image on any device; one per image keeps each seed its own.
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+    negatives = [item.negative_prompt or "" for item in items]
+    with torch.inference_mode():
+        output = view(
+            prompt=[item.prompt for item in items],
+            negative_prompt=negatives if any(negatives) else None,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            callback_on_step_end=after_step,
+        )
+    return output.images

@@ -1,0 +1,134 @@
+"""The pipeline manager: catalog id in, ready pipeline out, with an LRU of loaded models bounded by count and bytes.
+
+A LoRA fine-tune never loads a second copy of its base: its adapter is loaded once onto the base
+pipeline and switched on with ``set_adapters`` when a request asks for it. Jumpstart aliases that
+serve the same repo share one pipeline too. Only catalog ids can be loaded, never paths.
+
+Not thread-safe for pipeline use: one generation thread owns the pipelines (see serving/worker.py).
+``loaded_ids`` may be read from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from catalog.pipelines import apply_lora, load_base_pipeline
+from catalog.schema import CatalogEntry
+from catalog.store import Catalog, load_catalog
+from serving.device import (
+    default_memory_budget,
+    optimize_for_device,
+    pick_device,
+    pick_dtype,
+    release_device_memory,
+    weights_bytes,
+)
+from serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedBase:
+    """A pipeline in memory with the LoRA adapters loaded onto it."""
+
+    entry: CatalogEntry
+    pipeline: object
+    nbytes: int
+    adapters: dict[str, str] = field(default_factory=dict)  # catalog id -> adapter name
+
+
+class PipelineManager:
+    """Loads catalog models on demand and keeps the most recently used ones in memory."""
+
+    def __init__(self, settings: ServingSettings, catalog: Catalog | None = None):
+        self.settings = settings
+        self.device = pick_device(settings)
+        self.dtype = pick_dtype(settings, self.device)
+        gigabytes = settings.memory_budget_gb
+        self.memory_budget = int(gigabytes * 2**30) if gigabytes else default_memory_budget(self.device)
+        self._catalog = catalog or load_catalog()
+        self._bases: OrderedDict[str, LoadedBase] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def load_dtype(self):
+        """The dtype to load weights in; None keeps checkpoints' own fp32 without a cast."""
+        import torch
+
+        return None if self.dtype == torch.float32 else self.dtype
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    def entry(self, model_id: str) -> CatalogEntry:
+        """The catalog entry for ``model_id``, re-reading the catalog once for ids registered since start."""
+        if model_id not in self._catalog:
+            self._catalog = load_catalog()
+        return self._catalog.get(model_id)
+
+    def base_entry(self, entry: CatalogEntry) -> CatalogEntry:
+        """The entry whose weights a request for ``entry`` runs on: a LoRA's base, an alias's target, or itself."""
+        if entry.method == "lora":
+            entry = self._catalog.get(entry.base)
+        return self._catalog.get(entry.alias_of) if entry.alias_of else entry
+
+    def loaded_ids(self) -> list[str]:
+        """Catalog ids servable without loading weights, most recently used last."""
+        with self._lock:
+            return [model_id for base in self._bases.values() for model_id in (base.entry.id, *base.adapters)]
+
+    def pipeline_for(self, entry: CatalogEntry):
+        """The loaded pipeline for ``entry``, with the right LoRA adapter switched on (or all of them off)."""
+        base = self._base(self.base_entry(entry))
+        pipeline = base.pipeline
+        if entry.method == "lora":
+            if entry.id not in base.adapters:
+                base.adapters[entry.id] = apply_lora(pipeline, entry)
+            pipeline.enable_lora()
+            pipeline.set_adapters([base.adapters[entry.id]])
+        elif base.adapters:
+            pipeline.disable_lora()
+        return pipeline
+
+    def _base(self, entry: CatalogEntry) -> LoadedBase:
+        with self._lock:
+            loaded = self._bases.get(entry.id)
+            if loaded is not None:
+                self._bases.move_to_end(entry.id)
+                return loaded
+        # Load on the CPU first: its size is then known, and room is made before it reaches the GPU.
+        pipeline = load_base_pipeline(
+            entry, torch_dtype=self.load_dtype, local_files_only=self.settings.local_files_only
+        )
+        nbytes = weights_bytes(pipeline)
+        self._make_room(nbytes)
+        attention = optimize_for_device(pipeline, self.device, self.settings)
+        logger.info(
+            "loaded %s on %s (%s, attention %s, %.1f MiB)", entry.id, self.device, self.dtype, attention, nbytes / 2**20
+        )
+        loaded = LoadedBase(entry=entry, pipeline=pipeline, nbytes=nbytes)
+        with self._lock:
+            self._bases[entry.id] = loaded
+        return loaded
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used pipelines until ``incoming`` bytes fit the count and byte budgets."""
+        evicted = False
+        with self._lock:
+            while self._bases and (
+                len(self._bases) >= self.settings.max_loaded_models
+                or (self.memory_budget is not None and self.resident_bytes() + incoming > self.memory_budget)
+            ):
+                model_id, _ = self._bases.popitem(last=False)
+                logger.info("evicted %s", model_id)
+                evicted = True
+        if evicted:
+            release_device_memory(self.device)
+
+    def resident_bytes(self) -> int:
+        return sum(base.nbytes for base in self._bases.values())

@@ -1,0 +1,73 @@
+"""The one definition of a generation request, shared by ``POST /txt2img``, ``/invocations`` and ``txt2img generate``."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.settings import ServingSettings
+
+SchedulerName = Literal["ddim", "pndm", "euler", "euler-a", "dpm++", "unipc", "lms"]
+ImageFormat = Literal["png", "jpeg"]
+
+
+class GenerationRequest(BaseModel):
+    """What to generate: a prompt, the model and the sampling settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Catalog id; defaults to the server's TXT2IMG_MODEL.")
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    width: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
+    height: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; 1 or less disables it.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed + i. Random when absent."
+    )
+    scheduler: SchedulerName | None = Field(None, description="Sampler; defaults to the model's own.")
+    num_images: int = Field(1, ge=1)
+    format: ImageFormat = "png"
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each image: ``seed``, ``seed + 1``, ...; a random start when no seed was given."""
+        first = self.seed if self.seed is not None else random.randrange(2**63 - self.num_images)
+        return [first + index for index in range(self.num_images)]
+
+
+def describe_validation_error(error) -> list[dict]:
+    """pydantic's errors as ``{"field", "message"}`` pairs a person can read."""
+    return [
+        {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
+        for item in error.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+class LimitExceeded(ValueError):
+    """A request asks for more than the server's configured limits allow."""
+
+    def __init__(self, field: str, limit: int, value: int):
+        self.field = field
+        self.limit = limit
+        self.value = value
+        super().__init__(f"{field} is {value}, above the limit of {limit}")
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "field": self.field, "limit": self.limit, "value": self.value}
+
+
+def check_limits(request: GenerationRequest, settings: ServingSettings, width: int, height: int) -> None:
+    """Raise LimitExceeded for the first field that breaks a limit; width and height are the resolved size."""
+    checks = [
+        ("num_inference_steps", settings.max_steps, request.num_inference_steps),
+        ("num_images", settings.max_images, request.num_images),
+        ("width*height", settings.max_pixels, width * height),
+        ("prompt", settings.max_prompt_length, len(request.prompt)),
+        ("negative_prompt", settings.max_prompt_length, len(request.negative_prompt or "")),
+    ]
+    for field, limit, value in checks:
+        if value > limit:
+            raise LimitExceeded(field, limit, value)

@@ -1,0 +1,43 @@
+"""The service's configuration, read from ``TXT2IMG_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServingSettings(BaseSettings):
+    """Every knob of ``bentoml serve`` and ``txt2img generate``; env ``TXT2IMG_<NAME>`` sets ``<name>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TXT2IMG_", extra="ignore")
+
+    model: str = Field("tiny-sd", description="Catalog id warmed at start and used when a request names none.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="auto = fp16 on CUDA and mps, fp32 on the CPU."
+    )
+    attention: Literal["auto", "xformers", "sdpa"] = Field(
+        "auto", description="CUDA attention kernel; auto = xformers when installed, else PyTorch SDPA."
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA); compiled during warm-up.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; set it when other processes share the cores."
+    )
+    local_files_only: bool = Field(False, description="Never download: Hub models must be in the HF cache.")
+
+    max_loaded_models: int = Field(3, ge=1, description="Pipelines kept in memory (shared LoRA bases count once).")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Weights kept in memory at most; default: 80% of the GPU, unbounded on the CPU."
+    )
+
+    max_batch_size: int = Field(8, ge=1, description="Images per pipeline call; 1 turns batching off.")
+    batch_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for compatible requests.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting at most; beyond that the server answers 429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Queue wait plus generation, per request.")
+
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest width x height a request may ask for.")
+    max_steps: int = Field(150, ge=1, description="Most denoising steps a request may ask for.")
+    max_images: int = Field(8, ge=1, description="Most images one request may ask for.")
+    max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")

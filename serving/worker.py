@@ -1,0 +1,233 @@
+"""The generation queue: a bounded FIFO of requests and the one thread that owns the device.
+
+Requests wait in arrival order. The thread takes the oldest one, adds every queued request that
+can share its pipeline call (same model, size, steps, guidance and scheduler) up to
+``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
+client left or whose time ran out is dropped from the queue, and a running call stops at the
+next denoising step once all of its requests have given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from catalog.schema import CatalogEntry
+from serving.generation import BatchItem, generate_images
+from serving.manager import PipelineManager
+from serving.schema import GenerationRequest, LimitExceeded
+from serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_STEPS = 2
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` requests already; ``retry_after`` is a guess in seconds."""
+
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"the generation queue is full; retry in about {retry_after} s")
+
+
+class GenerationTimeout(Exception):
+    """A request did not finish within ``request_timeout_s``."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its images were ready."""
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seeds: list[int]
+    batch_images: int
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or running on, the device."""
+
+    entry: CatalogEntry
+    request: GenerationRequest
+    width: int
+    height: int
+    seeds: list[int]
+    deadline: float
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
+        return cls(entry, request, width, height, request.image_seeds(), deadline=time.monotonic() + timeout_s)
+
+    @property
+    def batch_key(self) -> tuple:
+        request = self.request
+        return (self.entry.id, self.width, self.height, request.num_inference_steps, request.guidance_scale,
+                request.scheduler)
+
+    def gave_up(self) -> bool:
+        return self.abandoned.is_set() or time.monotonic() > self.deadline
+
+
+class GenerationQueue:
+    """Accepts jobs from any thread or event loop and runs them, batched, on one generation thread."""
+
+    def __init__(self, manager: PipelineManager, settings: ServingSettings, metrics=None):
+        self.manager = manager
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = threading.Event()
+        self.warm_up_error: str | None = None
+        self._pending: deque[Job] = deque()
+        self._condition = threading.Condition()
+        self._seconds_per_image = 1.0
+        self._thread: threading.Thread | None = None
+
+    def start(self, warm_model: str) -> None:
+        """Start the generation thread; it warms ``warm_model`` before taking requests."""
+        self._thread = threading.Thread(target=self._run, args=(warm_model,), name="txt2img-generation", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self._condition:
+            if len(self._pending) >= self.settings.max_queue:
+                queued_images = sum(len(queued.seeds) for queued in self._pending)
+                raise QueueFull(max(1, math.ceil(queued_images * self._seconds_per_image)))
+            self._pending.append(job)
+            self._report_depth()
+            self._condition.notify()
+        return job.future
+
+    async def wait(self, job: Job, client_gone: Callable[[], Awaitable[bool]] | None = None) -> GenerationResult:
+        """Wait for ``job`` without blocking the event loop; give up on timeout or disconnect."""
+        waiting = asyncio.wrap_future(job.future)
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                job.abandoned.set()
+                raise GenerationTimeout(f"not done within {self.settings.request_timeout_s:g} s")
+            done, _ = await asyncio.wait({waiting}, timeout=min(remaining, 0.25))
+            if done:
+                if waiting.cancelled():  # dropped from the queue after its deadline passed
+                    raise GenerationTimeout(f"not done within {self.settings.request_timeout_s:g} s")
+                return waiting.result()
+            if client_gone is not None and await client_gone():
+                job.abandoned.set()
+                raise ClientGone("the client disconnected")
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    def _run(self, warm_model: str) -> None:
+        try:
+            self._warm_up(warm_model)
+        except Exception as error:  # the service keeps answering /readyz with 503 and says why
+            logger.exception("warm-up of %s failed", warm_model)
+            self.warm_up_error = f"warm-up of '{warm_model}' failed: {error}"
+            return
+        self.ready.set()
+        while True:
+            batch = self._next_batch()
+            self._run_batch(batch)
+
+    def _warm_up(self, model_id: str) -> None:
+        entry = self.manager.entry(model_id)
+        pipeline = self.manager.pipeline_for(entry)
+        size = entry.resolution
+        # One short call runs every kernel once, and compiles the UNet when torch.compile is on.
+        generate_images(pipeline, [BatchItem("warm-up", None, 0)], width=size, height=size,
+                        num_inference_steps=WARM_UP_STEPS, guidance_scale=7.5)
+        logger.info("warmed up %s", model_id)
+
+    def _next_batch(self) -> list[Job]:
+        """Wait for the oldest live job, then gather the queued jobs that can share its pipeline call."""
+        with self._condition:
+            while True:
+                while not self._pending:
+                    self._condition.wait()
+                head = self._pending.popleft()
+                if not head.gave_up():
+                    break
+                head.future.cancel()  # its waiter has already answered the client
+            batch = [head]
+            images = len(head.seeds)
+            wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
+            while True:
+                for job in list(self._pending):
+                    fits = images + len(job.seeds) <= self.settings.max_batch_size
+                    if fits and job.batch_key == head.batch_key and not job.gave_up():
+                        self._pending.remove(job)
+                        batch.append(job)
+                        images += len(job.seeds)
+                remaining = wait_until - time.monotonic()
+                if images >= self.settings.max_batch_size or remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            self._report_depth()
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        head = batch[0]
+        items = [
+            BatchItem(job.request.prompt, job.request.negative_prompt, seed) for job in batch for seed in job.seeds
+        ]
+        started = time.monotonic()
+        steps_done = 0
+
+        def count_step(done: int) -> None:
+            nonlocal steps_done
+            steps_done = done
+
+        if self.metrics is not None:
+            self.metrics.running_images.set(len(items))
+        try:
+            pipeline = self.manager.pipeline_for(head.entry)
+            images = generate_images(
+                pipeline,
+                items,
+                width=head.width,
+                height=head.height,
+                num_inference_steps=head.request.num_inference_steps,
+                guidance_scale=head.request.guidance_scale,
+                scheduler=head.request.scheduler,
+                should_stop=lambda: all(job.gave_up() for job in batch),
+                on_step=count_step,
+            )
+        except Exception as error:  # every waiting request hears about it; the thread lives on
+            if not isinstance(error, LimitExceeded):
+                logger.exception("generation failed for %s", head.entry.id)
+            for job in batch:
+                job.future.set_exception(error)
+            return
+        finally:
+            if self.metrics is not None:
+                self.metrics.running_images.set(0)
+        elapsed = time.monotonic() - started
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
+        if steps_done < head.request.num_inference_steps:
+            logger.info("stopped after %d of %d steps: every request in the batch gave up",
+                        steps_done, head.request.num_inference_steps)
+            if self.metrics is not None:
+                self.metrics.interrupted.inc()
+        offset = 0
+        for job in batch:
+            count = len(job.seeds)
+            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(items)))
+            offset += count
+            if self.metrics is not None:
+                self.metrics.generation_seconds.labels(job.entry.id).observe(time.monotonic() - job.arrived)
+        if self.metrics is not None:
+            self.metrics.batch_images.observe(len(items))

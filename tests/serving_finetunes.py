@@ -1,0 +1,53 @@
+"""Tiny fine-tunes of tiny-sd for the serving tests: a full copy saved to disk, and a LoRA adapter made with peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from catalog.schema import CatalogEntry
+from catalog.store import write_entry
+
+FULL_ID = "tiny-full"
+OTHER_FULL_ID = "tiny-full-copy"
+LORA_ID = "tiny-lora"
+
+
+def save_full_finetune(folder: Path) -> Path:
+    from catalog.tiny_sd import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_lora_adapter(folder: Path) -> Path:
+    """A rank-4 LoRA on tiny-sd's UNet attention, with random (not zero) weights so it changes the images."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from catalog.tiny_sd import build_tiny_sd_pipeline
+
+    unet = build_tiny_sd_pipeline().unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+def register_finetunes(home: Path) -> None:
+    """Save the fine-tunes under ``home``/models and add them to the user catalog of txt2img home ``home``."""
+    root = home / "models"
+    catalog_dir = home / "catalog"
+    full = save_full_finetune(root / FULL_ID)
+    lora = save_lora_adapter(root / LORA_ID)
+    common = {"source": "finetune", "family": "tiny", "resolution": 64, "base": "tiny-sd"}
+    write_entry(CatalogEntry(id=FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
+    write_entry(CatalogEntry(id=OTHER_FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
+    write_entry(CatalogEntry(id=LORA_ID, method="lora", artifact=str(lora), **common), user_dir=catalog_dir)
