@@ -21,76 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SIZE = 512
+from sd21_random import SIZE, build_sd21_base_pipeline  # noqa: E402 - bench/ is on sys.path above
+
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def build_sd21_base_components(dtype) -> dict:
-    """SD 2.1-base's UNet, VAE and OpenCLIP ViT-H text encoder, shaped as in the published configs."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from catalog.tiny_sd import write_tiny_tokenizer_files
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_tiny_tokenizer_files(Path(folder))
-        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=SIZE,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            hidden_act="gelu",
-            projection_dim=512,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    return {
-        **{name: module.to(dtype).eval() for name, module in modules.items()},
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "image_encoder": None,
-    }
-
-
 def build_pipeline(dtype):
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(**build_sd21_base_components(dtype), requires_safety_checker=False)
+    pipeline = build_sd21_base_pipeline().to("cuda", dtype)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to("cuda")
+    return pipeline
 
 
 def time_pipeline(pipeline, steps: int, images: int) -> tuple[float, float, float]:

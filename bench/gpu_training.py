@@ -41,70 +41,6 @@ TIERS: dict[str, tuple[dict[str, object], float | None]] = {
 }
 
 
-def build_sd21_base_random(folder: Path) -> None:
-    """Save a StableDiffusionPipeline with SD 2.1-base's architecture and random weights."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from catalog.tiny_sd import write_tiny_tokenizer_files
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=512,
-        layers_per_block=2,
-    )
-    # The real tokenizer is a Hub download; a byte-level one yields ids inside the same vocabulary.
-    tokenizer_dir = folder.parent / "tokenizer-files"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=512,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-
-
 def register(folder: Path) -> None:
     from catalog.schema import CatalogEntry
     from catalog.store import write_entry
@@ -150,6 +86,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("TIER", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
+    from sd21_random import build_sd21_base_pipeline
 
     if args.child:
         print("RESULT " + json.dumps(run_tier(args.child[0], Path(args.child[1]), args.steps)), flush=True)
@@ -165,7 +103,7 @@ def main() -> None:
         root = Path(scratch)
         os.environ["TXT2IMG_HOME"] = str(root / "home")
         print("building SD 2.1-base (random weights) ...", flush=True)
-        build_sd21_base_random(root / "sd21-base")
+        build_sd21_base_pipeline().save_pretrained(root / "sd21-base", safe_serialization=True)
         register(root / "sd21-base")
         data = write_demo_dataset(root / "data", size=512)
         print(f"{'tier':<20} {'peak alloc GiB':>15} {'peak reserved GiB':>18} {'steps/s':>8}  budget")

@@ -40,10 +40,24 @@ def write_tiny_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
+def stable_diffusion_scheduler():
+    """DDIM with Stable Diffusion's noise schedule (scaled linear betas 0.00085 to 0.012)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def build_tiny_sd_components() -> dict:
     """The modules of ``tiny-sd``, identical on every call and leaving the global RNG untouched."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -90,20 +104,12 @@ def build_tiny_sd_components() -> dict:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
         "text_encoder": text_encoder.eval(),
         "tokenizer": tokenizer,
-        "scheduler": scheduler,
+        "scheduler": stable_diffusion_scheduler(),
         "safety_checker": None,
         "feature_extractor": None,
         "image_encoder": None,

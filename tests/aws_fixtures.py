@@ -192,7 +192,6 @@ def aws(monkeypatch, tmp_path, jumpstart_specs):
     monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
     monkeypatch.setenv("AWS_JUMPSTART_MANIFEST_LOCAL_ROOT_DIR_OVERRIDE", str(jumpstart_specs))
     monkeypatch.setenv("AWS_JUMPSTART_SPECS_LOCAL_ROOT_DIR_OVERRIDE", str(jumpstart_specs))
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
     _drop_empty_describe_fields(monkeypatch)
     with mock_aws():
         import boto3

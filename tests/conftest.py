@@ -20,6 +20,25 @@ def txt2img_home(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a small shared CPU it beats one per core, which spin against other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_local_metric_weights(tmp_path, monkeypatch):
+    """No metric weights from the user's environment or HF cache may leak into a test."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("INCEPTION", "CLIP", "DINO"):
+        monkeypatch.delenv(f"TXT2IMG_{name}_PATH", raising=False)
+
+
+@pytest.fixture
 def cli_env(txt2img_home) -> dict[str, str]:
     """Environment for running ``python -m txt2img`` in a subprocess against this checkout."""
     env = dict(os.environ)

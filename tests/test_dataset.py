@@ -18,12 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 FLUX_ID = "huggingface-txt2img-black-forest-labs-flux-1-schnell"
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 @pytest.fixture
 def dataset_dir(tmp_path) -> Path:
     return write_demo_dataset(tmp_path / "data")
@@ -117,24 +111,24 @@ def test_concept_folder_must_stay_inside(tmp_path):
         load_dataset(folder, Hyperparameters(), 64)
 
 
-def test_untrainable_base_is_refused_before_any_work(dataset_dir, home):
+def test_untrainable_base_is_refused_before_any_work(dataset_dir, txt2img_home):
     from training.dreambooth import TrainingSetupError, train
 
     with pytest.raises(TrainingSetupError, match="flux"):
         train(dataset_dir, FLUX_ID, "my-flux", Hyperparameters(), progress=False)
-    assert not (home / "catalog").exists() and not (home / "models").exists()
+    assert not (txt2img_home / "catalog").exists() and not (txt2img_home / "models").exists()
 
 
-def test_bad_dataset_on_the_cli_is_one_line_and_exit_code_2(dataset_dir, home):
+def test_bad_dataset_on_the_cli_is_one_line_and_exit_code_2(dataset_dir, txt2img_home):
     (dataset_dir / "red-1.png").write_bytes(b"not a png")
     result = subprocess.run(
         [sys.executable, "-m", "txt2img", "train", str(dataset_dir), "--base", "tiny-sd", "--name", "mine"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(home)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(txt2img_home)},
         timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "red-1.png: corrupt or unreadable image" in result.stderr
-    assert not (home / "catalog").exists() and not (home / "models").exists()
+    assert not (txt2img_home / "catalog").exists() and not (txt2img_home / "models").exists()

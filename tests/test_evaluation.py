@@ -31,24 +31,7 @@ from txt2img.cli import app
 SAGEMAKER_FID_REGEX = r"fid_score=([-+]?\d\.?\d*)"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On a small shared CPU, one thread is several times faster than torch's default of one per core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no real cached CLIP/DINO may leak in
-    for name in ("INCEPTION", "CLIP", "DINO"):
-        monkeypatch.delenv(f"TXT2IMG_{name}_PATH", raising=False)
-    return tmp_path / "home"
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_local_metric_weights")
 
 
 def write_dataset(directory: Path, count: int = 3) -> Path:
@@ -174,12 +157,12 @@ def test_metric_lines_are_what_sagemaker_regexes_read():
     assert re.fullmatch(r"fid_score=([-+]?[0-9.]+)", lines[0])
 
 
-def test_metric_weights_come_from_flags_then_env_then_defaults(monkeypatch, isolated_home):
+def test_metric_weights_come_from_flags_then_env_then_defaults(monkeypatch, txt2img_home):
     monkeypatch.setenv("TXT2IMG_CLIP_PATH", "/env/clip")
     monkeypatch.setenv("TXT2IMG_DINO_PATH", "/env/dino")
     weights = MetricWeights.from_env(dino="/flag/dino")
     assert weights.clip == "/env/clip" and weights.dino == "/flag/dino"
-    assert weights.inception == str(isolated_home / "metric-weights" / "inception-2015-12-05.pt")
+    assert weights.inception == str(txt2img_home / "metric-weights" / "inception-2015-12-05.pt")
 
 
 # --- end to end ------------------------------------------------------------------------------------

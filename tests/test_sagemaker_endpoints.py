@@ -175,14 +175,9 @@ class _InvocationsHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_invoke_with_url_talks_to_a_local_invocations_server(monkeypatch, tmp_path, capsys):
-    import torch
-
+def test_invoke_with_url_talks_to_a_local_invocations_server(tmp_path, capsys, one_torch_thread):
     from catalog.tiny_sd import build_tiny_sd_pipeline
 
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     _InvocationsHandler.pipeline = build_tiny_sd_pipeline()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _InvocationsHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -192,13 +187,11 @@ def test_invoke_with_url_talks_to_a_local_invocations_server(monkeypatch, tmp_pa
               "--width", "32", "--height", "32", "--seed", "0", "--url", f"http://127.0.0.1:{server.server_port}"])
     finally:
         server.shutdown()
-        torch.set_num_threads(threads)
     images = [Image.open(tmp_path / f"local-{index}.jpg") for index in range(2)]
     assert [(image.format, image.size) for image in images] == [("JPEG", (32, 32))] * 2
 
 
-def test_invoke_with_unreachable_url_is_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
+def test_invoke_with_unreachable_url_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["endpoints", "invoke", "local", "a dog", "--url", "http://127.0.0.1:9"])
     assert exit_info.value.code == 2

@@ -32,14 +32,7 @@ CLASS = "a photo of a toy"
 FAST = {"learning_rate": 2e-3, "validation_prompts": [RED], "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def single_thread_and_home(tmp_path, monkeypatch):
-    # The CI machine is small and shared; one thread avoids OpenMP spinning against other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(folder: Path, pattern: str = "*.png") -> list[Image.Image]:

@@ -26,24 +26,7 @@ TINY_TRIAL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On a small shared CPU, one thread is several times faster than torch's default of one per core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TXT2IMG_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for name in ("INCEPTION", "CLIP", "DINO"):
-        monkeypatch.delenv(f"TXT2IMG_{name}_PATH", raising=False)
-    return tmp_path / "home"
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_local_metric_weights")
 
 
 def write_dataset(directory: Path, count: int = 3) -> Path:
@@ -123,14 +106,14 @@ def test_tune_refuses_bad_input_before_training(tmp_path):
 # --- studies ----------------------------------------------------------------------------------------
 
 
-def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, isolated_home):
+def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, txt2img_home):
     import optuna
 
     data = write_dataset(tmp_path / "data")
     result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "para", "--trials", "3",
                                       "--parallel", "2", *TINY_TRIAL])
     assert result.exit_code == 0, result.output
-    trials = study_trials(isolated_home / "studies" / "para", "para")
+    trials = study_trials(txt2img_home / "studies" / "para", "para")
     assert [t.number for t in trials] == [0, 1, 2]
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert all(t.state in finished for t in trials), [t.state for t in trials]
@@ -139,7 +122,7 @@ def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, isolated_home):
     assert all("metrics" in t.user_attrs for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
 
 
-def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated_home):
+def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_home):
     """Three instance_loss trials; the process is killed during the second, and --resume finishes the study."""
     import optuna
 
@@ -147,7 +130,7 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated
     from catalog.store import load_catalog
 
     data = write_dataset(tmp_path / "data")
-    study_dir = isolated_home / "studies" / "tuned"
+    study_dir = txt2img_home / "studies" / "tuned"
     command = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "3", "--no-prune", *TINY_TRIAL]
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "txt2img", *command], env=environment, cwd=REPO_ROOT,
@@ -186,7 +169,7 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated
     assert next(t for t in entry.tuning["trials"] if t["number"] == best.number)["params"] == best.params
     assert entry.metrics["instance_loss"] == pytest.approx(best.value)
     assert entry.hyperparameters["max_steps"] == best.params["max_steps"]
-    assert Path(entry.artifact) == isolated_home / "models" / "tuned" / "model"
+    assert Path(entry.artifact) == txt2img_home / "models" / "tuned" / "model"
     assert not any(name.startswith("tuned-trial") for name in catalog.ids())  # trials are not registered
 
     # Only the best's weights survive (in the models folder); every trial keeps its evaluation grid.
@@ -203,7 +186,7 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, isolated
     assert image.size == (64, 64)
 
 
-def test_a_study_on_an_rdb_url(tmp_path, isolated_home):
+def test_a_study_on_an_rdb_url(tmp_path, txt2img_home):
     import optuna
 
     from catalog.store import load_catalog
@@ -215,5 +198,5 @@ def test_a_study_on_an_rdb_url(tmp_path, isolated_home):
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="on-rdb", storage=url).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
-    assert not (isolated_home / "studies" / "on-rdb" / "journal.log").exists()
+    assert not (txt2img_home / "studies" / "on-rdb" / "journal.log").exists()
     assert load_catalog().get("on-rdb").tuning["storage"] == url
