@@ -12,6 +12,7 @@ from catalog.pipelines import ModelLoadError, export_model, load_pipeline
 from catalog.schema import CatalogEntry
 from catalog.store import load_catalog, write_entry
 from catalog.tiny_sd import build_tiny_sd_pipeline
+from serving_finetunes import save_lora_adapter
 
 
 def generate(pipeline, seed: int, steps: int = 2) -> np.ndarray:
@@ -75,22 +76,9 @@ def test_export_refuses_a_non_empty_directory_and_unknown_ids(tmp_path, run_cli)
 
 def make_lora_finetune(tmp_path) -> CatalogEntry:
     """A tiny LoRA on tiny-sd with non-zero weights, registered as a user fine-tune."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipeline = build_tiny_sd_pipeline()
-    pipeline.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for name, parameter in pipeline.unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    artifact = tmp_path / "lora"
-    StableDiffusionPipeline.save_lora_weights(artifact, unet_lora_layers=get_peft_model_state_dict(pipeline.unet))
     entry = CatalogEntry(
         id="tiny-lora", source="finetune", family="tiny", resolution=64,
-        base="tiny-sd", method="lora", artifact=str(artifact),
+        base="tiny-sd", method="lora", artifact=str(save_lora_adapter(tmp_path / "lora")),
     )
     write_entry(entry)
     return entry
