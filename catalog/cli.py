@@ -145,6 +145,24 @@ def validate(path: Optional[Path]) -> None:
     click.echo(f"ok: {path or 'the merged catalog'} is valid")
 
 
+@app.command("remove")
+@click.argument("model_id")
+def remove_model(model_id: str) -> None:
+    """Remove fine-tune MODEL_ID from your catalog (its weights stay on disk)."""
+    from catalog.index import UnknownModelError
+    from catalog.store import remove_entry
+
+    index = _index()
+    if model_id in index.origins and index.get(model_id)["source"] != "finetune":
+        fail(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
+    try:
+        remove_entry(model_id)
+    except UnknownModelError as error:
+        fail(str(error))
+    artifact = index.get(model_id).get("artifact")
+    click.echo(f"removed {model_id}" + (f"; its weights remain at {artifact}" if artifact else ""))
+
+
 @app.command("schema")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def json_schema(output: Optional[Path]) -> None:

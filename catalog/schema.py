@@ -21,15 +21,6 @@ Family = Literal["sd1", "sd2-base", "sd2", "flux", "tiny"]
 Source = Literal["jumpstart", "builtin", "finetune"]
 Method = Literal["full", "lora"]
 
-# The native square resolution of each pipeline family, in pixels.
-NATIVE_RESOLUTION: dict[str, int] = {
-    "sd1": 512,
-    "sd2-base": 512,
-    "sd2": 768,
-    "flux": 1024,
-    "tiny": 64,
-}
-
 # Families our local DreamBooth trainer can fine-tune. JumpStart's own remote
 # fine-tuning (``fine_tunable``) is a different, narrower notion.
 LOCALLY_TRAINABLE_FAMILIES = frozenset({"sd1", "sd2-base", "sd2", "tiny"})

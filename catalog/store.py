@@ -149,10 +149,6 @@ class Catalog:
         except KeyError:
             raise UnknownModelError(model_id, suggest_ids(model_id, self.ids())) from None
 
-    def base_of(self, entry: CatalogEntry) -> CatalogEntry:
-        """The model a fine-tune was trained from (the entry itself for non-fine-tunes)."""
-        return self.get(entry.base) if entry.base else entry
-
 
 def load_catalog(user_dir: Path | None = None, builtin: Path = BUILTIN_CATALOG) -> Catalog:
     """The merged catalog; raises CatalogError listing every problem found."""

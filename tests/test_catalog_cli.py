@@ -97,3 +97,13 @@ def test_catalog_commands_do_not_import_heavy_libraries(cli_env):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_remove_deletes_only_user_fine_tunes(run_cli):
+    write_entry(finetune_entry())
+    result = run_cli("catalog", "remove", "my-dog", check_rc=0)
+    assert "removed my-dog; its weights remain at /tmp/nowhere" in result.stdout
+    assert run_cli("catalog", "show", "my-dog").returncode == 2
+    refused = run_cli("catalog", "remove", "tiny-sd")
+    assert refused.returncode == 2 and "only your fine-tunes can be removed" in refused.stderr
+    assert run_cli("catalog", "remove", "my-do").returncode == 2
