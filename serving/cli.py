@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -18,28 +16,6 @@ def output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
-
-
-def save_atomically(image, path: Path, image_format: str) -> None:
-    """Write the image beside ``path`` and rename it into place, so a crash never leaves half a file."""
-    from serving.images import image_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(image_bytes(image, image_format))
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files private; images need not be
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 @click.command("generate")
@@ -78,10 +54,13 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
             for p in describe_validation_error(error)
         ]
         fail("; ".join(problems))
+    from catalog.paths import atomic_write_bytes
+    from serving.images import image_bytes
+
     images, seeds = _run(request)
     paths = output_paths(output, len(images))
     for image, path, image_seed in zip(images, paths, seeds):
-        save_atomically(image, path, image_format)
+        atomic_write_bytes(path, image_bytes(image, image_format))
         click.echo(f"{path}  (seed {image_seed})")
 
 

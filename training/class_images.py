@@ -7,11 +7,11 @@ run generates nothing.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any, Callable
 
+from catalog.paths import atomic_write_bytes
 from training.dataset import Concept
 from training.images import list_images
 
@@ -21,15 +21,10 @@ INFERENCE_STEPS = 25
 GPU_BATCH = 4
 
 
-def _save_png_atomically(image: Any, path: Path) -> None:
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def ensure_class_images(
@@ -72,7 +67,7 @@ def ensure_class_images(
                 generator=generators,
             ).images
         for image, path in zip(images, names):
-            _save_png_atomically(image, path)
+            atomic_write_bytes(path, _png_bytes(image))
             if on_image:
                 on_image()
         missing -= size
