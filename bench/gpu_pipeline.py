@@ -37,8 +37,13 @@ def time_pipeline(pipeline, steps: int, images: int) -> tuple[float, float, floa
     import torch
 
     def one(seed: int) -> None:
-        pipeline(PROMPT, width=SIZE, height=SIZE, num_inference_steps=steps,
-                 generator=torch.Generator("cpu").manual_seed(seed))
+        pipeline(
+            PROMPT,
+            width=SIZE,
+            height=SIZE,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
 
     started = time.perf_counter()
     one(0)
@@ -68,22 +73,29 @@ def time_service(steps: int, images: int) -> tuple[float, float, float]:
     """The same model behind ``bentoml serve``: saved as a local full fine-tune, warmed, then timed over HTTP."""
     import httpx
     import torch
+    from serving_common import running_server
 
     from catalog.schema import CatalogEntry
     from catalog.store import write_entry
-    from serving_common import running_server
 
     home = tempfile.mkdtemp(prefix="txt2img-gpu-bench-")
     folder = Path(home) / "sd21-base-random"
     build_pipeline(torch.float16).save_pretrained(folder, safe_serialization=True)
-    entry = CatalogEntry(id="sd21-base-random", source="finetune", family="sd2-base", resolution=SIZE,
-                         base="model-txt2img-stabilityai-stable-diffusion-v2-1-base", method="full",
-                         artifact=str(folder))
+    entry = CatalogEntry(
+        id="sd21-base-random",
+        source="finetune",
+        family="sd2-base",
+        resolution=SIZE,
+        base="model-txt2img-stabilityai-stable-diffusion-v2-1-base",
+        method="full",
+        artifact=str(folder),
+    )
     write_entry(entry, user_dir=Path(home) / "catalog")
     payload = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": steps}
-    with running_server(home=home, model=entry.id, attention="sdpa") as url, httpx.Client(
-        base_url=url, timeout=600
-    ) as client:
+    with (
+        running_server(home=home, model=entry.id, attention="sdpa") as url,
+        httpx.Client(base_url=url, timeout=600) as client,
+    ):
         started = time.perf_counter()
         client.post("/txt2img", json={**payload, "seed": 0}).raise_for_status()
         warm_up = time.perf_counter() - started
@@ -115,23 +127,33 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     record("fp32 (SDPA)", lambda: time_pipeline(build_pipeline(torch.float32), args.steps, args.images))
-    record("fp16 + SDPA (plain diffusers loop)",
-           lambda: time_pipeline(build_pipeline(torch.float16), args.steps, args.images))
-    record("fp16 + SDPA + channels_last (service tuning)",
-           lambda: time_pipeline(tuned_pipeline("sdpa", False), args.steps, args.images))
+    record(
+        "fp16 + SDPA (plain diffusers loop)",
+        lambda: time_pipeline(build_pipeline(torch.float16), args.steps, args.images),
+    )
+    record(
+        "fp16 + SDPA + channels_last (service tuning)",
+        lambda: time_pipeline(tuned_pipeline("sdpa", False), args.steps, args.images),
+    )
     if importlib.util.find_spec("xformers"):
-        record("fp16 + xformers + channels_last",
-               lambda: time_pipeline(tuned_pipeline("xformers", False), args.steps, args.images))
+        record(
+            "fp16 + xformers + channels_last",
+            lambda: time_pipeline(tuned_pipeline("xformers", False), args.steps, args.images),
+        )
     else:
         rows.append(("fp16 + xformers", "skipped: xformers is not installed"))
     if not args.skip_compile:
-        record("fp16 + SDPA + compile (regional)",
-               lambda: time_pipeline(tuned_pipeline("sdpa", True), args.steps, args.images))
+        record(
+            "fp16 + SDPA + compile (regional)",
+            lambda: time_pipeline(tuned_pipeline("sdpa", True), args.steps, args.images),
+        )
     if not args.skip_service:
         record("service over HTTP (fp16 + SDPA), concurrency 1", lambda: time_service(args.steps, args.images))
 
-    print(f"\n{torch.cuda.get_device_name(0)}, SD 2.1-base architecture (random weights), "
-          f"{SIZE}x{SIZE}, {args.steps} steps, batch 1, torch {torch.__version__}\n")
+    print(
+        f"\n{torch.cuda.get_device_name(0)}, SD 2.1-base architecture (random weights), "
+        f"{SIZE}x{SIZE}, {args.steps} steps, batch 1, torch {torch.__version__}\n"
+    )
     print("| setup | it/s | s/image | first call, s |")
     print("| --- | --- | --- | --- |")
     for name, values in rows:

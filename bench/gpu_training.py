@@ -120,7 +120,11 @@ def main() -> None:
                 continue
             numbers = json.loads(lines[-1][len("RESULT ") :])
             budget = TIERS[name][1]
-            verdict = "" if budget is None else f"< {budget:g} GiB: {'yes' if numbers['peak_reserved_gib'] < budget else 'NO'}"
+            verdict = (
+                ""
+                if budget is None
+                else f"< {budget:g} GiB: {'yes' if numbers['peak_reserved_gib'] < budget else 'NO'}"
+            )
             print(
                 f"{name:<20} {numbers['peak_allocated_gib']:>15.2f} {numbers['peak_reserved_gib']:>18.2f} "
                 f"{numbers['steps_per_second'] or 0:>8.2f}  {verdict}",

@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-
 from serving_common import (
     TORCH_THREADS,
     in_process_images,
@@ -67,8 +66,10 @@ def main() -> None:
             for name in images:
                 images[name] += len(seeds)
     rates = {name: images[name] / seconds[name] for name in seconds}
-    print(f"tiny-sd, CPU, 64x64, 4 steps, torch threads {TORCH_THREADS}, concurrency {CONCURRENCY}, "
-          f"{images['http batching on']} images per setup, batch wait {args.wait_ms} ms")
+    print(
+        f"tiny-sd, CPU, 64x64, 4 steps, torch threads {TORCH_THREADS}, concurrency {CONCURRENCY}, "
+        f"{images['http batching on']} images per setup, batch wait {args.wait_ms} ms"
+    )
     for name, rate in rates.items():
         print(f"  {name:<19} {rate:6.2f} images/s")
     baseline = rates["in-process batch 8"]

@@ -55,7 +55,11 @@ def running_server(home: str | None = None, **settings: str):
     log = open(Path(home) / "server.log", "wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

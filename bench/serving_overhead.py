@@ -13,7 +13,6 @@ import argparse
 import time
 
 import httpx
-
 from serving_common import (
     TORCH_THREADS,
     in_process_images,

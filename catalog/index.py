@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from catalog.paths import atomic_write_text, catalog_files, user_catalog_dir
+from txt2img.errors import InputError
 
 CATALOG_DIR = Path(__file__).parent
 # Any change to these invalidates the cache, as do changes to the catalog files themselves.
 _CODE_FILES = (CATALOG_DIR / "schema.py", CATALOG_DIR / "index.py")
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(InputError, KeyError):
     """A model id that is not in the catalog; carries the closest known ids."""
 
     def __init__(self, model_id: str, suggestions: list[str]):
@@ -141,4 +142,3 @@ def load_index(user_dir: Path | None = None) -> CatalogIndex:
     except OSError:
         pass  # a read-only home still gets correct, just slower, answers
     return CatalogIndex(entries, origins)
-

@@ -16,12 +16,13 @@ import yaml
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog
 from catalog.tiny_sd import build_tiny_sd_pipeline
+from txt2img.errors import InputError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EXPORT_MANIFEST = "txt2img.yaml"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError, RuntimeError):
     """A catalog model cannot be turned into a pipeline; the message says why and what to do."""
 
 
@@ -72,7 +73,7 @@ def load_base_pipeline(
             local_files_only=local_files_only,
             **from_pretrained_kwargs,
         )
-    except (OSError, EnvironmentError, ValueError) as error:
+    except (OSError, ValueError) as error:
         hint = (
             " It is not in the local Hugging Face cache and downloads are off."
             if local_files_only

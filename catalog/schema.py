@@ -90,9 +90,7 @@ class CatalogEntry(BaseModel):
     @classmethod
     def _id_is_slug(cls, value: str) -> str:
         if not ID_PATTERN.match(value):
-            raise ValueError(
-                "must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
+            raise ValueError("must be lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
 
     @field_validator("tags")
@@ -104,7 +102,7 @@ class CatalogEntry(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _fields_match_source(self) -> "CatalogEntry":
+    def _fields_match_source(self) -> CatalogEntry:
         finetune_fields = ("base", "method", "artifact")
         if self.source == "finetune":
             missing = [name for name in finetune_fields if getattr(self, name) is None]

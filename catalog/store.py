@@ -6,9 +6,10 @@ which holds one YAML file per fine-tuned model. Light on purpose: no torch here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from catalog.index import UnknownModelError, suggest_ids
 from catalog.paths import BUILTIN_CATALOG, ENTRY_SUFFIX, atomic_write_text, catalog_files, user_catalog_dir
 from catalog.schema import CatalogEntry
+from txt2img.errors import InputError
 
 try:  # libyaml's loader is several times faster; fall back where it is not compiled in.
     _YamlLoader: Any = yaml.CSafeLoader
@@ -41,7 +43,7 @@ class Problem:
         return f"{': '.join(where)}: {self.message}"
 
 
-class CatalogError(Exception):
+class CatalogError(InputError):
     """The catalog files cannot be loaded; ``problems`` says exactly where and why."""
 
     def __init__(self, problems: list[Problem]):

@@ -7,8 +7,8 @@ are not thread-safe) and its own interrupt flag.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from serving.schema import LimitExceeded
 

@@ -6,9 +6,9 @@ from starlette.responses import JSONResponse
 
 from catalog.index import UnknownModelError
 from catalog.pipelines import ModelLoadError
-from serving.jumpstart import MalformedBody, UnacceptableMediaType, UnsupportedMediaType
+from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
+from serving.invocations import MalformedBody, UnacceptableMediaType, UnsupportedMediaType
 from serving.schema import LimitExceeded, describe_validation_error
-from serving.worker import ClientGone, GenerationTimeout, QueueFull
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
 

@@ -4,7 +4,7 @@ A LoRA fine-tune never loads a second copy of its base: its adapter is loaded on
 pipeline and switched on with ``set_adapters`` when a request asks for it. Jumpstart aliases that
 serve the same repo share one pipeline too. Only catalog ids can be loaded, never paths.
 
-Not thread-safe for pipeline use: one generation thread owns the pipelines (see serving/worker.py).
+Not thread-safe for pipeline use: one generation thread owns the pipelines (see serving/generation_queue.py).
 ``loaded_ids`` may be read from any thread.
 """
 

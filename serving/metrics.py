@@ -7,7 +7,7 @@ BentoML has switched it to multiprocess mode; importing it earlier would hide th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class ServingMetrics:
     interrupted: object
 
 
-@lru_cache(maxsize=None)
+@cache
 def serving_metrics() -> ServingMetrics:
     import prometheus_client
 
@@ -42,6 +42,7 @@ def serving_metrics() -> ServingMetrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
         ),
         interrupted=prometheus_client.Counter(
-            "txt2img_interrupted", "Pipeline calls stopped before their last step because every request in them gave up."
+            "txt2img_interrupted",
+            "Pipeline calls stopped before their last step because every request in them gave up.",
         ),
     )

@@ -1,4 +1,4 @@
-"""The one definition of a generation request, shared by ``POST /txt2img``, ``/invocations`` and ``txt2img generate``."""
+"""The one definition of a generation request, shared by ``/txt2img``, ``/invocations`` and ``txt2img generate``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.settings import ServingSettings
+from txt2img.errors import InputError
 
 SchedulerName = Literal["ddim", "pndm", "euler", "euler-a", "dpm++", "unipc", "lms"]
 ImageFormat = Literal["png", "jpeg"]
@@ -46,7 +47,7 @@ def describe_validation_error(error) -> list[dict]:
     ]
 
 
-class LimitExceeded(ValueError):
+class LimitExceeded(InputError, ValueError):
     """A request asks for more than the server's configured limits allow."""
 
     def __init__(self, field: str, limit: int, value: int):

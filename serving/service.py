@@ -14,9 +14,10 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
+from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response
 from serving.images import MEDIA_TYPES, image_base64, image_bytes
-from serving.jumpstart import (
+from serving.invocations import (
     JSON_CONTENT,
     TEXT_CONTENT,
     JumpStartPayload,
@@ -30,7 +31,6 @@ from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
 from serving.schema import GenerationRequest, check_limits
 from serving.settings import ServingSettings
-from serving.worker import GenerationQueue, GenerationResult, Job
 
 sagemaker_app = FastAPI(
     title="txt2img SageMaker protocol",
@@ -145,4 +145,3 @@ class Txt2Img:
             for seed, image in zip(result.seeds, result.images)
         ]
         return JSONResponse({"format": request.format, "images": images}, headers=headers)
-

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import yaml
+from test_catalog_store import finetune_entry
 
 from catalog.store import write_entry
-from test_catalog_store import finetune_entry
 
 
 def test_list_json_has_every_model_with_the_promised_fields(run_cli):
@@ -91,7 +91,8 @@ def test_catalog_commands_do_not_import_heavy_libraries(cli_env):
         "        main(args)\n"
         "    except SystemExit as exit:\n"
         "        assert not exit.code, exit.code\n"
-        "heavy = sorted(m for m in ('torch','diffusers','bentoml','sagemaker','transformers','boto3') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch','diffusers','bentoml','sagemaker','transformers','boto3')"
+        " if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env, timeout=120)

@@ -69,13 +69,15 @@ def write_yaml(path: Path, data) -> Path:
 def test_validation_names_file_entry_and_field(tmp_path):
     bad = write_yaml(
         tmp_path / "bad.yaml",
-        {"models": [
-            {"id": "ok-model", "source": "builtin", "family": "tiny", "resolution": 64},
-            {"id": "neg-res", "source": "builtin", "family": "tiny", "resolution": -1},
-            {"id": "Bad Id", "source": "builtin", "family": "tiny", "resolution": 64},
-            {"id": "typo", "source": "builtin", "family": "tiny", "resolution": 64, "tagz": ["x"]},
-            {"id": "odd-family", "source": "builtin", "family": "sdxl", "resolution": 64},
-        ]},
+        {
+            "models": [
+                {"id": "ok-model", "source": "builtin", "family": "tiny", "resolution": 64},
+                {"id": "neg-res", "source": "builtin", "family": "tiny", "resolution": -1},
+                {"id": "Bad Id", "source": "builtin", "family": "tiny", "resolution": 64},
+                {"id": "typo", "source": "builtin", "family": "tiny", "resolution": 64, "tagz": ["x"]},
+                {"id": "odd-family", "source": "builtin", "family": "sdxl", "resolution": 64},
+            ]
+        },
     )
     lines = [str(problem) for problem in validate_path(bad)]
     assert f"{bad}: entry 'neg-res': field 'resolution': Input should be greater than 0" in lines
@@ -118,7 +120,9 @@ def test_user_entries_merge_with_the_builtin_catalog():
 def test_duplicate_id_is_an_error_naming_both_files():
     user_dir = user_catalog_dir()
     user_dir.mkdir(parents=True)
-    clash = write_yaml(user_dir / "clash.yaml", {"id": "tiny-sd", "source": "builtin", "family": "tiny", "resolution": 64})
+    clash = write_yaml(
+        user_dir / "clash.yaml", {"id": "tiny-sd", "source": "builtin", "family": "tiny", "resolution": 64}
+    )
     with pytest.raises(CatalogError) as raised:
         load_catalog()
     message = str(raised.value)

@@ -77,11 +77,20 @@ def tiny_clip_folder(folder: Path) -> Path:
         write_tiny_tokenizer_files(Path(vocabulary))
         tokenizer = CLIPTokenizer.from_pretrained(vocabulary, model_max_length=77)
     torch.manual_seed(0)
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -94,8 +103,9 @@ def tiny_dino_folder(folder: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       image_size=32, patch_size=8)
+    config = ViTConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor), encoding="utf-8")
@@ -145,8 +155,13 @@ def test_subject_phrase_and_the_papers_prompts():
     assert "a sks dog wearing a santa hat" in live and "a sks dog on top of a mirror" not in live
     assert "a sks backpack on top of a mirror" in objects
     assert not any("santa" in prompt for prompt in objects)
-    assert objects[-5:] == ["a red sks backpack", "a purple sks backpack", "a shiny sks backpack",
-                            "a wet sks backpack", "a cube shaped sks backpack"]
+    assert objects[-5:] == [
+        "a red sks backpack",
+        "a purple sks backpack",
+        "a shiny sks backpack",
+        "a wet sks backpack",
+        "a cube shaped sks backpack",
+    ]
     assert live[-1] == "a cube shaped sks dog"
 
 
@@ -182,8 +197,14 @@ def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     }
     assert extractors["dino"].mean == (0.5, 0.5, 0.5) and extractors["dino"].std == (0.25, 0.25, 0.25)
     report = evaluate_model(
-        "tiny-sd", data, prompts_per_subject=3, images_per_prompt=2, inference_steps=1,
-        output_dir=tmp_path / "out", feature_extractors=extractors, progress=False,
+        "tiny-sd",
+        data,
+        prompts_per_subject=3,
+        images_per_prompt=2,
+        inference_steps=1,
+        output_dir=tmp_path / "out",
+        feature_extractors=extractors,
+        progress=False,
     )
     assert report.skipped == {}
     assert set(report.metrics) == {"fid_score", "clip_i", "clip_t", "dino", "instance_loss"}
@@ -191,8 +212,11 @@ def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     for name in ("clip_i", "clip_t", "dino"):
         assert -1.0 <= report.metrics[name] <= 1.0
 
-    assert [job.prompt for job in report.generations] == ["a sks dog in the jungle", "a sks dog in the snow",
-                                                          "a sks dog on the beach"]
+    assert [job.prompt for job in report.generations] == [
+        "a sks dog in the jungle",
+        "a sks dog in the snow",
+        "a sks dog on the beach",
+    ]
     generated = [Image.open(path).convert("RGB") for job in report.generations for path in job.images]
     real = [Image.open(path).convert("RGB") for path in sorted(data.glob("*.png"))]
     assert len(generated) == 6 and generated[0].size == (64, 64)
@@ -213,11 +237,26 @@ def test_cli_loads_weights_from_paths_and_skips_a_missing_one(tmp_path):
     torch.jit.script(tiny_inception()).save(str(inception_file))
     clip_folder = tiny_clip_folder(tmp_path / "clip")
     output = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "evaluate", "tiny-sd", str(data), "--prompts-per-subject", "2", "--steps", "1",
-        "--inception-path", str(inception_file), "--clip-path", str(clip_folder),
-        "--dino-path", str(tmp_path / "no-dino-here"), "--output", str(output),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "tiny-sd",
+            str(data),
+            "--prompts-per-subject",
+            "2",
+            "--steps",
+            "1",
+            "--inception-path",
+            str(inception_file),
+            "--clip-path",
+            str(clip_folder),
+            "--dino-path",
+            str(tmp_path / "no-dino-here"),
+            "--output",
+            str(output),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert any(re.fullmatch(r"fid_score=\d+\.\d{6}", line) for line in lines)
@@ -236,8 +275,22 @@ def test_cli_without_any_weights_still_reports_instance_loss(tmp_path):
     data = write_dataset(tmp_path / "data")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\na sks dog as a painting\n\n", encoding="utf-8")
-    result = CliRunner().invoke(app, ["evaluate", "tiny-sd", str(data), "--prompts", str(prompts), "--steps", "1",
-                                      "--metric", "instance_loss", "--metric", "fid_score"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "tiny-sd",
+            str(data),
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "1",
+            "--metric",
+            "instance_loss",
+            "--metric",
+            "fid_score",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "instance_loss=" in result.output and "fid_score=" not in result.output
     assert "inception-2015-12-05.pt" in result.output  # the skipped row says how to provide the weights

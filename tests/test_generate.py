@@ -23,15 +23,37 @@ def run(tmp_path):
     }
 
     def run_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "txt2img", "generate", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "txt2img", "generate", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     return run_cli
 
 
 def test_generates_numbered_images_with_their_seeds(run, tmp_path):
-    result = run("tiny-sd", "a red cube", "-o", "out/cube.png", "--steps", "2", "--seed", "7", "-n", "2",
-                 "--width", "48", "--height", "32", "--negative", "blurry")
+    result = run(
+        "tiny-sd",
+        "a red cube",
+        "-o",
+        "out/cube.png",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "-n",
+        "2",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--negative",
+        "blurry",
+    )
     assert result.returncode == 0, result.stderr
     assert "out/cube-0.png  (seed 7)" in result.stdout
     assert "out/cube-1.png  (seed 8)" in result.stdout

@@ -26,8 +26,8 @@ from aws_fixtures import (  # noqa: F401 - fixtures
     sent_requests,
 )
 
-from serving.sagemaker.deployer import LOCAL_MODEL_ENVIRONMENT, deploy
-from serving.sagemaker.errors import SageMakerError
+from jumpstart.deploy import LOCAL_MODEL_ENVIRONMENT, deploy
+from jumpstart.errors import SageMakerError
 
 JUMPSTART_ENVIRONMENT = {
     "SAGEMAKER_PROGRAM": "inference.py",
@@ -38,7 +38,10 @@ JUMPSTART_ENVIRONMENT = {
     "MMS_MAX_RESPONSE_SIZE": "20000000",
 }
 V21_BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
-HF_GPU_IMAGE = f"763104351884.dkr.ecr.{REGION}.amazonaws.com/huggingface-pytorch-inference:2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04"
+HF_GPU_IMAGE = (
+    f"763104351884.dkr.ecr.{REGION}.amazonaws.com/"
+    "huggingface-pytorch-inference:2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04"
+)
 
 
 def _resources(session) -> tuple[list, list, list]:
@@ -71,8 +74,13 @@ def test_generated_specs_agree_with_the_shared_fixture_where_the_tests_rely_on_i
     monkeypatch.setattr(aws_fixtures, "SHARED_SPECS", tmp_path / "missing")
     generated = copy_spec(FIXTURE_MODEL, aws_fixtures.write_jumpstart_specs(tmp_path / "specs"))
 
-    for key in ("hosting_prepacked_artifact_key", "default_inference_instance_type", "resource_name_base",
-                "inference_enable_network_isolation", "supported_inference_instance_types"):
+    for key in (
+        "hosting_prepacked_artifact_key",
+        "default_inference_instance_type",
+        "resource_name_base",
+        "inference_enable_network_isolation",
+        "supported_inference_instance_types",
+    ):
         assert generated[key] == shared[key], key
 
     def required_environment(spec):
@@ -115,9 +123,9 @@ def test_deploy_jumpstart_model_uses_jumpstart_container_and_artifacts(aws, sent
     from catalog.paths import txt2img_home
 
     records = yaml.safe_load((txt2img_home() / "endpoints.yaml").read_text())["endpoints"]
-    assert [(r["model_id"], r["endpoint"]["name"], r["endpoint"]["region"], r["endpoint"]["instance_type"]) for r in records] == [
-        (FIXTURE_MODEL, "lineart", REGION, "ml.p3.2xlarge")
-    ]
+    assert [
+        (r["model_id"], r["endpoint"]["name"], r["endpoint"]["region"], r["endpoint"]["instance_type"]) for r in records
+    ] == [(FIXTURE_MODEL, "lineart", REGION, "ml.p3.2xlarge")]
 
 
 def test_deploy_jumpstart_model_on_a_cpu_instance_picks_the_cpu_image(aws):
@@ -169,8 +177,12 @@ def test_deploy_local_finetune_packages_uploads_and_uses_hf_container(aws, tmp_p
     make_bucket(aws, "my-models")
 
     result = deploy(
-        "local-dog", role=ROLE, endpoint_name="local-dog", instance_type="ml.g4dn.xlarge",
-        s3_prefix="s3://my-models/txt2img", poll_seconds=0,
+        "local-dog",
+        role=ROLE,
+        endpoint_name="local-dog",
+        instance_type="ml.g4dn.xlarge",
+        s3_prefix="s3://my-models/txt2img",
+        poll_seconds=0,
     )
 
     assert result.status == "InService"
@@ -180,16 +192,24 @@ def test_deploy_local_finetune_packages_uploads_and_uses_hf_container(aws, tmp_p
         "ModelDataUrl": "s3://my-models/txt2img/models/local-dog/model.tar.gz",
         "Environment": LOCAL_MODEL_ENVIRONMENT,
     }
-    archive = aws.client("s3").get_object(Bucket="my-models", Key="txt2img/models/local-dog/model.tar.gz")["Body"].read()
+    archive = (
+        aws.client("s3").get_object(Bucket="my-models", Key="txt2img/models/local-dog/model.tar.gz")["Body"].read()
+    )
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         names = set(tar.getnames())
         script = tar.extractfile("code/inference.py").read().decode()
         requirements = tar.extractfile("code/requirements.txt").read().decode()
-    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-            "code/inference.py", "code/requirements.txt"} <= names
-    from serving.sagemaker import jumpstart_inference
+    assert {
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "code/inference.py",
+        "code/requirements.txt",
+    } <= names
+    from jumpstart import inference_script
 
-    assert script == Path(jumpstart_inference.__file__).read_text()
+    assert script == Path(inference_script.__file__).read_text()
     assert "diffusers" in requirements
     from catalog.store import load_catalog
 
@@ -228,7 +248,9 @@ def _fail_in_moto(monkeypatch, operation: str, code: str, message: str) -> None:
 
 def test_failed_endpoint_creation_removes_model_and_config_and_explains_quota(aws, monkeypatch):
     _fail_in_moto(
-        monkeypatch, "create_endpoint", "ResourceLimitExceeded",
+        monkeypatch,
+        "create_endpoint",
+        "ResourceLimitExceeded",
         "The account-level service limit 'ml.p3.2xlarge for endpoint usage' is 0 Instances",
     )
     with pytest.raises(SageMakerError, match=r"AWS quota reached for ml\.p3\.2xlarge .*Service Quotas"):
@@ -249,7 +271,9 @@ def test_unsupported_instance_type_is_explained_and_leaves_nothing(aws):
 @pytest.mark.filterwarnings("ignore:Exception\\(InjectedError\\):UserWarning")
 def test_access_denied_is_one_readable_line(aws, monkeypatch):
     _fail_in_moto(
-        monkeypatch, "create_model", "AccessDeniedException",
+        monkeypatch,
+        "create_model",
+        "AccessDeniedException",
         "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: sagemaker:CreateModel",
     )
     with pytest.raises(SageMakerError) as caught:
@@ -274,7 +298,7 @@ def test_endpoint_failing_while_starting_is_removed_with_config_and_model(aws, m
     with pytest.raises(SageMakerError, match="ping health check; its endpoint, config and model were removed"):
         deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="sick", poll_seconds=0)
     assert _resources(aws) == ([], [], [])
-    from serving.sagemaker.records import recorded_endpoints
+    from jumpstart.records import recorded_endpoints
 
     assert recorded_endpoints() == []
 
@@ -316,7 +340,10 @@ def test_cli_deploy_prints_how_to_invoke_and_clean_up(aws, capsys):
 
     main(["deploy", FIXTURE_MODEL, "--endpoint-name", "cli-ep", "--role", ROLE])
     out = capsys.readouterr().out
-    assert "endpoint cli-ep (ml.p3.2xlarge, us-west-2) serves huggingface-txt2img-conflictx-complex-lineart: InService" in out
+    assert (
+        "endpoint cli-ep (ml.p3.2xlarge, us-west-2) serves huggingface-txt2img-conflictx-complex-lineart: InService"
+        in out
+    )
     assert 'txt2img endpoints invoke cli-ep "a prompt"' in out
     assert "txt2img endpoints delete cli-ep --region us-west-2" in out
 
@@ -346,18 +373,25 @@ def test_cli_without_region_in_a_fresh_process_prints_one_line_and_no_traceback(
     }
     finished = subprocess.run(
         [sys.executable, "-m", "txt2img", "deploy", "tiny-sd", "--role", ROLE],
-        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert finished.returncode == 2
     assert finished.stderr == (
-        "txt2img: error: no AWS region: pass --region (e.g. --region us-east-1), set AWS_REGION, or run `aws configure`\n"
+        "txt2img: error: no AWS region: pass --region (e.g. --region us-east-1), set AWS_REGION, "
+        "or run `aws configure`\n"
     )
 
 
 def test_leftover_config_with_the_same_name_is_reported_and_our_model_removed(aws, monkeypatch):
     # What SageMaker answers when an endpoint config of that name is left over (moto overwrites instead).
     _fail_in_moto(
-        monkeypatch, "create_endpoint_config", "ValidationException",
+        monkeypatch,
+        "create_endpoint_config",
+        "ValidationException",
         f'Cannot create already existing endpoint configuration "arn:aws:sagemaker:{REGION}:{ACCOUNT}:'
         'endpoint-config/leftover".',
     )

@@ -24,7 +24,7 @@ from aws_fixtures import (  # noqa: F401
 )
 from PIL import Image
 
-from serving.sagemaker.deployer import deploy
+from jumpstart.deploy import deploy
 from txt2img.cli import main
 
 
@@ -45,7 +45,10 @@ def _queue_results(path: str, results: list[dict], region: str = REGION) -> None
 
 def test_invoke_decodes_jumpstart_response_into_image_files(aws, tmp_path, capsys):
     deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="art", poll_seconds=0)
-    body = {"generated_images": [_jpeg((24, 16), (200, 10, 10)), _jpeg((24, 16), (10, 200, 10))], "prompt": "a red barn"}
+    body = {
+        "generated_images": [_jpeg((24, 16), (200, 10, 10)), _jpeg((24, 16), (10, 200, 10))],
+        "prompt": "a red barn",
+    }
     _queue_results("endpoint-results", [{"Body": json.dumps(body), "ContentType": "application/json"}])
 
     main(["endpoints", "invoke", "art", "a red barn", "-o", str(tmp_path / "out"), "--seed", "4", "--steps", "20"])
@@ -60,18 +63,45 @@ def test_invoke_decodes_jumpstart_response_into_image_files(aws, tmp_path, capsy
 
 def test_invoke_sends_the_jumpstart_request(aws, sent_requests, tmp_path):
     deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="art", poll_seconds=0)
-    _queue_results("endpoint-results", [{"Body": json.dumps({"generated_images": [_jpeg((8, 8), (0, 0, 0))]}),
-                                          "ContentType": "application/json"}])
+    _queue_results(
+        "endpoint-results",
+        [{"Body": json.dumps({"generated_images": [_jpeg((8, 8), (0, 0, 0))]}), "ContentType": "application/json"}],
+    )
 
-    main(["endpoints", "invoke", "art", "a cat", "-o", str(tmp_path), "--seed", "1", "--width", "512",
-          "--height", "768", "--guidance-scale", "7.5", "--negative-prompt", "blurry", "--num-images", "1"])
+    main(
+        [
+            "endpoints",
+            "invoke",
+            "art",
+            "a cat",
+            "-o",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--width",
+            "512",
+            "--height",
+            "768",
+            "--guidance-scale",
+            "7.5",
+            "--negative-prompt",
+            "blurry",
+            "--num-images",
+            "1",
+        ]
+    )
 
     invocation = next(params for operation, params in sent_requests if operation == "InvokeEndpoint")
     assert invocation["EndpointName"] == "art"
     assert (invocation["ContentType"], invocation["Accept"]) == ("application/json", "application/json;jpeg")
     assert json.loads(invocation["Body"]) == {
-        "prompt": "a cat", "seed": 1, "width": 512, "height": 768, "guidance_scale": 7.5,
-        "negative_prompt": "blurry", "num_images_per_prompt": 1,
+        "prompt": "a cat",
+        "seed": 1,
+        "width": 512,
+        "height": 768,
+        "guidance_scale": 7.5,
+        "negative_prompt": "blurry",
+        "num_images_per_prompt": 1,
     }
 
 
@@ -118,13 +148,15 @@ def test_delete_removes_endpoint_config_model_and_record(aws, capsys):
     main(["endpoints", "delete", "art"])
 
     assert capsys.readouterr().out.splitlines() == [
-        "deleted endpoint art", "deleted endpoint config art", "deleted model art",
+        "deleted endpoint art",
+        "deleted endpoint config art",
+        "deleted model art",
     ]
     sagemaker = aws.client("sagemaker")
     assert [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]] == ["keep-me"]
     assert [c["EndpointConfigName"] for c in sagemaker.list_endpoint_configs()["EndpointConfigs"]] == ["keep-me"]
     assert [m["ModelName"] for m in sagemaker.list_models()["Models"]] == ["keep-me"]
-    from serving.sagemaker.records import recorded_endpoints
+    from jumpstart.records import recorded_endpoints
 
     assert [record.endpoint.name for record in recorded_endpoints()] == ["keep-me"]
 
@@ -141,7 +173,9 @@ def test_list_joins_aws_status_with_recorded_models(aws, capsys):
     aws.client("sagemaker").create_model(ModelName="m", ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "img"})
     aws.client("sagemaker").create_endpoint_config(
         EndpointConfigName="other",
-        ProductionVariants=[{"VariantName": "v", "ModelName": "m", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}],
+        ProductionVariants=[
+            {"VariantName": "v", "ModelName": "m", "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}
+        ],
     )
     aws.client("sagemaker").create_endpoint(EndpointName="other", EndpointConfigName="other")
 
@@ -149,7 +183,9 @@ def test_list_joins_aws_status_with_recorded_models(aws, capsys):
 
     listed = {item["name"]: item for item in json.loads(capsys.readouterr().out)}
     assert (listed["art"]["status"], listed["art"]["model_id"], listed["art"]["instance_type"]) == (
-        "InService", FIXTURE_MODEL, "ml.p3.2xlarge"
+        "InService",
+        FIXTURE_MODEL,
+        "ml.p3.2xlarge",
     )
     assert (listed["other"]["status"], listed["other"]["model_id"]) == ("InService", None)
 
@@ -160,10 +196,10 @@ class _InvocationsHandler(BaseHTTPRequestHandler):
     pipeline = None
 
     def do_POST(self):  # noqa: N802 - http.server's naming
-        from serving.sagemaker import jumpstart_inference
+        from jumpstart import inference_script
 
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        answer = jumpstart_inference.transform_fn(
+        answer = inference_script.transform_fn(
             self.pipeline, body, self.headers["Content-Type"], self.headers["Accept"]
         )
         self.send_response(200 if self.path == "/invocations" else 404)
@@ -183,8 +219,28 @@ def test_invoke_with_url_talks_to_a_local_invocations_server(tmp_path, capsys, o
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        main(["endpoints", "invoke", "local", "a dog", "-o", str(tmp_path), "--steps", "2", "--num-images", "2",
-              "--width", "32", "--height", "32", "--seed", "0", "--url", f"http://127.0.0.1:{server.server_port}"])
+        main(
+            [
+                "endpoints",
+                "invoke",
+                "local",
+                "a dog",
+                "-o",
+                str(tmp_path),
+                "--steps",
+                "2",
+                "--num-images",
+                "2",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--seed",
+                "0",
+                "--url",
+                f"http://127.0.0.1:{server.server_port}",
+            ]
+        )
     finally:
         server.shutdown()
     images = [Image.open(tmp_path / f"local-{index}.jpg") for index in range(2)]
@@ -204,7 +260,10 @@ def test_the_network_guard_refuses_non_loopback_connections(monkeypatch):
     from aws_fixtures import forbid_network
 
     attempts = forbid_network(monkeypatch)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(AssertionError, match="network connection"):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock,
+        pytest.raises(AssertionError, match="network connection"),
+    ):
         sock.connect(("192.0.2.1", 443))
     assert attempts == [("192.0.2.1", 443)]
 

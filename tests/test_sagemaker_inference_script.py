@@ -10,7 +10,7 @@ import pytest
 from aws_fixtures import no_network  # noqa: F401 - autouse
 from PIL import Image
 
-from serving.sagemaker import jumpstart_inference as script
+from jumpstart import inference_script as script
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,17 @@ def _call(pipeline, body, content_type="application/json", accept="application/j
 
 
 def test_json_request_returns_base64_jpegs_per_prompt_copy(pipeline):
-    body = {"prompt": ["a dog", "a cat"], "num_images_per_prompt": 2, "width": 64, "height": 48,
-            "num_inference_steps": 2, "guidance_scale": 7.5, "negative_prompt": ["blurry", "dark"], "seed": 3,
-            "batch_size": 3}
+    body = {
+        "prompt": ["a dog", "a cat"],
+        "num_images_per_prompt": 2,
+        "width": 64,
+        "height": 48,
+        "num_inference_steps": 2,
+        "guidance_scale": 7.5,
+        "negative_prompt": ["blurry", "dark"],
+        "seed": 3,
+        "batch_size": 3,
+    }
     answer = _call(pipeline, body)
     assert answer["prompt"] == ["a dog", "a cat"]
     images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer["generated_images"]]
@@ -61,7 +69,7 @@ class _OneStep:
 
 
 def test_text_request_is_the_raw_prompt_answered_as_one_generated_image(pipeline):
-    assert script.parse_request("a lighthouse".encode(), "application/x-text") == (
+    assert script.parse_request(b"a lighthouse", "application/x-text") == (
         {"prompt": "a lighthouse"},
         "generated_image",
     )
@@ -72,8 +80,11 @@ def test_text_request_is_the_raw_prompt_answered_as_one_generated_image(pipeline
 
 
 def test_plain_json_accept_returns_rgb_arrays(pipeline):
-    answer = _call(pipeline, {"prompt": "a dog", "num_inference_steps": 1, "width": 16, "height": 8},
-                   accept="application/json;verbose")
+    answer = _call(
+        pipeline,
+        {"prompt": "a dog", "num_inference_steps": 1, "width": 16, "height": 8},
+        accept="application/json;verbose",
+    )
     array = answer["generated_images"][0]
     assert (len(array), len(array[0]), len(array[0][0])) == (8, 16, 3)
 
@@ -81,10 +92,25 @@ def test_plain_json_accept_returns_rgb_arrays(pipeline):
 @pytest.mark.parametrize(
     ("body", "content_type", "accept", "message"),
     [
-        ({"prompt": "x", "steps": 2}, "application/json", "application/json;jpeg", r"unknown parameter\(s\) \['steps'\]"),
-        ({"prompt": "x", "width": 65}, "application/json", "application/json;jpeg", "'width' must be an integer divisible by 8"),
+        (
+            {"prompt": "x", "steps": 2},
+            "application/json",
+            "application/json;jpeg",
+            r"unknown parameter\(s\) \['steps'\]",
+        ),
+        (
+            {"prompt": "x", "width": 65},
+            "application/json",
+            "application/json;jpeg",
+            "'width' must be an integer divisible by 8",
+        ),
         ({"width": 64}, "application/json", "application/json;jpeg", "'prompt' is required"),
-        ({"prompt": ["a"], "negative_prompt": "b"}, "application/json", "application/json;jpeg", "must be a list exactly"),
+        (
+            {"prompt": ["a"], "negative_prompt": "b"},
+            "application/json",
+            "application/json;jpeg",
+            "must be a list exactly",
+        ),
         ({"prompt": "x", "seed": "1"}, "application/json", "application/json;jpeg", "'seed' must be an integer"),
         ({"prompt": "x"}, "image/png", "application/json;jpeg", "unsupported content type image/png"),
         ({"prompt": "x"}, "application/json", "image/png", "unsupported accept type image/png"),
@@ -101,5 +127,9 @@ def test_handlers_have_the_signatures_the_hugging_face_container_passes_context_
 
     assert list(inspect.signature(script.model_fn).parameters) == ["model_dir", "context"]
     assert list(inspect.signature(script.transform_fn).parameters) == [
-        "model", "input_data", "content_type", "accept", "context"
+        "model",
+        "input_data",
+        "content_type",
+        "accept",
+        "context",
     ]

@@ -22,8 +22,8 @@ from aws_fixtures import (  # noqa: F401 - fixtures
 )
 from PIL import Image
 
-from serving.sagemaker.errors import SageMakerError
-from serving.sagemaker.remote import dataset_fingerprint, launch_remote_training, launch_remote_tuning
+from jumpstart.errors import SageMakerError
+from jumpstart.remote import dataset_fingerprint, launch_remote_training, launch_remote_tuning
 from training.hyperparameters import Hyperparameters
 
 BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
@@ -51,15 +51,25 @@ def dataset(tmp_path) -> Path:
 
 
 def _channels(job: dict) -> dict[str, str]:
-    return {channel["ChannelName"]: channel["DataSource"]["S3DataSource"]["S3Uri"] for channel in job["InputDataConfig"]}
+    return {
+        channel["ChannelName"]: channel["DataSource"]["S3DataSource"]["S3Uri"] for channel in job["InputDataConfig"]
+    }
 
 
 def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_result(jumpstart_bucket, dataset):
-    hyperparameters = Hyperparameters.from_pairs(["max_steps=200", "learning_rate=1e-6", "with_prior_preservation=true"])
+    hyperparameters = Hyperparameters.from_pairs(
+        ["max_steps=200", "learning_rate=1e-6", "with_prior_preservation=true"]
+    )
 
     entry = launch_remote_training(
-        str(dataset), BASE, "sks-dog", hyperparameters,
-        instance_type="ml.g5.2xlarge", s3_prefix="s3://my-txt2img/work", role=ROLE, poll_seconds=0,
+        str(dataset),
+        BASE,
+        "sks-dog",
+        hyperparameters,
+        instance_type="ml.g5.2xlarge",
+        s3_prefix="s3://my-txt2img/work",
+        role=ROLE,
+        poll_seconds=0,
     )
 
     sagemaker = jumpstart_bucket.client("sagemaker")
@@ -76,8 +86,14 @@ def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_resul
     channels = _channels(job)
     assert (channels["training"], channels["model"], channels["code"]) == (data_uri, BASE_MODEL_URI, SCRIPT_URI)
     assert job["OutputDataConfig"]["S3OutputPath"] == "s3://my-txt2img/work/jobs/sks-dog"
-    listed = jumpstart_bucket.client("s3").list_objects_v2(Bucket="my-txt2img", Prefix=f"work/datasets/{fingerprint[:16]}/")
-    assert sorted(item["Key"].rsplit("/", 1)[1] for item in listed["Contents"]) == ["dataset_info.json", "dog-0.png", "dog-1.png"]
+    listed = jumpstart_bucket.client("s3").list_objects_v2(
+        Bucket="my-txt2img", Prefix=f"work/datasets/{fingerprint[:16]}/"
+    )
+    assert sorted(item["Key"].rsplit("/", 1)[1] for item in listed["Contents"]) == [
+        "dataset_info.json",
+        "dog-0.png",
+        "dog-1.png",
+    ]
 
     assert entry.id == "sks-dog" and entry.source == "finetune" and entry.method == "full"
     assert (entry.base, entry.family, entry.resolution) == (BASE, "sd2-base", 512)
@@ -91,14 +107,17 @@ def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_resul
 
 
 def test_remote_training_result_is_deployable_on_the_jumpstart_container(jumpstart_bucket, dataset):
-    from serving.sagemaker.deployer import deploy
+    from jumpstart.deploy import deploy
 
-    entry = launch_remote_training(str(dataset), BASE, "sks-dog", Hyperparameters(), s3_prefix="s3://my-txt2img/w",
-                                   role=ROLE, poll_seconds=0)
+    entry = launch_remote_training(
+        str(dataset), BASE, "sks-dog", Hyperparameters(), s3_prefix="s3://my-txt2img/w", role=ROLE, poll_seconds=0
+    )
     deploy("sks-dog", role=ROLE, endpoint_name="sks-dog", instance_type="ml.g4dn.xlarge", poll_seconds=0)
     container = jumpstart_bucket.client("sagemaker").describe_model(ModelName="sks-dog")["PrimaryContainer"]
     assert container["ModelDataUrl"] == entry.artifact
-    assert container["Image"].endswith("huggingface-pytorch-inference:1.10.2-transformers4.17.0-gpu-py38-cu113-ubuntu20.04")
+    assert container["Image"].endswith(
+        "huggingface-pytorch-inference:1.10.2-transformers4.17.0-gpu-py38-cu113-ubuntu20.04"
+    )
 
 
 def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_job(jumpstart_bucket, sent_requests):
@@ -108,7 +127,9 @@ def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_
     job = jumpstart_bucket.client("sagemaker").describe_training_job(TrainingJobName=job_name)
     assert _channels(job)["training"] == "s3://my-txt2img/dogs/"
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"  # the spec's default training instance
-    uploads = [params["Key"] for operation, params in sent_requests if operation in ("PutObject", "CreateMultipartUpload")]
+    uploads = [
+        params["Key"] for operation, params in sent_requests if operation in ("PutObject", "CreateMultipartUpload")
+    ]
     assert not any("dogs" in key or "datasets" in key for key in uploads)
     from catalog.store import load_catalog
 
@@ -125,7 +146,9 @@ def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_
         ("NO_INFO", BASE, "x", [], "has no dataset_info.json"),
     ],
 )
-def test_remote_training_refuses_bad_requests_before_starting(jumpstart_bucket, dataset, data, base, name, pairs, message):
+def test_remote_training_refuses_bad_requests_before_starting(
+    jumpstart_bucket, dataset, data, base, name, pairs, message
+):
     if data == "NO_INFO":
         (dataset / "dataset_info.json").unlink()
     data = str(dataset) if data in ("DATASET", "NO_INFO") else data
@@ -149,12 +172,19 @@ def test_remote_tuning_sends_bayesian_fid_search_and_registers_the_best_job(jump
     hyperparameters = Hyperparameters.from_pairs(["with_prior_preservation=true", "seed=5"])
 
     entry = launch_remote_tuning(
-        str(dataset), BASE, "tuned-dog", hyperparameters,
-        s3_prefix="s3://my-txt2img/w", role=ROLE, poll_seconds=0,
+        str(dataset),
+        BASE,
+        "tuned-dog",
+        hyperparameters,
+        s3_prefix="s3://my-txt2img/w",
+        role=ROLE,
+        poll_seconds=0,
     )
 
     [summary] = sagemaker.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
-    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=summary["HyperParameterTuningJobName"])
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=summary["HyperParameterTuningJobName"]
+    )
     config = tuning["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Bayesian"
     assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": "fid_score"}
@@ -180,15 +210,23 @@ def test_remote_tuning_sends_bayesian_fid_search_and_registers_the_best_job(jump
 
     assert entry.id == "tuned-dog" and entry.base == BASE
     assert entry.artifact == f"{best_artifacts}/FakeTrainingJobName/output/model.tar.gz"
-    assert entry.metrics == {"fid_score": tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]}
+    assert entry.metrics == {
+        "fid_score": tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+    }
     assert entry.hyperparameters["compute_fid"] is True and entry.hyperparameters["seed"] == 5
 
 
 def test_remote_tuning_ranges_follow_the_caller(jumpstart_bucket, dataset):
     job = launch_remote_tuning(
-        "s3://my-txt2img/dogs/", BASE, "t2", Hyperparameters(),
+        "s3://my-txt2img/dogs/",
+        BASE,
+        "t2",
+        Hyperparameters(),
         {"learning_rate": (1e-7, 1e-5, True), "num_class_images": (50, 200, False)},
-        max_jobs=4, max_parallel_jobs=2, role=ROLE, wait=False,
+        max_jobs=4,
+        max_parallel_jobs=2,
+        role=ROLE,
+        wait=False,
     )
     tuning = jumpstart_bucket.client("sagemaker").describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=job)
     config = tuning["HyperParameterTuningJobConfig"]
@@ -213,7 +251,10 @@ def test_remote_tuning_ranges_follow_the_caller(jumpstart_bucket, dataset):
 def test_remote_tuning_refuses_bad_requests(jumpstart_bucket, ranges, options, message):
     with pytest.raises(SageMakerError, match=message):
         launch_remote_tuning("s3://my-txt2img/dogs/", BASE, "t3", Hyperparameters(), ranges, role=ROLE, **options)
-    assert jumpstart_bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
+    assert (
+        jumpstart_bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+        == []
+    )
 
 
 def test_txt2img_train_remote_runs_the_jumpstart_job(jumpstart_bucket, dataset, capsys):
@@ -221,9 +262,23 @@ def test_txt2img_train_remote_runs_the_jumpstart_job(jumpstart_bucket, dataset, 
 
     main(
         [
-            "train", str(dataset), "--base", BASE, "--name", "cli-dog", "--hp", "max_steps=100", "--remote",
-            "--instance-type", "ml.g4dn.2xlarge", "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE,
-            "--region", REGION,
+            "train",
+            str(dataset),
+            "--base",
+            BASE,
+            "--name",
+            "cli-dog",
+            "--hp",
+            "max_steps=100",
+            "--remote",
+            "--instance-type",
+            "ml.g4dn.2xlarge",
+            "--s3-prefix",
+            "s3://my-txt2img/cli",
+            "--role",
+            ROLE,
+            "--region",
+            REGION,
         ]
     )
 
@@ -236,11 +291,11 @@ def test_txt2img_train_remote_runs_the_jumpstart_job(jumpstart_bucket, dataset, 
     assert job["HyperParameters"]["max_steps"] == "100"
 
 
-def test_cli_helper_reports_remote_errors_as_one_line(jumpstart_bucket, capsys):
-    from serving.sagemaker_cli import run_remote_tuning
+def test_remote_errors_are_one_line(jumpstart_bucket, capsys):
+    from txt2img.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        run_remote_tuning("s3://my-txt2img/dogs", BASE, "t4", Hyperparameters(), remote=True, role=ROLE, wait=False)
+        main(["tune", "s3://my-txt2img/dogs", "--base", BASE, "--name", "t4", "--remote", "--role", ROLE, "--no-wait"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "txt2img: error: an S3 training prefix must end with '/': s3://my-txt2img/dogs/\n"
 
@@ -250,15 +305,31 @@ def test_txt2img_tune_remote_starts_automatic_model_tuning(jumpstart_bucket, cap
 
     main(
         [
-            "tune", "s3://my-txt2img/dogs/", "--base", BASE, "--name", "cli-tuned", "--trials", "5",
-            "--range", "learning_rate=1e-7:1e-5:log", "--hp", "seed=3", "--remote", "--no-wait", "--role", ROLE,
+            "tune",
+            "s3://my-txt2img/dogs/",
+            "--base",
+            BASE,
+            "--name",
+            "cli-tuned",
+            "--trials",
+            "5",
+            "--range",
+            "learning_rate=1e-7:1e-5:log",
+            "--hp",
+            "seed=3",
+            "--remote",
+            "--no-wait",
+            "--role",
+            ROLE,
         ]
     )
 
     sagemaker = jumpstart_bucket.client("sagemaker")
     [summary] = sagemaker.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
     assert summary["HyperParameterTuningJobName"] in capsys.readouterr().out
-    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=summary["HyperParameterTuningJobName"])
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=summary["HyperParameterTuningJobName"]
+    )
     config = tuning["HyperParameterTuningJobConfig"]
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 5, "MaxParallelTrainingJobs": 5}
     assert config["ParameterRanges"]["ContinuousParameterRanges"] == [

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,11 @@ def server(tmp_path_factory):
     bentoml = Path(sys.executable).parent / "bentoml"
     process = subprocess.Popen(
         [str(bentoml), "serve", "-p", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -106,6 +109,7 @@ def metric(client, name: str) -> float:
 
 # Images, formats and seeds
 
+
 def test_one_image_comes_back_as_png_of_the_asked_size(client):
     response = txt2img(client, width=64, height=48)
     assert response.status_code == 200
@@ -148,6 +152,7 @@ def test_scheduler_by_name_changes_the_image(client):
 
 # SageMaker JumpStart protocol
 
+
 def invoke(client, body, content_type="application/json", accept="application/json;jpeg"):
     return client.post("/invocations", content=body, headers={"content-type": content_type, "accept": accept})
 
@@ -155,8 +160,17 @@ def invoke(client, body, content_type="application/json", accept="application/js
 def jumpstart_payload(**fields) -> bytes:
     import json
 
-    return json.dumps({"prompt": "astronaut on a horse", "width": 64, "height": 64, "num_inference_steps": 2,
-                       "guidance_scale": 7.5, "seed": 1, **fields}).encode()
+    return json.dumps(
+        {
+            "prompt": "astronaut on a horse",
+            "width": 64,
+            "height": 64,
+            "num_inference_steps": 2,
+            "guidance_scale": 7.5,
+            "seed": 1,
+            **fields,
+        }
+    ).encode()
 
 
 def test_ping_answers_once_warm(client):
@@ -187,15 +201,14 @@ def test_jumpstart_jpeg_accept_returns_base64_jpeg_matching_the_rgb_arrays(clien
 
 
 def test_jumpstart_prompt_list_with_negative_prompts(client):
-    payload = jumpstart_payload(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"],
-                                num_images_per_prompt=2)
+    payload = jumpstart_payload(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2)
     body = invoke(client, payload).json()
     assert body["prompt"] == ["a cat", "a dog"]
     assert len(body["generated_images"]) == 4
 
 
 def test_jumpstart_x_text_prompt(client):
-    response = invoke(client, "a lighthouse".encode(), content_type="application/x-text")
+    response = invoke(client, b"a lighthouse", content_type="application/x-text")
     assert response.status_code == 200
     body = response.json()
     assert body["prompt"] == "a lighthouse"
@@ -267,8 +280,13 @@ BAD_INVOCATIONS = [
     (b"\xff\xfe", "application/json", "application/json", 400, "JSON"),
     (b"{}", "application/json", "application/json", 400, "prompt"),
     (jumpstart_payload(prompt=[]), "application/json", "application/json", 400, "prompt"),
-    (jumpstart_payload(prompt=["a cat"], negative_prompt=["x", "y"]), "application/json", "application/json", 400,
-     "negative_prompt"),
+    (
+        jumpstart_payload(prompt=["a cat"], negative_prompt=["x", "y"]),
+        "application/json",
+        "application/json",
+        400,
+        "negative_prompt",
+    ),
     (b"a cat", "image/png", "application/json", 415, "content type"),
     (jumpstart_payload(), "application/json", "image/png", 406, "accept"),
     (jumpstart_payload(), "application/json", "application/json;png", 406, "accept"),
@@ -283,6 +301,7 @@ def test_bad_invocations_get_4xx_naming_the_problem(client, body, content_type, 
 
 
 # Models: listing, LRU eviction, LoRA on its base
+
 
 def test_models_lists_catalog_ids_and_the_warm_default(client):
     body = client.get("/models").json()
@@ -322,6 +341,7 @@ def test_hub_model_missing_from_the_cache_gets_503_and_the_server_carries_on(cli
 
 
 # Load: concurrency, batching, the bounded queue, timeouts and disconnects
+
 
 def test_sixteen_concurrent_requests_all_succeed(client):
     with ThreadPoolExecutor(16) as pool:
@@ -368,8 +388,11 @@ def test_full_queue_answers_429_and_a_disconnected_client_stops_its_generation(s
     body = json.dumps({"prompt": "slow", **FAST, "num_inference_steps": 900}).encode()
     host, port = server.removeprefix("http://").split(":")
     hanging = socket.create_connection((host, int(port)))
-    hanging.sendall(b"POST /txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    hanging.sendall(
+        b"POST /txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     wait_for_metric(client, "txt2img_running_images", 1)  # the long request holds the device
     with ThreadPoolExecutor(MAX_QUEUE + 2) as pool:
         pending = [pool.submit(txt2img, client, seed=seed) for seed in range(MAX_QUEUE + 2)]
@@ -385,6 +408,7 @@ def test_full_queue_answers_429_and_a_disconnected_client_stops_its_generation(s
 
 
 # Health, metrics, OpenAPI
+
 
 def test_readyz_and_metrics(client):
     txt2img(client)

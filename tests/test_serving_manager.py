@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetunes
 
 
@@ -62,8 +61,13 @@ def test_lora_shares_its_base_and_switches_adapters():
     def image(model_id):
         pipeline = manager.pipeline_for(catalog.get(model_id))
         items = [BatchItem("a red cube", None, 7)]
-        return pipeline, torch.tensor(list(generate_images(
-            pipeline, items, width=64, height=64, num_inference_steps=2, guidance_scale=7.5)[0].getdata()))
+        return pipeline, torch.tensor(
+            list(
+                generate_images(pipeline, items, width=64, height=64, num_inference_steps=2, guidance_scale=7.5)[
+                    0
+                ].getdata()
+            )
+        )
 
     base_pipeline, base_before = image("tiny-sd")
     lora_pipeline, lora = image(LORA_ID)

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from serving_finetunes import save_lora_adapter
 
 from catalog.pipelines import ModelLoadError, export_model, load_pipeline
 from catalog.schema import CatalogEntry
 from catalog.store import load_catalog, write_entry
 from catalog.tiny_sd import build_tiny_sd_pipeline
-from serving_finetunes import save_lora_adapter
 
 
 def generate(pipeline, seed: int, steps: int = 2) -> np.ndarray:
@@ -77,8 +77,13 @@ def test_export_refuses_a_non_empty_directory_and_unknown_ids(tmp_path, run_cli)
 def make_lora_finetune(tmp_path) -> CatalogEntry:
     """A tiny LoRA on tiny-sd with non-zero weights, registered as a user fine-tune."""
     entry = CatalogEntry(
-        id="tiny-lora", source="finetune", family="tiny", resolution=64,
-        base="tiny-sd", method="lora", artifact=str(save_lora_adapter(tmp_path / "lora")),
+        id="tiny-lora",
+        source="finetune",
+        family="tiny",
+        resolution=64,
+        base="tiny-sd",
+        method="lora",
+        artifact=str(save_lora_adapter(tmp_path / "lora")),
     )
     write_entry(entry)
     return entry
@@ -99,8 +104,13 @@ def test_export_fuses_a_lora_into_its_base(tmp_path):
 
 def test_missing_artifact_is_a_clear_error(tmp_path):
     entry = CatalogEntry(
-        id="gone", source="finetune", family="tiny", resolution=64,
-        base="tiny-sd", method="full", artifact=str(tmp_path / "deleted"),
+        id="gone",
+        source="finetune",
+        family="tiny",
+        resolution=64,
+        base="tiny-sd",
+        method="full",
+        artifact=str(tmp_path / "deleted"),
     )
     write_entry(entry)
     with pytest.raises(ModelLoadError, match="does not exist"):

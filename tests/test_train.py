@@ -165,7 +165,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, caplog):
     home = Path(os.environ["TXT2IMG_HOME"])
     checkpoints = home / "models" / "resumed" / "checkpoints"
     process = _start_cli_training(data, home, "resumed", "max_steps=12", "checkpointing_steps=3")
-    _wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir()), process)
+    _wait_for(
+        lambda: checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir()), process
+    )
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (home / "catalog" / "resumed.yaml").exists()

@@ -20,9 +20,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tiny trials: 1-3 optimisation steps, a checkpoint (and so a pruning report) every step, one
 # validation prompt, and each evaluation on 2 of the paper's prompts at 1 inference step.
 TINY_TRIAL = [
-    "--range", "learning_rate=1e-5:1e-3:log", "--range", "max_steps=1:3",
-    "--hp", "checkpointing_steps=1", "--hp", "validation_prompts=a toy",
-    "--objective", "instance_loss", "--prompts-per-subject", "2", "--steps", "1",
+    "--range",
+    "learning_rate=1e-5:1e-3:log",
+    "--range",
+    "max_steps=1:3",
+    "--hp",
+    "checkpointing_steps=1",
+    "--hp",
+    "validation_prompts=a toy",
+    "--objective",
+    "instance_loss",
+    "--prompts-per-subject",
+    "2",
+    "--steps",
+    "1",
 ]
 
 
@@ -63,7 +74,11 @@ def test_range_parsing():
     assert SearchRange.parse("prior_loss_weight=0:2") == SearchRange(name="prior_loss_weight", low=0, high=2)
     assert [r.name for r in DEFAULT_RANGES] == ["learning_rate", "max_steps"]
     assert (DEFAULT_RANGES[0].low, DEFAULT_RANGES[0].high, DEFAULT_RANGES[1].low, DEFAULT_RANGES[1].high) == (
-        1e-7, 3e-6, 50, 400)
+        1e-7,
+        3e-6,
+        50,
+        400,
+    )
 
 
 @pytest.mark.parametrize(
@@ -110,8 +125,9 @@ def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, txt2img_home):
     import optuna
 
     data = write_dataset(tmp_path / "data")
-    result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "para", "--trials", "3",
-                                      "--parallel", "2", *TINY_TRIAL])
+    result = CliRunner().invoke(
+        app, ["tune", str(data), "--base", "tiny-sd", "--name", "para", "--trials", "3", "--parallel", "2", *TINY_TRIAL]
+    )
     assert result.exit_code == 0, result.output
     trials = study_trials(txt2img_home / "studies" / "para", "para")
     assert [t.number for t in trials] == [0, 1, 2]
@@ -133,8 +149,13 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     study_dir = txt2img_home / "studies" / "tuned"
     command = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "3", "--no-prune", *TINY_TRIAL]
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "txt2img", *command], env=environment, cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "txt2img", *command],
+        env=environment,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
@@ -193,8 +214,10 @@ def test_a_study_on_an_rdb_url(tmp_path, txt2img_home):
 
     data = write_dataset(tmp_path / "data")
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    result = CliRunner().invoke(app, ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1",
-                                      "--storage", url, *TINY_TRIAL])
+    result = CliRunner().invoke(
+        app,
+        ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1", "--storage", url, *TINY_TRIAL],
+    )
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="on-rdb", storage=url).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]

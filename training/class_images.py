@@ -8,8 +8,9 @@ run generates nothing.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from catalog.paths import atomic_write_bytes
 from training.dataset import Concept
@@ -57,7 +58,7 @@ def ensure_class_images(
                 names.append(path)
             index += 1
         # One seed per file name: regenerating a deleted image gives the same picture.
-        generators = [torch.Generator(device).manual_seed(seed + int(p.stem[len(GENERATED_PREFIX):])) for p in names]
+        generators = [torch.Generator(device).manual_seed(seed + int(p.stem[len(GENERATED_PREFIX) :])) for p in names]
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             images = pipeline(
                 [concept.class_prompt] * size,

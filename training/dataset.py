@@ -19,6 +19,7 @@ from typing import Any
 
 from training.hyperparameters import Hyperparameters
 from training.images import list_images, read_rgb
+from txt2img.errors import InputError
 
 DATASET_INFO = "dataset_info.json"
 CLASS_DATA_DIR = "class_data_dir"
@@ -28,7 +29,7 @@ MIN_INSTANCE_IMAGES = 3
 _CONCEPT_KEYS = {"instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir"}
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """The dataset folder cannot be trained on; the message names the problem and the file."""
 
 
@@ -71,9 +72,7 @@ def _read_info(data_dir: Path) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: not a directory")
     if not info_path.is_file():
-        raise DatasetError(
-            f"{info_path}: missing; it must hold {{\"instance_prompt\": ..., \"class_prompt\": ...}}"
-        )
+        raise DatasetError(f'{info_path}: missing; it must hold {{"instance_prompt": ..., "class_prompt": ...}}')
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

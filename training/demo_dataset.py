@@ -49,7 +49,9 @@ def write_demo_dataset(
         folder = directory if len(subjects) == 1 else directory / subject
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(images_per_subject):
-            draw_subject(subject, size, seed=1000 * list(SUBJECTS).index(subject) + index).save(folder / f"{subject}-{index}.png")
+            draw_subject(subject, size, seed=1000 * list(SUBJECTS).index(subject) + index).save(
+                folder / f"{subject}-{index}.png"
+            )
         concepts.append(
             {
                 "instance_data_dir": folder.name if len(subjects) > 1 else ".",

@@ -14,16 +14,18 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from catalog.paths import txt2img_home
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import Catalog, load_catalog, write_entry
 from training.dataset import DreamBoothDataset, load_dataset
 from training.hyperparameters import Hyperparameters
+from txt2img.errors import InputError, Interrupted
 
 logger = logging.getLogger("txt2img.training")
 
@@ -33,11 +35,11 @@ CHECKPOINT_DIR = "checkpoints"
 _RESUME_INVARIANTS = ("method", "lora_rank", "train_text_encoder", "resolution")
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(InputError, ValueError):
     """The run cannot start as asked (base, name, output folder or precision); nothing was done."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C stopped the run after saving a checkpoint it can resume from."""
 
     def __init__(self, step: int, checkpoint: Path):
@@ -67,7 +69,8 @@ def trainable_base(catalog: Catalog, base: str) -> CatalogEntry:
 def _check_name(catalog: Catalog, name: str, register: bool) -> None:
     if not ID_PATTERN.match(name):
         raise TrainingSetupError(
-            f"invalid model name '{name}': use lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid model name '{name}': use lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     if register and name in catalog:
         raise TrainingSetupError(f"model '{name}' already exists in the catalog; pick another --name")
@@ -144,7 +147,7 @@ class _StopOnCtrlC:
         self.requested = True
         logger.warning("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
 
-    def __enter__(self) -> "_StopOnCtrlC":
+    def __enter__(self) -> _StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -339,7 +342,11 @@ def train(
 
         logger.info(
             "training %s: steps %d to %d, %d instance image(s), %s",
-            hp.method, step + 1, total_steps, dataset.num_instance_images, precision.device,
+            hp.method,
+            step + 1,
+            total_steps,
+            dataset.num_instance_images,
+            precision.device,
         )
         task = bars.add_task("training", total=total_steps, completed=step, status="loss -")
         device_type = precision.device.type

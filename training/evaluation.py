@@ -10,9 +10,10 @@ and metric lines ``name=value`` in the form SageMaker's metric regexes read.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +29,7 @@ from training.metrics import (
     mean_matched_cosine,
     mean_pairwise_cosine,
 )
+from txt2img.errors import InputError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -81,7 +83,7 @@ LIVE_CLASS_NOUNS = frozenset(
 _LEADING_ARTICLES = ("a photo of a ", "a photo of an ", "a photo of ", "photo of ", "an ", "a ")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError, ValueError):
     """The evaluation cannot run with these inputs; the message says why."""
 
 
@@ -124,7 +126,7 @@ def subject_phrase(instance_prompt: str, class_prompt: str | None) -> str:
     lowered = instance_prompt.strip()
     for article in _LEADING_ARTICLES:
         if lowered.lower().startswith(article):
-            return lowered[len(article):].strip() or lowered
+            return lowered[len(article) :].strip() or lowered
     return lowered
 
 
@@ -161,7 +163,7 @@ def metric_lines(metrics: dict[str, float | None]) -> list[str]:
     return [f"{name}={value:.6f}" for name, value in metrics.items() if value is not None]
 
 
-def image_grid(images: list["Image"], columns: int) -> "Image":
+def image_grid(images: list[Image], columns: int) -> Image:
     """Tile same-size images left to right, top to bottom."""
     from PIL import Image as PILImage
 
@@ -174,7 +176,7 @@ def image_grid(images: list["Image"], columns: int) -> "Image":
     return grid
 
 
-def _load_images(paths: Iterable[Path]) -> list["Image"]:
+def _load_images(paths: Iterable[Path]) -> list[Image]:
     from PIL import Image as PILImage
 
     images = []
@@ -204,8 +206,16 @@ def resolve_extractors(
     return extractors, missing
 
 
-def _generate(pipeline, jobs: list[PromptImages], images_per_prompt: int, resolution: int, steps: int, seed: int,
-              images_dir: Path, progress: bool) -> list[list["Image"]]:
+def _generate(
+    pipeline,
+    jobs: list[PromptImages],
+    images_per_prompt: int,
+    resolution: int,
+    steps: int,
+    seed: int,
+    images_dir: Path,
+    progress: bool,
+) -> list[list[Image]]:
     """Generate ``images_per_prompt`` images per prompt, each from its own fixed seed, saving each PNG."""
     import torch
     from rich.console import Console
@@ -213,7 +223,7 @@ def _generate(pipeline, jobs: list[PromptImages], images_per_prompt: int, resolu
 
     images_dir.mkdir(parents=True, exist_ok=True)
     pipeline.set_progress_bar_config(disable=True)
-    generated: list[list["Image"]] = []
+    generated: list[list[Image]] = []
     with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(jobs))
         for index, job in enumerate(jobs):
@@ -278,11 +288,13 @@ def evaluate_pipeline(
         jobs = [
             PromptImages(prompt=prompt, concept=index)
             for index, concept in enumerate(concepts)
-            for prompt in dreambooth_prompts(subject_phrase(concept.instance_prompt, concept.class_prompt),
-                                             concept.class_prompt)[:prompts_per_subject]
+            for prompt in dreambooth_prompts(
+                subject_phrase(concept.instance_prompt, concept.class_prompt), concept.class_prompt
+            )[:prompts_per_subject]
         ]
-    generated = _generate(pipeline, jobs, images_per_prompt, resolution, inference_steps, seed,
-                          output_dir / "images", progress)
+    generated = _generate(
+        pipeline, jobs, images_per_prompt, resolution, inference_steps, seed, output_dir / "images", progress
+    )
     real = [_load_images(concept.instance_images) for concept in concepts]
 
     needed = {METRIC_EXTRACTOR[name] for name in requested if name in METRIC_EXTRACTOR}
@@ -295,8 +307,9 @@ def evaluate_pipeline(
             values[name], skipped[name] = None, missing[extractor]
             continue
         try:
-            values[name] = _compute(name, extractors.get(extractor), pipeline, concepts, jobs, generated, real,
-                                    resolution, seed)
+            values[name] = _compute(
+                name, extractors.get(extractor), pipeline, concepts, jobs, generated, real, resolution, seed
+            )
         except EvaluationError as error:
             values[name], skipped[name] = None, str(error)
 

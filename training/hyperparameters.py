@@ -106,7 +106,7 @@ class Hyperparameters(BaseModel):
         return value
 
     @classmethod
-    def from_pairs(cls, pairs: list[str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
+    def from_pairs(cls, pairs: list[str], base: Hyperparameters | None = None) -> Hyperparameters:
         """Parse ``key=value`` strings (the CLI's ``--hp``) on top of ``base`` or the defaults."""
         values = base.model_dump(exclude_unset=True) if base else {}
         for pair in pairs:

@@ -13,9 +13,7 @@ def list_images(directory: Path) -> list[Path]:
     """The .png/.jpg/.jpeg files directly inside ``directory``, sorted by name."""
     if not directory.is_dir():
         return []
-    return sorted(
-        path for path in directory.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(path for path in directory.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_rgb(path: Path) -> Image.Image:

@@ -85,5 +85,9 @@ def denoising_loss(
         for timestep in schedule:
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             timesteps = timestep.repeat(len(images)).to(device)
-            errors.append(per_sample_denoising_error(unet, noise_scheduler, latents.to(unet.dtype), noise.to(unet.dtype), timesteps, text))
+            errors.append(
+                per_sample_denoising_error(
+                    unet, noise_scheduler, latents.to(unet.dtype), noise.to(unet.dtype), timesteps, text
+                )
+            )
     return float(torch.cat(errors).mean())

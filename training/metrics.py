@@ -68,7 +68,7 @@ class MissingWeights(Exception):
 class ImageEmbedder(Protocol):
     """What the evaluation needs of a feature extractor (CLIP's also has ``embed_texts``)."""
 
-    def embed_images(self, images: list["Image"]) -> "np.ndarray": ...
+    def embed_images(self, images: list[Image]) -> np.ndarray: ...
 
 
 def metric_weights_dir() -> Path:
@@ -86,7 +86,7 @@ class MetricWeights(BaseModel):
     dino: str | None = None
 
     @classmethod
-    def from_env(cls, **overrides: str | None) -> "MetricWeights":
+    def from_env(cls, **overrides: str | None) -> MetricWeights:
         """Flags (``overrides``) first, then ``TXT2IMG_<NAME>_PATH``, then the defaults."""
         home = metric_weights_dir()
         defaults = {
@@ -106,7 +106,7 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pixel_batch(images: list["Image"], size: int, mean, std):
+def _pixel_batch(images: list[Image], size: int, mean, std):
     """Resize the short side to ``size``, centre-crop a square and normalise, as CLIP and ViT expect."""
     import numpy as np
     import torch
@@ -165,7 +165,7 @@ class InceptionFeatures:
         self.call_kwargs = call_kwargs or {}
 
     @classmethod
-    def from_path(cls, location: str) -> "InceptionFeatures":
+    def from_path(cls, location: str) -> InceptionFeatures:
         """Load a TorchScript network; one taking ``return_features`` (NVIDIA's) is asked for its pool features."""
         import torch
 
@@ -180,7 +180,7 @@ class InceptionFeatures:
         takes_flag = "return_features" in str(network.forward.schema)
         return cls(network, call_kwargs={"return_features": True} if takes_flag else None)
 
-    def embed_images(self, images: list["Image"]) -> "np.ndarray":
+    def embed_images(self, images: list[Image]) -> np.ndarray:
         import numpy as np
         import torch
         from PIL import Image as PILImage
@@ -203,7 +203,7 @@ class ClipFeatures:
         self.mean, self.std = mean, std
 
     @classmethod
-    def from_path(cls, location: str) -> "ClipFeatures":
+    def from_path(cls, location: str) -> ClipFeatures:
         from transformers import CLIPModel, CLIPTokenizer
 
         folder = _local_model_folder(location, "clip", DEFAULT_CLIP_REPO)
@@ -219,7 +219,7 @@ class ClipFeatures:
         # transformers 4 returns the projected embeddings; transformers 5 wraps them in pooler_output.
         return output if hasattr(output, "norm") else output.pooler_output
 
-    def embed_images(self, images: list["Image"]) -> "np.ndarray":
+    def embed_images(self, images: list[Image]) -> np.ndarray:
         import torch
 
         size = self.model.config.vision_config.image_size
@@ -227,7 +227,7 @@ class ClipFeatures:
         with torch.no_grad():
             return self._embedding(self.model.get_image_features(pixel_values=pixels)).double().cpu().numpy()
 
-    def embed_texts(self, texts: list[str]) -> "np.ndarray":
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
         import torch
 
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
@@ -245,7 +245,7 @@ class DinoFeatures:
         self.mean, self.std = mean, std
 
     @classmethod
-    def from_path(cls, location: str) -> "DinoFeatures":
+    def from_path(cls, location: str) -> DinoFeatures:
         from transformers import AutoModel
 
         folder = _local_model_folder(location, "dino", DEFAULT_DINO_REPO)
@@ -255,7 +255,7 @@ class DinoFeatures:
             raise MissingWeights(f"cannot load DINO from {folder}: {error}") from error
         return cls(model, *_normalisation(folder, IMAGENET_MEAN, IMAGENET_STD))
 
-    def embed_images(self, images: list["Image"]) -> "np.ndarray":
+    def embed_images(self, images: list[Image]) -> np.ndarray:
         import torch
 
         pixels = _pixel_batch(images, self.model.config.image_size, self.mean, self.std).to(self.model.device)
@@ -271,7 +271,7 @@ EXTRACTOR_LOADERS = {
 }
 
 
-def frechet_distance(features_a: "np.ndarray", features_b: "np.ndarray") -> float:
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """FID's formula: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), each set fitted by a Gaussian.
 
     tr((S_a S_b)^1/2) is computed as the sum of the square roots of the eigenvalues of
@@ -293,17 +293,17 @@ def frechet_distance(features_a: "np.ndarray", features_b: "np.ndarray") -> floa
     return float(max(distance, 0.0))
 
 
-def _unit_rows(matrix: "np.ndarray") -> "np.ndarray":
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     import numpy as np
 
     return matrix / np.clip(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12, None)
 
 
-def mean_pairwise_cosine(features_a: "np.ndarray", features_b: "np.ndarray") -> float:
+def mean_pairwise_cosine(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """The mean cosine similarity over every (a, b) pair, as DreamBooth's DINO and CLIP-I are defined."""
     return float((_unit_rows(features_a) @ _unit_rows(features_b).T).mean())
 
 
-def mean_matched_cosine(features_a: "np.ndarray", features_b: "np.ndarray") -> float:
+def mean_matched_cosine(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """The mean cosine similarity of row i of ``a`` with row i of ``b`` (CLIP-T: each image with its prompt)."""
     return float((_unit_rows(features_a) * _unit_rows(features_b)).sum(axis=1).mean())

@@ -4,8 +4,9 @@ evaluation prompts, a contact sheet of them, and a loss curve, all as PNGs drawn
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image, ImageDraw
 

@@ -91,7 +91,9 @@ def prepare_trainable(pipeline: Any, hyperparameters: Hyperparameters, frozen_dt
         if train_text_encoder:
             _cast(text_encoder, frozen_dtype)
             text_encoder.add_adapter(
-                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS)
+                LoraConfig(
+                    r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+                )
             )
         for module in (unet, text_encoder) if train_text_encoder else (unet,):
             for parameter in module.parameters():

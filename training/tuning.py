@@ -23,6 +23,7 @@ from catalog.paths import atomic_write_text, txt2img_home
 from training.evaluation import DEFAULT_INFERENCE_STEPS
 from training.hyperparameters import Hyperparameters
 from training.metrics import METRIC_DIRECTIONS, MetricWeights
+from txt2img.errors import InputError
 
 JOURNAL_FILE_NAME = "journal.log"
 CONFIG_FILE_NAME = "study.json"
@@ -31,7 +32,7 @@ PLOT_FILE_NAME = "objective.png"
 CONFIG_ATTRIBUTE = "txt2img_config"
 
 
-class TuningError(ValueError):
+class TuningError(InputError, ValueError):
     """The study cannot run as asked; the message says why and what to do."""
 
 
@@ -47,7 +48,7 @@ class SearchRange(BaseModel):
     integer: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "SearchRange":
+    def parse(cls, text: str) -> SearchRange:
         """Parse ``key=lo:hi`` or ``key=lo:hi:log`` for a numeric hyperparameter."""
         key, separator, bounds = text.partition("=")
         parts = bounds.split(":")

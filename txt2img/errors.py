@@ -1,14 +1,31 @@
-"""How the CLI reports a user's mistake: one readable line on stderr and exit code 2."""
+"""The one error base class of txt2img, and the exit codes the command line maps errors to.
+
+Every expected failure (bad input, a missing model, an AWS refusal, an interrupted run) raises a
+subclass of ``Txt2ImgError``; the ``txt2img`` command catches it once and prints one line.
+Library callers catch ``Txt2ImgError`` to handle all of them.
+"""
 
 from __future__ import annotations
 
-import sys
-from typing import NoReturn
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
-USAGE_ERROR_EXIT_CODE = 2
+
+class Txt2ImgError(Exception):
+    """An expected failure whose message is meant for the user; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_FAILED
 
 
-def fail(message: str) -> NoReturn:
-    """Stop the command because of bad input, without a traceback."""
-    sys.stderr.write(f"txt2img: error: {message}\n")
-    raise SystemExit(USAGE_ERROR_EXIT_CODE)
+class InputError(Txt2ImgError):
+    """The user asked for something that cannot be done as asked: a wrong option, id, file or value."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Interrupted(Txt2ImgError):
+    """The user stopped a long run (Ctrl-C); its progress was kept."""
+
+    exit_code = EXIT_INTERRUPTED

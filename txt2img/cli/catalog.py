@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import click
 
-from txt2img.errors import fail
+from txt2img.errors import InputError
 
 
 @click.group("catalog")
@@ -22,18 +21,15 @@ def app() -> None:
 
 def _index():
     from catalog.index import load_index
+    from catalog.store import CatalogError
 
     try:
         return load_index()
-    except Exception as error:
-        from catalog.store import CatalogError
-
-        if not isinstance(error, CatalogError):
-            raise
-        fail(
+    except CatalogError as error:
+        raise InputError(
             f"the catalog is invalid ({len(error.problems)} problem(s)); first: {error.problems[0]}. "
             "Run `txt2img catalog validate` for all of them"
-        )
+        ) from None
 
 
 def _print_json(data) -> None:
@@ -73,7 +69,7 @@ def _print_table(entries, title: str) -> None:
 @click.option("--language", help="Only models prompted in this language (en, zh, ko, ja).")
 @click.option("--fine-tunable", is_flag=True, help="Only models SageMaker JumpStart can fine-tune remotely.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entry objects.")
-def list_models(tag: Optional[str], language: Optional[str], fine_tunable: bool, as_json: bool) -> None:
+def list_models(tag: str | None, language: str | None, fine_tunable: bool, as_json: bool) -> None:
     """List catalog models."""
     entries = _index().filter(tag=tag, language=language, fine_tunable=fine_tunable)
     if as_json:
@@ -87,13 +83,8 @@ def list_models(tag: Optional[str], language: Optional[str], fine_tunable: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print the entry as one JSON object.")
 def show_model(model_id: str, as_json: bool) -> None:
     """Show everything the catalog knows about one model."""
-    from catalog.index import UnknownModelError
-
     index = _index()
-    try:
-        summary = index.get(model_id)
-    except UnknownModelError as error:
-        fail(str(error))
+    summary = index.get(model_id)
     if as_json:
         _print_json(summary)
         return
@@ -127,7 +118,7 @@ def search_models(query: str, as_json: bool) -> None:
 
 @app.command("validate")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-def validate(path: Optional[Path]) -> None:
+def validate(path: Path | None) -> None:
     """Check catalog files against the schema; report every problem with file, entry and field.
 
     PATH is a catalog YAML file or a directory of entry files; without it, the whole merged catalog.
@@ -135,7 +126,7 @@ def validate(path: Optional[Path]) -> None:
     from catalog.store import validate_path
 
     if path is not None and not path.exists():
-        fail(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     problems = validate_path(path)
     if problems:
         for problem in problems:
@@ -149,30 +140,29 @@ def validate(path: Optional[Path]) -> None:
 @click.argument("model_id")
 def remove_model(model_id: str) -> None:
     """Remove fine-tune MODEL_ID from your catalog (its weights stay on disk)."""
-    from catalog.index import UnknownModelError
     from catalog.store import remove_entry
 
     index = _index()
     if model_id in index.origins and index.get(model_id)["source"] != "finetune":
-        fail(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
-    try:
-        remove_entry(model_id)
-    except UnknownModelError as error:
-        fail(str(error))
+        raise InputError(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
+    remove_entry(model_id)
     artifact = index.get(model_id).get("artifact")
     click.echo(f"removed {model_id}" + (f"; its weights remain at {artifact}" if artifact else ""))
 
 
 @app.command("schema")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
-def json_schema(output: Optional[Path]) -> None:
+def json_schema(output: Path | None) -> None:
     """Print the JSON Schema of a catalog YAML file, for editors' completion and checks."""
     from catalog.schema import CatalogEntry, CatalogFile
 
     schema = CatalogFile.model_json_schema()
     # A user entry file holds one entry at top level; accept both shapes.
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "txt2img catalog file",
-              "anyOf": [schema, CatalogEntry.model_json_schema()]}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "txt2img catalog file",
+        "anyOf": [schema, CatalogEntry.model_json_schema()],
+    }
     text = json.dumps(schema, indent=2)
     if output:
         output.write_text(text + "\n", encoding="utf-8")
@@ -191,23 +181,16 @@ def export(model_id: str, directory: Path, allow_download: bool) -> None:
     Works for any catalog model: tiny-sd, Hub repos (from the HF cache) and fine-tunes,
     with a LoRA fused into its base. DIRECTORY must be new or empty.
     """
-    from catalog.index import UnknownModelError
-    from catalog.store import CatalogError, load_catalog
+    from catalog.store import load_catalog
 
-    try:
-        catalog = load_catalog()
-        catalog.get(model_id)
-    except (CatalogError, UnknownModelError) as error:
-        fail(str(error))
+    catalog = load_catalog()
+    catalog.get(model_id)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        fail(f"{directory} exists and is not an empty directory")
+        raise InputError(f"{directory} exists and is not an empty directory")
     from rich.console import Console
 
-    from catalog.pipelines import ModelLoadError, export_model
+    from catalog.pipelines import export_model
 
     with Console(stderr=True).status(f"exporting {model_id} ..."):
-        try:
-            written = export_model(model_id, directory, catalog, local_files_only=not allow_download)
-        except ModelLoadError as error:
-            fail(str(error))
+        written = export_model(model_id, directory, catalog, local_files_only=not allow_download)
     click.echo(f"wrote {written}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.sagemaker.errors import SageMakerError
+from jumpstart.errors import SageMakerError
 
 # Room for several base64 JPEGs in one response (SageMaker's default is about 6 MB);
 # the JumpStart text-to-image notebook sets the same value.
@@ -84,7 +84,9 @@ def _image(model_id: str, region: str, instance_type: str, scope: str) -> str:
             instance_type=instance_type,
         )
     except ValueError as error:
-        raise SageMakerError(f"JumpStart has no {scope} container of '{model_id}' for {instance_type}: {error}") from error
+        raise SageMakerError(
+            f"JumpStart has no {scope} container of '{model_id}' for {instance_type}: {error}"
+        ) from error
 
 
 def hosting_spec(model_id: str, region: str, instance_type: str | None = None) -> HostingSpec:
@@ -100,7 +102,9 @@ def hosting_spec(model_id: str, region: str, instance_type: str | None = None) -
         if variable.required_for_model_class
     }
     environment["MMS_MAX_RESPONSE_SIZE"] = MAX_RESPONSE_SIZE
-    model_data = _quietly(model_uris.retrieve, region=region, model_id=model_id, model_version="*", model_scope="inference")
+    model_data = _quietly(
+        model_uris.retrieve, region=region, model_id=model_id, model_version="*", model_scope="inference"
+    )
     return HostingSpec(
         model_id=model_id,
         version=specs.version,
@@ -126,8 +130,12 @@ def training_spec(model_id: str, region: str, instance_type: str | None = None) 
         model_id=model_id,
         version=specs.version,
         image_uri=_image(model_id, region, instance_type, "training"),
-        script_uri=_quietly(script_uris.retrieve, region=region, model_id=model_id, model_version="*", script_scope="training"),
-        base_model_uri=_quietly(model_uris.retrieve, region=region, model_id=model_id, model_version="*", model_scope="training"),
+        script_uri=_quietly(
+            script_uris.retrieve, region=region, model_id=model_id, model_version="*", script_scope="training"
+        ),
+        base_model_uri=_quietly(
+            model_uris.retrieve, region=region, model_id=model_id, model_version="*", model_scope="training"
+        ),
         default_instance_type=specs.default_training_instance_type,
         supported_instance_types=list(specs.supported_training_instance_types or []),
     )

@@ -77,7 +77,9 @@ def parse_request(body, content_type: str) -> tuple[dict, str]:
     if unknown:
         raise RequestError(f"unknown parameter(s) {unknown}; allowed: {list(PARAMETER_NAMES)}")
     prompt = payload.get("prompt")
-    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+    if not (
+        isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+    ):
         raise RequestError("'prompt' is required: a string or a list of strings")
     for name in ("width", "height"):
         value = payload.get(name)
@@ -112,7 +114,9 @@ def generate(pipeline, parameters: dict) -> list:
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     if parameters.get("guidance_scale") is not None and parameters["guidance_scale"] <= 1:
         negatives = None  # without guidance there is nothing to steer away from
-    queue = [(prompt, negatives[index] if negatives else None) for index, prompt in enumerate(prompts) for _ in range(copies)]
+    queue = [
+        (prompt, negatives[index] if negatives else None) for index, prompt in enumerate(prompts) for _ in range(copies)
+    ]
     images = []
     for start in range(0, len(queue), batch_size):
         chunk = queue[start : start + batch_size]

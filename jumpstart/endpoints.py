@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.sagemaker.errors import AwsContext, SageMakerError, aws_context, aws_errors
+from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
 
 CONTENT_TYPE = "application/json"
 ACCEPT = "application/json;jpeg"
@@ -35,7 +35,7 @@ class EndpointInfo:
 
 def list_endpoints(region: str | None = None) -> list[EndpointInfo]:
     """Every endpoint in the region plus every recorded one elsewhere, with its catalog model."""
-    from serving.sagemaker.records import recorded_endpoints
+    from jumpstart.records import recorded_endpoints
 
     context = aws_context(region)
     records = recorded_endpoints()
@@ -118,7 +118,9 @@ def invoke_url(url: str, body: dict, timeout: float = 600.0) -> bytes:
     if not target.startswith(("http://", "https://")):
         raise SageMakerError(f"--url must start with http:// or https://, got '{url}'")
     request = urllib.request.Request(
-        target, data=json.dumps(body).encode("utf-8"), method="POST",
+        target,
+        data=json.dumps(body).encode("utf-8"),
+        method="POST",
         headers={"Content-Type": CONTENT_TYPE, "Accept": ACCEPT},
     )
     try:
@@ -156,7 +158,7 @@ def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, outpu
     from botocore.exceptions import ClientError
     from rich.console import Console
 
-    from serving.sagemaker.s3 import join_s3, split_s3_uri
+    from jumpstart.s3 import join_s3, split_s3_uri
 
     s3 = context.client("s3")
     # Requests go beside the results: <--output>/requests/ next to <--output>/output/.
@@ -196,8 +198,8 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
     """Delete the endpoint, its endpoint config and its models, and forget it; returns what was deleted."""
     from botocore.exceptions import ClientError
 
-    from serving.sagemaker.deployer import remove_resources
-    from serving.sagemaker.records import forget_endpoint, recorded_region
+    from jumpstart.deploy import remove_resources
+    from jumpstart.records import forget_endpoint, recorded_region
 
     context = aws_context(region or recorded_region(name))
     sagemaker = context.client("sagemaker")

@@ -5,19 +5,15 @@ Imports only click at startup; the trainer and torch load when the command runs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 
-from serving.sagemaker_cli import remote_job_options, run_remote_training
-from txt2img.errors import fail
-
-INTERRUPTED_EXIT_CODE = 130
+from txt2img.cli.deploy import remote_job_options, run_remote_training
+from txt2img.errors import InputError, Interrupted
 
 
-def _hyperparameters(pairs: tuple[str, ...], method: Optional[str]):
+def _hyperparameters(pairs: tuple[str, ...], method: str | None):
     from pydantic import ValidationError
 
     from training.hyperparameters import Hyperparameters
@@ -27,12 +23,12 @@ def _hyperparameters(pairs: tuple[str, ...], method: Optional[str]):
     except ValidationError as error:
         detail = error.errors()[0]
         field = ".".join(str(part) for part in detail["loc"]) or "hyperparameters"
-        fail(f"--hp {field}: {detail['msg']}")
+        raise InputError(f"--hp {field}: {detail['msg']}") from None
     except ValueError as error:
-        fail(f"--hp: {error}")
+        raise InputError(f"--hp: {error}") from None
     if method:
         if any(pair.partition("=")[0].strip() == "method" for pair in pairs) and hyperparameters.method != method:
-            fail(f"--method {method} contradicts --hp method={hyperparameters.method}")
+            raise InputError(f"--method {method} contradicts --hp method={hyperparameters.method}")
         hyperparameters.method = method
     return hyperparameters
 
@@ -69,7 +65,7 @@ def train_command(
     data_dir: str,
     base: str,
     name: str,
-    method: Optional[str],
+    method: str | None,
     pairs: tuple[str, ...],
     resume: bool,
     **remote_options,
@@ -83,24 +79,17 @@ def train_command(
     hyperparameters = _hyperparameters(pairs, method)
     if remote_options["remote"]:
         if resume:
-            fail("--resume is for local runs; a SageMaker job runs to completion on its own")
+            raise InputError("--resume is for local runs; a SageMaker job runs to completion on its own")
         run_remote_training(data_dir, base, name, hyperparameters, **remote_options)
         return
     if data_dir.startswith("s3://"):
-        fail(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
+        raise InputError(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
     _log_to_stderr()
-    from catalog.index import UnknownModelError
-    from catalog.pipelines import ModelLoadError
-    from catalog.store import CatalogError
-    from training.dataset import DatasetError
-    from training.dreambooth import TrainingInterrupted, TrainingSetupError, train
+    from training.dreambooth import TrainingInterrupted, train
 
     try:
         entry = train(Path(data_dir), base, name, hyperparameters, resume=resume)
-    except (DatasetError, TrainingSetupError, UnknownModelError, ModelLoadError, CatalogError) as error:
-        fail(str(error))
     except TrainingInterrupted as error:
-        sys.stderr.write(f"txt2img: {error}; continue with the same command plus --resume\n")
-        raise SystemExit(INTERRUPTED_EXIT_CODE)
+        raise Interrupted(f"{error}; continue with the same command plus --resume") from None
     click.echo(f"registered {entry.id} ({entry.method} fine-tune of {entry.base}) at {entry.artifact}")
     click.echo(f"try it: txt2img catalog show {entry.id}")

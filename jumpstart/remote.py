@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from catalog.schema import CatalogEntry
-from serving.sagemaker.errors import AwsContext, SageMakerError, aws_context, aws_errors
-from serving.sagemaker.jumpstart import TRAINING_ENTRY_SCRIPT, TrainingSpec
+from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
+from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec
 from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters
 
 DATASET_INFO = "dataset_info.json"
@@ -72,7 +72,7 @@ def _check_local_dataset(folder: Path) -> None:
     except (json.JSONDecodeError, AttributeError):
         prompt = None
     if not isinstance(prompt, str) or not prompt.strip():
-        raise SageMakerError(f"{info} must be a JSON object with a non-empty \"instance_prompt\"")
+        raise SageMakerError(f'{info} must be a JSON object with a non-empty "instance_prompt"')
 
 
 def _job_stem(name: str, limit: int) -> str:
@@ -95,8 +95,8 @@ def prepare_remote_job(
     from catalog.index import UnknownModelError
     from catalog.schema import ID_PATTERN
     from catalog.store import load_catalog
-    from serving.sagemaker.jumpstart import training_spec
-    from serving.sagemaker.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_folder
+    from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_folder
+    from jumpstart.specs import training_spec
 
     catalog = load_catalog()
     try:
@@ -105,7 +105,9 @@ def prepare_remote_job(
         raise SageMakerError(str(error)) from error
     if base_entry.source != "jumpstart" or not base_entry.fine_tunable or base_entry.jumpstart is None:
         fine_tunable = [entry.id for entry in catalog if entry.fine_tunable]
-        raise SageMakerError(f"SageMaker JumpStart cannot fine-tune '{base}'; remote training works for: {', '.join(fine_tunable)}")
+        raise SageMakerError(
+            f"SageMaker JumpStart cannot fine-tune '{base}'; remote training works for: {', '.join(fine_tunable)}"
+        )
     if not ID_PATTERN.match(name):
         raise SageMakerError(f"invalid model name '{name}': use lowercase letters, digits, '.', '_' or '-'")
     if name in catalog:
@@ -277,9 +279,13 @@ def tuning_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, Any
     result: dict[str, Any] = {}
     for name, (low, high, logarithmic) in ranges.items():
         if name not in JUMPSTART_NAMES:
-            raise SageMakerError(f"cannot tune '{name}' remotely: JumpStart's script knows {', '.join(JUMPSTART_NAMES)}")
+            raise SageMakerError(
+                f"cannot tune '{name}' remotely: JumpStart's script knows {', '.join(JUMPSTART_NAMES)}"
+            )
         if not low < high or (logarithmic and low <= 0):
-            raise SageMakerError(f"bad range for {name}: need low < high (and low > 0 for a log scale), got {low}..{high}")
+            raise SageMakerError(
+                f"bad range for {name}: need low < high (and low > 0 for a log scale), got {low}..{high}"
+            )
         annotation = Hyperparameters.model_fields[name].annotation
         scaling = "Logarithmic" if logarithmic else "Linear"
         if annotation is int or int in typing.get_args(annotation):
@@ -311,7 +317,9 @@ def launch_remote_tuning(
     from sagemaker.train.tuner import HyperparameterTuner
 
     if objective not in METRIC_DEFINITIONS:
-        raise SageMakerError(f"JumpStart's training script reports only {', '.join(METRIC_DEFINITIONS)}, not '{objective}'")
+        raise SageMakerError(
+            f"JumpStart's training script reports only {', '.join(METRIC_DEFINITIONS)}, not '{objective}'"
+        )
     if not 1 <= max_parallel_jobs <= max_jobs:
         raise SageMakerError(f"need 1 <= max_parallel_jobs <= max_jobs, got {max_parallel_jobs} and {max_jobs}")
     parameter_ranges = tuning_ranges(ranges or DEFAULT_TUNING_RANGES)
@@ -342,13 +350,17 @@ def launch_remote_tuning(
         f"tuning job {tuning_job}",
         poll_seconds,
         "HyperParameterTuningJobStatus",
-        lambda job: ", ".join(f"{count} {state}" for state, count in job.get("TrainingJobStatusCounters", {}).items() if count)
-        or job["HyperParameterTuningJobStatus"],
+        lambda job: (
+            ", ".join(f"{count} {state}" for state, count in job.get("TrainingJobStatusCounters", {}).items() if count)
+            or job["HyperParameterTuningJobStatus"]
+        ),
     )
     best = description.get("BestTrainingJob")
     if not best:
         raise SageMakerError(f"tuning job {tuning_job} finished without a best training job")
-    tuned = {key: value for key, value in best.get("TunedHyperParameters", {}).items() if key in Hyperparameters.model_fields}
+    tuned = {
+        key: value for key, value in best.get("TunedHyperParameters", {}).items() if key in Hyperparameters.model_fields
+    }
     final = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
     return register_training_job(
         setup.context,

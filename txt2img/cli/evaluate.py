@@ -6,12 +6,13 @@ Only click is imported at startup; the commands import pydantic, torch and Optun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
-from serving.sagemaker_cli import remote_job_options, run_remote_tuning
-from txt2img.errors import fail
+from txt2img.cli.deploy import remote_job_options, run_remote_tuning
+from txt2img.errors import InputError, Interrupted
+from txt2img.extras import require_extra
 
 METRICS_HELP = "fid_score, clip_i, clip_t, dino or instance_loss"
 
@@ -54,7 +55,7 @@ def _read_prompts(path: Path | None) -> list[str] | None:
     try:
         return read_prompts_file(path)
     except EvaluationError as error:
-        fail(str(error))
+        raise InputError(str(error)) from None
 
 
 def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], title: str) -> None:
@@ -99,16 +100,16 @@ def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], ti
 def evaluate(
     model_id: str,
     data_dir: Path,
-    prompts_file: Optional[Path],
-    prompts_per_subject: Optional[int],
+    prompts_file: Path | None,
+    prompts_per_subject: int | None,
     images_per_prompt: int,
     steps: int,
     metrics: tuple[str, ...],
-    output: Optional[Path],
+    output: Path | None,
     seed: int,
-    inception_path: Optional[str],
-    clip_path: Optional[str],
-    dino_path: Optional[str],
+    inception_path: str | None,
+    clip_path: str | None,
+    dino_path: str | None,
 ) -> None:
     """Generate images with MODEL_ID for the subjects in DATA_DIR and score them.
 
@@ -116,28 +117,21 @@ def evaluate(
     read them, and writes metrics.json, grid.png and the images. A metric whose network weights
     are not on this machine is shown as skipped, with how to provide them.
     """
-    from catalog.index import UnknownModelError
-    from catalog.pipelines import ModelLoadError
-    from catalog.store import CatalogError
-    from training.dataset import DatasetError
-    from training.evaluation import EvaluationError, evaluate_model
+    from training.evaluation import evaluate_model
 
     prompts = _read_prompts(prompts_file)
-    try:
-        report = evaluate_model(
-            model_id,
-            data_dir,
-            prompts=prompts,
-            prompts_per_subject=prompts_per_subject,
-            images_per_prompt=images_per_prompt,
-            inference_steps=steps,
-            metrics=list(metrics) or None,
-            output_dir=output,
-            weights=_weights(inception_path, clip_path, dino_path),
-            seed=seed,
-        )
-    except (UnknownModelError, CatalogError, DatasetError, EvaluationError, ModelLoadError) as error:
-        fail(str(error))
+    report = evaluate_model(
+        model_id,
+        data_dir,
+        prompts=prompts,
+        prompts_per_subject=prompts_per_subject,
+        images_per_prompt=images_per_prompt,
+        inference_steps=steps,
+        metrics=list(metrics) or None,
+        output_dir=output,
+        weights=_weights(inception_path, clip_path, dino_path),
+        seed=seed,
+    )
     _print_metrics(report.metrics, report.skipped, f"{model_id} on {data_dir}")
     click.echo(f"wrote {report.json_path} and {report.grid_path}")
 
@@ -148,7 +142,7 @@ def _fixed_hyperparameters(pairs: tuple[str, ...]) -> dict[str, Any]:
     try:
         return Hyperparameters.from_pairs(list(pairs)).model_dump(mode="json", exclude_unset=True)
     except ValueError as error:
-        fail(f"--hp: {' '.join(str(error).split())}")
+        raise InputError(f"--hp: {' '.join(str(error).split())}") from None
 
 
 def _print_trials(result) -> None:
@@ -185,9 +179,7 @@ REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's 
 @click.option(
     "--trials", type=click.IntRange(min=1), help="Trials to finish (completed or pruned); with --remote default 7."
 )
-@click.option(
-    "--parallel", type=click.IntRange(min=1), help="Trials at once (processes); default 1, with --remote 7."
-)
+@click.option("--parallel", type=click.IntRange(min=1), help="Trials at once (processes); default 1, with --remote 7.")
 @click.option("--objective", default="fid_score", show_default=True, help=f"Metric to optimise: {METRICS_HELP}.")
 @click.option(
     "--range",
@@ -199,14 +191,26 @@ REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's 
 @click.option("--hp", "fixed", multiple=True, metavar="KEY=VALUE", help="A fixed hyperparameter; repeatable.")
 @click.option("--storage", help="Optuna RDB URL (e.g. postgresql://...) shared by several machines.")
 @click.option("--resume", is_flag=True, help="Continue the study NAME after an interruption.")
-@click.option("--keep-top-k", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Keep the weights of this many best trials; the others' are removed.")
-@click.option("--study-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for the journal, trials and report (default $TXT2IMG_HOME/studies/NAME).")
+@click.option(
+    "--keep-top-k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Keep the weights of this many best trials; the others' are removed.",
+)
+@click.option(
+    "--study-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the journal, trials and report (default $TXT2IMG_HOME/studies/NAME).",
+)
 @click.option("--no-prune", is_flag=True, help="Let every trial run to its end.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and the evaluations.")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Evaluation prompts file, one a line (default: the DreamBooth paper's).")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Evaluation prompts file, one a line (default: the DreamBooth paper's).",
+)
 @click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Evaluate on the first N paper prompts.")
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
@@ -216,24 +220,24 @@ def tune(
     data_dir: str,
     base: str,
     name: str,
-    trials: Optional[int],
-    parallel: Optional[int],
+    trials: int | None,
+    parallel: int | None,
     objective: str,
     ranges: tuple[str, ...],
     fixed: tuple[str, ...],
-    storage: Optional[str],
+    storage: str | None,
     resume: bool,
     keep_top_k: int,
-    study_dir: Optional[Path],
+    study_dir: Path | None,
     no_prune: bool,
     seed: int,
-    prompts_file: Optional[Path],
-    prompts_per_subject: Optional[int],
+    prompts_file: Path | None,
+    prompts_per_subject: int | None,
     images_per_prompt: int,
     steps: int,
-    inception_path: Optional[str],
-    clip_path: Optional[str],
-    dino_path: Optional[str],
+    inception_path: str | None,
+    clip_path: str | None,
+    dino_path: str | None,
     **remote_options,
 ) -> None:
     """Search DreamBooth hyperparameters of BASE on DATA_DIR with Optuna's TPE and register the best as NAME.
@@ -244,9 +248,6 @@ def tune(
     With --remote, SageMaker Automatic Model Tuning (Bayesian) runs the trials as JumpStart
     training jobs instead, minimising fid_score; DATA_DIR may then be an s3:// prefix.
     """
-    from catalog.index import UnknownModelError
-    from catalog.store import CatalogError
-    from training.evaluation import EvaluationError
     from training.tuning import (
         DEFAULT_RANGES,
         EvaluationSettings,
@@ -259,12 +260,12 @@ def tune(
     try:
         searches = [SearchRange.parse(text) for text in ranges] or list(DEFAULT_RANGES)
     except TuningError as error:
-        fail(f"--range: {error}")
+        raise InputError(f"--range: {error}") from None
     fixed_values = _fixed_hyperparameters(fixed)
     names = [search.name for search in searches]
     overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
-        fail(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
+        raise InputError(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
     if remote_options["remote"]:
         from training.hyperparameters import Hyperparameters
 
@@ -284,9 +285,9 @@ def tune(
         )
         return
     if trials is None:
-        fail("--trials is required (how many trials the study should finish)")
+        raise InputError("--trials is required (how many trials the study should finish)")
     if data_dir.startswith("s3://"):
-        fail(f"{data_dir} is on S3: add --remote to tune on SageMaker, or download it first")
+        raise InputError(f"{data_dir} is on S3: add --remote to tune on SageMaker, or download it first")
     config = StudyConfig(
         data_dir=str(Path(data_dir).expanduser().resolve()),
         base=base,
@@ -309,16 +310,14 @@ def tune(
             weights=_weights(inception_path, clip_path, dino_path),
         ),
     )
+    require_extra("tune")
     from training.dreambooth import TrainingInterrupted
     from training.tuning import tune as run_study
 
     try:
         result = run_study(config, resume=resume)
-    except (TuningError, UnknownModelError, CatalogError, EvaluationError) as error:
-        fail(str(error))
     except TrainingInterrupted:
-        click.echo(f"txt2img: interrupted; run the same command with --resume to continue study '{name}'", err=True)
-        raise SystemExit(130) from None
+        raise Interrupted(f"interrupted; run the same command with --resume to continue study '{name}'") from None
     _print_trials(result)
     _print_metrics(result.best.metrics, {}, f"best trial {result.best.number}, registered as {result.name}")
     click.echo(f"wrote {result.trials_path} and {result.plot_path}")

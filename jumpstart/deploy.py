@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.sagemaker.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
+from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # The Hugging Face PyTorch inference container for models deployed from local weights.
@@ -78,7 +78,7 @@ class DeploymentPlan:
     def async_inference_config(self) -> dict | None:
         if self.async_output is None:
             return None
-        from serving.sagemaker.s3 import join_s3
+        from jumpstart.s3 import join_s3
 
         return {
             "OutputConfig": {
@@ -133,7 +133,7 @@ def plan_deployment(
     """Decide container, artifact, environment and names for ``model_id``; creates nothing."""
     from catalog.index import UnknownModelError
     from catalog.store import load_catalog
-    from serving.sagemaker.jumpstart import hosting_spec
+    from jumpstart.specs import hosting_spec
 
     catalog = load_catalog()
     try:
@@ -315,8 +315,8 @@ def deploy(
 ) -> DeployResult:
     """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
     from catalog.schema import Endpoint
-    from serving.sagemaker.records import forget_endpoint, record_endpoint
-    from serving.sagemaker.s3 import split_s3_uri
+    from jumpstart.records import forget_endpoint, record_endpoint
+    from jumpstart.s3 import split_s3_uri
 
     if s3_prefix is not None:
         split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
@@ -359,8 +359,8 @@ def deploy(
 
 
 def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: str | None) -> None:
-    from serving.sagemaker.package import build_model_archive
-    from serving.sagemaker.s3 import default_s3_prefix, join_s3, upload_files
+    from jumpstart.package import build_model_archive
+    from jumpstart.s3 import default_s3_prefix, join_s3, upload_files
 
     prefix = s3_prefix or default_s3_prefix(context)
     plan.model_data = join_s3(prefix, "models", plan.endpoint_name, "model.tar.gz")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from txt2img.errors import fail
+from txt2img.errors import InputError
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
@@ -21,8 +21,14 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.command("generate")
 @click.argument("model_id")
 @click.argument("prompt")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"),
-              show_default=True, help="Image file (.png, .jpg); with -n N, numbered files beside it.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("out.png"),
+    show_default=True,
+    help="Image file (.png, .jpg); with -n N, numbered files beside it.",
+)
 @click.option("--seed", type=int, help="Seed of the first image (image i uses seed + i). Random if absent.")
 @click.option("--steps", type=int, help="Denoising steps.  [default: 25]")
 @click.option("--width", type=int, help="Pixels, a multiple of 8.  [default: the model's native size]")
@@ -39,11 +45,19 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
 
     image_format = FORMATS_BY_SUFFIX.get(output.suffix.lower())
     if image_format is None:
-        fail(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
+        raise InputError(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
     options = {
-        "model": model_id, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
-        "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed, "scheduler": scheduler,
-        "num_images": num_images, "format": image_format,
+        "model": model_id,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "scheduler": scheduler,
+        "num_images": num_images,
+        "format": image_format,
     }
     try:
         request = GenerationRequest(**{name: value for name, value in options.items() if value is not None})
@@ -53,7 +67,7 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
             f"{names.get(p['field'], '--' + p['field'].replace('_', '-'))}: {p['message']}"
             for p in describe_validation_error(error)
         ]
-        fail("; ".join(problems))
+        raise InputError("; ".join(problems)) from None
     from catalog.paths import atomic_write_bytes
     from serving.images import image_bytes
 
@@ -67,25 +81,27 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
 def _run(request):
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from catalog.index import UnknownModelError
-    from catalog.pipelines import ModelLoadError
     from catalog.store import CatalogError
     from serving.generation import BatchItem, generate_images
     from serving.manager import PipelineManager
     from serving.schema import LimitExceeded
     from serving.settings import ServingSettings
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as progress:
         loading = progress.add_task(f"loading {request.model}", total=None)
         try:
             manager = PipelineManager(ServingSettings())
             entry = manager.entry(request.model)
             pipeline = manager.pipeline_for(entry)
-        except (UnknownModelError, ModelLoadError) as error:
-            fail(str(error))
         except CatalogError as error:
-            fail(f"the catalog is invalid; first problem: {error.problems[0]}")
+            raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
         progress.remove_task(loading)
         steps = progress.add_task(f"generating on {manager.device}", total=request.num_inference_steps)
         seeds = request.image_seeds()
@@ -102,5 +118,5 @@ def _run(request):
                 on_step=lambda done: progress.update(steps, completed=done),
             )
         except LimitExceeded as error:
-            fail(str(error).replace("num_inference_steps", "--steps"))
+            raise InputError(str(error).replace("num_inference_steps", "--steps")) from None
     return images, seeds

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import click
 
-from txt2img.errors import fail
-
-
-def _run(action: Callable):
-    """Run ``action``; a SageMakerError becomes one line on stderr and exit code 2."""
-    from serving.sagemaker.errors import SageMakerError
-
-    try:
-        return action()
-    except SageMakerError as error:
-        fail(str(error))
+from txt2img.errors import InputError
+from txt2img.extras import require_extra
 
 
 def aws_options(function: Callable) -> Callable:
@@ -42,30 +33,34 @@ def remote_job_options(function: Callable) -> Callable:
         click.option("--remote", is_flag=True, help="Run on SageMaker (JumpStart training) instead of this machine."),
         click.option("--instance-type", help="SageMaker training instance, e.g. ml.g5.2xlarge; default: JumpStart's."),
         click.option("--s3-prefix", help="Where data and results go; default s3://sagemaker-REGION-ACCOUNT/txt2img."),
-        click.option("--wait/--no-wait", default=True, show_default=True, help="Wait and register the result in the catalog."),
+        click.option(
+            "--wait/--no-wait", default=True, show_default=True, help="Wait and register the result in the catalog."
+        ),
         aws_options,
     ]
     return functools.reduce(lambda wrapped, decorator: decorator(wrapped), reversed(decorators), function)
 
 
 def run_remote_training(data: str, base: str, name: str, hyperparameters, **remote_options) -> None:
-    """What ``txt2img train --remote`` does: launch, wait, register, and say so (errors exit 2).
+    """What ``txt2img train --remote`` does: launch, wait, register, and say so.
 
     ``remote_options`` are the keyword arguments ``remote_job_options`` adds, ``remote`` included.
     """
-    from serving.sagemaker.remote import launch_remote_training
+    require_extra("aws")
+    from jumpstart.remote import launch_remote_training
 
     remote_options.pop("remote", None)
-    result = _run(lambda: launch_remote_training(data, base, name, hyperparameters, **remote_options))
+    result = launch_remote_training(data, base, name, hyperparameters, **remote_options)
     _report_remote(result, "training")
 
 
 def run_remote_tuning(data: str, base: str, name: str, hyperparameters, ranges=None, **remote_options) -> None:
     """What ``txt2img tune --remote`` does; ``remote_options`` may also hold max_jobs, max_parallel_jobs, objective."""
-    from serving.sagemaker.remote import launch_remote_tuning
+    require_extra("aws")
+    from jumpstart.remote import launch_remote_tuning
 
     remote_options.pop("remote", None)
-    result = _run(lambda: launch_remote_tuning(data, base, name, hyperparameters, ranges, **remote_options))
+    result = launch_remote_tuning(data, base, name, hyperparameters, ranges, **remote_options)
     _report_remote(result, "tuning")
 
 
@@ -89,38 +84,39 @@ def _report_remote(result, kind: str) -> None:
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the endpoint is InService.")
 def deploy(
     model_id: str,
-    instance_type: Optional[str],
-    endpoint_name: Optional[str],
-    region: Optional[str],
-    role: Optional[str],
+    instance_type: str | None,
+    endpoint_name: str | None,
+    region: str | None,
+    role: str | None,
     is_async: bool,
-    output: Optional[str],
-    s3_prefix: Optional[str],
+    output: str | None,
+    s3_prefix: str | None,
     wait: bool,
 ) -> None:
     """Deploy MODEL_ID (JumpStart id, fine-tune or tiny-sd) to a SageMaker endpoint."""
     if is_async != (output is not None):
-        fail("--async and --output s3://... go together")
-    from serving.sagemaker.deployer import deploy as deploy_model
+        raise InputError("--async and --output s3://... go together")
+    require_extra("aws")
+    from jumpstart.deploy import deploy as deploy_model
 
-    result = _run(
-        lambda: deploy_model(
-            model_id,
-            instance_type=instance_type,
-            endpoint_name=endpoint_name,
-            role=role,
-            region=region,
-            async_output=output,
-            s3_prefix=s3_prefix,
-            wait=wait,
-        )
+    result = deploy_model(
+        model_id,
+        instance_type=instance_type,
+        endpoint_name=endpoint_name,
+        role=role,
+        region=region,
+        async_output=output,
+        s3_prefix=s3_prefix,
+        wait=wait,
     )
     name = result.endpoint_name
     kind = "async endpoint" if result.is_async else "endpoint"
     click.echo(f"{kind} {name} ({result.instance_type}, {result.region}) serves {result.model_id}: {result.status}")
     region_flag = f" --region {result.region}"
     click.echo(f'invoke:   txt2img endpoints invoke {name} "a prompt" -o images/{region_flag}')
-    click.echo(f"clean up: txt2img endpoints delete {name}{region_flag}   (it is billed per instance-hour until deleted)")
+    click.echo(
+        f"clean up: txt2img endpoints delete {name}{region_flag}   (it is billed per instance-hour until deleted)"
+    )
 
 
 @click.group("endpoints")
@@ -131,13 +127,14 @@ def endpoints() -> None:
 @endpoints.command("list")
 @click.option("--region", help="AWS region; default: AWS_REGION or your AWS config.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def list_command(region: Optional[str], as_json: bool) -> None:
+def list_command(region: str | None, as_json: bool) -> None:
     """Endpoints in the region and every endpoint txt2img deployed, with the model each serves."""
     from dataclasses import asdict
 
-    from serving.sagemaker.endpoints import list_endpoints
+    require_extra("aws")
+    from jumpstart.endpoints import list_endpoints
 
-    found = _run(lambda: list_endpoints(region))
+    found = list_endpoints(region)
     if as_json:
         click.echo(json.dumps([asdict(info) for info in found], indent=2))
         return
@@ -151,7 +148,9 @@ def list_command(region: Optional[str], as_json: bool) -> None:
     for column in ("name", "region", "status", "model", "instance", "created"):
         table.add_column(column, overflow="fold")
     for info in found:
-        table.add_row(info.name, info.region, info.status, info.model_id or "", info.instance_type or "", info.created or "")
+        table.add_row(
+            info.name, info.region, info.status, info.model_id or "", info.instance_type or "", info.created or ""
+        )
     Console().print(table)
 
 
@@ -168,22 +167,23 @@ def list_command(region: Optional[str], as_json: bool) -> None:
 @click.option("--num-images", "num_images_per_prompt", type=click.IntRange(min=1))
 @click.option("--url", help="Talk to a local server instead, e.g. http://localhost:3000 (`bentoml serve`).")
 @click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
-def invoke_command(name: str, prompt: str, output_dir: Path, url: Optional[str], region: Optional[str], **parameters) -> None:
+def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, region: str | None, **parameters) -> None:
     """Generate images from PROMPT on endpoint NAME and write them as JPEG files."""
-    from serving.sagemaker.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
-    from serving.sagemaker.errors import aws_context
+    from jumpstart.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
+    from jumpstart.errors import aws_context
 
     for side in ("width", "height"):
         if parameters[side] is not None and parameters[side] % 8:
-            fail(f"--{side} must be divisible by 8")
+            raise InputError(f"--{side} must be divisible by 8")
     body = request_body(prompt, **parameters)
     if url:
-        answer = _run(lambda: invoke_url(url, body))
+        answer = invoke_url(url, body)
     else:
-        from serving.sagemaker.records import recorded_region
+        require_extra("aws")
+        from jumpstart.records import recorded_region
 
-        answer = _run(lambda: invoke_endpoint(aws_context(region or recorded_region(name)), name, body))
-    images = _run(lambda: decode_images(answer))
+        answer = invoke_endpoint(aws_context(region or recorded_region(name)), name, body)
+    images = decode_images(answer)
     for path in write_images(images, output_dir, name):
         click.echo(f"wrote {path}")
 
@@ -191,9 +191,10 @@ def invoke_command(name: str, prompt: str, output_dir: Path, url: Optional[str],
 @endpoints.command("delete")
 @click.argument("name")
 @click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
-def delete_command(name: str, region: Optional[str]) -> None:
+def delete_command(name: str, region: str | None) -> None:
     """Delete endpoint NAME with its endpoint config and model (stops its billing)."""
-    from serving.sagemaker.endpoints import delete_endpoint
+    require_extra("aws")
+    from jumpstart.endpoints import delete_endpoint
 
-    for deleted in _run(lambda: delete_endpoint(name, region)):
+    for deleted in delete_endpoint(name, region):
         click.echo(f"deleted {deleted}")

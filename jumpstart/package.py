@@ -9,16 +9,16 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from serving.sagemaker.errors import SageMakerError
+from jumpstart.errors import SageMakerError
 
 # What code/inference.py needs beyond the Hugging Face inference container's own packages.
 CONTAINER_REQUIREMENTS = ("diffusers>=0.31,<1", "accelerate>=0.34", "safetensors>=0.4")
 
 
 def inference_script_source() -> str:
-    from serving.sagemaker import jumpstart_inference
+    from jumpstart import inference_script
 
-    return Path(jumpstart_inference.__file__).read_text(encoding="utf-8")
+    return Path(inference_script.__file__).read_text(encoding="utf-8")
 
 
 def build_model_archive(model_id: str, workdir: Path) -> Path:

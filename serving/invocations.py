@@ -51,7 +51,7 @@ class JumpStartPayload(BaseModel):
     eta: float | None = None
 
     @model_validator(mode="after")
-    def _negatives_match_prompts(self) -> "JumpStartPayload":
+    def _negatives_match_prompts(self) -> JumpStartPayload:
         if isinstance(self.negative_prompt, list) and (
             not isinstance(self.prompt, list) or len(self.negative_prompt) != len(self.prompt)
         ):

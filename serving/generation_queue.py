@@ -15,9 +15,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
@@ -74,8 +74,14 @@ class Job:
     @property
     def batch_key(self) -> tuple:
         request = self.request
-        return (self.entry.id, self.width, self.height, request.num_inference_steps, request.guidance_scale,
-                request.scheduler)
+        return (
+            self.entry.id,
+            self.width,
+            self.height,
+            request.num_inference_steps,
+            request.guidance_scale,
+            request.scheduler,
+        )
 
     def gave_up(self) -> bool:
         return self.abandoned.is_set() or time.monotonic() > self.deadline
@@ -148,8 +154,14 @@ class GenerationQueue:
         pipeline = self.manager.pipeline_for(entry)
         size = entry.resolution
         # One short call runs every kernel once, and compiles the UNet when torch.compile is on.
-        generate_images(pipeline, [BatchItem("warm-up", None, 0)], width=size, height=size,
-                        num_inference_steps=WARM_UP_STEPS, guidance_scale=7.5)
+        generate_images(
+            pipeline,
+            [BatchItem("warm-up", None, 0)],
+            width=size,
+            height=size,
+            num_inference_steps=WARM_UP_STEPS,
+            guidance_scale=7.5,
+        )
         logger.info("warmed up %s", model_id)
 
     def _next_batch(self) -> list[Job]:
@@ -218,8 +230,11 @@ class GenerationQueue:
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
         if steps_done < head.request.num_inference_steps:
-            logger.info("stopped after %d of %d steps: every request in the batch gave up",
-                        steps_done, head.request.num_inference_steps)
+            logger.info(
+                "stopped after %d of %d steps: every request in the batch gave up",
+                steps_done,
+                head.request.num_inference_steps,
+            )
             if self.metrics is not None:
                 self.metrics.interrupted.inc()
         offset = 0

@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+
+from txt2img.errors import InputError
 
 ROLE_ENV = "TXT2IMG_SAGEMAKER_ROLE"
 DOCS = "docs/sagemaker.md"
 
 
-class SageMakerError(Exception):
+class SageMakerError(InputError):
     """A SageMaker operation cannot go on; the message says why and what to do."""
 
 
@@ -52,7 +55,9 @@ def aws_context(region: str | None = None, role: str | None = None, need_role: b
                 f"(the permissions it needs are in {DOCS})"
             )
         if not (role.startswith("arn:aws") and ":role/" in role):
-            raise SageMakerError(f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME, got '{role}'")
+            raise SageMakerError(
+                f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME, got '{role}'"
+            )
     return AwsContext(session=session, region=session.region_name, role=role)
 
 
@@ -64,9 +69,18 @@ def explain_client_error(error: Any, action: str, instance_type: str | None = No
     lowered = message.lower()
     if code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation") or "not authorized" in lowered:
         return f"AWS denied {action}: {message}. Grant the permissions listed in {DOCS} to your user and role"
-    if code in ("ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId", "UnrecognizedClientException",
-                "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return f"AWS rejected your credentials while {action}: {message}. Refresh them (`aws configure` or `aws sso login`)"
+    if code in (
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    ):
+        return (
+            f"AWS rejected your credentials while {action}: {message}. "
+            "Refresh them (`aws configure` or `aws sso login`)"
+        )
     if code == "ResourceLimitExceeded":
         quota = f" for {instance_type}" if instance_type else ""
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.sagemaker.errors import AwsContext, SageMakerError, aws_errors
+from jumpstart.errors import AwsContext, SageMakerError, aws_errors
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -47,7 +47,13 @@ def upload_files(context: AwsContext, files: list[tuple[Path, str]], description
 
     s3 = context.client("s3")
     total = sum(path.stat().st_size for path, _ in files)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True, console=Console(stderr=True)) as progress, aws_errors(description):
         task = progress.add_task(description, total=total)
         for path, uri in files:
