@@ -34,8 +34,8 @@ def catalog_files(user_dir: Path | None = None, builtin: Path = BUILTIN_CATALOG)
     return files
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash at any point leaves either the old or the new file."""
+def _write_temporary(path: Path, data: bytes) -> str:
+    """Write ``data`` to a new file beside ``path`` and flush it to disk; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -44,11 +44,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         # mkstemp creates the file private; give it the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.chmod(temporary, 0o666 & ~current_umask())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash at any point leaves either the old or the new file."""
+    temporary = _write_temporary(path, data)
+    try:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def exclusive_create_bytes(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` in one step; raises FileExistsError if it exists already.
+
+    The file appears whole or not at all, and of two processes creating the same path exactly
+    one succeeds (a hard link, unlike a rename, never replaces its target).
+    """
+    temporary = _write_temporary(path, data)
+    try:
+        os.link(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -56,7 +79,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _current_umask() -> int:
+def staging_directory(parent: Path, name: str) -> Path:
+    """A new folder in ``parent`` to assemble ``name`` in before renaming it into place."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+
+
+def follow_umask(tree: Path) -> None:
+    """Give an assembled folder the permissions plain mkdir() and open() would have given it.
+
+    mkdtemp creates folders 0700 and safetensors writes weights 0600; a published model should
+    be readable as any other file the user writes.
+    """
+    umask = current_umask()
+    for root, _, files in os.walk(tree):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0)
     os.umask(umask)
     return umask

@@ -7,12 +7,12 @@ that every part loads a model the same way: safetensors only, Hub repos through 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from catalog.paths import follow_umask, staging_directory
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog
 from catalog.tiny_sd import build_tiny_sd_pipeline
@@ -121,12 +121,12 @@ def export_model(model_id: str, destination: Path, catalog: Catalog, local_files
     if entry.method == "lora":
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging = staging_directory(destination.parent, destination.name)
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         manifest = {"exported_from": entry.model_dump(mode="json", exclude_none=True)}
         (staging / EXPORT_MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+        follow_umask(staging)
         if destination.exists():
             destination.rmdir()
         staging.rename(destination)

@@ -6,7 +6,9 @@ which holds one YAML file per fine-tuned model. Light on purpose: no torch here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,14 @@ import yaml
 from pydantic import ValidationError
 
 from catalog.index import UnknownModelError, suggest_ids
-from catalog.paths import BUILTIN_CATALOG, ENTRY_SUFFIX, atomic_write_text, catalog_files, user_catalog_dir
+from catalog.paths import (
+    BUILTIN_CATALOG,
+    ENTRY_SUFFIX,
+    atomic_write_text,
+    catalog_files,
+    exclusive_create_bytes,
+    user_catalog_dir,
+)
 from catalog.schema import CatalogEntry
 from txt2img.errors import InputError
 
@@ -200,6 +209,11 @@ def entry_path(model_id: str, user_dir: Path | None = None) -> Path:
     return (user_catalog_dir() if user_dir is None else user_dir) / f"{model_id}{ENTRY_SUFFIX}"
 
 
+def entry_yaml(entry: CatalogEntry) -> str:
+    """The YAML text of a user entry file."""
+    return yaml.safe_dump(entry.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+
+
 def write_entry(entry: CatalogEntry, user_dir: Path | None = None, overwrite: bool = False) -> Path:
     """Register (or, with ``overwrite``, replace) a user catalog entry, atomically.
 
@@ -211,9 +225,47 @@ def write_entry(entry: CatalogEntry, user_dir: Path | None = None, overwrite: bo
         raise CatalogError([Problem(path, entry.id, "id", f"id already exists in {catalog.origin(entry.id)}")])
     others = [(other, catalog.origin(other.id)) for other in catalog if other.id != entry.id]
     Catalog([*others, (entry, path)])  # raises CatalogError on a dangling reference
-    text = yaml.safe_dump(entry.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
-    atomic_write_text(path, text)
+    text = entry_yaml(entry)
+    if overwrite:
+        atomic_write_text(path, text)
+        return path
+    try:
+        exclusive_create_bytes(path, text.encode("utf-8"))
+    except FileExistsError:  # registered by another process since the catalog was read
+        raise CatalogError([Problem(path, entry.id, "id", f"id already exists in {path}")]) from None
     return path
+
+
+class NameInUse(InputError):
+    """Another process holds the claim on a model name."""
+
+
+@contextmanager
+def claim_name(model_id: str, user_dir: Path | None = None) -> Iterator[None]:
+    """Hold ``model_id`` for this process while it creates that model; a second claim fails at once.
+
+    The claim is an exclusive ``flock`` on a file beside the entries, so the kernel drops it when
+    the process ends, however it ends: a killed run never leaves a stale claim behind.
+    """
+    import fcntl
+
+    directory = user_catalog_dir() if user_dir is None else user_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".{model_id}.claim", "a+", encoding="utf-8") as claim:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            claim.seek(0)
+            holder = claim.read().strip() or "unknown"
+            raise NameInUse(
+                f"model '{model_id}' is being created by another run (pid {holder}); "
+                "wait for it to finish or pick another --name"
+            ) from None
+        claim.seek(0)
+        claim.truncate()
+        claim.write(str(os.getpid()))
+        claim.flush()
+        yield
 
 
 def remove_entry(model_id: str, user_dir: Path | None = None) -> None:

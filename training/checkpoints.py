@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from catalog.paths import follow_umask, staging_directory
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
@@ -52,12 +53,12 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, Any], state: 
     import torch
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=directory))
+    staging = staging_directory(directory, final.name)
     try:
         save_file({key: value.to("cpu") for key, value in weights.items()}, str(staging / WEIGHTS_FILE))
         torch.save(state, staging / STATE_FILE)
+        follow_umask(staging)
         for name in (WEIGHTS_FILE, STATE_FILE):
             _fsync(staging / name)
         os.rename(staging, final)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from catalog.paths import txt2img_home
+import yaml
+
+from catalog.paths import atomic_write_text, follow_umask, staging_directory, txt2img_home
 from catalog.schema import ID_PATTERN, CatalogEntry
-from catalog.store import Catalog, load_catalog, write_entry
+from catalog.store import Catalog, claim_name, entry_yaml, load_catalog, write_entry
 from training.dataset import DreamBoothDataset, load_dataset
 from training.hyperparameters import Hyperparameters
 from txt2img.errors import InputError, Interrupted
@@ -31,6 +32,9 @@ logger = logging.getLogger("txt2img.training")
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
+# The entry of a finished run, written before its model is moved into place: a run killed
+# between saving and registering is registered by --resume instead of trained again.
+FINISHED_ENTRY = "entry.yaml"
 # Hyperparameters that change what the checkpointed weights mean; the others may change on resume.
 _RESUME_INVARIANTS = ("method", "lora_rank", "train_text_encoder", "resolution")
 
@@ -190,9 +194,10 @@ def _save_model_atomically(pipeline: Any, trainable: Any, output_dir: Path) -> P
     from training.trainable import save_trained_model
 
     final = output_dir / MODEL_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.", dir=output_dir))
+    staging = staging_directory(output_dir, MODEL_DIR)
     try:
         save_trained_model(pipeline, trainable, staging)
+        follow_umask(staging)
         if final.exists():  # left by a run killed after saving; this one supersedes it
             shutil.rmtree(final)
         staging.rename(final)
@@ -217,10 +222,31 @@ def train(
     """Fine-tune ``base`` on the photos in ``data_dir`` and return (and, with ``register``,
     write to the user catalog) the new entry ``name``.
 
-    Raises DatasetError, TrainingSetupError or UnknownModelError before any work on bad input,
-    and TrainingInterrupted after Ctrl-C (with a checkpoint saved). ``on_checkpoint(step,
+    With ``register`` the name is claimed first, so a second run for the same name is refused
+    at once (NameInUse) and can never write into this one's folder. Raises DatasetError,
+    TrainingSetupError or UnknownModelError before any work on bad input, and
+    TrainingInterrupted after Ctrl-C (with a checkpoint saved). ``on_checkpoint(step,
     {"loss": ...})`` runs after each checkpoint; an exception from it stops the run.
     """
+    arguments = dict(output_dir=output_dir, resume=resume, progress=progress, register=register)
+    if not register:
+        return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
+    with claim_name(name):
+        return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
+
+
+def _train(
+    data_dir: Path,
+    base: str,
+    name: str,
+    hyperparameters: Hyperparameters,
+    *,
+    output_dir: Path | None,
+    resume: bool,
+    progress: bool,
+    register: bool,
+    on_checkpoint: Callable[[int, dict], None] | None,
+) -> CatalogEntry:
     started = time.monotonic()
     hp = hyperparameters
     data_dir = Path(data_dir).expanduser().resolve()
@@ -230,6 +256,8 @@ def train(
     output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir(name)
     _check_output_dir(output_dir, resume)
     dataset = load_dataset(data_dir, hp, base_entry.resolution)
+    if resume and (output_dir / MODEL_DIR).is_dir() and (output_dir / FINISHED_ENTRY).is_file():
+        return _register(_finished_run(output_dir, base, dataset.fingerprint), data_dir, register)
     precision = choose_precision(hp)
 
     import torch
@@ -399,38 +427,58 @@ def train(
                         on_checkpoint(step, {"loss": sum(recent) / len(recent)})
         trainable.train(False)
         loop_seconds = time.monotonic() - loop_started
-
-        model_dir = _save_model_atomically(pipeline, trainable, output_dir)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         train_seconds = time.monotonic() - started
-        _write_report(pipeline, dataset, hp, output_dir, losses, bars)
+        model_dir = output_dir / MODEL_DIR
 
-    recent = losses[-10:]
-    metrics: dict[str, float | None] = {
-        "final_loss": sum(recent) / len(recent) if recent else None,
-        "steps": float(total_steps),
-        "train_seconds": round(train_seconds, 2),
-        "steps_per_second": round((step - first_step) / loop_seconds, 3) if step > first_step else None,
-    }
-    entry = CatalogEntry(
-        id=name,
-        source="finetune",
-        family=base_entry.family,
-        resolution=resolution,
-        description=f"DreamBooth {hp.method} fine-tune of {base}: "
-        + "; ".join(concept.instance_prompt for concept in dataset.concepts),
-        license=base_entry.license,
-        languages=base_entry.languages,
-        tags=["dreambooth", hp.method],
-        example_prompt=f"a photo of {dataset.concepts[0].subject}",
-        base=base,
-        method=hp.method,
-        artifact=str(model_dir.resolve()),
-        hyperparameters=hp.model_dump(mode="json"),
-        dataset_fingerprint=dataset.fingerprint,
-        metrics=metrics,
-        created=datetime.now(timezone.utc),
-    )
+        recent = losses[-10:]
+        metrics: dict[str, float | None] = {
+            "final_loss": sum(recent) / len(recent) if recent else None,
+            "steps": float(total_steps),
+            "train_seconds": round(train_seconds, 2),
+            "steps_per_second": round((step - first_step) / loop_seconds, 3) if step > first_step else None,
+        }
+        entry = CatalogEntry(
+            id=name,
+            source="finetune",
+            family=base_entry.family,
+            resolution=resolution,
+            description=f"DreamBooth {hp.method} fine-tune of {base}: "
+            + "; ".join(concept.instance_prompt for concept in dataset.concepts),
+            license=base_entry.license,
+            languages=base_entry.languages,
+            tags=["dreambooth", hp.method],
+            example_prompt=f"a photo of {dataset.concepts[0].subject}",
+            base=base,
+            method=hp.method,
+            artifact=str(model_dir.resolve()),
+            hyperparameters=hp.model_dump(mode="json"),
+            dataset_fingerprint=dataset.fingerprint,
+            metrics=metrics,
+            created=datetime.now(timezone.utc),
+        )
+        atomic_write_text(output_dir / FINISHED_ENTRY, entry_yaml(entry))
+        _save_model_atomically(pipeline, trainable, output_dir)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        _write_report(pipeline, dataset, hp, output_dir, losses, bars)
+    return _register(entry, data_dir, register)
+
+
+def _finished_run(output_dir: Path, base: str, fingerprint: str) -> CatalogEntry:
+    """The entry of the model a run saved before it was killed, to register instead of training again."""
+    path = output_dir / FINISHED_ENTRY
+    entry = CatalogEntry.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    if entry.base != base or entry.dataset_fingerprint != fingerprint:
+        raise TrainingSetupError(
+            f"{output_dir} holds a finished run of {entry.base} on another dataset; pick another --name"
+        )
+    logger.info("the run had finished before it stopped; registering its model %s", entry.artifact)
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)  # left if killed right after the save
+    return entry
+
+
+def _register(entry: CatalogEntry, data_dir: Path, register: bool) -> CatalogEntry:
+    """Write ``entry`` to the user catalog (and evaluate it if asked); print its metrics."""
+    hp = Hyperparameters.model_validate(entry.hyperparameters or {})
     if register:
         write_entry(entry)
         if hp.compute_fid:
