@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from txt2img.errors import Txt2ImgError
 
 BUILTIN_CATALOG = Path(__file__).with_name("models.yaml")
 ENTRY_SUFFIX = ".yaml"
+
+
+class WriteFailed(Txt2ImgError):
+    """A file could not be written (a full disk, a read-only folder); nothing was left half-written."""
+
+
+@contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn a failed write inside the block into one ``WriteFailed`` line that names ``what``."""
+    try:
+        yield
+    except FileExistsError:  # not a failed write: the caller decides what an existing file means
+        raise
+    except OSError as error:
+        raise WriteFailed(f"cannot write {what}: {(error.strerror or str(error)).lower()}") from error
+    except Exception as error:
+        from safetensors import SafetensorError
+
+        # safetensors reports a failed write as its own error, e.g. "I/O error: No space left on device".
+        if isinstance(error, SafetensorError) and "I/O error" in str(error):
+            reason = str(error).split("I/O error:", 1)[1].split("(os error", 1)[0].strip().lower()
+            raise WriteFailed(f"cannot write {what}: {reason}") from error
+        raise
 
 
 def txt2img_home() -> Path:
@@ -53,12 +80,13 @@ def _write_temporary(path: Path, data: bytes) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a crash at any point leaves either the old or the new file."""
-    temporary = _write_temporary(path, data)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        temporary = _write_temporary(path, data)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def exclusive_create_bytes(path: Path, data: bytes) -> None:
@@ -67,11 +95,12 @@ def exclusive_create_bytes(path: Path, data: bytes) -> None:
     The file appears whole or not at all, and of two processes creating the same path exactly
     one succeeds (a hard link, unlike a rename, never replaces its target).
     """
-    temporary = _write_temporary(path, data)
-    try:
-        os.link(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    with writing(path):
+        temporary = _write_temporary(path, data)
+        try:
+            os.link(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

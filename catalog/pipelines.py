@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from catalog.paths import follow_umask, staging_directory
+from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog
 from catalog.tiny_sd import build_tiny_sd_pipeline
@@ -121,6 +121,12 @@ def export_model(model_id: str, destination: Path, catalog: Catalog, local_files
     if entry.method == "lora":
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
+    with writing(destination):
+        _save_export(pipeline, entry, destination)
+    return destination
+
+
+def _save_export(pipeline: Any, entry: CatalogEntry, destination: Path) -> None:
     staging = staging_directory(destination.parent, destination.name)
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
@@ -133,4 +139,3 @@ def export_model(model_id: str, destination: Path, catalog: Catalog, local_files
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return destination

@@ -25,7 +25,10 @@ class GenerationRequest(BaseModel):
     width: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
     height: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
     num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance; 1 or less disables it.")
+    # Finite and bounded: an infinite or huge scale is accepted by the pipeline and yields a black image.
+    guidance_scale: float = Field(
+        7.5, ge=0, le=50, allow_inf_nan=False, description="Classifier-free guidance; 1 or less disables it."
+    )
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed + i. Random when absent."
     )

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from catalog.index import UnknownModelError, load_index
-from catalog.paths import BUILTIN_CATALOG, atomic_write_text, user_catalog_dir
+from catalog.paths import BUILTIN_CATALOG, WriteFailed, atomic_write_text, user_catalog_dir
 from catalog.schema import CatalogEntry
 from catalog.store import CatalogError, load_catalog, remove_entry, validate_path, write_entry
 
@@ -148,7 +148,7 @@ def test_a_crash_between_write_and_rename_keeps_the_old_entry(monkeypatch):
     def crash(source, destination):
         raise OSError("power cut")
 
-    with monkeypatch.context() as patch, pytest.raises(OSError, match="power cut"):
+    with monkeypatch.context() as patch, pytest.raises(WriteFailed, match=r"cannot write .*my-dog.yaml: power cut"):
         patch.setattr(os, "replace", crash)
         write_entry(finetune_entry(metrics={"final_loss": 0.01}), overwrite=True)
     assert path.read_text() == before

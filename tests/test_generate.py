@@ -75,6 +75,8 @@ def test_jpeg_by_suffix(run, tmp_path):
         (["tiny-sd", "a cat", "--steps", "0"], "--steps: Input should be greater than or equal to 1"),
         (["tiny-sd", "a cat", "--scheduler", "magic"], "--scheduler: Input should be"),
         (["tiny-sd", "a cat", "-o", "out.gif"], "use a .png, .jpg or .jpeg file name"),
+        (["tiny-sd", "a cat", "--guidance", "inf"], "--guidance: Input should be a finite number"),
+        (["tiny-sd", "a cat", "--guidance", "1e30"], "--guidance: Input should be less than or equal to 50"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(run, args, message):

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from catalog.paths import follow_umask, staging_directory
+from catalog.paths import follow_umask, staging_directory, writing
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
@@ -50,10 +50,19 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def save_checkpoint(directory: Path, step: int, weights: dict[str, Any], state: dict[str, Any]) -> Path:
     """Write ``checkpoint-<step>`` atomically and drop all but the newest few."""
+    final = directory / f"checkpoint-{step}"
+    with writing(final):
+        _save_staged(final, weights, state)
+    for _, old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_staged(final: Path, weights: dict[str, Any], state: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    final = directory / f"checkpoint-{step}"
+    directory = final.parent
     staging = staging_directory(directory, final.name)
     try:
         save_file({key: value.to("cpu") for key, value in weights.items()}, str(staging / WEIGHTS_FILE))
@@ -66,9 +75,6 @@ def save_checkpoint(directory: Path, step: int, weights: dict[str, Any], state: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for _, old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,6 +8,7 @@ draws validation images and a loss curve, and registers the fine-tune in the use
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from catalog.paths import atomic_write_text, follow_umask, staging_directory, txt2img_home
+from catalog.paths import atomic_write_text, follow_umask, staging_directory, txt2img_home, writing
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import Catalog, claim_name, entry_yaml, load_catalog, write_entry
 from training.dataset import DreamBoothDataset, load_dataset
@@ -228,11 +229,20 @@ def train(
     TrainingInterrupted after Ctrl-C (with a checkpoint saved). ``on_checkpoint(step,
     {"loss": ...})`` runs after each checkpoint; an exception from it stops the run.
     """
+    output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir(name)
     arguments = dict(output_dir=output_dir, resume=resume, progress=progress, register=register)
-    if not register:
-        return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
-    with claim_name(name):
-        return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
+    with claim_name(name) if register else contextlib.nullcontext():
+        try:
+            return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
+        except BaseException:
+            # A run that failed (a full disk, say) must not leave a draft entry without its model or
+            # empty folders behind: the next run would take them for a run to --resume.
+            if not (output_dir / MODEL_DIR).is_dir():
+                (output_dir / FINISHED_ENTRY).unlink(missing_ok=True)
+            for folder in (output_dir / CHECKPOINT_DIR, output_dir):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
 
 
 def _train(
@@ -241,7 +251,7 @@ def _train(
     name: str,
     hyperparameters: Hyperparameters,
     *,
-    output_dir: Path | None,
+    output_dir: Path,
     resume: bool,
     progress: bool,
     register: bool,
@@ -253,7 +263,6 @@ def _train(
     catalog = load_catalog()
     base_entry = trainable_base(catalog, base)
     _check_name(catalog, name, register)
-    output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir(name)
     _check_output_dir(output_dir, resume)
     dataset = load_dataset(data_dir, hp, base_entry.resolution)
     if resume and (output_dir / MODEL_DIR).is_dir() and (output_dir / FINISHED_ENTRY).is_file():
@@ -457,7 +466,8 @@ def _train(
             created=datetime.now(timezone.utc),
         )
         atomic_write_text(output_dir / FINISHED_ENTRY, entry_yaml(entry))
-        _save_model_atomically(pipeline, trainable, output_dir)
+        with writing(model_dir):
+            _save_model_atomically(pipeline, trainable, output_dir)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         _write_report(pipeline, dataset, hp, output_dir, losses, bars)
     return _register(entry, data_dir, register)
