@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from catalog.schema import CatalogEntry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -149,18 +150,23 @@ def plan_deployment(
     if async_output is not None and not async_output.startswith("s3://"):
         raise SageMakerError(f"--output must be an s3:// prefix for async results, got '{async_output}'")
 
-    if entry.source == "jumpstart":
-        spec = hosting_spec(entry.jumpstart.model_id if entry.jumpstart else entry.id, region, instance_type)
+    def on_jumpstart_container(base: CatalogEntry, model_data: str | None) -> DeploymentPlan:
+        """``entry`` on the JumpStart container of ``base``, with JumpStart's own artifacts unless ``model_data``."""
+        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
+        name_stem = entry.id if model_data else (spec.resource_name_base or entry.id)
         return DeploymentPlan(
             model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(spec.resource_name_base or entry.id),
+            endpoint_name=endpoint_name or default_endpoint_name(name_stem),
             instance_type=instance_type or spec.default_instance_type,
             image_uri=spec.image_uri,
-            model_data=spec.model_data,
+            model_data=model_data or spec.model_data,
             environment=spec.environment,
             network_isolation=spec.network_isolation,
             async_output=async_output,
         )
+
+    if entry.source == "jumpstart":
+        return on_jumpstart_container(entry, None)
     if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
         base = catalog.get(entry.base)
         if base.source != "jumpstart":
@@ -168,17 +174,7 @@ def plan_deployment(
                 f"model '{entry.id}' has an S3 artifact but its base '{base.id}' is not a JumpStart model, "
                 "so there is no JumpStart container to run it on"
             )
-        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
-        return DeploymentPlan(
-            model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(entry.id),
-            instance_type=instance_type or spec.default_instance_type,
-            image_uri=spec.image_uri,
-            model_data=entry.artifact,
-            environment=spec.environment,
-            network_isolation=spec.network_isolation,
-            async_output=async_output,
-        )
+        return on_jumpstart_container(base, entry.artifact)
     # A model whose weights are on this machine: package, upload, Hugging Face container.
     default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
     chosen_type = instance_type or default_type
