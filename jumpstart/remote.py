@@ -55,7 +55,7 @@ class RemoteJobSetup:
     dataset_fingerprint: str | None
 
 
-def job_name(name: str, limit: int, now: datetime | None = None) -> str:
+def unique_job_name(name: str, limit: int, now: datetime | None = None) -> str:
     """``<name>-<UTC timestamp>`` in letters, digits and '-', at most ``limit`` characters."""
     stamp = (now or datetime.now(timezone.utc)).strftime("%y%m%d-%H%M%S")
     stem = re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-")[: limit - len(stamp) - 1].rstrip("-")
@@ -132,7 +132,7 @@ def prepare_remote_job(
     context = aws_context(region, role, need_role=True)
     spec = training_spec(base_entry.jumpstart.model_id, context.region, instance_type)
     prefix = s3_prefix or default_s3_prefix(context)
-    job = job_name(name, job_name_limit)
+    job = unique_job_name(name, job_name_limit)
     output_path = join_s3(prefix, "jobs", name)
     data_uri = data
     if dataset is not None:

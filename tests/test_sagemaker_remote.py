@@ -35,7 +35,7 @@ BASE_MODEL_URI = f"s3://{JUMPSTART_BUCKET}/stabilityai-training/train-{BASE}.tar
 
 @pytest.fixture
 def jumpstart_bucket(aws):
-    """JumpStart's regional bucket with the training script the ModelTrainer checks for."""
+    """JumpStart's regional bucket with its training script, and the user's bucket my-txt2img."""
     make_bucket(aws, JUMPSTART_BUCKET)
     aws.client("s3").put_object(Bucket=JUMPSTART_BUCKET, Key=TRAINING_SCRIPT_KEY, Body=b"script tarball")
     make_bucket(aws, "my-txt2img")
@@ -440,3 +440,14 @@ def test_txt2img_tune_needs_trials_locally(capsys):
         main(["tune", "some-folder", "--base", "tiny-sd", "--name", "x"])
     assert exit_info.value.code == 2
     assert "--trials is required" in capsys.readouterr().err
+
+
+def test_job_names_fit_sagemakers_limits():
+    from datetime import datetime, timezone
+
+    from jumpstart.remote import TUNING_JOB_NAME_LIMIT, unique_job_name
+
+    now = datetime(2026, 11, 26, 14, 5, 9, tzinfo=timezone.utc)
+    assert unique_job_name("my_dog.v2", 63, now) == "my-dog-v2-261126-140509"
+    tuning = unique_job_name("a-very-long-model-name-for-tuning", TUNING_JOB_NAME_LIMIT, now)
+    assert tuning == "a-very-long-model-261126-140509" and len(tuning) <= 32
