@@ -31,10 +31,12 @@ DEFAULT_TUNING_RANGES: dict[str, tuple[float, float, bool]] = {
     "learning_rate": (1e-7, 3e-6, False),
     "max_steps": (50, 400, False),
 }
-POLL_SECONDS = 30.0
 # The sagemaker SDK's defaults for a training job: a 30 GB volume, stopped after an hour.
 VOLUME_SIZE_GB = 30
 MAX_RUNTIME_SECONDS = 3600
+# Waiting for a job has no timeout, unlike waiting for an endpoint: SageMaker stops each training
+# job after MAX_RUNTIME_SECONDS, and a job we stopped waiting for would not reach the catalog.
+POLL_SECONDS = 30.0
 # SageMaker's limits on job names.
 TRAINING_JOB_NAME_LIMIT = 63
 TUNING_JOB_NAME_LIMIT = 32
