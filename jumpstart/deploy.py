@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from catalog.schema import CatalogEntry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -38,6 +38,8 @@ LOCAL_MODEL_ENVIRONMENT = {
     "MMS_MAX_RESPONSE_SIZE": "20000000",
 }
 POLL_SECONDS = 20.0
+# Endpoints start in 5-15 minutes; one still Creating after an hour is stuck.
+ENDPOINT_TIMEOUT_SECONDS = 3600.0
 
 
 @dataclass
@@ -148,18 +150,23 @@ def plan_deployment(
     if async_output is not None and not async_output.startswith("s3://"):
         raise SageMakerError(f"--output must be an s3:// prefix for async results, got '{async_output}'")
 
-    if entry.source == "jumpstart":
-        spec = hosting_spec(entry.jumpstart.model_id if entry.jumpstart else entry.id, region, instance_type)
+    def on_jumpstart_container(base: CatalogEntry, model_data: str | None) -> DeploymentPlan:
+        """``entry`` on the JumpStart container of ``base``, with JumpStart's own artifacts unless ``model_data``."""
+        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
+        name_stem = entry.id if model_data else (spec.resource_name_base or entry.id)
         return DeploymentPlan(
             model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(spec.resource_name_base or entry.id),
+            endpoint_name=endpoint_name or default_endpoint_name(name_stem),
             instance_type=instance_type or spec.default_instance_type,
             image_uri=spec.image_uri,
-            model_data=spec.model_data,
+            model_data=model_data or spec.model_data,
             environment=spec.environment,
             network_isolation=spec.network_isolation,
             async_output=async_output,
         )
+
+    if entry.source == "jumpstart":
+        return on_jumpstart_container(entry, None)
     if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
         base = catalog.get(entry.base)
         if base.source != "jumpstart":
@@ -167,17 +174,7 @@ def plan_deployment(
                 f"model '{entry.id}' has an S3 artifact but its base '{base.id}' is not a JumpStart model, "
                 "so there is no JumpStart container to run it on"
             )
-        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
-        return DeploymentPlan(
-            model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(entry.id),
-            instance_type=instance_type or spec.default_instance_type,
-            image_uri=spec.image_uri,
-            model_data=entry.artifact,
-            environment=spec.environment,
-            network_isolation=spec.network_isolation,
-            async_output=async_output,
-        )
+        return on_jumpstart_container(base, entry.artifact)
     # A model whose weights are on this machine: package, upload, Hugging Face container.
     default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
     chosen_type = instance_type or default_type
@@ -270,35 +267,27 @@ def create_endpoint(context: AwsContext, plan: DeploymentPlan) -> None:
 
 def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: float = POLL_SECONDS) -> str:
     """Poll until the endpoint is InService; a failed endpoint is removed with its config and model."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from jumpstart.polling import ENDPOINT, WaitFailed, wait_for
 
     sagemaker = context.client("sagemaker")
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
-        task = progress.add_task(f"endpoint {plan.endpoint_name}: starting", total=None)
-        while True:
-            with aws_errors(f"waiting for endpoint {plan.endpoint_name}"):
-                description = sagemaker.describe_endpoint(EndpointName=plan.endpoint_name)
-            status = description["EndpointStatus"]
-            progress.update(task, description=f"endpoint {plan.endpoint_name}: {status} (usually 5-15 min)")
-            if status == "InService":
-                return status
-            if status in ("Failed", "OutOfService"):
-                reason = description.get("FailureReason", "no reason given")
-                problems = remove_resources(sagemaker, plan.endpoint_name, plan.endpoint_name, (plan.endpoint_name,))
-                cleanup = "; its endpoint, config and model were removed"
-                if problems:
-                    cleanup = f"; cleanup: {'; '.join(problems)}"
-                raise SageMakerError(f"endpoint {plan.endpoint_name} failed: {reason}{cleanup}")
-            try:
-                time.sleep(poll_seconds)
-            except KeyboardInterrupt:
-                raise SageMakerError(
-                    f"stopped waiting; endpoint {plan.endpoint_name} keeps starting on AWS and is billed once "
-                    f"InService. Check it with `txt2img endpoints list`, remove it with "
-                    f"`txt2img endpoints delete {plan.endpoint_name}`"
-                ) from None
+    name = plan.endpoint_name
+    try:
+        description = wait_for(
+            f"endpoint {name}",
+            lambda: sagemaker.describe_endpoint(EndpointName=name),
+            ENDPOINT,
+            poll_seconds=poll_seconds,
+            timeout_seconds=ENDPOINT_TIMEOUT_SECONDS,
+            still_running=(
+                f"it is billed once InService. Check it with `txt2img endpoints list`, "
+                f"remove it with `txt2img endpoints delete {name}`"
+            ),
+        )
+    except WaitFailed as failure:
+        problems = remove_resources(sagemaker, name, name, (name,))
+        cleanup = f"; cleanup: {'; '.join(problems)}" if problems else "; its endpoint, config and model were removed"
+        raise WaitFailed(f"endpoint {name}", failure.status, f"{failure.reason}{cleanup}") from failure
+    return description["EndpointStatus"]
 
 
 def deploy(
@@ -315,6 +304,7 @@ def deploy(
 ) -> DeployResult:
     """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
     from catalog.schema import Endpoint
+    from jumpstart.polling import WaitFailed
     from jumpstart.records import forget_endpoint, record_endpoint
     from jumpstart.s3 import split_s3_uri
 
@@ -345,7 +335,7 @@ def deploy(
     if wait:
         try:
             status = wait_for_endpoint(context, plan, poll_seconds)
-        except SageMakerError:
+        except WaitFailed:  # the endpoint was removed; on a timeout or Ctrl-C it is still there
             forget_endpoint(plan.endpoint_name)
             raise
     return DeployResult(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,8 +155,8 @@ def invoke_endpoint(context: AwsContext, name: str, body: dict) -> bytes:
 
 def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, output_prefix: str) -> bytes:
     from botocore.exceptions import ClientError
-    from rich.console import Console
 
+    from jumpstart.polling import ASYNC_ANSWER, wait_for
     from jumpstart.s3 import join_s3, split_s3_uri
 
     s3 = context.client("s3")
@@ -170,28 +169,39 @@ def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, outpu
         response = runtime.invoke_endpoint_async(
             EndpointName=name, InputLocation=input_uri, ContentType=CONTENT_TYPE, Accept=ACCEPT
         )
-    locations = [response["OutputLocation"], response.get("FailureLocation")]
-    deadline = time.monotonic() + ASYNC_TIMEOUT_SECONDS
-    with Console(stderr=True).status(f"waiting for {name} to write {response['OutputLocation']} ..."):
-        while time.monotonic() < deadline:
-            for index, location in enumerate(locations):
-                if not location:
-                    continue
-                bucket, key = split_s3_uri(location)
-                try:
-                    answer = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-                except ClientError as error:
-                    if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                        continue
-                    raise SageMakerError(f"cannot read {location}: {error}") from error
-                if index == 1:
-                    reason = answer[:300].decode(errors="replace")
-                    raise SageMakerError(f"endpoint {name} failed on this request: {reason}")
-                return answer
-            time.sleep(ASYNC_POLL_SECONDS)
-    raise SageMakerError(
-        f"no answer from {name} within {ASYNC_TIMEOUT_SECONDS:.0f} s; it may still appear at {locations[0]}"
+    output, failure = response["OutputLocation"], response.get("FailureLocation")
+
+    def read(location: str | None) -> bytes | None:
+        """The object at ``location``, or None while the endpoint has not written it."""
+        if not location:
+            return None
+        bucket, key = split_s3_uri(location)
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def describe() -> dict:
+        """The request's state in the shape of a SageMaker describe answer."""
+        answer = read(output)
+        if answer is not None:
+            return {"Status": "Completed", "Answer": answer}
+        error = read(failure)
+        if error is not None:
+            return {"Status": "Failed", "FailureReason": error[:300].decode(errors="replace")}
+        return {"Status": "InProgress"}
+
+    answered = wait_for(
+        f"request to endpoint {name}",
+        describe,
+        ASYNC_ANSWER,
+        poll_seconds=ASYNC_POLL_SECONDS,
+        timeout_seconds=ASYNC_TIMEOUT_SECONDS,
+        still_running=f"it may still appear at {output}",
     )
+    return answered["Answer"]
 
 
 def delete_endpoint(name: str, region: str | None = None) -> list[str]:

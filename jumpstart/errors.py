@@ -36,13 +36,21 @@ class AwsContext:
 def aws_context(region: str | None = None, role: str | None = None, need_role: bool = False) -> AwsContext:
     """Check credentials, region and role up front, so a missing one is one clear line, not a traceback."""
     import boto3
+    from botocore.exceptions import ProfileNotFound
 
-    session = boto3.Session(region_name=region) if region else boto3.Session()
+    try:
+        session = boto3.Session(region_name=region) if region else boto3.Session()
+    except ProfileNotFound as error:
+        raise SageMakerError(
+            f"{error}: set AWS_PROFILE to a profile of your AWS config (`aws configure list-profiles`), or unset it"
+        ) from error
     if not session.region_name:
         raise SageMakerError(
             "no AWS region: pass --region (e.g. --region us-east-1), set AWS_REGION, or run `aws configure`"
         )
-    if session.get_credentials() is None:
+    with aws_errors("reading your AWS credentials"):  # a credential_process or SSO profile can fail here
+        credentials = session.get_credentials()
+    if credentials is None:
         raise SageMakerError(
             "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, choose a profile with "
             "AWS_PROFILE, or run `aws configure` (or `aws sso login`)"

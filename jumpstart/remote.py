@@ -2,26 +2,28 @@
 result comes back into the catalog as a fine-tune that ``txt2img deploy`` can deploy.
 
 ``launch_remote_training`` and ``launch_remote_tuning`` are what ``txt2img train --remote`` and
-``txt2img tune --remote`` call; both take the same ``Hyperparameters`` as the local trainer.
+``txt2img tune --remote`` call; both take the same ``Hyperparameters`` as the local trainer, and a
+local dataset folder goes through the local trainer's loader, so it is checked the same way and
+gets the same fingerprint.
+
+The jobs are created with plain boto3 calls under names chosen here, and run JumpStart's training
+script the way JumpStart's own estimator does (``sagemaker_program`` and
+``sagemaker_submit_directory`` hyperparameters read by the container's training toolkit).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from catalog.schema import CatalogEntry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
 from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec
+from training.dataset import DATASET_INFO, DreamBoothDataset
 from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters
 
-DATASET_INFO = "dataset_info.json"
 # What JumpStart's training script prints when compute_fid is on, and how SageMaker reads it.
 METRIC_DEFINITIONS = {"fid_score": {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}}
 # name -> (low, high, logarithmic); the ranges JumpStart's own tuning example searches.
@@ -29,8 +31,15 @@ DEFAULT_TUNING_RANGES: dict[str, tuple[float, float, bool]] = {
     "learning_rate": (1e-7, 3e-6, False),
     "max_steps": (50, 400, False),
 }
+# The sagemaker SDK's defaults for a training job: a 30 GB volume, stopped after an hour.
+VOLUME_SIZE_GB = 30
+MAX_RUNTIME_SECONDS = 3600
+# Waiting for a job has no timeout, unlike waiting for an endpoint: SageMaker stops each training
+# job after MAX_RUNTIME_SECONDS, and a job we stopped waiting for would not reach the catalog.
 POLL_SECONDS = 30.0
-FINISHED = ("Completed", "Failed", "Stopped")
+# SageMaker's limits on job names.
+TRAINING_JOB_NAME_LIMIT = 63
+TUNING_JOB_NAME_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class RemoteJobSetup:
     context: AwsContext
     base: CatalogEntry
     name: str
+    job_name: str  # of the training or tuning job to create
     spec: TrainingSpec
     instance_type: str
     data_uri: str
@@ -47,37 +57,32 @@ class RemoteJobSetup:
     dataset_fingerprint: str | None
 
 
-def dataset_fingerprint(folder: Path) -> str:
-    """A sha256 over every file's relative path and bytes: the same data gives the same value."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def unique_job_name(name: str, limit: int, now: datetime | None = None) -> str:
+    """``<name>-<UTC timestamp>`` in letters, digits and '-', at most ``limit`` characters."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%y%m%d-%H%M%S")
+    stem = re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-")[: limit - len(stamp) - 1].rstrip("-")
+    return f"{stem}-{stamp}"
 
 
-def _check_local_dataset(folder: Path) -> None:
-    if not folder.is_dir():
-        raise SageMakerError(f"training data {folder} is not a folder (or pass an s3://bucket/prefix/ ending in '/')")
-    info = folder / DATASET_INFO
-    if not info.is_file():
+def _load_local_dataset(folder: Path, hyperparameters: Hyperparameters, base: CatalogEntry) -> DreamBoothDataset:
+    """The local trainer's checks and fingerprint; then what JumpStart's script cannot read."""
+    from training.dataset import load_dataset
+
+    dataset = load_dataset(folder, hyperparameters, base.resolution)
+    if dataset.multi_concept:
         raise SageMakerError(
-            f"{folder} has no {DATASET_INFO}; JumpStart training needs one like "
-            '{"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog"}'
+            f"{folder / DATASET_INFO} lists several concepts; JumpStart's training script reads one "
+            '({"instance_prompt": ..., "class_prompt": ...}): train it locally, or split it'
         )
-    try:
-        prompt = json.loads(info.read_text(encoding="utf-8")).get("instance_prompt")
-    except (json.JSONDecodeError, AttributeError):
-        prompt = None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SageMakerError(f'{info} must be a JSON object with a non-empty "instance_prompt"')
+    return dataset
 
 
-def _job_stem(name: str, limit: int) -> str:
-    """A SageMaker job-name stem: letters, digits and '-', at most ``limit`` characters."""
-    return re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-")[:limit].rstrip("-")
+def _dataset_files(folder: Path, dataset: DreamBoothDataset, hyperparameters: Hyperparameters) -> list[Path]:
+    """The files the loader accepted, which are what JumpStart's script reads: dataset_info.json,
+    the instance images and, with prior preservation, the class images in class_data_dir/."""
+    (concept,) = dataset.concepts
+    class_images = concept.class_images if hyperparameters.with_prior_preservation else []
+    return [folder / DATASET_INFO, *concept.instance_images, *class_images]
 
 
 def prepare_remote_job(
@@ -90,12 +95,13 @@ def prepare_remote_job(
     s3_prefix: str | None,
     role: str | None,
     region: str | None,
+    job_name_limit: int,
 ) -> RemoteJobSetup:
     """Check the request, resolve JumpStart's training spec, and upload local data to S3."""
     from catalog.index import UnknownModelError
     from catalog.schema import ID_PATTERN
     from catalog.store import load_catalog
-    from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_folder
+    from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_files
     from jumpstart.specs import training_spec
 
     catalog = load_catalog()
@@ -120,55 +126,66 @@ def prepare_remote_job(
         split_s3_uri(data)
         if not data.endswith("/"):
             raise SageMakerError(f"an S3 training prefix must end with '/': {data}/")
+        dataset = None
     else:
-        _check_local_dataset(Path(data).expanduser())
+        folder = Path(data).expanduser()
+        dataset = _load_local_dataset(folder, hyperparameters, base_entry)
 
     context = aws_context(region, role, need_role=True)
     spec = training_spec(base_entry.jumpstart.model_id, context.region, instance_type)
     prefix = s3_prefix or default_s3_prefix(context)
-    fingerprint = None
+    job = unique_job_name(name, job_name_limit)
+    output_path = join_s3(prefix, "jobs", name)
     data_uri = data
-    if not data.startswith("s3://"):
-        folder = Path(data).expanduser()
-        fingerprint = dataset_fingerprint(folder)
-        data_uri = upload_folder(context, folder, join_s3(prefix, "datasets", fingerprint[:16]), f"uploading {folder}")
+    if dataset is not None:
+        # Beside the job's output, and new for each job: no stale files of an earlier upload get in.
+        data_uri = join_s3(output_path, job, "dataset") + "/"
+        files = [
+            (path, join_s3(data_uri, path.resolve().relative_to(folder.resolve()).as_posix()))
+            for path in _dataset_files(folder, dataset, hyperparameters)
+        ]
+        upload_files(context, files, f"uploading {folder}")
     return RemoteJobSetup(
         context=context,
         base=base_entry,
         name=name,
+        job_name=job,
         spec=spec,
         instance_type=instance_type or spec.default_instance_type,
         data_uri=data_uri,
-        output_path=join_s3(prefix, "jobs", name),
-        dataset_fingerprint=fingerprint,
+        output_path=output_path,
+        dataset_fingerprint=dataset.fingerprint if dataset is not None else None,
     )
 
 
-def _model_trainer(setup: RemoteJobSetup, hyperparameters: Hyperparameters):
-    """A sagemaker 3.x ModelTrainer running JumpStart's training container and script."""
-    from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.training.configs import Compute, OutputDataConfig, SourceCode
-    from sagemaker.train import ModelTrainer
-
-    return ModelTrainer(
-        training_image=setup.spec.image_uri,
-        role=setup.context.role,
-        compute=Compute(instance_type=setup.instance_type, instance_count=1),
-        source_code=SourceCode(source_dir=setup.spec.script_uri, entry_script=TRAINING_ENTRY_SCRIPT),
-        hyperparameters=hyperparameters.sagemaker_strings(),
-        base_job_name=_job_stem(setup.name, 47),
-        output_data_config=OutputDataConfig(s3_output_path=setup.output_path),
-        sagemaker_session=Session(boto_session=setup.context.session),
-    )
+def _script_hyperparameters(setup: RemoteJobSetup, hyperparameters: Hyperparameters) -> dict[str, str]:
+    """The hyperparameters plus the two that make the container's toolkit run JumpStart's script."""
+    return {
+        **hyperparameters.sagemaker_strings(),
+        "sagemaker_program": TRAINING_ENTRY_SCRIPT,
+        "sagemaker_submit_directory": setup.spec.script_uri,
+    }
 
 
-def _input_channels(setup: RemoteJobSetup) -> list:
-    from sagemaker.core.training.configs import InputData
+def _job_definition(setup: RemoteJobSetup) -> dict:
+    """What a training job and each training job of a tuning job share (all but hyperparameters)."""
 
-    return [
-        InputData(channel_name="training", data_source=setup.data_uri),
-        InputData(channel_name="model", data_source=setup.spec.base_model_uri),
-    ]
+    def channel(name: str, uri: str) -> dict:
+        s3 = {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+        return {"ChannelName": name, "DataSource": {"S3DataSource": s3}, "InputMode": "File"}
+
+    return {
+        "AlgorithmSpecification": {
+            "TrainingImage": setup.spec.image_uri,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": list(METRIC_DEFINITIONS.values()),
+        },
+        "RoleArn": setup.context.role,
+        "InputDataConfig": [channel("training", setup.data_uri), channel("model", setup.spec.base_model_uri)],
+        "OutputDataConfig": {"S3OutputPath": setup.output_path},
+        "ResourceConfig": {"InstanceType": setup.instance_type, "InstanceCount": 1, "VolumeSizeInGB": VOLUME_SIZE_GB},
+        "StoppingCondition": {"MaxRuntimeInSeconds": MAX_RUNTIME_SECONDS},
+    }
 
 
 def register_training_job(
@@ -209,30 +226,6 @@ def register_training_job(
     return entry
 
 
-def _wait(describe, name: str, poll_seconds: float, status_key: str, detail) -> dict:
-    """Poll ``describe()`` with a spinner until the job finishes; a failed job is an error."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
-        task = progress.add_task(f"{name}: starting", total=None)
-        while True:
-            with aws_errors(f"waiting for {name}"):
-                description = describe()
-            status = description[status_key]
-            progress.update(task, description=f"{name}: {detail(description)}")
-            if status in FINISHED:
-                if status != "Completed":
-                    reason = description.get("FailureReason") or "no reason given"
-                    raise SageMakerError(f"{name} ended {status}: {reason}")
-                return description
-            try:
-                time.sleep(poll_seconds)
-            except KeyboardInterrupt:
-                raise SageMakerError(f"stopped waiting; {name} keeps running on SageMaker") from None
-
-
 def launch_remote_training(
     data: str,
     base: str,
@@ -248,35 +241,46 @@ def launch_remote_training(
 ) -> CatalogEntry | str:
     """Run a JumpStart DreamBooth training job; with ``wait``, register and return the catalog
     entry of its result, otherwise return the training job's name at once."""
+    from jumpstart.polling import TRAINING_JOB, wait_for
+
     setup = prepare_remote_job(
-        data, base, name, hyperparameters, instance_type=instance_type, s3_prefix=s3_prefix, role=role, region=region
+        data,
+        base,
+        name,
+        hyperparameters,
+        instance_type=instance_type,
+        s3_prefix=s3_prefix,
+        role=role,
+        region=region,
+        job_name_limit=TRAINING_JOB_NAME_LIMIT,
     )
-    trainer = _model_trainer(setup, hyperparameters)
-    with aws_errors("starting the training job", setup.instance_type):
-        trainer.train(input_data_config=_input_channels(setup), wait=False)
-    job_name = trainer._latest_training_job.training_job_name  # ModelTrainer keeps the job it started here
-    if not wait:
-        return job_name
     sagemaker = setup.context.client("sagemaker")
-    _wait(
-        lambda: sagemaker.describe_training_job(TrainingJobName=job_name),
-        f"training job {job_name}",
-        poll_seconds,
-        "TrainingJobStatus",
-        lambda job: job.get("SecondaryStatus", job["TrainingJobStatus"]),
+    training_job = setup.job_name
+    with aws_errors("starting the training job", setup.instance_type):
+        sagemaker.create_training_job(
+            TrainingJobName=training_job,
+            HyperParameters=_script_hyperparameters(setup, hyperparameters),
+            **_job_definition(setup),
+        )
+    if not wait:
+        return training_job
+    wait_for(
+        f"training job {training_job}",
+        lambda: sagemaker.describe_training_job(TrainingJobName=training_job),
+        TRAINING_JOB,
+        poll_seconds=poll_seconds,
+        still_running="its result will not be in the catalog; follow or stop it in the SageMaker console",
     )
     return register_training_job(
-        setup.context, job_name, name, setup.base, hyperparameters, dataset_fingerprint=setup.dataset_fingerprint
+        setup.context, training_job, name, setup.base, hyperparameters, dataset_fingerprint=setup.dataset_fingerprint
     )
 
 
-def tuning_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
-    """SageMaker parameter ranges: IntegerParameter for integer hyperparameters, else ContinuousParameter."""
+def parameter_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, list[dict]]:
+    """SageMaker's ParameterRanges: integer ranges for integer hyperparameters, else continuous ones."""
     import typing
 
-    from sagemaker.core.parameter import ContinuousParameter, IntegerParameter
-
-    result: dict[str, Any] = {}
+    found: dict[str, list[dict]] = {"IntegerParameterRanges": [], "ContinuousParameterRanges": []}
     for name, (low, high, logarithmic) in ranges.items():
         if name not in JUMPSTART_NAMES:
             raise SageMakerError(
@@ -289,10 +293,13 @@ def tuning_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, Any
         annotation = Hyperparameters.model_fields[name].annotation
         scaling = "Logarithmic" if logarithmic else "Linear"
         if annotation is int or int in typing.get_args(annotation):
-            result[name] = IntegerParameter(int(low), int(high), scaling_type=scaling)
+            kind, bounds = "IntegerParameterRanges", (int(low), int(high))
         else:
-            result[name] = ContinuousParameter(float(low), float(high), scaling_type=scaling)
-    return result
+            kind, bounds = "ContinuousParameterRanges", (float(low), float(high))
+        found[kind].append(
+            {"Name": name, "MinValue": str(bounds[0]), "MaxValue": str(bounds[1]), "ScalingType": scaling}
+        )
+    return {kind: listed for kind, listed in found.items() if listed}
 
 
 def launch_remote_tuning(
@@ -314,7 +321,7 @@ def launch_remote_tuning(
 ) -> CatalogEntry | str:
     """Automatic Model Tuning (Bayesian, minimising ``objective``) over ``ranges``; with ``wait``,
     the best training job becomes catalog entry ``name``, otherwise the tuning job's name is returned."""
-    from sagemaker.train.tuner import HyperparameterTuner
+    from jumpstart.polling import TUNING_JOB, wait_for
 
     if objective not in METRIC_DEFINITIONS:
         raise SageMakerError(
@@ -322,38 +329,46 @@ def launch_remote_tuning(
         )
     if not 1 <= max_parallel_jobs <= max_jobs:
         raise SageMakerError(f"need 1 <= max_parallel_jobs <= max_jobs, got {max_parallel_jobs} and {max_jobs}")
-    parameter_ranges = tuning_ranges(ranges or DEFAULT_TUNING_RANGES)
+    searched = parameter_ranges(ranges or DEFAULT_TUNING_RANGES)
     # The objective is only printed by the training script when it computes FID.
     hyperparameters = hyperparameters.model_copy(update={"compute_fid": True})
     setup = prepare_remote_job(
-        data, base, name, hyperparameters, instance_type=instance_type, s3_prefix=s3_prefix, role=role, region=region
+        data,
+        base,
+        name,
+        hyperparameters,
+        instance_type=instance_type,
+        s3_prefix=s3_prefix,
+        role=role,
+        region=region,
+        job_name_limit=TUNING_JOB_NAME_LIMIT,
     )
-    tuner = HyperparameterTuner(
-        model_trainer=_model_trainer(setup, hyperparameters),
-        objective_metric_name=objective,
-        hyperparameter_ranges=parameter_ranges,
-        metric_definitions=[METRIC_DEFINITIONS[objective]],
-        objective_type="Minimize",
-        strategy="Bayesian",
-        max_jobs=max_jobs,
-        max_parallel_jobs=max_parallel_jobs,
-        base_tuning_job_name=_job_stem(name, 19),  # tuning job names are capped at 32 characters
-    )
+    tuned_names = {each["Name"] for listed in searched.values() for each in listed}
+    static = {
+        key: value for key, value in _script_hyperparameters(setup, hyperparameters).items() if key not in tuned_names
+    }
+    sagemaker = setup.context.client("sagemaker")
+    tuning_job = setup.job_name
     with aws_errors("starting the tuning job", setup.instance_type):
-        tuner.tune(inputs=_input_channels(setup), wait=False)
-    tuning_job = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
+        sagemaker.create_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName=tuning_job,
+            HyperParameterTuningJobConfig={
+                "Strategy": "Bayesian",
+                "HyperParameterTuningJobObjective": {"Type": "Minimize", "MetricName": objective},
+                "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel_jobs},
+                "ParameterRanges": searched,
+                "TrainingJobEarlyStoppingType": "Off",
+            },
+            TrainingJobDefinition={**_job_definition(setup), "StaticHyperParameters": static},
+        )
     if not wait:
         return tuning_job
-    sagemaker = setup.context.client("sagemaker")
-    description = _wait(
-        lambda: sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_job),
+    description = wait_for(
         f"tuning job {tuning_job}",
-        poll_seconds,
-        "HyperParameterTuningJobStatus",
-        lambda job: (
-            ", ".join(f"{count} {state}" for state, count in job.get("TrainingJobStatusCounters", {}).items() if count)
-            or job["HyperParameterTuningJobStatus"]
-        ),
+        lambda: sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_job),
+        TUNING_JOB,
+        poll_seconds=poll_seconds,
+        still_running="its best model will not be in the catalog; follow or stop it in the SageMaker console",
     )
     best = description.get("BestTrainingJob")
     if not best:

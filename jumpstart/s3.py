@@ -59,12 +59,3 @@ def upload_files(context: AwsContext, files: list[tuple[Path, str]], description
         for path, uri in files:
             bucket, key = split_s3_uri(uri)
             s3.upload_file(str(path), bucket, key, Callback=lambda sent: progress.advance(task, sent))
-
-
-def upload_folder(context: AwsContext, folder: Path, prefix: str, description: str) -> str:
-    """Upload every file under ``folder`` below ``prefix``; returns the prefix with a trailing '/'."""
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    if not files:
-        raise SageMakerError(f"{folder} holds no files to upload")
-    upload_files(context, [(path, join_s3(prefix, path.relative_to(folder).as_posix())) for path in files], description)
-    return prefix.rstrip("/") + "/"

@@ -130,7 +130,7 @@ def test_invoke_async_failure_is_reported(aws, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["endpoints", "invoke", "slow-art", "a sea", "-o", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "endpoint slow-art failed on this request: CUDA out of memory" in capsys.readouterr().err
+    assert "request to endpoint slow-art ended Failed: CUDA out of memory" in capsys.readouterr().err
 
 
 def test_invoke_rejects_a_non_jumpstart_answer(aws, tmp_path, capsys):

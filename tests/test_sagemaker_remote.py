@@ -23,7 +23,9 @@ from aws_fixtures import (  # noqa: F401 - fixtures
 from PIL import Image
 
 from jumpstart.errors import SageMakerError
-from jumpstart.remote import dataset_fingerprint, launch_remote_training, launch_remote_tuning
+from jumpstart.polling import WaitFailed
+from jumpstart.remote import launch_remote_training, launch_remote_tuning
+from training.dataset import DatasetError, load_dataset
 from training.hyperparameters import Hyperparameters
 
 BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
@@ -33,7 +35,7 @@ BASE_MODEL_URI = f"s3://{JUMPSTART_BUCKET}/stabilityai-training/train-{BASE}.tar
 
 @pytest.fixture
 def jumpstart_bucket(aws):
-    """JumpStart's regional bucket with the training script the ModelTrainer checks for."""
+    """JumpStart's regional bucket with its training script, and the user's bucket my-txt2img."""
     make_bucket(aws, JUMPSTART_BUCKET)
     aws.client("s3").put_object(Bucket=JUMPSTART_BUCKET, Key=TRAINING_SCRIPT_KEY, Body=b"script tarball")
     make_bucket(aws, "my-txt2img")
@@ -44,10 +46,19 @@ def jumpstart_bucket(aws):
 def dataset(tmp_path) -> Path:
     folder = tmp_path / "dog"
     folder.mkdir()
-    for index, color in enumerate([(200, 100, 50), (50, 100, 200)]):
+    for index, color in enumerate([(200, 100, 50), (50, 100, 200), (100, 200, 50)]):
         Image.new("RGB", (8, 8), color).save(folder / f"dog-{index}.png")
-    (folder / "dataset_info.json").write_text(json.dumps({"instance_prompt": "a photo of sks dog"}))
+    info = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog"}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    (folder / "class_data_dir").mkdir()
+    Image.new("RGB", (8, 8), (90, 90, 90)).save(folder / "class_data_dir" / "dog-class-0.png")
+    (folder / "notes.txt").write_text("not training data")
     return folder
+
+
+def _fingerprint(folder: Path) -> str:
+    """The fingerprint the local trainer records for ``folder``."""
+    return load_dataset(folder, Hyperparameters(), 512).fingerprint
 
 
 def _channels(job: dict) -> dict[str, str]:
@@ -56,7 +67,9 @@ def _channels(job: dict) -> dict[str, str]:
     }
 
 
-def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_result(jumpstart_bucket, dataset):
+def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_result(
+    jumpstart_bucket, dataset, sent_requests
+):
     hyperparameters = Hyperparameters.from_pairs(
         ["max_steps=200", "learning_rate=1e-6", "with_prior_preservation=true"]
     )
@@ -79,20 +92,29 @@ def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_resul
     assert job["AlgorithmSpecification"]["TrainingImage"] == TRAINING_GPU_IMAGE
     assert job["RoleArn"] == ROLE
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
-    assert job["HyperParameters"] == hyperparameters.sagemaker_strings()
+    # JumpStart's estimator way of running its script: the container's toolkit reads these two.
+    assert job["HyperParameters"] == {
+        **hyperparameters.sagemaker_strings(),
+        "sagemaker_program": "transfer_learning.py",
+        "sagemaker_submit_directory": SCRIPT_URI,
+    }
     assert job["HyperParameters"]["max_steps"] == "200" and job["HyperParameters"]["with_prior_preservation"] == "True"
-    fingerprint = dataset_fingerprint(dataset)
-    data_uri = f"s3://my-txt2img/work/datasets/{fingerprint[:16]}/"
-    channels = _channels(job)
-    assert (channels["training"], channels["model"], channels["code"]) == (data_uri, BASE_MODEL_URI, SCRIPT_URI)
+    sent = next(params for operation, params in sent_requests if operation == "CreateTrainingJob")
+    assert sent["AlgorithmSpecification"]["MetricDefinitions"] == [
+        {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}
+    ]
+    # The data goes beside the job's output, in a prefix of its own.
+    data_key = f"work/jobs/sks-dog/{job['TrainingJobName']}/dataset/"
+    assert _channels(job) == {"training": f"s3://my-txt2img/{data_key}", "model": BASE_MODEL_URI}
     assert job["OutputDataConfig"]["S3OutputPath"] == "s3://my-txt2img/work/jobs/sks-dog"
-    listed = jumpstart_bucket.client("s3").list_objects_v2(
-        Bucket="my-txt2img", Prefix=f"work/datasets/{fingerprint[:16]}/"
-    )
-    assert sorted(item["Key"].rsplit("/", 1)[1] for item in listed["Contents"]) == [
+    listed = jumpstart_bucket.client("s3").list_objects_v2(Bucket="my-txt2img", Prefix=data_key)
+    # What the dataset loader accepted, nothing else (notes.txt stays home).
+    assert sorted(item["Key"].removeprefix(data_key) for item in listed["Contents"]) == [
+        "class_data_dir/dog-class-0.png",
         "dataset_info.json",
         "dog-0.png",
         "dog-1.png",
+        "dog-2.png",
     ]
 
     assert entry.id == "sks-dog" and entry.source == "finetune" and entry.method == "full"
@@ -100,7 +122,7 @@ def test_remote_training_uploads_data_runs_jumpstart_job_and_registers_the_resul
     assert entry.artifact == job["ModelArtifacts"]["S3ModelArtifacts"]
     assert entry.artifact.startswith("s3://my-txt2img/work/jobs/sks-dog/")
     assert entry.hyperparameters == hyperparameters.model_dump(mode="json")
-    assert entry.dataset_fingerprint == fingerprint
+    assert entry.dataset_fingerprint == _fingerprint(dataset)
     from catalog.store import load_catalog
 
     assert load_catalog().get("sks-dog") == entry
@@ -143,18 +165,87 @@ def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_
         ("DATASET", "huggingface-txt2img-conflictx-complex-lineart", "x", [], "cannot fine-tune"),
         ("DATASET", BASE, "tiny-sd", [], "already has a model 'tiny-sd'"),
         ("DATASET", BASE, "x", ["method=lora"], "full fine-tunes only"),
-        ("NO_INFO", BASE, "x", [], "has no dataset_info.json"),
+        ("MULTI_CONCEPT", BASE, "x", [], "lists several concepts; JumpStart's training script reads one"),
     ],
 )
 def test_remote_training_refuses_bad_requests_before_starting(
     jumpstart_bucket, dataset, data, base, name, pairs, message
 ):
-    if data == "NO_INFO":
-        (dataset / "dataset_info.json").unlink()
-    data = str(dataset) if data in ("DATASET", "NO_INFO") else data
+    if data == "MULTI_CONCEPT":
+        concept = {"instance_data_dir": ".", "instance_prompt": "a photo of sks dog"}
+        (dataset / "dataset_info.json").write_text(json.dumps({"concepts": [concept]}))
+    data = str(dataset) if data in ("DATASET", "MULTI_CONCEPT") else data
     with pytest.raises(SageMakerError, match=message):
         launch_remote_training(data, base, name, Hyperparameters.from_pairs(pairs), role=ROLE)
     assert jumpstart_bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+
+
+@pytest.mark.parametrize(
+    ("spoil", "pairs"),
+    [
+        (lambda folder: (folder / "dataset_info.json").unlink(), []),
+        (lambda folder: (folder / "dog-2.png").unlink(), []),
+        (lambda folder: (folder / "dog-1.png").write_bytes(b"not a png"), []),
+        (
+            lambda folder: (folder / "dataset_info.json").write_text('{"instance_prompt": "sks"}'),
+            ["with_prior_preservation=true"],
+        ),
+    ],
+    ids=["no-dataset-info", "too-few-images", "corrupt-image", "prior-preservation-without-class-prompt"],
+)
+def test_remote_training_refuses_a_bad_folder_as_local_training_does(
+    jumpstart_bucket, dataset, spoil, pairs, sent_requests
+):
+    spoil(dataset)
+    hyperparameters = Hyperparameters.from_pairs(pairs)
+    with pytest.raises(DatasetError) as local:
+        load_dataset(dataset, hyperparameters, 512)
+    sent_requests.clear()
+
+    with pytest.raises(DatasetError) as remote:
+        launch_remote_training(str(dataset), BASE, "x", hyperparameters, role=ROLE, s3_prefix="s3://my-txt2img/w")
+    assert str(remote.value) == str(local.value)
+    assert sent_requests == []  # refused before any AWS call, upload or job
+
+
+def test_a_failed_training_job_is_an_error_and_is_not_registered(jumpstart_bucket, dataset, monkeypatch):
+    from moto.sagemaker.models import FakeTrainingJob
+
+    from catalog.store import load_catalog
+
+    original_init = FakeTrainingJob.__init__
+
+    def failing_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.training_job_status = "Failed"
+        self.failure_reason = "AlgorithmError: ExecuteUserScriptError"
+
+    monkeypatch.setattr(FakeTrainingJob, "__init__", failing_init)
+    with pytest.raises(WaitFailed, match=r"^training job sick-dog-\S+ ended Failed: AlgorithmError: ExecuteUser"):
+        launch_remote_training(
+            str(dataset), BASE, "sick-dog", Hyperparameters(), s3_prefix="s3://my-txt2img/w", role=ROLE, poll_seconds=0
+        )
+    assert "sick-dog" not in load_catalog()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_one_folder_has_one_fingerprint_trained_locally_and_on_sagemaker(jumpstart_bucket, tmp_path):
+    from catalog.store import load_catalog
+    from training.demo_dataset import write_demo_dataset
+    from training.dreambooth import train
+
+    folder = write_demo_dataset(tmp_path / "toy")
+    local = train(
+        folder, "tiny-sd", "toy-here", Hyperparameters(max_steps=1, validation_prompts=["a toy"]), progress=False
+    )
+    remote = launch_remote_training(
+        str(folder), BASE, "toy-there", Hyperparameters(), s3_prefix="s3://my-txt2img/w", role=ROLE, poll_seconds=0
+    )
+
+    catalog = load_catalog()
+    assert catalog.get("toy-here").dataset_fingerprint == local.dataset_fingerprint
+    assert catalog.get("toy-there").dataset_fingerprint == remote.dataset_fingerprint == local.dataset_fingerprint
+    assert local.dataset_fingerprint == _fingerprint(folder)
 
 
 def test_remote_tuning_sends_bayesian_fid_search_and_registers_the_best_job(jumpstart_bucket, dataset):
@@ -206,10 +297,14 @@ def test_remote_tuning_sends_bayesian_fid_search_and_registers_the_best_job(jump
     assert {k: v for k, v in static.items() if not k.startswith("sagemaker_")} == expected
     assert static["sagemaker_submit_directory"] == SCRIPT_URI and static["sagemaker_program"] == "transfer_learning.py"
     channels = _channels(definition)
-    assert channels["model"] == BASE_MODEL_URI and channels["training"].startswith("s3://my-txt2img/w/datasets/")
+    assert (
+        channels["model"] == BASE_MODEL_URI
+        and channels["training"] == f"s3://my-txt2img/w/jobs/tuned-dog/{tuning['HyperParameterTuningJobName']}/dataset/"
+    )
 
     assert entry.id == "tuned-dog" and entry.base == BASE
     assert entry.artifact == f"{best_artifacts}/FakeTrainingJobName/output/model.tar.gz"
+    assert entry.dataset_fingerprint == _fingerprint(dataset)
     assert entry.metrics == {
         "fid_score": tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
     }
@@ -345,3 +440,14 @@ def test_txt2img_tune_needs_trials_locally(capsys):
         main(["tune", "some-folder", "--base", "tiny-sd", "--name", "x"])
     assert exit_info.value.code == 2
     assert "--trials is required" in capsys.readouterr().err
+
+
+def test_job_names_fit_sagemakers_limits():
+    from datetime import datetime, timezone
+
+    from jumpstart.remote import TUNING_JOB_NAME_LIMIT, unique_job_name
+
+    now = datetime(2026, 11, 26, 14, 5, 9, tzinfo=timezone.utc)
+    assert unique_job_name("my_dog.v2", 63, now) == "my-dog-v2-261126-140509"
+    tuning = unique_job_name("a-very-long-model-name-for-tuning", TUNING_JOB_NAME_LIMIT, now)
+    assert tuning == "a-very-long-model-261126-140509" and len(tuning) <= 32

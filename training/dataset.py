@@ -61,6 +61,8 @@ class DreamBoothDataset:
     resolution: int
     center_crop: bool
     fingerprint: str
+    # dataset_info.json lists "concepts" (txt2img's layout) rather than being JumpStart's one-concept file.
+    multi_concept: bool = False
 
     @property
     def num_instance_images(self) -> int:
@@ -172,4 +174,5 @@ def load_dataset(data_dir: Path, hyperparameters: Hyperparameters, family_resolu
         resolution=hyperparameters.resolution or family_resolution,
         center_crop=hyperparameters.center_crop,
         fingerprint=_fingerprint(info_path, concepts, data_dir),
+        multi_concept="concepts" in info,
     )
