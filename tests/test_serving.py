@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,70 +12,35 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from bentoml_server import running_server
 from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 15
 MAX_QUEUE = 16
 FAST = {"num_inference_steps": 2, "width": 64, "height": 64}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture(scope="session")
+def server_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("serving-home")
+    register_finetunes(home)
+    return home
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("serving-home")
-    register_finetunes(home)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TXT2IMG_HOME": str(home),
-        "TXT2IMG_MODEL": "tiny-sd",
-        "TXT2IMG_MAX_LOADED_MODELS": "1",  # LRU eviction shows with two full models
-        "TXT2IMG_MAX_STEPS": "1000",  # long requests for the timeout and disconnect tests
-        "TXT2IMG_MAX_QUEUE": str(MAX_QUEUE),
-        "TXT2IMG_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        "TXT2IMG_TORCH_THREADS": "1",  # the test machine's cores are shared
-        "TXT2IMG_LOCAL_FILES_ONLY": "1",  # Hub models must come from the (empty) HF cache
-        "HF_HOME": str(home / "hf"),
-        "HF_HUB_OFFLINE": "1",
+def server(server_home):
+    settings = {
+        "max_loaded_models": "1",  # LRU eviction shows with two full models
+        "max_steps": "1000",  # long requests for the timeout and disconnect tests
+        "max_queue": str(MAX_QUEUE),
+        "request_timeout_s": str(REQUEST_TIMEOUT_S),
+        "torch_threads": "1",  # the test machine's cores are shared
+        "local_files_only": "1",  # Hub models must come from the (empty) HF cache
     }
-    port = free_port()
-    log = (home / "server.log").open("wb")
-    bentoml = Path(sys.executable).parent / "bentoml"
-    process = subprocess.Popen(
-        [str(bentoml), "serve", "-p", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 180 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
+    with running_server(server_home, env=hub_offline, **settings) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture()
