@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -9,12 +10,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
 from bentoml_server import running_server
 from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
+
+from serving.schema import GeneratedImages
 
 REQUEST_TIMEOUT_S = 15
 MAX_QUEUE = 16
@@ -86,13 +90,21 @@ def test_jpeg_format(client):
 
 
 def test_several_images_come_back_as_base64_json_with_consecutive_seeds(client):
-    response = txt2img(client, num_images=3, seed=40)
+    response = client.post("/images", json={"prompt": "a red cube", **FAST, "num_images": 3, "seed": 40})
     assert response.status_code == 200
     body = response.json()
+    assert body["format"] == "png"
     assert [item["seed"] for item in body["images"]] == [40, 41, 42]
     images = [decode(base64.b64decode(item["image"])) for item in body["images"]]
     assert all(image.format == "PNG" and image.size == (64, 64) for image in images)
     assert len({image.tobytes() for image in images}) == 3
+
+
+def test_several_images_on_the_one_image_route_get_400_naming_the_images_route(client):
+    response = txt2img(client, num_images=2)
+    assert response.status_code == 400
+    assert "POST /images" in response.text
+    assert txt2img(client, num_images=1).headers["content-type"] == "image/png"  # as before /images existed
 
 
 def test_same_seed_gives_identical_bytes_and_other_seeds_differ(client):
@@ -109,6 +121,60 @@ def test_scheduler_by_name_changes_the_image(client):
     euler = txt2img(client, seed=5, scheduler="euler-a")
     assert euler.status_code == 200
     assert euler.content != default.content
+
+
+# BentoML's own clients: keyword arguments in, the declared type out
+
+
+@pytest.fixture(scope="module")
+def bentoml_client(server):
+    with bentoml.SyncHTTPClient(server, timeout=60) as client:
+        yield client
+
+
+def test_bentoml_client_gets_one_pil_image_of_the_asked_size_and_format(bentoml_client):
+    image = bentoml_client.txt2img(prompt="a cat", seed=7, num_inference_steps=2, width=64, height=48)
+    assert isinstance(image, Image.Image)
+    assert (image.format, image.size) == ("PNG", (64, 48))
+    jpeg = bentoml_client.txt2img(prompt="a cat", seed=7, format="jpeg", **FAST)
+    assert (jpeg.format, jpeg.size) == ("JPEG", (64, 64))
+
+
+def test_bentoml_client_gets_several_images_as_the_declared_model(bentoml_client):
+    answer = GeneratedImages.model_validate(bentoml_client.images(prompt="a cat", num_images=2, seed=3, **FAST))
+    assert [item.seed for item in answer.images] == [3, 4]
+    assert all(decode(base64.b64decode(item.image)).size == (64, 64) for item in answer.images)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        (
+            {"num_inference_steps": 1001},
+            bentoml.exceptions.InvalidArgument,
+            "num_inference_steps is 1001, above the limit",
+        ),
+        ({"width": 60}, bentoml.exceptions.InvalidArgument, "multiple of 8"),
+        ({"model": "tiny-sdd"}, bentoml.exceptions.NotFound, "Did you mean: tiny-sd"),
+    ],
+)
+def test_bentoml_client_raises_with_our_message(bentoml_client, fields, error, message):
+    with pytest.raises(error, match=message):
+        bentoml_client.txt2img(prompt="a cat", **{**FAST, **fields})
+
+
+def test_async_bentoml_client_gets_the_same_types(server):
+    async def calls():
+        async with bentoml.AsyncHTTPClient(server, timeout=60) as client:
+            image = await client.txt2img(prompt="a cat", seed=7, **FAST)
+            several = await client.images(prompt="a cat", num_images=2, seed=7, **FAST)
+            with pytest.raises(bentoml.exceptions.InvalidArgument, match="num_images is 9, above the limit of 8"):
+                await client.images(prompt="a cat", num_images=9)
+        return image, several
+
+    image, several = asyncio.run(calls())
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    assert [item.seed for item in GeneratedImages.model_validate(several).images] == [7, 8]
 
 
 # SageMaker JumpStart protocol
@@ -184,7 +250,7 @@ BAD_TXT2IMG = [
     ({"height": 0}, 400, "height"),
     ({"num_inference_steps": 0}, 400, "num_inference_steps"),
     ({"num_inference_steps": 1001}, 400, "num_inference_steps"),
-    ({"num_images": 9}, 400, "num_images"),
+    ({"num_images": 2}, 400, "num_images"),
     ({"width": 2048, "height": 1024}, 400, "width*height"),
     ({"prompt": "x" * 2001}, 400, "prompt"),
     ({"negative_prompt": "x" * 2001}, 400, "negative_prompt"),
@@ -215,6 +281,8 @@ def test_more_steps_than_the_scheduler_has_get_400(client):
 def test_limit_errors_name_the_limit(client):
     body = txt2img(client, num_inference_steps=1001).json()
     assert (body["field"], body["limit"], body["value"]) == ("num_inference_steps", 1000, 1001)
+    body = client.post("/images", json={"prompt": "a red cube", "num_images": 9}).json()
+    assert (body["field"], body["limit"], body["value"]) == ("num_images", 8, 9)
 
 
 def test_unknown_model_gets_suggestions(client):
