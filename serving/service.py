@@ -31,6 +31,7 @@ from serving.invocations import (
 )
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
+from serving.openapi import OpenAPI30Docs
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 
@@ -158,3 +159,6 @@ class Txt2Img:
         response = error_response(error)
         ctx.response.status_code = response.status_code  # BentoML gives the answer the context's status
         return response
+
+
+Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0

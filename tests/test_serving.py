@@ -454,3 +454,19 @@ def test_openapi_documents_both_apis(client):
     assert "num_inference_steps" in str(bentoml_spec)
     sagemaker_spec = client.get("/sagemaker/openapi.json").json()
     assert {"/ping", "/invocations", "/models"} <= set(sagemaker_spec["paths"])
+
+
+def test_docs_json_is_valid_openapi_3_0_and_says_what_each_route_takes_and_returns(client):
+    from openapi_spec_validator import validate
+
+    spec = client.get("/docs.json").json()
+    validate(spec)  # raises on anything OpenAPI 3.0 does not allow
+    assert spec["openapi"].startswith("3.0")
+    one, several = spec["paths"]["/txt2img"]["post"], spec["paths"]["/images"]["post"]
+    assert list(one["responses"]["200"]["content"]) == ["image/*"]
+    assert "num_images" not in one["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "num_images" in several["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    answer = several["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(answer["properties"]) == {"format", "images"}
+    width = one["requestBody"]["content"]["application/json"]["schema"]["properties"]["width"]
+    assert (width["minimum"], width["exclusiveMinimum"], width["nullable"]) == (0, True, True)
