@@ -35,6 +35,16 @@ from serving.openapi import OpenAPI30Docs
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 
+# The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
+# infer it; this states it for the OpenAPI document.
+INVOCATIONS_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        JSON_CONTENT: {"schema": JumpStartPayload.model_json_schema()},
+        TEXT_CONTENT: {"schema": {"type": "string", "description": "The prompt."}},
+    },
+}
+
 sagemaker_app = FastAPI(
     title="txt2img SageMaker protocol",
     description="GET /ping and POST /invocations, JumpStart's txt2img wire format; GET /models.",
@@ -97,7 +107,7 @@ class Txt2Img:
             return Response(status_code=200)
         return JSONResponse({"error": self.queue.warm_up_error or "warming up"}, status_code=503)
 
-    @sagemaker_app.post("/invocations")
+    @sagemaker_app.post("/invocations", openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY})
     async def invocations(self, request: Request) -> Response:
         """JumpStart's txt2img contract: application/json or application/x-text in, generated_images out."""
         try:

@@ -470,3 +470,6 @@ def test_docs_json_is_valid_openapi_3_0_and_says_what_each_route_takes_and_retur
     assert set(answer["properties"]) == {"format", "images"}
     width = one["requestBody"]["content"]["application/json"]["schema"]["properties"]["width"]
     assert (width["minimum"], width["exclusiveMinimum"], width["nullable"]) == (0, True, True)
+    invocations = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
+    assert set(invocations) == {"application/json", "application/x-text"}
+    assert "num_images_per_prompt" in invocations["application/json"]["schema"]["properties"]
