@@ -1,6 +1,9 @@
-"""Turning what can go wrong with a request into an HTTP status and a JSON body that names the problem."""
+"""Turning what can go wrong with a request into an HTTP status and a JSON body that names the problem,
+and logging a client's mistake as what it is: one INFO line."""
 
 from __future__ import annotations
+
+import logging
 
 from starlette.responses import JSONResponse
 
@@ -46,3 +49,36 @@ def error_response(error: Exception) -> JSONResponse:
     if isinstance(error, ModelLoadError):
         return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "60"})
     raise error
+
+
+class ClientErrorsAsOneLine(logging.Filter):
+    """Turns BentoML's ERROR-with-traceback for a request it refused (a 4xx) into one INFO line.
+
+    BentoML validates a request body against the API's input model before our code runs, and logs a
+    refusal with ``log_exception`` (bentoml/_internal/server/http_app.py): ERROR plus some 24 lines of
+    its own stack. The client gets its 400 with the reason either way; the log only needs the reason.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            reason = validation_error_body(error)["error"]
+        elif isinstance(error, BentoMLException) and error.error_code < 500:
+            reason = f"{error.error_code.value} {error}"
+        else:
+            return True
+        record.msg, record.args = "%s: %s", (record.getMessage().replace("Exception on", "Refused", 1), reason)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+CLIENT_ERRORS_AS_ONE_LINE = ClientErrorsAsOneLine()
+
+
+def log_client_errors_as_one_line() -> None:
+    """Install ClientErrorsAsOneLine on the logger BentoML reports refused requests with (once)."""
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(CLIENT_ERRORS_AS_ONE_LINE)

@@ -17,7 +17,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
-from serving.http_errors import error_response
+from serving.http_errors import error_response, log_client_errors_as_one_line
 from serving.images import image_base64
 from serving.invocations import (
     JSON_CONTENT,
@@ -62,6 +62,7 @@ sagemaker_app = FastAPI(
 @bentoml.asgi_app(sagemaker_app, path="/")
 class Txt2Img:
     def __init__(self) -> None:
+        log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.settings = ServingSettings()
         self.manager = PipelineManager(self.settings)
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away

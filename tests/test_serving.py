@@ -473,3 +473,14 @@ def test_docs_json_is_valid_openapi_3_0_and_says_what_each_route_takes_and_retur
     invocations = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
     assert set(invocations) == {"application/json", "application/x-text"}
     assert "num_images_per_prompt" in invocations["application/json"]["schema"]["properties"]
+
+
+def test_a_refused_request_is_one_info_line_in_the_server_log(client, server_home):
+    log = server_home / "server.log"
+    start = log.stat().st_size
+    assert txt2img(client, width=60).status_code == 400
+    time.sleep(0.5)  # the worker writes its log lines after answering
+    written = log.read_bytes()[start:].decode()
+    refused = [line for line in written.splitlines() if "Refused /txt2img [POST]" in line]
+    assert len(refused) == 1 and "[INFO]" in refused[0] and "width: Input should be a multiple of 8" in refused[0]
+    assert "Traceback" not in written and "[ERROR]" not in written
