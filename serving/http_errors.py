@@ -4,7 +4,9 @@ and logging a client's mistake as what it is: one INFO line."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from catalog.index import UnknownModelError
@@ -14,6 +16,27 @@ from serving.invocations import MalformedBody, UnacceptableMediaType, Unsupporte
 from serving.schema import LimitExceeded, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
+
+# What each error status of /txt2img and /images means, for their OpenAPI answers.
+GENERATION_ERRORS = {
+    400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
+    404: "The model is not a catalog id; suggestions lists close ones.",
+    429: "The queue is full; the Retry-After header says when to try again.",
+    503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
+    504: "Not finished within TXT2IMG_REQUEST_TIMEOUT_S, queue time included.",
+}
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every error answer; fields beyond ``error`` appear where they apply."""
+
+    error: str = Field(description="What is wrong, for a person to read.")
+    detail: list[dict[str, Any]] | None = Field(None, description="Validation errors, one per field.")
+    field: str | None = Field(None, description="The field that broke a configured limit.")
+    limit: int | None = Field(None, description="That limit.")
+    value: int | None = Field(None, description="The value the request asked for.")
+    model: str | None = Field(None, description="The unknown model id.")
+    suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
 
 
 def validation_error_body(error) -> dict:

@@ -18,6 +18,7 @@ from bentoml_server import running_server
 from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
+from serving.http_errors import ErrorBody
 from serving.schema import GeneratedImages
 
 REQUEST_TIMEOUT_S = 15
@@ -468,6 +469,10 @@ def test_docs_json_is_valid_openapi_3_0_and_says_what_each_route_takes_and_retur
     assert "num_images" in several["requestBody"]["content"]["application/json"]["schema"]["properties"]
     answer = several["responses"]["200"]["content"]["application/json"]["schema"]
     assert set(answer["properties"]) == {"format", "images"}
+    for status in ("400", "404", "429", "503", "504"):
+        assert one["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    for refused in (txt2img(client, width=60), txt2img(client, num_inference_steps=1001), txt2img(client, model="x")):
+        ErrorBody.model_validate(refused.json(), strict=True)
     width = one["requestBody"]["content"]["application/json"]["schema"]["properties"]["width"]
     assert (width["minimum"], width["exclusiveMinimum"], width["nullable"]) == (0, True, True)
     invocations = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
