@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the launcher the tests use, so both start the server alike
+import bentoml_server  # noqa: E402
+
 # The settings every benchmark uses, on both sides of each comparison.
 WIDTH = HEIGHT = 64
 STEPS = 4
@@ -33,49 +33,14 @@ def run_in_own_session() -> None:
         sys.exit(subprocess.call([sys.executable, *sys.argv], start_new_session=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(home: str | None = None, **settings: str):
-    """A ``bentoml serve`` subprocess with ``TXT2IMG_*`` settings (default: tiny-sd); yields its URL once ready."""
-    home = home or tempfile.mkdtemp(prefix="txt2img-bench-")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TXT2IMG_HOME": home,
-        "TXT2IMG_MODEL": "tiny-sd",
-        "TXT2IMG_TORCH_THREADS": str(TORCH_THREADS),
-        **{f"TXT2IMG_{name.upper()}": value for name, value in settings.items()},
-    }
-    port = _free_port()
-    log = open(Path(home) / "server.log", "wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {log.name}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    """A ``bentoml serve`` subprocess on tiny-sd with ``TXT2IMG_*`` settings; yields its URL once ready."""
+    home = Path(home or tempfile.mkdtemp(prefix="txt2img-bench-"))
+    with bentoml_server.running_server(
+        home, ready_timeout_s=300, **{"torch_threads": str(TORCH_THREADS), **settings}
+    ) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
 
 
 def in_process_pipeline():

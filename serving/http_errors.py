@@ -1,7 +1,12 @@
-"""Turning what can go wrong with a request into an HTTP status and a JSON body that names the problem."""
+"""Turning what can go wrong with a request into an HTTP status and a JSON body that names the problem,
+and logging a client's mistake as what it is: one INFO line."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from catalog.index import UnknownModelError
@@ -11,6 +16,27 @@ from serving.invocations import MalformedBody, UnacceptableMediaType, Unsupporte
 from serving.schema import LimitExceeded, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
+
+# What each error status of /txt2img and /images means, for their OpenAPI answers.
+GENERATION_ERRORS = {
+    400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
+    404: "The model is not a catalog id; suggestions lists close ones.",
+    429: "The queue is full; the Retry-After header says when to try again.",
+    503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
+    504: "Not finished within TXT2IMG_REQUEST_TIMEOUT_S, queue time included.",
+}
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every error answer; fields beyond ``error`` appear where they apply."""
+
+    error: str = Field(description="What is wrong, for a person to read.")
+    detail: list[dict[str, Any]] | None = Field(None, description="Validation errors, one per field.")
+    field: str | None = Field(None, description="The field that broke a configured limit.")
+    limit: int | None = Field(None, description="That limit.")
+    value: int | None = Field(None, description="The value the request asked for.")
+    model: str | None = Field(None, description="The unknown model id.")
+    suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
 
 
 def validation_error_body(error) -> dict:
@@ -46,3 +72,36 @@ def error_response(error: Exception) -> JSONResponse:
     if isinstance(error, ModelLoadError):
         return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "60"})
     raise error
+
+
+class ClientErrorsAsOneLine(logging.Filter):
+    """Turns BentoML's ERROR-with-traceback for a request it refused (a 4xx) into one INFO line.
+
+    BentoML validates a request body against the API's input model before our code runs, and logs a
+    refusal with ``log_exception`` (bentoml/_internal/server/http_app.py): ERROR plus some 24 lines of
+    its own stack. The client gets its 400 with the reason either way; the log only needs the reason.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            reason = validation_error_body(error)["error"]
+        elif isinstance(error, BentoMLException) and error.error_code < 500:
+            reason = f"{error.error_code.value} {error}"
+        else:
+            return True
+        record.msg, record.args = "%s: %s", (record.getMessage().replace("Exception on", "Refused", 1), reason)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+CLIENT_ERRORS_AS_ONE_LINE = ClientErrorsAsOneLine()
+
+
+def log_client_errors_as_one_line() -> None:
+    """Install ClientErrorsAsOneLine on the logger BentoML reports refused requests with (once)."""
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(CLIENT_ERRORS_AS_ONE_LINE)

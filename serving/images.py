@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
-
 
 def image_bytes(image, image_format: str) -> bytes:
     buffer = io.BytesIO()

@@ -1,11 +1,12 @@
-"""The one definition of a generation request, shared by ``/txt2img``, ``/invocations`` and ``txt2img generate``."""
+"""The one definition of a generation request (shared by ``/txt2img``, ``/images``, ``/invocations`` and
+``txt2img generate``) and of what ``/images`` answers."""
 
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.settings import ServingSettings
 from txt2img.errors import InputError
@@ -14,8 +15,8 @@ SchedulerName = Literal["ddim", "pndm", "euler", "euler-a", "dpm++", "unipc", "l
 ImageFormat = Literal["png", "jpeg"]
 
 
-class GenerationRequest(BaseModel):
-    """What to generate: a prompt, the model and the sampling settings."""
+class GenerationSettings(BaseModel):
+    """What to generate, apart from how many: a prompt, the model and the sampling settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,13 +34,47 @@ class GenerationRequest(BaseModel):
         None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed + i. Random when absent."
     )
     scheduler: SchedulerName | None = Field(None, description="Sampler; defaults to the model's own.")
-    num_images: int = Field(1, ge=1)
     format: ImageFormat = "png"
+
+
+class ImageRequest(GenerationSettings):
+    """One image (``POST /txt2img``, which answers with the image itself)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_image(cls, data: Any) -> Any:
+        # Before /images existed, /txt2img took num_images; 1 still works, more points to the new route.
+        if isinstance(data, dict) and "num_images" in data:
+            if data["num_images"] != 1:
+                raise ValueError(
+                    f"num_images is {data['num_images']}, but POST /txt2img answers with one image; "
+                    "POST /images takes the same body and answers with num_images base64 images"
+                )
+            data = {name: value for name, value in data.items() if name != "num_images"}
+        return data
+
+
+class GenerationRequest(GenerationSettings):
+    """What to generate and how many images; ``/images``, ``/invocations`` and ``txt2img generate`` use it."""
+
+    num_images: int = Field(1, ge=1)
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: ``seed``, ``seed + 1``, ...; a random start when no seed was given."""
         first = self.seed if self.seed is not None else random.randrange(2**63 - self.num_images)
         return [first + index for index in range(self.num_images)]
+
+
+class GeneratedImage(BaseModel):
+    seed: int = Field(description="The seed that generated this image; send it back to get the same image.")
+    image: str = Field(description="The encoded image (PNG or JPEG, as the request's format says), in base64.")
+
+
+class GeneratedImages(BaseModel):
+    """What ``POST /images`` answers: every image of the request with its seed, in seed order."""
+
+    format: ImageFormat
+    images: list[GeneratedImage]
 
 
 def describe_validation_error(error) -> list[dict]:

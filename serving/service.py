@@ -1,4 +1,5 @@
-"""The BentoML service: ``POST /txt2img``, SageMaker's ``/ping`` + ``/invocations``, and ``GET /models``.
+"""The BentoML service: ``POST /txt2img`` (one image), ``POST /images`` (several), SageMaker's
+``/ping`` + ``/invocations``, and ``GET /models``.
 
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
@@ -8,6 +9,7 @@ other catalog models load on first use. Every ``TXT2IMG_*`` setting is in servin
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -15,8 +17,8 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
-from serving.http_errors import error_response
-from serving.images import MEDIA_TYPES, image_base64, image_bytes
+from serving.http_errors import error_response, log_client_errors_as_one_line
+from serving.images import image_base64
 from serving.invocations import (
     JSON_CONTENT,
     TEXT_CONTENT,
@@ -29,8 +31,19 @@ from serving.invocations import (
 )
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
-from serving.schema import GenerationRequest, check_limits
+from serving.openapi import OpenAPI30Docs
+from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
+
+# The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
+# infer it; this states it for the OpenAPI document.
+INVOCATIONS_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        JSON_CONTENT: {"schema": JumpStartPayload.model_json_schema()},
+        TEXT_CONTENT: {"schema": {"type": "string", "description": "The prompt."}},
+    },
+}
 
 sagemaker_app = FastAPI(
     title="txt2img SageMaker protocol",
@@ -49,6 +62,7 @@ sagemaker_app = FastAPI(
 @bentoml.asgi_app(sagemaker_app, path="/")
 class Txt2Img:
     def __init__(self) -> None:
+        log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.settings = ServingSettings()
         self.manager = PipelineManager(self.settings)
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
@@ -58,17 +72,34 @@ class Txt2Img:
     def __is_ready__(self) -> bool:
         return self.queue.ready.is_set()
 
-    @bentoml.api(route="/txt2img")
-    async def txt2img(self, request: GenerationRequest, /, ctx: bentoml.Context) -> Image.Image:
-        """Generate images. One image comes back as image/png or image/jpeg; several as JSON with base64 images."""
+    @bentoml.api(route="/txt2img", input_spec=ImageRequest)
+    async def txt2img(self, ctx: bentoml.Context, **settings: Any) -> Image.Image:
+        """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images."""
+        request = GenerationRequest(**settings)
         try:
             [result] = await self._generate([request], ctx.request)
         except Exception as error:
-            response = error_response(error)
-        else:
-            response = self._txt2img_response(request, result)
-        ctx.response.status_code = response.status_code
-        return response
+            return self._error_response(error, ctx)
+        ctx.response.headers["X-Seed"] = str(result.seeds[0])
+        ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        image = result.images[0].convert("RGB")
+        image.format = request.format.upper()  # BentoML encodes a returned image in its own format
+        return image
+
+    @bentoml.api(route="/images", input_spec=GenerationRequest)
+    async def images(self, ctx: bentoml.Context, **settings: Any) -> GeneratedImages:
+        """num_images images as base64 PNG or JPEG in JSON, each with its seed, and header X-Batch-Images."""
+        request = GenerationRequest(**settings)
+        try:
+            [result] = await self._generate([request], ctx.request)
+        except Exception as error:
+            return self._error_response(error, ctx)
+        ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        images = [
+            GeneratedImage(seed=seed, image=image_base64(image, request.format))
+            for seed, image in zip(result.seeds, result.images)
+        ]
+        return GeneratedImages(format=request.format, images=images)
 
     @sagemaker_app.get("/ping")
     def ping(self) -> Response:
@@ -77,7 +108,7 @@ class Txt2Img:
             return Response(status_code=200)
         return JSONResponse({"error": self.queue.warm_up_error or "warming up"}, status_code=503)
 
-    @sagemaker_app.post("/invocations")
+    @sagemaker_app.post("/invocations", openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY})
     async def invocations(self, request: Request) -> Response:
         """JumpStart's txt2img contract: application/json or application/x-text in, generated_images out."""
         try:
@@ -134,14 +165,11 @@ class Txt2Img:
         check_limits(request, self.settings, width, height)
         return Job.create(entry, request, width, height, self.settings.request_timeout_s)
 
-    def _txt2img_response(self, request: GenerationRequest, result: GenerationResult) -> Response:
-        headers = {"X-Batch-Images": str(result.batch_images)}
-        if len(result.images) == 1:
-            headers["X-Seed"] = str(result.seeds[0])
-            content = image_bytes(result.images[0], request.format)
-            return Response(content, media_type=MEDIA_TYPES[request.format], headers=headers)
-        images = [
-            {"seed": seed, "image": image_base64(image, request.format)}
-            for seed, image in zip(result.seeds, result.images)
-        ]
-        return JSONResponse({"format": request.format, "images": images}, headers=headers)
+    @staticmethod
+    def _error_response(error: Exception, ctx: bentoml.Context) -> JSONResponse:
+        response = error_response(error)
+        ctx.response.status_code = response.status_code  # BentoML gives the answer the context's status
+        return response
+
+
+Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0

@@ -2,84 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
+from bentoml_server import running_server
 from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from serving.http_errors import ErrorBody
+from serving.schema import GeneratedImages
+
 REQUEST_TIMEOUT_S = 15
 MAX_QUEUE = 16
 FAST = {"num_inference_steps": 2, "width": 64, "height": 64}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture(scope="session")
+def server_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("serving-home")
+    register_finetunes(home)
+    return home
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("serving-home")
-    register_finetunes(home)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TXT2IMG_HOME": str(home),
-        "TXT2IMG_MODEL": "tiny-sd",
-        "TXT2IMG_MAX_LOADED_MODELS": "1",  # LRU eviction shows with two full models
-        "TXT2IMG_MAX_STEPS": "1000",  # long requests for the timeout and disconnect tests
-        "TXT2IMG_MAX_QUEUE": str(MAX_QUEUE),
-        "TXT2IMG_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        "TXT2IMG_TORCH_THREADS": "1",  # the test machine's cores are shared
-        "TXT2IMG_LOCAL_FILES_ONLY": "1",  # Hub models must come from the (empty) HF cache
-        "HF_HOME": str(home / "hf"),
-        "HF_HUB_OFFLINE": "1",
+def server(server_home):
+    settings = {
+        "max_loaded_models": "1",  # LRU eviction shows with two full models
+        "max_steps": "1000",  # long requests for the timeout and disconnect tests
+        "max_queue": str(MAX_QUEUE),
+        "request_timeout_s": str(REQUEST_TIMEOUT_S),
+        "torch_threads": "1",  # the test machine's cores are shared
+        "local_files_only": "1",  # Hub models must come from the (empty) HF cache
     }
-    port = free_port()
-    log = (home / "server.log").open("wb")
-    bentoml = Path(sys.executable).parent / "bentoml"
-    process = subprocess.Popen(
-        [str(bentoml), "serve", "-p", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 180 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
+    with running_server(server_home, env=hub_offline, **settings) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture()
@@ -125,13 +91,21 @@ def test_jpeg_format(client):
 
 
 def test_several_images_come_back_as_base64_json_with_consecutive_seeds(client):
-    response = txt2img(client, num_images=3, seed=40)
+    response = client.post("/images", json={"prompt": "a red cube", **FAST, "num_images": 3, "seed": 40})
     assert response.status_code == 200
     body = response.json()
+    assert body["format"] == "png"
     assert [item["seed"] for item in body["images"]] == [40, 41, 42]
     images = [decode(base64.b64decode(item["image"])) for item in body["images"]]
     assert all(image.format == "PNG" and image.size == (64, 64) for image in images)
     assert len({image.tobytes() for image in images}) == 3
+
+
+def test_several_images_on_the_one_image_route_get_400_naming_the_images_route(client):
+    response = txt2img(client, num_images=2)
+    assert response.status_code == 400
+    assert "POST /images" in response.text
+    assert txt2img(client, num_images=1).headers["content-type"] == "image/png"  # as before /images existed
 
 
 def test_same_seed_gives_identical_bytes_and_other_seeds_differ(client):
@@ -148,6 +122,60 @@ def test_scheduler_by_name_changes_the_image(client):
     euler = txt2img(client, seed=5, scheduler="euler-a")
     assert euler.status_code == 200
     assert euler.content != default.content
+
+
+# BentoML's own clients: keyword arguments in, the declared type out
+
+
+@pytest.fixture(scope="module")
+def bentoml_client(server):
+    with bentoml.SyncHTTPClient(server, timeout=60) as client:
+        yield client
+
+
+def test_bentoml_client_gets_one_pil_image_of_the_asked_size_and_format(bentoml_client):
+    image = bentoml_client.txt2img(prompt="a cat", seed=7, num_inference_steps=2, width=64, height=48)
+    assert isinstance(image, Image.Image)
+    assert (image.format, image.size) == ("PNG", (64, 48))
+    jpeg = bentoml_client.txt2img(prompt="a cat", seed=7, format="jpeg", **FAST)
+    assert (jpeg.format, jpeg.size) == ("JPEG", (64, 64))
+
+
+def test_bentoml_client_gets_several_images_as_the_declared_model(bentoml_client):
+    answer = GeneratedImages.model_validate(bentoml_client.images(prompt="a cat", num_images=2, seed=3, **FAST))
+    assert [item.seed for item in answer.images] == [3, 4]
+    assert all(decode(base64.b64decode(item.image)).size == (64, 64) for item in answer.images)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        (
+            {"num_inference_steps": 1001},
+            bentoml.exceptions.InvalidArgument,
+            "num_inference_steps is 1001, above the limit",
+        ),
+        ({"width": 60}, bentoml.exceptions.InvalidArgument, "multiple of 8"),
+        ({"model": "tiny-sdd"}, bentoml.exceptions.NotFound, "Did you mean: tiny-sd"),
+    ],
+)
+def test_bentoml_client_raises_with_our_message(bentoml_client, fields, error, message):
+    with pytest.raises(error, match=message):
+        bentoml_client.txt2img(prompt="a cat", **{**FAST, **fields})
+
+
+def test_async_bentoml_client_gets_the_same_types(server):
+    async def calls():
+        async with bentoml.AsyncHTTPClient(server, timeout=60) as client:
+            image = await client.txt2img(prompt="a cat", seed=7, **FAST)
+            several = await client.images(prompt="a cat", num_images=2, seed=7, **FAST)
+            with pytest.raises(bentoml.exceptions.InvalidArgument, match="num_images is 9, above the limit of 8"):
+                await client.images(prompt="a cat", num_images=9)
+        return image, several
+
+    image, several = asyncio.run(calls())
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    assert [item.seed for item in GeneratedImages.model_validate(several).images] == [7, 8]
 
 
 # SageMaker JumpStart protocol
@@ -223,7 +251,7 @@ BAD_TXT2IMG = [
     ({"height": 0}, 400, "height"),
     ({"num_inference_steps": 0}, 400, "num_inference_steps"),
     ({"num_inference_steps": 1001}, 400, "num_inference_steps"),
-    ({"num_images": 9}, 400, "num_images"),
+    ({"num_images": 2}, 400, "num_images"),
     ({"width": 2048, "height": 1024}, 400, "width*height"),
     ({"prompt": "x" * 2001}, 400, "prompt"),
     ({"negative_prompt": "x" * 2001}, 400, "negative_prompt"),
@@ -254,6 +282,8 @@ def test_more_steps_than_the_scheduler_has_get_400(client):
 def test_limit_errors_name_the_limit(client):
     body = txt2img(client, num_inference_steps=1001).json()
     assert (body["field"], body["limit"], body["value"]) == ("num_inference_steps", 1000, 1001)
+    body = client.post("/images", json={"prompt": "a red cube", "num_images": 9}).json()
+    assert (body["field"], body["limit"], body["value"]) == ("num_images", 8, 9)
 
 
 def test_unknown_model_gets_suggestions(client):
@@ -425,3 +455,37 @@ def test_openapi_documents_both_apis(client):
     assert "num_inference_steps" in str(bentoml_spec)
     sagemaker_spec = client.get("/sagemaker/openapi.json").json()
     assert {"/ping", "/invocations", "/models"} <= set(sagemaker_spec["paths"])
+
+
+def test_docs_json_is_valid_openapi_3_0_and_says_what_each_route_takes_and_returns(client):
+    from openapi_spec_validator import validate
+
+    spec = client.get("/docs.json").json()
+    validate(spec)  # raises on anything OpenAPI 3.0 does not allow
+    assert spec["openapi"].startswith("3.0")
+    one, several = spec["paths"]["/txt2img"]["post"], spec["paths"]["/images"]["post"]
+    assert list(one["responses"]["200"]["content"]) == ["image/*"]
+    assert "num_images" not in one["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "num_images" in several["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    answer = several["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(answer["properties"]) == {"format", "images"}
+    for status in ("400", "404", "429", "503", "504"):
+        assert one["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    for refused in (txt2img(client, width=60), txt2img(client, num_inference_steps=1001), txt2img(client, model="x")):
+        ErrorBody.model_validate(refused.json(), strict=True)
+    width = one["requestBody"]["content"]["application/json"]["schema"]["properties"]["width"]
+    assert (width["minimum"], width["exclusiveMinimum"], width["nullable"]) == (0, True, True)
+    invocations = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
+    assert set(invocations) == {"application/json", "application/x-text"}
+    assert "num_images_per_prompt" in invocations["application/json"]["schema"]["properties"]
+
+
+def test_a_refused_request_is_one_info_line_in_the_server_log(client, server_home):
+    log = server_home / "server.log"
+    start = log.stat().st_size
+    assert txt2img(client, width=60).status_code == 400
+    time.sleep(0.5)  # the worker writes its log lines after answering
+    written = log.read_bytes()[start:].decode()
+    refused = [line for line in written.splitlines() if "Refused /txt2img [POST]" in line]
+    assert len(refused) == 1 and "[INFO]" in refused[0] and "width: Input should be a multiple of 8" in refused[0]
+    assert "Traceback" not in written and "[ERROR]" not in written

@@ -1,0 +1,78 @@
+"""``GET /docs.json`` as valid OpenAPI 3.0.
+
+BentoML labels its document OpenAPI 3.0.2 but fills it with pydantic's JSON Schema (draft 2020-12):
+``anyOf`` with a ``{"type": "null"}`` branch and numeric ``exclusiveMinimum``/``exclusiveMaximum``.
+OpenAPI 3.0 has ``nullable`` and boolean exclusive bounds instead, so 3.0 tools (Swagger codegen,
+validators) reject the document. ``openapi_3_0`` rewrites the whole document in one pass:
+our models, BentoML's own (``TaskStatusResponse``) and the mounted SageMaker app's alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+NULL = {"type": "null"}
+
+
+def openapi_3_0(node: Any) -> Any:
+    """A copy of an OpenAPI document (or any part of it) with JSON Schema 2020-12 turned into 3.0."""
+    if isinstance(node, list):
+        return [openapi_3_0(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: openapi_3_0(value) for key, value in node.items()}
+    if NULL in node.get("anyOf", []):  # pydantic's Optional[X]
+        node["nullable"] = True
+        branches = [branch for branch in node.pop("anyOf") if branch != NULL]
+        if len(branches) > 1:
+            node["anyOf"] = branches
+        elif "$ref" in branches[0]:
+            node["allOf"] = branches  # 3.0 ignores anything beside a $ref
+        else:
+            node = {**branches[0], **node}
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(exclusive), (int, float)) and not isinstance(node[exclusive], bool):
+            node[bound] = node[exclusive]
+            node[exclusive] = True
+    if "default" in node and node["default"] is None:
+        # BentoML inlines a request body without the null branch of an optional field, but keeps its default.
+        node["nullable"] = True
+    return node
+
+
+def declare_error_answers(document: dict, routes: list[str]) -> dict:
+    """The document with each route's error answers as the service gives them.
+
+    BentoML declares 400, 404 and 500 for every API with bodies whose ``detail`` is a string; ours
+    (and BentoML's own validation answer) carry a list there, and a route can also answer 429, 503, 504.
+    """
+    from serving.http_errors import GENERATION_ERRORS, ErrorBody
+
+    document["components"]["schemas"]["ErrorBody"] = ErrorBody.model_json_schema()
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for route in routes:
+        responses = document["paths"][route]["post"]["responses"]
+        for status, description in GENERATION_ERRORS.items():
+            responses[str(status)] = {"description": description, "content": error_body}
+    return document
+
+
+class OpenAPI30Docs:
+    """ASGI middleware answering ``GET /docs.json`` with the service's OpenAPI document, its error
+    answers declared as they are and the whole made valid 3.0."""
+
+    def __init__(self, app, service) -> None:
+        self.app = app
+        self.service = service
+        self.document: dict | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/docs.json":
+            await self.app(scope, receive, send)
+            return
+        if self.document is None:  # the routes never change once the service runs
+            routes = [api.route for api in self.service.apis.values()]
+            self.document = openapi_3_0(declare_error_answers(self.service.openapi_spec.asdict(), routes))
+        await JSONResponse(self.document)(scope, receive, send)

@@ -1,0 +1,100 @@
+"""The one way tests and benchmarks start the service: a real ``bentoml serve`` subprocess.
+
+Test tooling, not product code, so it lives beside the tests (the wheel and the Bento leave it out);
+bench/serving_common.py imports it with tests/ on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(
+    home: Path, *, env: dict[str, str] | None = None, ready_timeout_s: float = 180, **settings: str
+) -> Iterator[str]:
+    """``bentoml serve`` from the repository root on a free port; yields its URL once ``/readyz`` answers 200.
+
+    ``home`` becomes TXT2IMG_HOME and holds ``server.log`` and BentoML's home; each keyword becomes a ``TXT2IMG_<NAME>``
+    setting (``max_queue="16"``), and ``env`` adds other variables. The server leads its own process
+    group; that group and every process the server started are stopped on the way out, whatever happened.
+    """
+    server_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "TXT2IMG_HOME": str(home),
+        # Every `bentoml serve` empties BENTOML_HOME's Prometheus directory when it starts, which would
+        # wipe the metrics of any other server running beside it; each server gets its own.
+        "BENTOML_HOME": str(Path(home) / "bentoml"),
+        "TXT2IMG_MODEL": "tiny-sd",
+        **{f"TXT2IMG_{name.upper()}": value for name, value in settings.items()},
+        **(env or {}),
+    }
+    log_path = Path(home) / "server.log"
+    url = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", url.rsplit(":", 1)[1]],
+            cwd=REPO_ROOT,
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_until_ready(process, url, log_path, ready_timeout_s)
+            yield url
+        finally:
+            _stop(process)
+
+
+def _wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bentoml serve not ready in {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    # BentoML starts its worker in a session of its own, out of reach of the server's process group:
+    # note every descendant first, so that none outlives the server.
+    descendants = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    # SIGTERM first, so that BentoML shuts its workers down; SIGKILL for whatever is left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for leftover in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
