@@ -17,16 +17,8 @@ from starlette.responses import JSONResponse, Response
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response
 from serving.images import MEDIA_TYPES, image_base64, image_bytes
-from serving.invocations import (
-    JSON_CONTENT,
-    TEXT_CONTENT,
-    JumpStartPayload,
-    UnsupportedMediaType,
-    encode_images,
-    image_encoding,
-    parse_json_body,
-    parse_media_type,
-)
+from serving.invocation_requests import generation_requests
+from serving.invocations import negotiate_accept, parse_request, render_response
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
 from serving.schema import GenerationRequest, check_limits
@@ -79,29 +71,15 @@ class Txt2Img:
 
     @sagemaker_app.post("/invocations")
     async def invocations(self, request: Request) -> Response:
-        """JumpStart's txt2img contract: application/json or application/x-text in, generated_images out."""
+        """JumpStart's txt2img contract (serving/invocations.py): application/json or application/x-text in."""
         try:
-            encoding = image_encoding(request.headers.get("accept"))
-            content_type, _ = parse_media_type(request.headers.get("content-type"), JSON_CONTENT)
-            body = await request.body()
-            if content_type == TEXT_CONTENT:
-                prompt = body.decode("utf-8", errors="replace")
-                requests = [GenerationRequest(model=self.settings.model, prompt=prompt)]
-            elif content_type == JSON_CONTENT:
-                payload = JumpStartPayload.model_validate(parse_json_body(body))
-                prompt = payload.prompt
-                requests = payload.generation_requests(self.settings.model)
-            else:
-                raise UnsupportedMediaType(
-                    f"unsupported content type '{content_type}'; use {JSON_CONTENT} or {TEXT_CONTENT}"
-                )
-            results = await self._generate(requests, request)
+            accept_type = negotiate_accept(request.headers.get("accept"))
+            invocation = parse_request(await request.body(), request.headers.get("content-type"))
+            results = await self._generate(generation_requests(invocation, self.settings.model), request)
         except Exception as error:
             return error_response(error)
-        images = encode_images([image for result in results for image in result.images], encoding)
-        if content_type == TEXT_CONTENT:
-            return JSONResponse({"generated_image": images[0], "prompt": prompt})
-        return JSONResponse({"generated_images": images, "prompt": prompt})
+        images = [image for result in results for image in result.images]
+        return Response(render_response(invocation, images, accept_type), media_type=accept_type)
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:

@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
+from serving.invocations import JPEG_QUALITY
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 15
 MAX_QUEUE = 16
@@ -194,9 +196,10 @@ def test_jumpstart_jpeg_accept_returns_base64_jpeg_matching_the_rgb_arrays(clien
     arrays = invoke(client, jumpstart_payload(), accept="application/json").json()
     image = Image.open(io.BytesIO(base64.b64decode(jpeg["generated_images"][0])))
     assert (image.format, image.size) == ("JPEG", (64, 64))
-    # Same seed, same image: the JPEG is exactly the RGB array's JPEG at PIL's default quality.
+    # Same seed, same image: the JPEG is exactly the RGB array's JPEG at the wire format's quality.
     reencoded = io.BytesIO()
-    Image.fromarray(np.array(arrays["generated_images"][0], dtype=np.uint8)).save(reencoded, format="JPEG")
+    array = np.array(arrays["generated_images"][0], dtype=np.uint8)
+    Image.fromarray(array).save(reencoded, format="JPEG", quality=JPEG_QUALITY)
     assert np.array_equal(np.asarray(image), np.asarray(decode(reencoded.getvalue())))
 
 
