@@ -75,7 +75,7 @@ class Txt2Img:
         try:
             accept_type = negotiate_accept(request.headers.get("accept"))
             invocation = parse_request(await request.body(), request.headers.get("content-type"))
-            results = await self._generate(generation_requests(invocation, self.settings.model), request)
+            results = await self._generate(generation_requests(invocation, self.settings), request)
         except Exception as error:
             return error_response(error)
         images = [image for result in results for image in result.images]

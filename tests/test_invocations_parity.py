@@ -332,3 +332,23 @@ def test_the_archive_holds_the_wire_module_as_is_and_it_imports_no_txt2img_code(
             imported.add(node.module.split(".")[0])
     # What the Hugging Face inference container surely has: the standard library, numpy and PIL.
     assert imported - set(sys.stdlib_module_names) <= {"numpy", "PIL"}
+
+
+# Issue #10: defects of the wire format, one test each
+
+
+def test_limits_count_every_image_of_an_invocation(local):
+    # 64 prompts x 8 images: each prompt alone keeps TXT2IMG_MAX_IMAGES (8), the request does not.
+    answer = local(payload(prompt=["a cat"] * 64, num_images_per_prompt=8))
+    assert answer.status == 400
+    assert (answer.json()["field"], answer.json()["limit"], answer.json()["value"]) == ("images", 8, 512)
+
+
+def test_a_prompt_list_longer_than_the_queue_is_refused_at_once_not_with_429():
+    from serving.invocation_requests import check_invocation_limits
+    from serving.schema import LimitExceeded
+    from serving.settings import ServingSettings
+
+    invocation = wire.parse_request(payload(prompt=["a cat"] * 5), JSON)
+    with pytest.raises(LimitExceeded, match="prompts is 5, above the limit of 4"):
+        check_invocation_limits(invocation, ServingSettings(max_images=100, max_queue=4))
