@@ -156,6 +156,10 @@ def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvocationError(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvocationError("the JSON body is nested too deeply") from None
+    except ValueError:  # Python refuses to read integers of thousands of digits
+        raise InvocationError("the JSON body holds a number with too many digits") from None
     if not isinstance(payload, dict):
         raise InvocationError(f"the JSON body must be an object, not {_json_type(payload)}")
     unknown = sorted(set(payload) - set(PARAMETER_NAMES))

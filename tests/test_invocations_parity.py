@@ -352,3 +352,17 @@ def test_a_prompt_list_longer_than_the_queue_is_refused_at_once_not_with_429():
     invocation = wire.parse_request(payload(prompt=["a cat"] * 5), JSON)
     with pytest.raises(LimitExceeded, match="prompts is 5, above the limit of 4"):
         check_invocation_limits(invocation, ServingSettings(max_images=100, max_queue=4))
+
+
+HOSTILE_JSON = {
+    "deeply-nested": (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    "5000-digit-integer": (b'{"prompt": "a cat", "seed": ' + b"9" * 5000 + b"}", "digits"),
+}
+
+
+@pytest.mark.parametrize(("body", "named"), HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
+def test_json_the_parser_gives_up_on_is_a_400_naming_the_problem(local, packed, body, named):
+    here, there = local(body), packed.invoke(body)
+    assert (here.status, there.status) == (400, 400), here.body[:300]
+    assert here.json() == there.json()
+    assert named in here.json()["error"]
