@@ -24,6 +24,7 @@ The contract, from JumpStart's txt2img spec (``predictor_specs``) and its exampl
 from __future__ import annotations
 
 import base64
+import codecs
 import io
 import json
 import random
@@ -142,19 +143,22 @@ def negotiate_accept(accept: str | None) -> str:
 
 def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
     """Check a request body against the contract; raises InvocationError naming the first problem."""
-    media_type, _ = _split_media_type(content_type or JSON_CONTENT)
+    media_type, parameters = _split_media_type(content_type or JSON_CONTENT)
     if media_type not in CONTENT_TYPES:
         raise UnsupportedContentType(
             f"unsupported content type '{content_type}'; use one of: {', '.join(CONTENT_TYPES)}"
         )
+    charsets = {parameter.split("=", 1)[1].strip('"') for parameter in parameters if parameter.startswith("charset=")}
+    if charsets - {"utf-8", "utf8"}:
+        raise UnsupportedContentType(f"unsupported charset in content type '{content_type}'; send UTF-8")
+    text = _utf8_text(body, media_type)
     if media_type == TEXT_CONTENT:
-        text = body if isinstance(body, str) else body.decode("utf-8", errors="replace")
         if not text:
             raise InvocationError("the application/x-text body is empty; it must be the prompt")
         return _invocation({"prompt": text}, one_image=True)
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
         raise InvocationError(f"the body is not valid JSON: {error}") from None
     except RecursionError:
         raise InvocationError("the JSON body is nested too deeply") from None
@@ -166,6 +170,22 @@ def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
     if unknown:
         raise InvocationError(f"unknown parameter(s) {unknown}; allowed: {list(PARAMETER_NAMES)}")
     return _invocation(payload, one_image=False)
+
+
+def _utf8_text(body: bytes | str, media_type: str) -> str:
+    """The body as text. Both content types are UTF-8, as the Hugging Face container reads JSON."""
+    if not isinstance(body, str):
+        if body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32's marks start the same
+            raise InvocationError(
+                f"the {media_type} body is UTF-16 or UTF-32 (it starts with a byte order mark); send UTF-8"
+            )
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvocationError(f"the {media_type} body is not UTF-8: {error}") from None
+    if "\x00" in body:  # valid UTF-8, but what UTF-16 or UTF-32 text without a byte order mark looks like
+        raise InvocationError(f"the {media_type} body holds NUL characters, as UTF-16 or UTF-32 text does; send UTF-8")
+    return body
 
 
 def _json_type(value) -> str:

@@ -366,3 +366,22 @@ def test_json_the_parser_gives_up_on_is_a_400_naming_the_problem(local, packed, 
     assert (here.status, there.status) == (400, 400), here.body[:300]
     assert here.json() == there.json()
     assert named in here.json()["error"]
+
+
+NOT_UTF8 = {
+    "utf-16-json": (payload().decode().encode("utf-16"), JSON, 400, "UTF-16"),
+    "utf-16-json-without-bom": (payload().decode().encode("utf-16-le"), JSON, 400, "UTF-16"),
+    "latin-1-x-text": ("a café".encode("latin-1"), TEXT, 400, "UTF-8"),
+    "declared-utf-16": (payload().decode().encode("utf-16"), "application/json; charset=utf-16", 415, "UTF-8"),
+}
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "named"), NOT_UTF8.values(), ids=NOT_UTF8.keys())
+def test_bodies_that_are_not_utf8_are_refused_naming_the_problem(local, packed, body, content_type, status, named):
+    here, there = local(body, content_type), packed.invoke(body, content_type)
+    assert here.status == there.status == status, here.body[:300]
+    assert named in here.json()["error"]
+    if there.content_type is None:  # the container's toolkit decodes application/json as UTF-8 itself
+        assert "'utf-8' codec can't decode" in there.body.decode()
+    else:
+        assert here.json() == there.json()

@@ -280,7 +280,7 @@ BAD_INVOCATIONS = [
     (jumpstart_payload(num_inference_steps=1001), "application/json", "application/json", 400, "limit"),
     (b'{"prompt": ', "application/json", "application/json", 400, "JSON"),
     (b'["a cat"]', "application/json", "application/json", 400, "body"),
-    (b"\xff\xfe", "application/json", "application/json", 400, "JSON"),
+    (b"\xff\xfe", "application/json", "application/json", 400, "UTF-16"),
     (b"{}", "application/json", "application/json", 400, "prompt"),
     (jumpstart_payload(prompt=[]), "application/json", "application/json", 400, "prompt"),
     (
