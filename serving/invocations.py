@@ -27,6 +27,7 @@ import base64
 import codecs
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 
@@ -210,12 +211,15 @@ def _number(payload: dict, name: str, default: float | None) -> float | None:
     value = payload.get(name)
     if value is None:
         return default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    raise InvocationError(f"'{name}' must be a number, not {json.dumps(value)[:40]}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvocationError(f"'{name}' must be a number, not {json.dumps(value)[:40]}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):  # JSON as Python reads it has NaN, Infinity and 1e999
+        raise InvocationError(f"'{name}' must be a finite number")
+    return number
 
 
 def _prompt_list(payload: dict, name: str, required: bool) -> str | list[str] | None:

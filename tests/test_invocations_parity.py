@@ -385,3 +385,16 @@ def test_bodies_that_are_not_utf8_are_refused_naming_the_problem(local, packed, 
         assert "'utf-8' codec can't decode" in there.body.decode()
     else:
         assert here.json() == there.json()
+
+
+NOT_FINITE = {
+    "nan-guidance": b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": NaN}',
+    "infinite-guidance": b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": 1e999}',
+}
+
+
+@pytest.mark.parametrize("body", NOT_FINITE.values(), ids=NOT_FINITE.keys())
+def test_numbers_that_are_not_finite_are_refused_alike(local, packed, body):
+    here, there = local(body), packed.invoke(body)
+    assert (here.status, there.status) == (400, 400), there.body[:300]
+    assert here.json() == there.json() == {"error": "'guidance_scale' must be a finite number"}
