@@ -4,7 +4,7 @@ This one module speaks the format for both servers that speak it: the local ``PO
 route (serving/service.py) and the ``code/inference.py`` that ``txt2img deploy`` packs into a
 model archive for the Hugging Face inference container (jumpstart/inference_script.py). The packer
 copies this file into the archive as ``code/serving/invocations.py``, so it must import nothing but
-the standard library, plus numpy and PIL (inside functions) to encode images: no txt2img module,
+the standard library, plus numpy inside the function that makes RGB arrays: no txt2img module,
 no pydantic.
 
 The contract, from JumpStart's txt2img spec (``predictor_specs``) and its example notebook:
