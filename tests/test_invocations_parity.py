@@ -182,10 +182,11 @@ def decoded_images(answer: Answer) -> list[np.ndarray]:
 
 
 def assert_same_images(first: list[np.ndarray], second: list[np.ndarray]) -> None:
-    # Equal up to the last bit of float math, which differs with how images share a pipeline call.
+    # Equal up to the last bit of float math, which differs with how images share a pipeline call:
+    # most come out identical, a few differ by 1 in a pixel value here and there.
     assert [image.shape for image in first] == [image.shape for image in second]
     for one, other in zip(first, second):
-        assert np.abs(one - other).mean() < 0.5
+        assert np.abs(one - other).mean() < 0.1
 
 
 def assert_different_images(first: np.ndarray, second: np.ndarray) -> None:
