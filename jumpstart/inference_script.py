@@ -1,42 +1,26 @@
-"""The inference script packaged as ``code/inference.py`` for models deployed from local weights.
+"""``code/inference.py`` of the model archives txt2img builds: the Hugging Face inference container's entry point.
 
-It runs inside SageMaker's Hugging Face PyTorch inference container, which calls
-``model_fn(model_dir, context)`` once and ``transform_fn(model, body, content_type, accept, context)``
-per request, and it speaks SageMaker JumpStart's text-to-image
-contract so one client works for JumpStart endpoints, these endpoints and the local server:
+SageMaker's Hugging Face PyTorch inference container calls ``model_fn(model_dir, context)`` once
+and ``transform_fn(model, body, content_type, accept, context)`` per request. The wire format,
+JumpStart's text-to-image contract, is serving/invocations.py, which the packer copies next to
+this file as ``code/serving/invocations.py``: the import below finds it there in the container
+and in this checkout alike. Only this file's generation loop is the container's own.
 
-* ``application/x-text``: the body is the prompt; the answer has one ``generated_image``.
-* ``application/json``: ``{"prompt", "width", "height", "num_inference_steps", "guidance_scale",
-  "negative_prompt", "num_images_per_prompt", "seed", "batch_size", "eta"}``.
-* Accept ``application/json;jpeg``: images as base64 JPEG strings; ``application/json``: nested
-  RGB arrays; a ``;verbose`` suffix is accepted and changes nothing.
-
-This file must only import what that container has: no txt2img modules.
+This file must only import what that container has: no other txt2img module.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
+from http import HTTPStatus
 
-PARAMETER_NAMES = (
-    "prompt",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "negative_prompt",
-    "num_images_per_prompt",
-    "seed",
-    "batch_size",
-    "eta",
+from serving.invocations import (
+    Invocation,
+    InvocationError,
+    negotiate_accept,
+    parse_request,
+    render_error,
+    render_response,
 )
-JPEG_QUALITY = 90
-
-
-class RequestError(ValueError):
-    """The request breaks the JumpStart contract; the message names the problem."""
 
 
 def model_fn(model_dir, context=None):
@@ -52,112 +36,56 @@ def model_fn(model_dir, context=None):
     return pipeline.to("cuda" if cuda else "cpu")
 
 
-def _positive_int(payload: dict, name: str) -> None:
-    value = payload.get(name)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise RequestError(f"'{name}' must be an integer >= 1")
-
-
-def parse_request(body, content_type: str) -> tuple[dict, str]:
-    """The validated generation parameters, and the response key the contract uses for them."""
-    if isinstance(body, (bytes, bytearray)):
-        body = body.decode("utf-8")
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type == "application/x-text":
-        return {"prompt": body}, "generated_image"
-    if media_type != "application/json":
-        raise RequestError(f"unsupported content type {content_type}; use application/json or application/x-text")
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError as error:
-        raise RequestError(f"the body is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise RequestError("the JSON body must be an object")
-    unknown = sorted(set(payload) - set(PARAMETER_NAMES))
-    if unknown:
-        raise RequestError(f"unknown parameter(s) {unknown}; allowed: {list(PARAMETER_NAMES)}")
-    prompt = payload.get("prompt")
-    if not (
-        isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-    ):
-        raise RequestError("'prompt' is required: a string or a list of strings")
-    for name in ("width", "height"):
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-            raise RequestError(f"'{name}' must be an integer divisible by 8")
-    for name in ("num_inference_steps", "num_images_per_prompt", "batch_size"):
-        _positive_int(payload, name)
-    for name in ("guidance_scale", "eta"):
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise RequestError(f"'{name}' must be a number")
-    negative = payload.get("negative_prompt")
-    if negative is not None and isinstance(prompt, list) != isinstance(negative, list):
-        raise RequestError("'negative_prompt' must be a list exactly when 'prompt' is a list")
-    if "seed" in payload and (not isinstance(payload["seed"], int) or isinstance(payload["seed"], bool)):
-        raise RequestError("'seed' must be an integer")
-    return payload, "generated_images"
-
-
-def generate(pipeline, parameters: dict) -> list:
-    """Run the pipeline: every prompt ``num_images_per_prompt`` times, ``batch_size`` prompts per call."""
+def generate(pipeline, invocation: Invocation) -> list:
+    """Every wanted image of the invocation, ``batch_size`` images per pipeline call, each from its own seed."""
     import torch
 
-    parameters = dict(parameters)
-    prompts = parameters.pop("prompt")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    negatives = parameters.pop("negative_prompt", None)
-    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else negatives
-    copies = parameters.pop("num_images_per_prompt", 1)
-    batch_size = parameters.pop("batch_size", 1)
-    seed = parameters.pop("seed", None)
-    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    if parameters.get("guidance_scale") is not None and parameters["guidance_scale"] <= 1:
-        negatives = None  # without guidance there is nothing to steer away from
-    queue = [
-        (prompt, negatives[index] if negatives else None) for index, prompt in enumerate(prompts) for _ in range(copies)
-    ]
+    wanted = invocation.wanted_images()
     images = []
-    for start in range(0, len(queue), batch_size):
-        chunk = queue[start : start + batch_size]
-        call = dict(parameters, prompt=[prompt for prompt, _ in chunk], generator=generator)
-        if negatives:
-            call["negative_prompt"] = [negative for _, negative in chunk]
-        images.extend(pipeline(**call).images)
+    for start in range(0, len(wanted), invocation.batch_size):
+        chunk = wanted[start : start + invocation.batch_size]
+        negatives = [image.negative_prompt or "" for image in chunk]
+        # CPU generators, one per image: the same seed gives the same image here and on the local server.
+        generators = [torch.Generator("cpu").manual_seed(image.seed) for image in chunk]
+        with torch.inference_mode():
+            output = pipeline(
+                prompt=[image.prompt for image in chunk],
+                negative_prompt=negatives if any(negatives) else None,
+                width=invocation.width,
+                height=invocation.height,
+                num_inference_steps=invocation.num_inference_steps,
+                guidance_scale=invocation.guidance_scale,
+                generator=generators,
+            )
+        images.extend(output.images)
     return images
 
 
-def accepted_format(accept: str | None) -> str:
-    """``jpeg`` or ``array``: how the Accept type wants the images; checked before any work is done."""
-    media_type = (accept or "application/json;jpeg").replace(";verbose", "").replace(" ", "").lower()
-    if media_type in ("application/json;jpeg", "*/*"):
-        return "jpeg"
-    if media_type == "application/json":
-        return "array"
-    raise RequestError(f"unsupported accept type {accept}; use application/json;jpeg or application/json")
+def sent_accept(accept, context):
+    """The Accept header as the client sent it.
 
-
-def encode_images(images: list, image_format: str) -> list:
-    """Base64 JPEG strings, or nested RGB arrays."""
-    if image_format == "array":
-        import numpy as np
-
-        return [np.asarray(image.convert("RGB")).tolist() for image in images]
-    encoded = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return encoded
+    The container hands ``transform_fn`` ``application/json`` when the client sent no Accept or
+    ``*/*``, which would answer RGB arrays where JumpStart's default is JPEG; its context still
+    holds the header itself.
+    """
+    if context is None:
+        return accept
+    headers = context.request_processor[0].get_request_properties()
+    return next((value for name, value in headers.items() if name.lower() == "accept"), None)
 
 
 def transform_fn(model, input_data, content_type, accept, context=None):
-    """One request: JumpStart JSON in, the JSON body out.
+    """One request: the JSON answer, or the JSON error with its HTTP status.
 
-    The container sends it with the request's Accept as content type, and turns an exception into
-    HTTP 400 with the exception's message.
+    Without a context (a direct call) an error is raised instead, and the container would answer
+    it with 400 and the message.
     """
-    image_format = accepted_format(accept)
-    parameters, key = parse_request(input_data, content_type or "application/json")
-    images = encode_images(generate(model, parameters), image_format)
-    return json.dumps({key: images[0] if key == "generated_image" else images, "prompt": parameters["prompt"]})
+    try:
+        accept_type = negotiate_accept(sent_accept(accept, context))
+        invocation = parse_request(input_data, content_type)
+        return render_response(invocation, generate(model, invocation), accept_type)
+    except InvocationError as error:
+        if context is None:
+            raise
+        context.set_response_status(error.status, HTTPStatus(error.status).phrase)
+        return render_error(error)

@@ -1,11 +1,14 @@
 """Packing a catalog model that lives on this machine into a SageMaker ``model.tar.gz``.
 
-The archive holds the exported diffusers folder at its root and, under ``code/``, the JumpStart
-contract inference script plus the pip requirements the Hugging Face container installs first.
+The archive holds the exported diffusers folder at its root and, under ``code/``, the container's
+entry point ``inference.py``, the wire format it imports (``serving/invocations.py``, copied as is,
+so the endpoint and the local ``/invocations`` route answer alike) and the pip requirements the
+Hugging Face container installs first.
 """
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,12 +16,22 @@ from jumpstart.errors import SageMakerError
 
 # What code/inference.py needs beyond the Hugging Face inference container's own packages.
 CONTAINER_REQUIREMENTS = ("diffusers>=0.31,<1", "accelerate>=0.34", "safetensors>=0.4")
+WIRE_PACKAGE_INIT = '"""JumpStart\'s text-to-image wire format, copied from txt2img\'s serving package."""\n'
 
 
-def inference_script_source() -> str:
+def write_inference_code(code_dir: Path) -> None:
+    """Fill ``code_dir`` with inference.py, the wire format it imports, and requirements.txt."""
     from jumpstart import inference_script
+    from serving import invocations
 
-    return Path(inference_script.__file__).read_text(encoding="utf-8")
+    code_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(inference_script.__file__, code_dir / "inference.py")
+    # The same package path as in this checkout, so inference.py imports it the same way in both.
+    wire_package = code_dir / "serving"
+    wire_package.mkdir()
+    (wire_package / "__init__.py").write_text(WIRE_PACKAGE_INIT, encoding="utf-8")
+    shutil.copyfile(invocations.__file__, wire_package / "invocations.py")
+    (code_dir / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n", encoding="utf-8")
 
 
 def build_model_archive(model_id: str, workdir: Path) -> Path:
@@ -34,10 +47,7 @@ def build_model_archive(model_id: str, workdir: Path) -> Path:
             export_model(model_id, model_dir, load_catalog())
         except ModelLoadError as error:
             raise SageMakerError(str(error)) from error
-    code_dir = model_dir / "code"
-    code_dir.mkdir()
-    (code_dir / "inference.py").write_text(inference_script_source(), encoding="utf-8")
-    (code_dir / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n", encoding="utf-8")
+    write_inference_code(model_dir / "code")
     archive = workdir / "model.tar.gz"
     with Console(stderr=True).status("packing model.tar.gz ..."), tarfile.open(archive, "w:gz") as tar:
         for path in sorted(model_dir.rglob("*")):

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from catalog.index import UnknownModelError
 from catalog.pipelines import ModelLoadError
 from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
-from serving.invocations import MalformedBody, UnacceptableMediaType, UnsupportedMediaType
+from serving.invocations import InvocationError
 from serving.schema import LimitExceeded, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
@@ -52,17 +52,13 @@ def error_response(error: Exception) -> JSONResponse:
 
     if isinstance(error, ValidationError):
         return JSONResponse(validation_error_body(error), status_code=400)
-    if isinstance(error, MalformedBody):
-        return JSONResponse({"error": str(error)}, status_code=400)
+    if isinstance(error, InvocationError):  # /invocations: JumpStart's wire format names the status
+        return JSONResponse(error.as_json(), status_code=error.status)
     if isinstance(error, LimitExceeded):
         return JSONResponse(error.as_json(), status_code=400)
     if isinstance(error, UnknownModelError):
         body = {"error": str(error), "model": error.model_id, "suggestions": error.suggestions}
         return JSONResponse(body, status_code=404)
-    if isinstance(error, UnsupportedMediaType):
-        return JSONResponse({"error": str(error)}, status_code=415)
-    if isinstance(error, UnacceptableMediaType):
-        return JSONResponse({"error": str(error)}, status_code=406)
     if isinstance(error, QueueFull):
         return JSONResponse({"error": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, GenerationTimeout):

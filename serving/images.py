@@ -1,4 +1,4 @@
-"""Encoding generated PIL images for HTTP answers: PNG/JPEG bytes, base64 strings and RGB arrays."""
+"""Encoding generated PIL images for HTTP answers: PNG/JPEG bytes and base64 strings."""
 
 from __future__ import annotations
 
@@ -14,10 +14,3 @@ def image_bytes(image, image_format: str) -> bytes:
 
 def image_base64(image, image_format: str) -> str:
     return base64.b64encode(image_bytes(image, image_format)).decode("ascii")
-
-
-def image_rgb_array(image) -> list:
-    """The image as nested height x width x 3 lists of 0-255 ints, as JumpStart's application/json answers."""
-    import numpy as np
-
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()

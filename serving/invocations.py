@@ -1,113 +1,299 @@
-"""SageMaker JumpStart's txt2img wire format, mapped onto our GenerationRequest and back.
+"""SageMaker JumpStart's text-to-image wire format: requests parsed and checked, answers and errors rendered.
 
-A JumpStart client sends ``application/json`` (the fields below) or ``application/x-text`` (the raw
-prompt) to ``POST /invocations`` and reads ``{"generated_images": [...], "prompt": ...}``; the images
-are RGB arrays for ``Accept: application/json`` and base64 JPEGs for ``application/json;jpeg``.
+This one module speaks the format for both servers that speak it: the local ``POST /invocations``
+route (serving/service.py) and the ``code/inference.py`` that ``txt2img deploy`` packs into a
+model archive for the Hugging Face inference container (jumpstart/inference_script.py). The packer
+copies this file into the archive as ``code/serving/invocations.py``, so it must import nothing but
+the standard library, plus numpy inside the function that makes RGB arrays: no txt2img module,
+no pydantic.
+
+The contract, from JumpStart's txt2img spec (``predictor_specs``) and its example notebook:
+
+* Content types: ``application/json``, an object with the keys in PARAMETER_NAMES, or
+  ``application/x-text``, whose body is the prompt. Without a Content-Type the body is JSON.
+* Accept types: ``application/json;jpeg`` gives base64 JPEGs. It is the spec's default, so no
+  Accept, ``*/*`` and ``application/*`` get it too. ``application/json`` and
+  ``application/json;verbose`` give H x W x 3 arrays of RGB values.
+* The answer is ``{"generated_images": [...], "prompt": <as sent>}``. An ``application/x-text``
+  request gets ``{"generated_image": <one image>, "prompt": <the text>}``.
+* Image k of an answer (each prompt in turn, ``num_images_per_prompt`` times) uses seed
+  ``seed + k``, so every prompt of a list gets its own seeds. Without ``seed`` the first is random.
+* An error is ``{"error": <message>}`` with the status of its InvocationError subclass.
 """
 
 from __future__ import annotations
 
+import base64
+import codecs
+import io
 import json
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from serving.images import image_base64, image_rgb_array
-from serving.schema import GenerationRequest
+import math
+import random
+from dataclasses import dataclass
 
 JSON_CONTENT = "application/json"
 TEXT_CONTENT = "application/x-text"
-ACCEPT_TYPES = ("application/json", "application/json;jpeg", "application/json;verbose")
+CONTENT_TYPES = (JSON_CONTENT, TEXT_CONTENT)
+JPEG_ACCEPT = "application/json;jpeg"
+ARRAY_ACCEPT = "application/json"
+VERBOSE_ACCEPT = "application/json;verbose"
+ACCEPT_TYPES = (ARRAY_ACCEPT, VERBOSE_ACCEPT, JPEG_ACCEPT)  # the spec's supported_accept_types
+DEFAULT_ACCEPT = JPEG_ACCEPT  # the spec's default_accept_type
+WILDCARD_ACCEPTS = ("*/*", "application/*")  # any of ACCEPT_TYPES would do, so the default answers
+_PROMPTS = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}}]}
+_SIZE = {"type": "integer", "minimum": 8, "multipleOf": 8}
+# The application/json body as JSON Schema (OpenAPI 3.0 flavour), stated once: the local server's
+# OpenAPI document shows it, and its keys are the parameters both servers accept.
+REQUEST_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["prompt"],
+    "properties": {
+        "prompt": _PROMPTS,
+        "width": _SIZE,
+        "height": _SIZE,
+        "num_inference_steps": {"type": "integer", "minimum": 1, "default": 50},
+        "guidance_scale": {"type": "number", "default": 7.5},
+        "negative_prompt": _PROMPTS,
+        "num_images_per_prompt": {"type": "integer", "minimum": 1, "default": 1},
+        "seed": {"type": "integer", "minimum": 0},
+        "batch_size": {"type": "integer", "minimum": 1, "default": 1},
+        "eta": {"type": "number"},
+    },
+}
+PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
+# JumpStart's script leaves absent fields to diffusers' StableDiffusionPipeline, whose defaults these are.
+DEFAULT_NUM_INFERENCE_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 7.5
+SEED_END = 2**63  # image seeds stay below it: torch takes them, and so does the local server
+JPEG_QUALITY = 90
 
-ImageEncoding = Literal["rgb-array", "jpeg"]
+
+class InvocationError(ValueError):
+    """A request outside the contract; the message names the problem, ``status`` is its HTTP status."""
+
+    status = 400
+
+    def as_json(self) -> dict:
+        return {"error": str(self)}
 
 
-class UnsupportedMediaType(ValueError):
-    """A request body's content type outside JumpStart's contract (HTTP 415)."""
+class UnsupportedContentType(InvocationError):
+    status = 415
 
 
-class MalformedBody(ValueError):
-    """A request body that is not valid UTF-8 JSON (HTTP 400)."""
+class NotAcceptable(InvocationError):
+    status = 406
 
 
-class UnacceptableMediaType(ValueError):
-    """An ``Accept`` type outside JumpStart's contract (HTTP 406)."""
+@dataclass(frozen=True)
+class WantedImage:
+    """One image of an answer: what to draw and from which seed."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
 
 
-class JumpStartPayload(BaseModel):
-    """The JSON body of a JumpStart txt2img request; unknown keys are refused, as JumpStart does."""
+@dataclass(frozen=True)
+class Invocation:
+    """A request that keeps the contract, with JumpStart's defaults filled in."""
 
-    model_config = ConfigDict(extra="forbid")
+    prompt: str | list[str]  # as sent: the answer echoes it
+    negative_prompt: str | list[str] | None
+    width: int | None  # None: the model's native size
+    height: int | None
+    num_inference_steps: int
+    guidance_scale: float  # 1 or less turns guidance, and so the negative prompt, off
+    num_images_per_prompt: int
+    seed: int | None
+    batch_size: int  # prompts per pipeline call in the container; the local server batches on its own
+    one_image: bool  # application/x-text: the answer holds one ``generated_image``
 
-    prompt: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(min_length=1)
-    width: int | None = Field(None, gt=0, multiple_of=8)
-    height: int | None = Field(None, gt=0, multiple_of=8)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = None
-    negative_prompt: str | list[str] | None = None
-    num_images_per_prompt: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0)
-    batch_size: int = Field(1, ge=1, description="Accepted for compatibility; the server batches on its own.")
-    eta: float | None = None
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    @model_validator(mode="after")
-    def _negatives_match_prompts(self) -> JumpStartPayload:
-        if isinstance(self.negative_prompt, list) and (
-            not isinstance(self.prompt, list) or len(self.negative_prompt) != len(self.prompt)
-        ):
-            raise ValueError("a list negative_prompt needs a prompt list of the same length")
-        return self
+    @property
+    def image_count(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
 
-    def generation_requests(self, model: str | None) -> list[GenerationRequest]:
-        """One GenerationRequest per prompt, each asking for ``num_images_per_prompt`` images."""
-        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+    def wanted_images(self) -> list[WantedImage]:
+        """Every image of the answer in order; image k uses ``seed + k``."""
+        prompts = self.prompts
         if isinstance(self.negative_prompt, list):
             negatives = self.negative_prompt
         else:
             negatives = [self.negative_prompt] * len(prompts)
-        # guidance_scale <= 1 disables guidance in JumpStart; ours too, clamped to our lower bound.
-        guidance = None if self.guidance_scale is None else max(self.guidance_scale, 0.0)
-        requests = []
-        for index, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            fields = {
-                "model": model,
-                "prompt": prompt,
-                "negative_prompt": negative,
-                "width": self.width,
-                "height": self.height,
-                "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": guidance,
-                "num_images": self.num_images_per_prompt,
-                "seed": None if self.seed is None else self.seed + index * self.num_images_per_prompt,
-            }
-            requests.append(GenerationRequest(**{k: v for k, v in fields.items() if v is not None}))
-        return requests
+        first = self.seed if self.seed is not None else random.randrange(SEED_END - self.image_count)
+        pairs = [pair for pair in zip(prompts, negatives) for _ in range(self.num_images_per_prompt)]
+        return [WantedImage(prompt, negative, first + k) for k, (prompt, negative) in enumerate(pairs)]
 
 
-def parse_media_type(header: str | None, default: str) -> tuple[str, set[str]]:
-    """The bare media type and its parameters, lowercase and without spaces."""
-    parts = [part.strip().lower() for part in (header or default).split(";")]
-    return parts[0], {part for part in parts[1:] if part}
+def _split_media_type(value: str) -> tuple[str, list[str]]:
+    """``"Application/JSON; jpeg"`` -> ``("application/json", ["jpeg"])``."""
+    parts = [part.strip().lower() for part in value.split(";")]
+    return parts[0], [part for part in parts[1:] if part]
 
 
-def image_encoding(accept: str | None) -> ImageEncoding:
-    """How ``Accept`` wants images encoded; raises UnacceptableMediaType for types JumpStart does not answer."""
-    media_type, parameters = parse_media_type(accept, JSON_CONTENT)
-    if media_type in ("*/*", "application/*"):
-        media_type = JSON_CONTENT
-    if media_type != JSON_CONTENT or not parameters <= {"jpeg", "verbose"}:
-        raise UnacceptableMediaType(f"unsupported accept type '{accept}'; use one of: {', '.join(ACCEPT_TYPES)}")
-    return "jpeg" if "jpeg" in parameters else "rgb-array"
+def negotiate_accept(accept: str | None) -> str:
+    """The accept type (one of ACCEPT_TYPES) to answer ``accept`` with; the first supported alternative wins."""
+    if accept is None or not accept.strip():
+        return DEFAULT_ACCEPT
+    for alternative in accept.split(","):
+        media_type, parameters = _split_media_type(alternative)
+        flags = {parameter for parameter in parameters if not parameter.startswith("q=")}
+        if media_type in WILDCARD_ACCEPTS and not flags:
+            return DEFAULT_ACCEPT
+        if media_type == JSON_CONTENT and flags <= {"jpeg", "verbose"}:
+            if "jpeg" in flags:
+                return JPEG_ACCEPT
+            return VERBOSE_ACCEPT if flags else ARRAY_ACCEPT
+    raise NotAcceptable(f"unsupported accept type '{accept}'; use one of: {', '.join(ACCEPT_TYPES)}")
 
 
-def encode_images(images: list, encoding: ImageEncoding) -> list:
-    if encoding == "jpeg":
-        return [image_base64(image, "jpeg") for image in images]
-    return [image_rgb_array(image) for image in images]
-
-
-def parse_json_body(body: bytes) -> Any:
+def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
+    """Check a request body against the contract; raises InvocationError naming the first problem."""
+    media_type, parameters = _split_media_type(content_type or JSON_CONTENT)
+    if media_type not in CONTENT_TYPES:
+        raise UnsupportedContentType(
+            f"unsupported content type '{content_type}'; use one of: {', '.join(CONTENT_TYPES)}"
+        )
+    charsets = {parameter.split("=", 1)[1].strip('"') for parameter in parameters if parameter.startswith("charset=")}
+    if charsets - {"utf-8", "utf8"}:
+        raise UnsupportedContentType(f"unsupported charset in content type '{content_type}'; send UTF-8")
+    text = _utf8_text(body, media_type)
+    if media_type == TEXT_CONTENT:
+        if not text:
+            raise InvocationError("the application/x-text body is empty; it must be the prompt")
+        return _invocation({"prompt": text}, one_image=True)
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MalformedBody(f"the body is not valid JSON: {error}") from error
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvocationError(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvocationError("the JSON body is nested too deeply") from None
+    except ValueError:  # Python refuses to read integers of thousands of digits
+        raise InvocationError("the JSON body holds a number with too many digits") from None
+    if not isinstance(payload, dict):
+        raise InvocationError(f"the JSON body must be an object, not {_json_type(payload)}")
+    unknown = sorted(set(payload) - set(PARAMETER_NAMES))
+    if unknown:
+        raise InvocationError(f"unknown parameter(s) {unknown}; allowed: {list(PARAMETER_NAMES)}")
+    return _invocation(payload, one_image=False)
+
+
+def _utf8_text(body: bytes | str, media_type: str) -> str:
+    """The body as text. Both content types are UTF-8, as the Hugging Face container reads JSON."""
+    if not isinstance(body, str):
+        if body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32's marks start the same
+            raise InvocationError(
+                f"the {media_type} body is UTF-16 or UTF-32 (it starts with a byte order mark); send UTF-8"
+            )
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvocationError(f"the {media_type} body is not UTF-8: {error}") from None
+    if "\x00" in body:  # valid UTF-8, but what UTF-16 or UTF-32 text without a byte order mark looks like
+        raise InvocationError(f"the {media_type} body holds NUL characters, as UTF-16 or UTF-32 text does; send UTF-8")
+    return body
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_at_least(payload: dict, name: str, least: int, default: int | None) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < least:
+        raise InvocationError(f"'{name}' must be an integer >= {least}, not {json.dumps(value)[:40]}")
+    return value
+
+
+def _number(payload: dict, name: str, default: float | None) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvocationError(f"'{name}' must be a number, not {json.dumps(value)[:40]}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):  # JSON as Python reads it has NaN, Infinity and 1e999
+        raise InvocationError(f"'{name}' must be a finite number")
+    return number
+
+
+def _prompt_list(payload: dict, name: str, required: bool) -> str | list[str] | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, str) and (value or not required):
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, str) and (item or not required) for item in value):
+        return value
+    if required:
+        raise InvocationError(f"'{name}' must be a non-empty string or a non-empty list of non-empty strings")
+    raise InvocationError(f"'{name}' must be a string or a non-empty list of strings")
+
+
+def _invocation(payload: dict, one_image: bool) -> Invocation:
+    prompt = _prompt_list(payload, "prompt", required=True)
+    negative = _prompt_list(payload, "negative_prompt", required=False)
+    if isinstance(negative, list) and (not isinstance(prompt, list) or len(negative) != len(prompt)):
+        raise InvocationError("a list 'negative_prompt' needs a 'prompt' list of the same length")
+    sizes = {}
+    for name in ("width", "height"):
+        value = payload.get(name)
+        if value is not None and (not _is_int(value) or value < 8 or value % 8):
+            raise InvocationError(f"'{name}' must be an integer divisible by 8, not {json.dumps(value)[:40]}")
+        sizes[name] = value
+    _number(payload, "eta", None)  # checked as JumpStart checks it, then left out: see docs/serving.md
+    invocation = Invocation(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=sizes["width"],
+        height=sizes["height"],
+        num_inference_steps=_int_at_least(payload, "num_inference_steps", 1, DEFAULT_NUM_INFERENCE_STEPS),
+        guidance_scale=_number(payload, "guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        num_images_per_prompt=_int_at_least(payload, "num_images_per_prompt", 1, 1),
+        seed=_int_at_least(payload, "seed", 0, None),
+        batch_size=_int_at_least(payload, "batch_size", 1, 1),
+        one_image=one_image,
+    )
+    if invocation.seed is not None and invocation.seed + invocation.image_count > SEED_END:
+        raise InvocationError(
+            f"'seed' is too large: image seeds (seed + k) must stay below 2**63, got {invocation.seed}"
+        )
+    return invocation
+
+
+def encode_image(image, accept_type: str):
+    """A PIL image as the accept type wants it: a base64 JPEG string, or nested lists of RGB values."""
+    if accept_type == JPEG_ACCEPT:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()
+
+
+def render_response(invocation: Invocation, images: list, accept_type: str) -> str:
+    """The JSON answer to ``invocation``: its images, in wanted_images order, encoded for ``accept_type``."""
+    encoded = [encode_image(image, accept_type) for image in images]
+    if invocation.one_image:
+        return json.dumps({"generated_image": encoded[0], "prompt": invocation.prompt})
+    return json.dumps({"generated_images": encoded, "prompt": invocation.prompt})
+
+
+def render_error(error: InvocationError) -> str:
+    return json.dumps(error.as_json())

@@ -19,15 +19,14 @@ from starlette.responses import JSONResponse, Response
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response, log_client_errors_as_one_line
 from serving.images import image_base64
+from serving.invocation_requests import generation_requests
 from serving.invocations import (
     JSON_CONTENT,
+    REQUEST_SCHEMA,
     TEXT_CONTENT,
-    JumpStartPayload,
-    UnsupportedMediaType,
-    encode_images,
-    image_encoding,
-    parse_json_body,
-    parse_media_type,
+    negotiate_accept,
+    parse_request,
+    render_response,
 )
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
@@ -40,7 +39,7 @@ from serving.settings import ServingSettings
 INVOCATIONS_REQUEST_BODY = {
     "required": True,
     "content": {
-        JSON_CONTENT: {"schema": JumpStartPayload.model_json_schema()},
+        JSON_CONTENT: {"schema": REQUEST_SCHEMA},
         TEXT_CONTENT: {"schema": {"type": "string", "description": "The prompt."}},
     },
 }
@@ -110,29 +109,15 @@ class Txt2Img:
 
     @sagemaker_app.post("/invocations", openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY})
     async def invocations(self, request: Request) -> Response:
-        """JumpStart's txt2img contract: application/json or application/x-text in, generated_images out."""
+        """JumpStart's txt2img contract (serving/invocations.py): application/json or application/x-text in."""
         try:
-            encoding = image_encoding(request.headers.get("accept"))
-            content_type, _ = parse_media_type(request.headers.get("content-type"), JSON_CONTENT)
-            body = await request.body()
-            if content_type == TEXT_CONTENT:
-                prompt = body.decode("utf-8", errors="replace")
-                requests = [GenerationRequest(model=self.settings.model, prompt=prompt)]
-            elif content_type == JSON_CONTENT:
-                payload = JumpStartPayload.model_validate(parse_json_body(body))
-                prompt = payload.prompt
-                requests = payload.generation_requests(self.settings.model)
-            else:
-                raise UnsupportedMediaType(
-                    f"unsupported content type '{content_type}'; use {JSON_CONTENT} or {TEXT_CONTENT}"
-                )
-            results = await self._generate(requests, request)
+            accept_type = negotiate_accept(request.headers.get("accept"))
+            invocation = parse_request(await request.body(), request.headers.get("content-type"))
+            results = await self._generate(generation_requests(invocation, self.settings), request)
         except Exception as error:
             return error_response(error)
-        images = encode_images([image for result in results for image in result.images], encoding)
-        if content_type == TEXT_CONTENT:
-            return JSONResponse({"generated_image": images[0], "prompt": prompt})
-        return JSONResponse({"generated_images": images, "prompt": prompt})
+        images = [image for result in results for image in result.images]
+        return Response(render_response(invocation, images, accept_type), media_type=accept_type)
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:

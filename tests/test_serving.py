@@ -19,6 +19,7 @@ from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 from serving.http_errors import ErrorBody
+from serving.invocations import JPEG_QUALITY
 from serving.schema import GeneratedImages
 
 REQUEST_TIMEOUT_S = 15
@@ -222,9 +223,10 @@ def test_jumpstart_jpeg_accept_returns_base64_jpeg_matching_the_rgb_arrays(clien
     arrays = invoke(client, jumpstart_payload(), accept="application/json").json()
     image = Image.open(io.BytesIO(base64.b64decode(jpeg["generated_images"][0])))
     assert (image.format, image.size) == ("JPEG", (64, 64))
-    # Same seed, same image: the JPEG is exactly the RGB array's JPEG at PIL's default quality.
+    # Same seed, same image: the JPEG is exactly the RGB array's JPEG at the wire format's quality.
     reencoded = io.BytesIO()
-    Image.fromarray(np.array(arrays["generated_images"][0], dtype=np.uint8)).save(reencoded, format="JPEG")
+    array = np.array(arrays["generated_images"][0], dtype=np.uint8)
+    Image.fromarray(array).save(reencoded, format="JPEG", quality=JPEG_QUALITY)
     assert np.array_equal(np.asarray(image), np.asarray(decode(reencoded.getvalue())))
 
 
@@ -307,7 +309,7 @@ BAD_INVOCATIONS = [
     (jumpstart_payload(num_inference_steps=1001), "application/json", "application/json", 400, "limit"),
     (b'{"prompt": ', "application/json", "application/json", 400, "JSON"),
     (b'["a cat"]', "application/json", "application/json", 400, "body"),
-    (b"\xff\xfe", "application/json", "application/json", 400, "JSON"),
+    (b"\xff\xfe", "application/json", "application/json", 400, "UTF-16"),
     (b"{}", "application/json", "application/json", 400, "prompt"),
     (jumpstart_payload(prompt=[]), "application/json", "application/json", 400, "prompt"),
     (
