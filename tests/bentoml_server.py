@@ -80,6 +80,11 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeo
         time.sleep(0.5)
 
 
+# The limits of the test session's shared server (conftest.py's ``server`` fixture) that tests rely on.
+SESSION_REQUEST_TIMEOUT_S = 15
+SESSION_MAX_QUEUE = 16
+
+
 def _stop(process: subprocess.Popen) -> None:
     # BentoML starts its worker in a session of its own, out of reach of the server's process group:
     # note every descendant first, so that none outlives the server.

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from bentoml_server import SESSION_MAX_QUEUE, SESSION_REQUEST_TIMEOUT_S, running_server
+from serving_finetunes import register_finetunes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,26 @@ def run_cli(cli_env):
         return result
 
     return run
+
+
+# One `bentoml serve` for the whole session, shared by the serving and protocol test modules.
+@pytest.fixture(scope="session")
+def server_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("serving-home")
+    register_finetunes(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(server_home):
+    settings = {
+        "max_loaded_models": "1",  # LRU eviction shows with two full models
+        "max_steps": "1000",  # long requests for the timeout and disconnect tests
+        "max_queue": str(SESSION_MAX_QUEUE),
+        "request_timeout_s": str(SESSION_REQUEST_TIMEOUT_S),
+        "torch_threads": "1",  # the test machine's cores are shared
+        "local_files_only": "1",  # Hub models must come from the (empty) HF cache
+    }
+    hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
+    with running_server(server_home, env=hub_offline, **settings) as url:
+        yield url

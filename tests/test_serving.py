@@ -8,45 +8,21 @@ import io
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import bentoml
 import httpx
 import numpy as np
 import pytest
-from bentoml_server import running_server
+from bentoml_server import SESSION_MAX_QUEUE as MAX_QUEUE
+from bentoml_server import SESSION_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from PIL import Image
-from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
+from serving_finetunes import FULL_ID, LORA_ID
 
 from serving.http_errors import ErrorBody
 from serving.invocations import JPEG_QUALITY
 from serving.schema import GeneratedImages
 
-REQUEST_TIMEOUT_S = 15
-MAX_QUEUE = 16
 FAST = {"num_inference_steps": 2, "width": 64, "height": 64}
-
-
-@pytest.fixture(scope="session")
-def server_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("serving-home")
-    register_finetunes(home)
-    return home
-
-
-@pytest.fixture(scope="session")
-def server(server_home):
-    settings = {
-        "max_loaded_models": "1",  # LRU eviction shows with two full models
-        "max_steps": "1000",  # long requests for the timeout and disconnect tests
-        "max_queue": str(MAX_QUEUE),
-        "request_timeout_s": str(REQUEST_TIMEOUT_S),
-        "torch_threads": "1",  # the test machine's cores are shared
-        "local_files_only": "1",  # Hub models must come from the (empty) HF cache
-    }
-    hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
-    with running_server(server_home, env=hub_offline, **settings) as url:
-        yield url
 
 
 @pytest.fixture()
