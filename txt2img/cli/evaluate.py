@@ -63,6 +63,14 @@ def _evaluation_settings(
         raise InputError(first_error(error)) from None
 
 
+def _announce_skipped(plan, scope: str) -> None:
+    """Say which metrics are skipped, and whether any image will be generated, before any work starts,
+    so nobody waits on images only to learn they were for nothing."""
+    if plan.skipped:
+        nothing = "" if plan.image_metrics else "; no image metric can run, so no image is generated"
+        click.echo(f"{scope}skipping {', '.join(plan.skipped)}: weights not on this machine{nothing}", err=True)
+
+
 def _read_prompts(path: Path | None) -> list[str] | None:
     from training.evaluation import EvaluationError, read_prompts_file
 
@@ -148,10 +156,7 @@ def evaluate(
         seed=seed,
     )
     plan = plan_metrics(settings)
-    if plan.skipped:
-        # Said before the model loads, so nobody waits on images only to learn they were for nothing.
-        nothing = "" if plan.image_metrics else "; no image metric can run, so no image is generated"
-        click.echo(f"skipping {', '.join(plan.skipped)}: weights not on this machine{nothing}", err=True)
+    _announce_skipped(plan, "")
     report = evaluate_model(model_id, data_dir, settings, output_dir=output, feature_extractors=plan.extractors)
     _print_metrics(report.metrics, report.skipped, f"{model_id} on {data_dir}")
     click.echo(f"wrote {report.json_path}" + (f" and {report.grid_path}" if report.grid_path else ""))
@@ -353,8 +358,13 @@ def tune(
     )
     require_extra("tune")
     from training.dreambooth import TrainingInterrupted
+    from training.evaluation import plan_metrics
+    from training.tuning import trial_evaluation
     from training.tuning import tune as run_study
 
+    plan = plan_metrics(trial_evaluation(config))
+    if objective not in plan.skipped:  # otherwise the study refuses to start, saying why
+        _announce_skipped(plan, "each trial: ")
     try:
         result = run_study(config, resume=resume)
     except TrainingInterrupted:
