@@ -214,7 +214,7 @@ def _load_images(paths: Iterable[Path]) -> list[Image]:
     return images
 
 
-def resolve_extractors(
+def _resolve_extractors(
     needed: set[str], injected: dict[str, ImageEmbedder] | None, weights: MetricWeights
 ) -> tuple[dict[str, ImageEmbedder], dict[str, str]]:
     """Load each extractor the requested metrics need; a missing one becomes a reason, not an error."""
@@ -254,7 +254,7 @@ def plan_metrics(
 ) -> MetricPlan:
     """Load the extractors ``settings.metrics`` need (or take the injected ones) and name the skipped metrics."""
     needed = {METRIC_EXTRACTOR[name] for name in settings.metrics if name in METRIC_EXTRACTOR}
-    extractors, missing = resolve_extractors(needed, feature_extractors, settings.weights)
+    extractors, missing = _resolve_extractors(needed, feature_extractors, settings.weights)
     skipped = {
         name: missing[METRIC_EXTRACTOR[name]] for name in settings.metrics if METRIC_EXTRACTOR.get(name) in missing
     }
