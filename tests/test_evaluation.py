@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from training.evaluation import (
+    EvaluationSettings,
     dreambooth_prompts,
     evaluate_model,
     metric_lines,
@@ -199,9 +200,7 @@ def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     report = evaluate_model(
         "tiny-sd",
         data,
-        prompts_per_subject=3,
-        images_per_prompt=2,
-        inference_steps=1,
+        EvaluationSettings(prompts_per_subject=3, images_per_prompt=2, inference_steps=1),
         output_dir=tmp_path / "out",
         feature_extractors=extractors,
         progress=False,
@@ -294,6 +293,74 @@ def test_cli_without_any_weights_still_reports_instance_loss(tmp_path):
     assert result.exit_code == 0, result.output
     assert "instance_loss=" in result.output and "fid_score=" not in result.output
     assert "inception-2015-12-05.pt" in result.output  # the skipped row says how to provide the weights
+
+
+def test_no_image_is_generated_when_every_image_metric_is_skipped(tmp_path):
+    """The CLI says the image metrics are skipped before the model loads, and generates nothing."""
+    data = write_dataset(tmp_path / "data")
+    output = tmp_path / "out"
+    result = CliRunner().invoke(app, ["evaluate", "tiny-sd", str(data), "--steps", "1", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    notice = "skipping fid_score, clip_i, clip_t, dino: weights not on this machine; no image metric can run"
+    assert notice in result.stderr
+    assert result.output.index(notice) < result.output.index("instance_loss")  # before the table
+    assert sorted(path.name for path in output.iterdir()) == ["metrics.json"]  # no images/, no grid.png
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved["generations"] == [] and saved["grid_path"] is None
+    assert saved["metrics"]["instance_loss"] is not None
+
+
+def test_only_the_metrics_that_can_run_get_images(tmp_path):
+    """With only Inception present, the images are generated once, for fid_score; clip and dino stay skipped."""
+    from catalog.pipelines import load_pipeline
+    from catalog.store import load_catalog
+    from training.dataset import load_dataset
+    from training.evaluation import evaluate_pipeline, plan_metrics
+    from training.hyperparameters import Hyperparameters
+
+    class CountingPipeline:
+        """The tiny-sd pipeline, counting the images asked of it."""
+
+        def __init__(self, pipeline) -> None:
+            self.pipeline, self.images = pipeline, 0
+
+        def __call__(self, *args, **kwargs):
+            self.images += kwargs.get("num_images_per_prompt", 1)
+            return self.pipeline(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.pipeline, name)
+
+    data = write_dataset(tmp_path / "data")
+    catalog = load_catalog()
+    pipeline = CountingPipeline(load_pipeline(catalog.get("tiny-sd"), catalog))
+    concepts = load_dataset(data, Hyperparameters(), 64).concepts
+    inception = {"inception": InceptionFeatures(tiny_inception(), input_size=32, call_kwargs={"return_features": True})}
+    settings = EvaluationSettings(prompts_per_subject=2, inference_steps=1)
+    plan = plan_metrics(settings, inception)
+    assert plan.image_metrics == ["fid_score"] and set(plan.skipped) == {"clip_i", "clip_t", "dino"}
+    report = evaluate_pipeline(
+        pipeline,
+        concepts,
+        settings,
+        model_id="tiny-sd",
+        data_dir=data,
+        resolution=64,
+        output_dir=tmp_path / "out",
+        feature_extractors=inception,
+        progress=False,
+    )
+    assert pipeline.images == 2 and len(list((tmp_path / "out" / "images").iterdir())) == 2
+    assert report.metrics["fid_score"] is not None and report.metrics["instance_loss"] is not None
+    assert set(report.skipped) == {"clip_i", "clip_t", "dino"}
+
+    pipeline.images = 0
+    only_loss = EvaluationSettings(metrics=["instance_loss", "fid_score"], weights=MetricWeights())
+    report = evaluate_pipeline(
+        pipeline, concepts, only_loss, model_id="tiny-sd", data_dir=data, resolution=64, output_dir=tmp_path / "loss"
+    )
+    assert pipeline.images == 0 and report.generations == [] and report.grid_path is None
+    assert list(report.metrics) == ["instance_loss", "fid_score"] and report.metrics["fid_score"] is None
 
 
 @pytest.mark.parametrize(

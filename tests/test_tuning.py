@@ -118,6 +118,55 @@ def test_tune_refuses_bad_input_before_training(tmp_path):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command, extra", [("train", []), ("tune", ["--trials", "1"])])
+def test_a_bad_hp_is_one_line_naming_it_in_train_and_tune(tmp_path, command, extra, capsys):
+    from txt2img.cli import main
+
+    data = write_dataset(tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(data), "--base", "tiny-sd", "--name", "x", *extra, "--hp", "batch_size=0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "txt2img: error: --hp batch_size: Input should be greater than or equal to 1\n"
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--resume"],
+        ["--storage", "sqlite:///x.db"],
+        ["--study-dir", "studies"],
+        ["--keep-top-k", "1"],  # given, even with the default value
+        ["--no-prune"],
+        ["--seed", "0"],
+        ["--prompts", "prompts.txt"],
+        ["--steps", "25"],
+        ["--metric", "dino"],
+        ["--inception-path", "inception.pt"],
+    ],
+)
+def test_tune_remote_refuses_local_only_options(option, capsys):
+    from txt2img.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "s3://bucket/dogs/", "--base", "tiny-sd", "--name", "x", "--remote", *option])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"txt2img: error: {option[0]} is for local runs; "
+        "SageMaker Automatic Model Tuning trains and evaluates with JumpStart's script\n"
+    )
+
+
+def test_train_remote_refuses_resume_through_the_same_check(capsys):
+    from txt2img.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "s3://bucket/dogs/", "--base", "tiny-sd", "--name", "x", "--remote", "--resume"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "txt2img: error: --resume is for local runs; a SageMaker job runs to completion on its own\n"
+    )
+
+
 # --- studies ----------------------------------------------------------------------------------------
 
 
@@ -172,6 +221,10 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     result = CliRunner().invoke(app, command + ["--resume"])
     assert result.exit_code == 0, result.output
     assert "instance_loss=" in result.output
+    assert result.stderr.startswith(
+        "each trial: skipping fid_score, clip_i, clip_t, dino: weights not on this machine; "
+        "no image metric can run, so no image is generated\n"
+    )
     trials = study_trials(study_dir, "tuned")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -193,11 +246,16 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     assert Path(entry.artifact) == txt2img_home / "models" / "tuned" / "model"
     assert not any(name.startswith("tuned-trial") for name in catalog.ids())  # trials are not registered
 
-    # Only the best's weights survive (in the models folder); every trial keeps its evaluation grid.
+    # Only the best's weights survive (in the models folder); every trial keeps its contact sheet
+    # of validation images. No image metric has weights here, so no evaluation image was made.
     for trial in complete:
         folder = study_dir / "trials" / f"{trial.number:04d}"
         assert not (folder / "run" / "model").exists()
-        assert (folder / "evaluation" / "grid.png").is_file()
+        assert trial.user_attrs["grid"] == str(folder / "run" / "contact_sheet.png")
+        assert (folder / "run" / "contact_sheet.png").is_file()
+        assert len(list((folder / "run" / "validation").iterdir())) == 1  # the one validation prompt
+        assert sorted(path.name for path in (folder / "evaluation").iterdir()) == ["metrics.json"]
+        assert set(trial.user_attrs["metrics"]) == {"instance_loss", "fid_score", "clip_i", "clip_t", "dino"}
     report = json.loads((study_dir / "report" / "trials.json").read_text())
     assert report["best"]["number"] == best.number and len(report["trials"]) == 4
     assert (study_dir / "report" / "objective.png").stat().st_size > 1000
@@ -207,19 +265,28 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     assert image.size == (64, 64)
 
 
-def test_a_study_on_an_rdb_url(tmp_path, txt2img_home):
+def test_a_study_on_an_rdb_url_generates_images_only_for_the_metric_that_can_run(tmp_path, txt2img_home):
+    """Inception weights are present, CLIP and DINO are not: each trial generates its 2 prompts' images
+    once, for fid_score, after its objective; clip_i, clip_t and dino are skipped without images."""
     import optuna
+    import torch
+    from test_evaluation import tiny_inception
 
     from catalog.store import load_catalog
 
     data = write_dataset(tmp_path / "data")
+    inception_file = tmp_path / "inception.pt"
+    torch.jit.script(tiny_inception()).save(str(inception_file))
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    result = CliRunner().invoke(
-        app,
-        ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1", "--storage", url, *TINY_TRIAL],
-    )
+    command = ["tune", str(data), "--base", "tiny-sd", "--name", "on-rdb", "--trials", "1", "--storage", url]
+    result = CliRunner().invoke(app, [*command, *TINY_TRIAL, "--inception-path", str(inception_file)])
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="on-rdb", storage=url).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    metrics = trials[0].user_attrs["metrics"]
+    assert list(metrics)[0] == "instance_loss" and metrics["fid_score"] is not None
+    assert metrics["clip_i"] is None and metrics["dino"] is None
+    images = txt2img_home / "studies" / "on-rdb" / "trials" / "0000" / "evaluation" / "images"
+    assert len(list(images.iterdir())) == 2  # --prompts-per-subject 2, one image each
     assert not (txt2img_home / "studies" / "on-rdb" / "journal.log").exists()
     assert load_catalog().get("on-rdb").tuning["storage"] == url

@@ -1,21 +1,24 @@
 """Evaluating a catalog model on a DreamBooth dataset: generate the paper's prompts, then score them.
 
-``evaluate_model`` generates images for the DreamBooth paper's 25 prompts per subject (or the
-user's own), then computes ``fid_score``, ``clip_i``, ``clip_t``, ``dino`` and ``instance_loss``.
-A metric whose network weights are not on this machine is reported as skipped, with the reason,
-never as zero. The result is an ``EvaluationReport`` plus a JSON file and an image grid on disk,
-and metric lines ``name=value`` in the form SageMaker's metric regexes read.
+``evaluate_model`` computes ``fid_score``, ``clip_i``, ``clip_t``, ``dino`` and ``instance_loss``
+as one ``EvaluationSettings`` asks. A metric whose network weights are not on this machine is
+reported as skipped, with the reason, never as zero, and is known to be skipped before anything is
+generated: images for the DreamBooth paper's 25 prompts per subject (or the user's own) are
+generated only when some image metric can run. ``instance_loss`` needs no image at all.
+The result is an ``EvaluationReport`` plus a JSON file (and an image grid when images were made)
+on disk, and metric lines ``name=value`` in the form SageMaker's metric regexes read.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.paths import atomic_write_text, txt2img_home
 from training.metrics import (
@@ -85,6 +88,31 @@ _LEADING_ARTICLES = ("a photo of a ", "a photo of an ", "a photo of ", "photo of
 
 class EvaluationError(InputError, ValueError):
     """The evaluation cannot run with these inputs; the message says why."""
+
+
+class EvaluationSettings(BaseModel):
+    """How a model is evaluated: by ``txt2img evaluate``, and in every trial of ``txt2img tune``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(default_factory=lambda: list(ALL_METRICS), min_length=1)
+    prompts: list[str] | None = Field(None, description="The user's prompts instead of the paper's.")
+    prompts_per_subject: int | None = Field(None, ge=1, description="Only the first N paper prompts per subject.")
+    images_per_prompt: int = Field(1, ge=1)
+    inference_steps: int = Field(DEFAULT_INFERENCE_STEPS, ge=1)
+    seed: int = 0
+    weights: MetricWeights = Field(
+        default_factory=MetricWeights.from_env,
+        description="Resolved once, so every tuning worker reads the same weights.",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in METRIC_DIRECTIONS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
+        return list(dict.fromkeys(names))
 
 
 class PromptImages(BaseModel):
@@ -186,7 +214,7 @@ def _load_images(paths: Iterable[Path]) -> list[Image]:
     return images
 
 
-def resolve_extractors(
+def _resolve_extractors(
     needed: set[str], injected: dict[str, ImageEmbedder] | None, weights: MetricWeights
 ) -> tuple[dict[str, ImageEmbedder], dict[str, str]]:
     """Load each extractor the requested metrics need; a missing one becomes a reason, not an error."""
@@ -204,6 +232,46 @@ def resolve_extractors(
         except MissingWeights as error:
             missing[name] = str(error)
     return extractors, missing
+
+
+@dataclass
+class MetricPlan:
+    """The requested metrics sorted out before any work: the extractors of those that can run here,
+    and why the others cannot (their weights are missing)."""
+
+    metrics: list[str]
+    extractors: dict[str, ImageEmbedder]
+    skipped: dict[str, str]
+
+    @property
+    def image_metrics(self) -> list[str]:
+        """The metrics that can run and need generated images; none means nothing is generated."""
+        return [name for name in self.metrics if name in METRIC_EXTRACTOR and name not in self.skipped]
+
+
+def plan_metrics(
+    settings: EvaluationSettings, feature_extractors: dict[str, ImageEmbedder] | None = None
+) -> MetricPlan:
+    """Load the extractors ``settings.metrics`` need (or take the injected ones) and name the skipped metrics."""
+    needed = {METRIC_EXTRACTOR[name] for name in settings.metrics if name in METRIC_EXTRACTOR}
+    extractors, missing = _resolve_extractors(needed, feature_extractors, settings.weights)
+    skipped = {
+        name: missing[METRIC_EXTRACTOR[name]] for name in settings.metrics if METRIC_EXTRACTOR.get(name) in missing
+    }
+    return MetricPlan(metrics=list(settings.metrics), extractors=extractors, skipped=skipped)
+
+
+def _prompt_jobs(concepts: list, settings: EvaluationSettings) -> list[PromptImages]:
+    """The prompts to generate: the user's, or the paper's for each subject (the first N of them)."""
+    if settings.prompts:
+        return [PromptImages(prompt=prompt, concept=None) for prompt in settings.prompts]
+    return [
+        PromptImages(prompt=prompt, concept=index)
+        for index, concept in enumerate(concepts)
+        for prompt in dreambooth_prompts(
+            subject_phrase(concept.instance_prompt, concept.class_prompt), concept.class_prompt
+        )[: settings.prompts_per_subject]
+    ]
 
 
 def _generate(
@@ -252,83 +320,73 @@ def _generate(
 def evaluate_pipeline(
     pipeline,
     concepts: list,
+    settings: EvaluationSettings,
     *,
     model_id: str,
     data_dir: Path,
     resolution: int,
-    prompts: list[str] | None = None,
-    prompts_per_subject: int | None = None,
-    images_per_prompt: int = 1,
-    inference_steps: int = DEFAULT_INFERENCE_STEPS,
-    metrics: Iterable[str] | None = None,
     output_dir: Path | None = None,
     feature_extractors: dict[str, ImageEmbedder] | None = None,
-    weights: MetricWeights | None = None,
-    seed: int = 0,
     progress: bool = True,
 ) -> EvaluationReport:
-    """Evaluate an already-loaded pipeline on dataset ``concepts`` (each with instance/class prompts and images)."""
-    requested = list(metrics) if metrics is not None else list(ALL_METRICS)
-    unknown = [name for name in requested if name not in METRIC_DIRECTIONS]
-    if unknown:
-        raise EvaluationError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    if images_per_prompt < 1:
-        raise EvaluationError("images_per_prompt must be at least 1")
-    if prompts_per_subject is not None and prompts_per_subject < 1:
-        raise EvaluationError("prompts_per_subject must be at least 1")
+    """Evaluate an already-loaded pipeline on dataset ``concepts`` (each with instance/class prompts and images).
+
+    Metrics run in ``settings.metrics`` order. Images are generated once, by the first image metric
+    that can run, and not at all when none can, so a missing network costs nothing.
+    """
     if not concepts:
         raise EvaluationError(f"dataset {data_dir} holds no subject")
-    weights = weights or MetricWeights.from_env()
+    plan = plan_metrics(settings, feature_extractors)
     output_dir = output_dir or default_output_dir(model_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    if prompts:
-        jobs = [PromptImages(prompt=prompt, concept=None) for prompt in prompts]
-    else:
-        jobs = [
-            PromptImages(prompt=prompt, concept=index)
-            for index, concept in enumerate(concepts)
-            for prompt in dreambooth_prompts(
-                subject_phrase(concept.instance_prompt, concept.class_prompt), concept.class_prompt
-            )[:prompts_per_subject]
-        ]
-    generated = _generate(
-        pipeline, jobs, images_per_prompt, resolution, inference_steps, seed, output_dir / "images", progress
-    )
     real = [_load_images(concept.instance_images) for concept in concepts]
-
-    needed = {METRIC_EXTRACTOR[name] for name in requested if name in METRIC_EXTRACTOR}
-    extractors, missing = resolve_extractors(needed, feature_extractors, weights)
     values: dict[str, float | None] = {}
-    skipped: dict[str, str] = {}
-    for name in requested:
-        extractor = METRIC_EXTRACTOR.get(name)
-        if extractor in missing:
-            values[name], skipped[name] = None, missing[extractor]
+    skipped = dict(plan.skipped)
+
+    jobs: list[PromptImages] = []
+    generated: list[list[Image]] = []
+    grid_path = None
+    for name in plan.metrics:
+        if name in plan.skipped:
             continue
+        if name in METRIC_EXTRACTOR and not generated:
+            # The first image metric that can run generates the images, once, for all of them.
+            jobs = _prompt_jobs(concepts, settings)
+            generated = _generate(
+                pipeline,
+                jobs,
+                settings.images_per_prompt,
+                resolution,
+                settings.inference_steps,
+                settings.seed,
+                output_dir / "images",
+                progress,
+            )
+            flat = [image for images in generated for image in images]
+            columns = settings.images_per_prompt if settings.images_per_prompt > 1 else min(5, len(flat))
+            grid_path = output_dir / GRID_FILE_NAME
+            image_grid(flat, columns).save(grid_path)
+        extractor = plan.extractors.get(METRIC_EXTRACTOR.get(name, ""))
         try:
             values[name] = _compute(
-                name, extractors.get(extractor), pipeline, concepts, jobs, generated, real, resolution, seed
+                name, extractor, pipeline, concepts, jobs, generated, real, resolution, settings.seed
             )
         except EvaluationError as error:
-            values[name], skipped[name] = None, str(error)
+            skipped[name] = str(error)
 
     report = EvaluationReport(
         model_id=model_id,
         data_dir=str(data_dir),
         created=datetime.now(timezone.utc),
-        seed=seed,
-        inference_steps=inference_steps,
-        images_per_prompt=images_per_prompt,
-        metrics=values,
-        skipped=skipped,
+        seed=settings.seed,
+        inference_steps=settings.inference_steps,
+        images_per_prompt=settings.images_per_prompt,
+        metrics={name: values.get(name) for name in plan.metrics},
+        skipped={name: skipped[name] for name in plan.metrics if name in skipped},
         generations=jobs,
         json_path=str(output_dir / REPORT_FILE_NAME),
-        grid_path=str(output_dir / GRID_FILE_NAME),
+        grid_path=str(grid_path) if grid_path else None,
     )
-    flat = [image for images in generated for image in images]
-    columns = images_per_prompt if images_per_prompt > 1 else min(5, len(flat))
-    image_grid(flat, columns).save(output_dir / GRID_FILE_NAME)
     atomic_write_text(output_dir / REPORT_FILE_NAME, report.model_dump_json(indent=2) + "\n")
     return report
 
@@ -371,19 +429,13 @@ def _compute(name: str, extractor, pipeline, concepts, jobs, generated, real, re
 def evaluate_model(
     model_id: str,
     data_dir: Path,
+    settings: EvaluationSettings | None = None,
     *,
-    prompts: list[str] | None = None,
-    prompts_per_subject: int | None = None,
-    images_per_prompt: int = 1,
-    inference_steps: int = DEFAULT_INFERENCE_STEPS,
-    metrics: Iterable[str] | None = None,
     output_dir: Path | None = None,
     feature_extractors: dict[str, ImageEmbedder] | None = None,
-    weights: MetricWeights | None = None,
-    seed: int = 0,
     progress: bool = True,
 ) -> EvaluationReport:
-    """Load catalog model ``model_id`` and the DreamBooth dataset in ``data_dir``, then evaluate."""
+    """Load catalog model ``model_id`` and the DreamBooth dataset in ``data_dir``, then evaluate as ``settings`` say."""
     import torch
 
     from catalog.pipelines import load_pipeline
@@ -391,6 +443,7 @@ def evaluate_model(
     from training.dataset import load_dataset
     from training.hyperparameters import Hyperparameters
 
+    settings = settings or EvaluationSettings()
     catalog = load_catalog()
     entry = catalog.get(model_id)
     dataset = load_dataset(Path(data_dir), Hyperparameters(), entry.resolution)
@@ -400,17 +453,11 @@ def evaluate_model(
     return evaluate_pipeline(
         pipeline,
         dataset.concepts,
+        settings,
         model_id=model_id,
         data_dir=Path(data_dir),
         resolution=entry.resolution,
-        prompts=prompts,
-        prompts_per_subject=prompts_per_subject,
-        images_per_prompt=images_per_prompt,
-        inference_steps=inference_steps,
-        metrics=metrics,
         output_dir=output_dir,
         feature_extractors=feature_extractors,
-        weights=weights,
-        seed=seed,
         progress=progress,
     )

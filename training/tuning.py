@@ -2,33 +2,33 @@
 
 Each trial trains an unregistered fine-tune with hyperparameters TPE suggests, reports its
 training loss at each checkpoint (so the median pruner can stop a hopeless trial early), then
-evaluates it and tells the study its objective metric. The parent process asks the study for
-trials and hands them to ``parallel`` worker processes; the workers report and tell through the
-shared storage (a journal file in the study folder by default, or any RDB URL), so a killed
-study resumes from what storage holds. The best trial becomes catalog entry ``name``, with every
-trial's hyperparameters and metrics as its provenance.
+evaluates it, objective first, and tells the study its objective metric. A trial generates
+evaluation images only for image metrics that can run; its run's contact sheet of validation
+images is what a person looks at. The parent process asks the study for trials and hands their
+numbers to ``parallel`` worker processes; the workers report and tell through the shared storage
+(a journal file in the study folder by default, or any RDB URL), so a killed study resumes from
+what storage holds. ``training.tuning_report`` then registers the best trial as catalog entry
+``name``, with every trial's hyperparameters and metrics as its provenance.
 """
 
 from __future__ import annotations
 
 import shutil
 import typing
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.paths import atomic_write_text, txt2img_home
-from training.evaluation import DEFAULT_INFERENCE_STEPS
+from training.evaluation import EvaluationSettings
 from training.hyperparameters import Hyperparameters
-from training.metrics import METRIC_DIRECTIONS, MetricWeights
+from training.metrics import METRIC_DIRECTIONS
+from training.tuning_report import TuningResult, model_dir, ranked_trials, register_and_report, trial_records
 from txt2img.errors import InputError
 
 JOURNAL_FILE_NAME = "journal.log"
 CONFIG_FILE_NAME = "study.json"
-TRIALS_FILE_NAME = "trials.json"
-PLOT_FILE_NAME = "objective.png"
 CONFIG_ATTRIBUTE = "txt2img_config"
 
 
@@ -105,20 +105,6 @@ DEFAULT_RANGES = (
 )
 
 
-class EvaluationSettings(BaseModel):
-    """How each trial is evaluated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[str] | None = None
-    prompts_per_subject: int | None = Field(None, ge=1)
-    images_per_prompt: int = Field(1, ge=1)
-    inference_steps: int = Field(DEFAULT_INFERENCE_STEPS, ge=1)
-    weights: MetricWeights = Field(
-        default_factory=MetricWeights.from_env, description="Resolved once, so every worker reads the same weights."
-    )
-
-
 class StudyConfig(BaseModel):
     """Everything a study needs; saved in the study folder and in the study itself, so workers and
     ``--resume`` see the same search."""
@@ -137,7 +123,7 @@ class StudyConfig(BaseModel):
     study_dir: str
     keep_top_k: int = Field(1, ge=1)
     prune: bool = True
-    seed: int = 0
+    seed: int = Field(0, description="The sampler's seed; the evaluation has its own in ``evaluation``.")
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @property
@@ -160,34 +146,6 @@ class StudyConfig(BaseModel):
     def search_signature(self) -> dict[str, Any]:
         """What must not change when a study resumes."""
         return self.model_dump(mode="json", include={"data_dir", "base", "objective", "ranges", "hyperparameters"})
-
-
-class TrialRecord(BaseModel):
-    """One trial's outcome, as the report and the catalog provenance show it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    number: int
-    state: str
-    params: dict[str, Any]
-    value: float | None = None
-    metrics: dict[str, float | None] = Field(default_factory=dict)
-    grid: str | None = None
-    artifact: str | None = None
-    error: str | None = None
-
-
-class TuningResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    objective: str
-    direction: str
-    best: TrialRecord
-    trials: list[TrialRecord]
-    study_dir: str
-    plot_path: str
-    trials_path: str
 
 
 def default_study_dir(name: str) -> Path:
@@ -232,19 +190,26 @@ def _load_study(config: StudyConfig, storage=None):
     )
 
 
-def model_dir(name: str) -> Path:
-    """Where the registered best trial's run goes: where ``txt2img train`` would have put it."""
-    from training.dreambooth import default_output_dir
-
-    return default_output_dir(name)
-
-
 def trial_dir(config: StudyConfig, number: int) -> Path:
     return Path(config.study_dir) / "trials" / f"{number:04d}"
 
 
-def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, Any]) -> None:
-    """Train and evaluate one asked trial, then tell the study; runs in a worker process or in-process."""
+def trial_evaluation(config: StudyConfig) -> EvaluationSettings:
+    """The trial's evaluation settings with the objective first, so it is computed before any other metric."""
+    others = [name for name in config.evaluation.metrics if name != config.objective]
+    return config.evaluation.model_copy(update={"metrics": [config.objective, *others]})
+
+
+def _asked_trial(study, storage, number: int):
+    """The running trial ``number`` of ``study``, as the worker that runs it reports and records through."""
+    import optuna
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def run_trial(config_json: str, number: int) -> None:
+    """Train and evaluate asked trial ``number``, then tell the study; runs in a worker process or in-process."""
     import optuna
     import torch
 
@@ -253,12 +218,14 @@ def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, An
     from training.dataset import load_dataset
     from training.dreambooth import TrainingInterrupted, train
     from training.evaluation import evaluate_pipeline
+    from training.report import CONTACT_SHEET
 
     config = StudyConfig.model_validate_json(config_json)
-    study = _load_study(config)
-    trial = optuna.trial.Trial(study, trial_id)
+    storage = open_storage(config)
+    study = _load_study(config, storage)
+    trial = _asked_trial(study, storage, number)
     folder = trial_dir(config, number)
-    hyperparameters = Hyperparameters.model_validate({**config.hyperparameters, **params})
+    hyperparameters = Hyperparameters.model_validate({**config.hyperparameters, **trial.params})
     report_losses = config.prune and config.direction == "minimize"
 
     def on_checkpoint(step: int, values: dict[str, float]) -> None:
@@ -285,20 +252,14 @@ def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, An
         pipeline = load_pipeline(entry, catalog, local_files_only=True)
         if torch.cuda.is_available():
             pipeline = pipeline.to("cuda")
-        settings = config.evaluation
         report = evaluate_pipeline(
             pipeline,
             dataset.concepts,
+            trial_evaluation(config),
             model_id=entry.id,
             data_dir=Path(config.data_dir),
             resolution=entry.resolution,
-            prompts=settings.prompts,
-            prompts_per_subject=settings.prompts_per_subject,
-            images_per_prompt=settings.images_per_prompt,
-            inference_steps=settings.inference_steps,
             output_dir=folder / "evaluation",
-            weights=settings.weights,
-            seed=config.seed,
             progress=False,
         )
     except optuna.TrialPruned:
@@ -313,7 +274,7 @@ def run_trial(config_json: str, trial_id: int, number: int, params: dict[str, An
         return
     value = report.metrics.get(config.objective)
     trial.set_user_attr("metrics", report.metrics)
-    trial.set_user_attr("grid", report.grid_path)
+    trial.set_user_attr("grid", str(folder / "run" / CONTACT_SHEET))
     trial.set_user_attr("entry", entry.model_dump(mode="json", exclude_none=True))
     if value is None:
         trial.set_user_attr("error", report.skipped.get(config.objective, "objective not computed"))
@@ -334,8 +295,7 @@ def _check_inputs(config: StudyConfig) -> None:
     """Fail before any training if the base, dataset, name or objective cannot work."""
     from catalog.store import CatalogError, load_catalog
     from training.dataset import DatasetError, load_dataset
-    from training.evaluation import resolve_extractors
-    from training.metrics import METRIC_EXTRACTOR
+    from training.evaluation import plan_metrics
 
     if config.objective not in METRIC_DIRECTIONS:
         raise TuningError(f"unknown objective '{config.objective}'; choose from {', '.join(METRIC_DIRECTIONS)}")
@@ -355,11 +315,10 @@ def _check_inputs(config: StudyConfig) -> None:
         load_dataset(Path(config.data_dir), hyperparameters, base.resolution)
     except DatasetError as error:
         raise TuningError(str(error)) from error
-    extractor = METRIC_EXTRACTOR.get(config.objective)
-    if extractor:
-        _, missing = resolve_extractors({extractor}, None, config.evaluation.weights)
-        if missing:
-            raise TuningError(f"objective {config.objective} cannot be computed: {missing[extractor]}")
+    objective_only = config.evaluation.model_copy(update={"metrics": [config.objective]})
+    skipped = plan_metrics(objective_only).skipped
+    if skipped:
+        raise TuningError(f"objective {config.objective} cannot be computed: {skipped[config.objective]}")
 
 
 def _prepare_study(config: StudyConfig, resume: bool):
@@ -396,7 +355,7 @@ def _prepare_study(config: StudyConfig, resume: bool):
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # The journal is one machine's: a trial left running by a killed process will never be
         # told, so it is failed and its parameters queued again.
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         shutil.rmtree(trial_dir(config, trial.number), ignore_errors=True)
     return study
@@ -413,10 +372,12 @@ def _claimed(study) -> int:
     return _count(study, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
-def _ask(study, config: StudyConfig) -> tuple[int, int, dict[str, Any]]:
+def _ask(study, config: StudyConfig) -> int:
+    """Start a trial with TPE's suggestions for the searched ranges; its worker finds it by number."""
     trial = study.ask()
-    params = {search.name: search.suggest(trial) for search in config.ranges}
-    return trial._trial_id, trial.number, params
+    for search in config.ranges:
+        search.suggest(trial)
+    return trial.number
 
 
 def _check_failures(study, config: StudyConfig, failed_before: int) -> None:
@@ -446,7 +407,7 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
         task = bar.add_task(f"tuning {config.name}", total=config.trials, completed=_count(study, *finished))
         if config.parallel == 1:
             while _claimed(study) < config.trials:
-                run_trial(config_json, *_ask(study, config))
+                run_trial(config_json, _ask(study, config))
                 bar.update(task, completed=_count(study, *finished))
                 _check_failures(study, config, failed_before)
             return
@@ -460,7 +421,7 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
             running: set = set()
             while True:
                 while len(running) < config.parallel and _claimed(study) < config.trials:
-                    running.add(pool.submit(run_trial, config_json, *_ask(study, config)))
+                    running.add(pool.submit(run_trial, config_json, _ask(study, config)))
                 if not running:
                     return
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -468,107 +429,6 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
                     future.result()  # a crashed worker process surfaces here
                 bar.update(task, completed=_count(study, *finished))
                 _check_failures(study, config, failed_before)
-
-
-def _records(study) -> list[TrialRecord]:
-    records = []
-    for trial in study.get_trials(deepcopy=False):
-        entry = trial.user_attrs.get("entry") or {}
-        records.append(
-            TrialRecord(
-                number=trial.number,
-                state=trial.state.name,
-                params=trial.params,
-                value=trial.value,
-                metrics=trial.user_attrs.get("metrics", {}),
-                grid=trial.user_attrs.get("grid"),
-                artifact=entry.get("artifact"),
-                error=trial.user_attrs.get("error"),
-            )
-        )
-    return records
-
-
-def _ranked(records: list[TrialRecord], direction: str) -> list[TrialRecord]:
-    complete = [record for record in records if record.state == "COMPLETE" and record.value is not None]
-    return sorted(complete, key=lambda record: record.value if direction == "minimize" else -record.value)
-
-
-def plot_objective(records: list[TrialRecord], config: StudyConfig, path: Path) -> None:
-    """One scatter panel per searched hyperparameter: the objective of each completed trial, best marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    ranked = _ranked(records, config.direction)
-    figure, axes = pyplot.subplots(1, len(config.ranges), figsize=(4.5 * len(config.ranges), 3.6), squeeze=False)
-    for axis, search in zip(axes[0], config.ranges):
-        points = [(record.params[search.name], record.value) for record in ranked if search.name in record.params]
-        if points:
-            axis.scatter(*zip(*points), color="tab:blue", label="trial")
-            best = ranked[0]
-            axis.scatter([best.params[search.name]], [best.value], color="tab:red", marker="*", s=160, label="best")
-        if search.log:
-            axis.set_xscale("log")
-        axis.set_xlabel(search.name)
-        axis.set_ylabel(f"{config.objective} ({config.direction})")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(loc="best")
-    figure.suptitle(f"study {config.name}: {len(ranked)} completed trials")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-
-
-def _register_best(study, best: TrialRecord, records: list[TrialRecord], config: StudyConfig):
-    """Copy the best trial's run (weights and training report) to the models folder and register it."""
-    from catalog.schema import CatalogEntry
-    from catalog.store import write_entry
-
-    trial = next(trial for trial in study.get_trials(deepcopy=False) if trial.number == best.number)
-    entry = CatalogEntry.model_validate(trial.user_attrs["entry"])
-    weights = Path(entry.artifact or "")
-    destination = model_dir(config.name)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(weights.parent, destination)
-    tuning = {
-        "study": config.name,
-        "storage": config.storage_label,
-        "objective": config.objective,
-        "direction": config.direction,
-        "best_trial": best.number,
-        "ranges": [search.model_dump() for search in config.ranges],
-        "trials": [record.model_dump(include={"number", "state", "params", "value", "metrics"}) for record in records],
-    }
-    registered = entry.model_copy(
-        update={
-            "id": config.name,
-            "artifact": str(destination / weights.name),
-            "metrics": {**(entry.metrics or {}), **best.metrics},
-            "tags": [*entry.tags, "tuned"],
-            "tuning": tuning,
-            "created": datetime.now(timezone.utc),
-            "description": (
-                f"Best of {len(records)} tuning trials of {config.base} ({config.objective}={best.value:.6f})."
-            ),
-        }
-    )
-    write_entry(CatalogEntry.model_validate(registered.model_dump()))
-    return registered
-
-
-def _prune_artifacts(ranked: list[TrialRecord], records: list[TrialRecord], keep_top_k: int) -> None:
-    """Delete the weights of every trial outside the top ``keep_top_k``; evaluations and grids stay.
-
-    The best trial's weights now live in the models folder, so its copy in the study goes too.
-    """
-    keep = {record.number for record in ranked[1:keep_top_k]}
-    for record in records:
-        if record.number not in keep and record.artifact:
-            path = Path(record.artifact)
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def tune(config: StudyConfig, *, resume: bool = False, progress: bool = True) -> TuningResult:
@@ -579,25 +439,8 @@ def tune(config: StudyConfig, *, resume: bool = False, progress: bool = True) ->
     atomic_write_text(study_dir / CONFIG_FILE_NAME, config.model_dump_json(indent=2) + "\n")
     _run_trials(study, config, progress)
 
-    records = _records(study)
-    ranked = _ranked(records, config.direction)
-    if not ranked:
+    records = trial_records(study)
+    if not ranked_trials(records, config.direction):
         errors = sorted({record.error for record in records if record.error})
         raise TuningError(f"no trial of study '{config.name}' completed" + (f": {'; '.join(errors)}" if errors else ""))
-    best = ranked[0]
-    report_dir = study_dir / "report"
-    plot_objective(records, config, report_dir / PLOT_FILE_NAME)
-    registered = _register_best(study, best, records, config)
-    _prune_artifacts(ranked, records, config.keep_top_k)
-    result = TuningResult(
-        name=registered.id,
-        objective=config.objective,
-        direction=config.direction,
-        best=best,
-        trials=records,
-        study_dir=str(study_dir),
-        plot_path=str(report_dir / PLOT_FILE_NAME),
-        trials_path=str(report_dir / TRIALS_FILE_NAME),
-    )
-    atomic_write_text(report_dir / TRIALS_FILE_NAME, result.model_dump_json(indent=2) + "\n")
-    return result
+    return register_and_report(study, config, records)

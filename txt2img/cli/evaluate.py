@@ -6,11 +6,11 @@ Only click is imported at startup; the commands import pydantic, torch and Optun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
 from txt2img.cli.deploy import remote_job_options, run_remote_tuning
+from txt2img.cli.options import first_error, parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
 from txt2img.extras import require_extra
 
@@ -41,10 +41,34 @@ def _weight_options(command):
     return command
 
 
-def _weights(inception_path: str | None, clip_path: str | None, dino_path: str | None):
+def _evaluation_settings(
+    metrics: tuple[str, ...],
+    prompts_file: Path | None,
+    inception_path: str | None,
+    clip_path: str | None,
+    dino_path: str | None,
+    **values,
+):
+    """The evaluation options of either command as one ``EvaluationSettings``; a bad value is one line."""
+    from pydantic import ValidationError
+
+    from training.evaluation import EvaluationSettings
     from training.metrics import MetricWeights
 
-    return MetricWeights.from_env(inception=inception_path, clip=clip_path, dino=dino_path)
+    weights = MetricWeights.from_env(inception=inception_path, clip=clip_path, dino=dino_path)
+    chosen = {"metrics": list(metrics)} if metrics else {}
+    try:
+        return EvaluationSettings(prompts=_read_prompts(prompts_file), weights=weights, **chosen, **values)
+    except ValidationError as error:
+        raise InputError(first_error(error)) from None
+
+
+def _announce_skipped(plan, scope: str) -> None:
+    """Say which metrics are skipped, and whether any image will be generated, before any work starts,
+    so nobody waits on images only to learn they were for nothing."""
+    if plan.skipped:
+        nothing = "" if plan.image_metrics else "; no image metric can run, so no image is generated"
+        click.echo(f"{scope}skipping {', '.join(plan.skipped)}: weights not on this machine{nothing}", err=True)
 
 
 def _read_prompts(path: Path | None) -> list[str] | None:
@@ -114,35 +138,28 @@ def evaluate(
     """Generate images with MODEL_ID for the subjects in DATA_DIR and score them.
 
     Prints a table, then `name=value` lines (e.g. `fid_score=12.34`) as SageMaker metric regexes
-    read them, and writes metrics.json, grid.png and the images. A metric whose network weights
-    are not on this machine is shown as skipped, with how to provide them.
+    read them, and writes metrics.json (plus grid.png and the images when an image metric can run).
+    A metric whose network weights are not on this machine is shown as skipped, with how to
+    provide them; that is said before anything runs, and no image is generated for it.
     """
-    from training.evaluation import evaluate_model
+    from training.evaluation import evaluate_model, plan_metrics
 
-    prompts = _read_prompts(prompts_file)
-    report = evaluate_model(
-        model_id,
-        data_dir,
-        prompts=prompts,
+    settings = _evaluation_settings(
+        metrics,
+        prompts_file,
+        inception_path,
+        clip_path,
+        dino_path,
         prompts_per_subject=prompts_per_subject,
         images_per_prompt=images_per_prompt,
         inference_steps=steps,
-        metrics=list(metrics) or None,
-        output_dir=output,
-        weights=_weights(inception_path, clip_path, dino_path),
         seed=seed,
     )
+    plan = plan_metrics(settings)
+    _announce_skipped(plan, "")
+    report = evaluate_model(model_id, data_dir, settings, output_dir=output, feature_extractors=plan.extractors)
     _print_metrics(report.metrics, report.skipped, f"{model_id} on {data_dir}")
-    click.echo(f"wrote {report.json_path} and {report.grid_path}")
-
-
-def _fixed_hyperparameters(pairs: tuple[str, ...]) -> dict[str, Any]:
-    from training.hyperparameters import Hyperparameters
-
-    try:
-        return Hyperparameters.from_pairs(list(pairs)).model_dump(mode="json", exclude_unset=True)
-    except ValueError as error:
-        raise InputError(f"--hp: {' '.join(str(error).split())}") from None
+    click.echo(f"wrote {report.json_path}" + (f" and {report.grid_path}" if report.grid_path else ""))
 
 
 def _print_trials(result) -> None:
@@ -170,6 +187,23 @@ def _print_trials(result) -> None:
 
 
 REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's max_jobs and max_parallel_jobs
+# What only a local study reads: the study's storage and pruning, and each trial's evaluation.
+LOCAL_TUNING_OPTIONS = (
+    "resume",
+    "storage",
+    "study_dir",
+    "keep_top_k",
+    "no_prune",
+    "seed",
+    "metrics",
+    "prompts_file",
+    "prompts_per_subject",
+    "images_per_prompt",
+    "steps",
+    "inception_path",
+    "clip_path",
+    "dino_path",
+)
 
 
 @click.command("tune")
@@ -206,6 +240,13 @@ REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's 
 @click.option("--no-prune", is_flag=True, help="Let every trial run to its end.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and the evaluations.")
 @click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help=f"What each trial computes besides the objective, which comes first ({METRICS_HELP}); repeatable. "
+    "Default: all; those whose weights are not on this machine are skipped without generating images.",
+)
+@click.option(
     "--prompts",
     "prompts_file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -216,7 +257,9 @@ REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's 
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
 @_weight_options
 @remote_job_options
+@click.pass_context
 def tune(
+    context: click.Context,
     data_dir: str,
     base: str,
     name: str,
@@ -231,6 +274,7 @@ def tune(
     study_dir: Path | None,
     no_prune: bool,
     seed: int,
+    metrics: tuple[str, ...],
     prompts_file: Path | None,
     prompts_per_subject: int | None,
     images_per_prompt: int,
@@ -248,27 +292,25 @@ def tune(
     With --remote, SageMaker Automatic Model Tuning (Bayesian) runs the trials as JumpStart
     training jobs instead, minimising fid_score; DATA_DIR may then be an s3:// prefix.
     """
-    from training.tuning import (
-        DEFAULT_RANGES,
-        EvaluationSettings,
-        SearchRange,
-        StudyConfig,
-        TuningError,
-        default_study_dir,
-    )
+    from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir
 
+    if remote_options["remote"]:
+        refuse_local_options(
+            context,
+            LOCAL_TUNING_OPTIONS,
+            "SageMaker Automatic Model Tuning trains and evaluates with JumpStart's script",
+        )
     try:
         searches = [SearchRange.parse(text) for text in ranges] or list(DEFAULT_RANGES)
     except TuningError as error:
         raise InputError(f"--range: {error}") from None
-    fixed_values = _fixed_hyperparameters(fixed)
+    fixed_hyperparameters = parse_hyperparameters(fixed)
+    fixed_values = fixed_hyperparameters.model_dump(mode="json", exclude_unset=True)
     names = [search.name for search in searches]
     overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
         raise InputError(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
     if remote_options["remote"]:
-        from training.hyperparameters import Hyperparameters
-
         jobs = trials or REMOTE_TUNING_DEFAULT_JOBS
         # No --range: the launcher searches JumpStart's own ranges, on JumpStart's linear scale.
         remote_ranges = {search.name: (search.low, search.high, search.log) for search in searches} if ranges else None
@@ -276,7 +318,7 @@ def tune(
             data_dir,
             base,
             name,
-            Hyperparameters.model_validate(fixed_values),
+            fixed_hyperparameters,
             remote_ranges,
             max_jobs=jobs,
             max_parallel_jobs=parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
@@ -302,18 +344,27 @@ def tune(
         keep_top_k=keep_top_k,
         prune=not no_prune,
         seed=seed,
-        evaluation=EvaluationSettings(
-            prompts=_read_prompts(prompts_file),
+        evaluation=_evaluation_settings(
+            metrics,
+            prompts_file,
+            inception_path,
+            clip_path,
+            dino_path,
             prompts_per_subject=prompts_per_subject,
             images_per_prompt=images_per_prompt,
             inference_steps=steps,
-            weights=_weights(inception_path, clip_path, dino_path),
+            seed=seed,
         ),
     )
     require_extra("tune")
     from training.dreambooth import TrainingInterrupted
+    from training.evaluation import plan_metrics
+    from training.tuning import trial_evaluation
     from training.tuning import tune as run_study
 
+    plan = plan_metrics(trial_evaluation(config))
+    if objective not in plan.skipped:  # otherwise the study refuses to start, saying why
+        _announce_skipped(plan, "each trial: ")
     try:
         result = run_study(config, resume=resume)
     except TrainingInterrupted:

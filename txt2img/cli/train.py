@@ -10,22 +10,12 @@ from pathlib import Path
 import click
 
 from txt2img.cli.deploy import remote_job_options, run_remote_training
+from txt2img.cli.options import parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
 
 
 def _hyperparameters(pairs: tuple[str, ...], method: str | None):
-    from pydantic import ValidationError
-
-    from training.hyperparameters import Hyperparameters
-
-    try:
-        hyperparameters = Hyperparameters.from_pairs(list(pairs))
-    except ValidationError as error:
-        detail = error.errors()[0]
-        field = ".".join(str(part) for part in detail["loc"]) or "hyperparameters"
-        raise InputError(f"--hp {field}: {detail['msg']}") from None
-    except ValueError as error:
-        raise InputError(f"--hp: {error}") from None
+    hyperparameters = parse_hyperparameters(pairs)
     if method:
         if any(pair.partition("=")[0].strip() == "method" for pair in pairs) and hyperparameters.method != method:
             raise InputError(f"--method {method} contradicts --hp method={hyperparameters.method}")
@@ -61,7 +51,9 @@ def _log_to_stderr() -> None:
 )
 @click.option("--resume", is_flag=True, help="Continue the run of NEW_ID from its last checkpoint.")
 @remote_job_options
+@click.pass_context
 def train_command(
+    context: click.Context,
     data_dir: str,
     base: str,
     name: str,
@@ -78,8 +70,7 @@ def train_command(
     """
     hyperparameters = _hyperparameters(pairs, method)
     if remote_options["remote"]:
-        if resume:
-            raise InputError("--resume is for local runs; a SageMaker job runs to completion on its own")
+        refuse_local_options(context, ("resume",), "a SageMaker job runs to completion on its own")
         run_remote_training(data_dir, base, name, hyperparameters, **remote_options)
         return
     if data_dir.startswith("s3://"):
