@@ -28,9 +28,11 @@ from serving.invocations import (
     parse_media_type,
 )
 from serving.manager import PipelineManager
-from serving.metrics import serving_metrics
+from serving.metrics import own_prometheus_dir, serving_metrics
 from serving.schema import GenerationRequest, check_limits
 from serving.settings import ServingSettings
+
+own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 
 sagemaker_app = FastAPI(
     title="txt2img SageMaker protocol",
@@ -105,12 +107,14 @@ class Txt2Img:
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
-        """The catalog ids this server may serve, and which of them are loaded now."""
+        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped."""
+        self.manager.refresh_catalog()
         loaded = self.manager.loaded_ids()
         return {
             "default": self.settings.model,
             "loaded": loaded,
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
+            "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
 
     async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
