@@ -168,7 +168,8 @@ def bentoml_serve(home: Path, bentoml_home: Path, log: Path):
         descendants = []
         with contextlib.suppress(psutil.NoSuchProcess):
             descendants = psutil.Process(process.pid).children(recursive=True)
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
