@@ -43,6 +43,9 @@ class Problem:
     field: str | None
     message: str
 
+    def as_json(self) -> dict[str, str | None]:
+        return {"file": str(self.file), "entry": self.entry_id, "field": self.field, "message": self.message}
+
     def __str__(self) -> str:
         where = [str(self.file)]
         if self.entry_id:
@@ -108,35 +111,36 @@ def parse_catalog_file(path: Path) -> tuple[list[CatalogEntry], list[Problem]]:
     return entries, problems
 
 
+def merge_problems(pairs: list[tuple[CatalogEntry, Path]]) -> list[Problem]:
+    """What stops these entries from forming one catalog: ids defined twice (the later file is
+    blamed) and ``alias_of``/``base`` references to ids that are not among them."""
+    origin: dict[str, Path] = {}
+    firsts = []
+    problems = []
+    for entry, path in pairs:
+        if entry.id in origin:
+            problems.append(Problem(path, entry.id, "id", f"duplicate id: also defined in {origin[entry.id]}"))
+        else:
+            origin[entry.id] = path
+            firsts.append((entry, path))
+    for entry, path in firsts:
+        for field in ("alias_of", "base"):
+            target = getattr(entry, field)
+            if target is not None and target not in origin:
+                problems.append(Problem(path, entry.id, field, f"refers to unknown id '{target}'"))
+    return problems
+
+
 class Catalog:
     """All known models, keyed by id, each remembering the file it came from."""
 
     def __init__(self, entries: Iterable[tuple[CatalogEntry, Path]]):
-        self._entries: dict[str, CatalogEntry] = {}
-        self._origin: dict[str, Path] = {}
-        problems = []
-        for entry, path in entries:
-            if entry.id in self._entries:
-                problems.append(
-                    Problem(path, entry.id, "id", f"duplicate id: also defined in {self._origin[entry.id]}")
-                )
-                continue
-            self._entries[entry.id] = entry
-            self._origin[entry.id] = path
-        problems.extend(self._reference_problems())
+        pairs = list(entries)
+        problems = merge_problems(pairs)
         if problems:
             raise CatalogError(problems)
-
-    def _reference_problems(self) -> list[Problem]:
-        problems = []
-        for entry in self._entries.values():
-            for field in ("alias_of", "base"):
-                target = getattr(entry, field)
-                if target is not None and target not in self._entries:
-                    problems.append(
-                        Problem(self._origin[entry.id], entry.id, field, f"refers to unknown id '{target}'")
-                    )
-        return problems
+        self._entries: dict[str, CatalogEntry] = {entry.id: entry for entry, _ in pairs}
+        self._origin: dict[str, Path] = {entry.id: path for entry, path in pairs}
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._entries
@@ -172,6 +176,33 @@ def load_catalog(user_dir: Path | None = None, builtin: Path = BUILTIN_CATALOG) 
     if problems:
         raise CatalogError(problems)
     return Catalog(pairs)
+
+
+def load_catalog_skipping_bad_files(
+    user_dir: Path | None = None, builtin: Path = BUILTIN_CATALOG
+) -> tuple[Catalog, list[Problem]]:
+    """The merged catalog without the user files that have problems, and those problems.
+
+    For a server: one bad entry file must not take every good model down with it. A file is
+    skipped whole, and so is a file whose entry needs a skipped one (a LoRA whose base is gone).
+    The built-in catalog ships with the code, so a problem in it still raises CatalogError.
+    """
+    pairs: list[tuple[CatalogEntry, Path]] = []
+    problems: list[Problem] = []
+    for path in catalog_files(user_dir, builtin):
+        entries, file_problems = parse_catalog_file(path)
+        problems.extend(file_problems)
+        if not file_problems:
+            pairs.extend((entry, path) for entry in entries)
+    while True:
+        if any(problem.file == builtin for problem in problems):
+            raise CatalogError(problems)
+        merge = merge_problems(pairs)
+        if not merge:
+            return Catalog(pairs), problems
+        problems.extend(merge)
+        bad_files = {problem.file for problem in merge}
+        pairs = [(entry, path) for entry, path in pairs if path not in bad_files]
 
 
 def validate_path(path: Path | None = None, user_dir: Path | None = None) -> list[Problem]:

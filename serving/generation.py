@@ -36,8 +36,14 @@ def fresh_scheduler(pipeline, name: str | None):
     """A new scheduler built from the pipeline's config; ``name`` picks another sampler class."""
     import diffusers
 
-    scheduler_class = type(pipeline.scheduler) if name is None else getattr(diffusers, SCHEDULER_CLASSES[name])
-    return scheduler_class.from_config(pipeline.scheduler.config)
+    if name is None:
+        return type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    overrides = {}
+    if name == "pndm":
+        # PNDM's Runge-Kutta warm-up needs 4 steps, and fails on fewer; Stable Diffusion's own
+        # scheduler configs skip it (PLMS), which runs at any step count.
+        overrides["skip_prk_steps"] = True
+    return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(pipeline.scheduler.config, **overrides)
 
 
 def request_pipeline(pipeline, scheduler_name: str | None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from catalog.pipelines import apply_lora, load_base_pipeline
 from catalog.schema import CatalogEntry
-from catalog.store import Catalog, load_catalog
+from catalog.store import Catalog, Problem, load_catalog_skipping_bad_files
 from serving.device import (
     default_memory_budget,
     optimize_for_device,
@@ -50,7 +50,12 @@ class PipelineManager:
         self.dtype = pick_dtype(settings, self.device)
         gigabytes = settings.memory_budget_gb
         self.memory_budget = int(gigabytes * 2**30) if gigabytes else default_memory_budget(self.device)
-        self._catalog = catalog or load_catalog()
+        self._logged_problems: set[Problem] = set()
+        self.catalog_problems: list[Problem] = []
+        if catalog is None:
+            self.refresh_catalog()
+        else:
+            self._catalog = catalog
         self._bases: OrderedDict[str, LoadedBase] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -65,10 +70,18 @@ class PipelineManager:
     def catalog(self) -> Catalog:
         return self._catalog
 
+    def refresh_catalog(self) -> None:
+        """Re-read the catalog files. A bad user file is skipped, kept in ``catalog_problems`` and logged once."""
+        self._catalog, self.catalog_problems = load_catalog_skipping_bad_files()
+        for problem in self.catalog_problems:
+            if problem not in self._logged_problems:
+                self._logged_problems.add(problem)
+                logger.warning("catalog file skipped: %s", problem)
+
     def entry(self, model_id: str) -> CatalogEntry:
         """The catalog entry for ``model_id``, re-reading the catalog once for ids registered since start."""
         if model_id not in self._catalog:
-            self._catalog = load_catalog()
+            self.refresh_catalog()
         return self._catalog.get(model_id)
 
     def base_entry(self, entry: CatalogEntry) -> CatalogEntry:

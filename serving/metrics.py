@@ -2,12 +2,80 @@
 
 prometheus_client is imported when the metrics are first made, inside the BentoML worker, after
 BentoML has switched it to multiprocess mode; importing it earlier would hide these metrics.
+
+BentoML's workers write their metrics as files in one folder that ``/metrics`` sums up. BentoML puts
+that folder at ``$BENTOML_HOME/prometheus_multiproc_dir`` and empties it whenever a server starts, so a
+second ``bentoml serve`` sharing the home wipes the first one's counters; each server here gets a
+folder of its own instead (``own_prometheus_dir``).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import re
+import shutil
+import socket
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
+
+PROMETHEUS_DIRS = "txt2img-prometheus"  # under BENTOML_HOME, one folder per server: <host>-<pid>
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, but alive
+        return True
+    return True
+
+
+def own_prometheus_dir() -> None:
+    """In the ``bentoml serve`` process, make BentoML give its workers a Prometheus folder of this server's own.
+
+    ``bentoml serve`` imports the service before it picks the folder (``bentoml.serving.ensure_prometheus_dir``
+    reads BentoML's ``prometheus_multiproc_dir`` setting), so setting it here takes effect, and the workers
+    receive it as ``PROMETHEUS_MULTIPROC_DIR``. A worker, which imports the service too, changes nothing.
+    The folder goes when the server exits; those of servers killed before that go when the next one starts.
+    """
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if bentoml.server_context.worker_index is not None:
+        return
+    root = Path(BentoMLContainer.bentoml_home.get()) / PROMETHEUS_DIRS
+    host = socket.gethostname()
+    if root.is_dir():
+        for folder in root.iterdir():
+            name, _, pid = folder.name.rpartition("-")
+            if name == host and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+    directory = root / f"{host}-{os.getpid()}"
+    BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of workers that died without saying so (kill -9, out of memory).
+
+    Live gauges (queue depth, running images, BentoML's requests in progress) are summed over the
+    workers' files; a worker that exits normally removes its own, a killed one leaves its last values
+    behind, which would be counted forever. Counters and histograms stay: what a dead worker served
+    still counts.
+    """
+    import prometheus_client.multiprocess
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not os.path.isdir(directory):
+        return
+    pids = {int(match.group(1)) for name in os.listdir(directory) if (match := _LIVE_GAUGE_FILE.fullmatch(name))}
+    for pid in pids - {os.getpid()}:
+        if not _alive(pid):
+            prometheus_client.multiprocess.mark_process_dead(pid, directory)
 
 
 @dataclass(frozen=True)
@@ -22,6 +90,8 @@ class ServingMetrics:
 @cache
 def serving_metrics() -> ServingMetrics:
     import prometheus_client
+
+    forget_dead_workers()
 
     return ServingMetrics(
         generation_seconds=prometheus_client.Histogram(

@@ -29,10 +29,12 @@ from serving.invocations import (
     render_response,
 )
 from serving.manager import PipelineManager
-from serving.metrics import serving_metrics
+from serving.metrics import own_prometheus_dir, serving_metrics
 from serving.openapi import OpenAPI30Docs
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
+
+own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 
 # The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
 # infer it; this states it for the OpenAPI document.
@@ -121,12 +123,14 @@ class Txt2Img:
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
-        """The catalog ids this server may serve, and which of them are loaded now."""
+        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped."""
+        self.manager.refresh_catalog()
         loaded = self.manager.loaded_ids()
         return {
             "default": self.settings.model,
             "loaded": loaded,
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
+            "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
 
     async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
