@@ -29,29 +29,43 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(
-    home: Path, *, env: dict[str, str] | None = None, ready_timeout_s: float = 180, **settings: str
-) -> Iterator[str]:
-    """``bentoml serve`` from the repository root on a free port; yields its URL once ``/readyz`` answers 200.
+def running_server(home: Path, **options) -> Iterator[str]:
+    """``server_process`` for callers that need only the URL."""
+    with server_process(home, **options) as (url, _):
+        yield url
 
-    ``home`` becomes TXT2IMG_HOME and holds ``server.log`` and BentoML's home; each keyword becomes a ``TXT2IMG_<NAME>``
-    setting (``max_queue="16"``), and ``env`` adds other variables. The server leads its own process
-    group; that group and every process the server started are stopped on the way out, whatever happened.
+
+@contextlib.contextmanager
+def server_process(
+    home: Path,
+    *,
+    bentoml_home: Path | None = None,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 240,
+    **settings: str,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``bentoml serve`` from the repository root on a free port; yields (URL, process) once ``/readyz`` is 200.
+
+    ``home`` becomes TXT2IMG_HOME; the log goes to ``log_path`` (default ``home/server.log``) and
+    BentoML's home is ``bentoml_home`` (default ``home/bentoml``). Each keyword becomes a
+    ``TXT2IMG_<NAME>`` setting (``max_queue="16"``), and ``env`` adds other variables. The server
+    leads its own process group; that group and every process the server started are stopped on
+    the way out, whatever happened.
     """
     server_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         "TXT2IMG_HOME": str(home),
-        # Every `bentoml serve` empties BENTOML_HOME's Prometheus directory when it starts, which would
-        # wipe the metrics of any other server running beside it; each server gets its own.
-        "BENTOML_HOME": str(Path(home) / "bentoml"),
+        "BENTOML_HOME": str(bentoml_home or Path(home) / "bentoml"),
         "TXT2IMG_MODEL": "tiny-sd",
         **{f"TXT2IMG_{name.upper()}": value for name, value in settings.items()},
         **(env or {}),
     }
-    log_path = Path(home) / "server.log"
+    log_path = log_path or Path(home) / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{free_port()}"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", url.rsplit(":", 1)[1]],
             cwd=REPO_ROOT,
@@ -61,13 +75,14 @@ def running_server(
             start_new_session=True,
         )
         try:
-            _wait_until_ready(process, url, log_path, ready_timeout_s)
-            yield url
+            wait_until_ready(process, url, log_path, ready_timeout_s)
+            yield url, process
         finally:
             _stop(process)
 
 
-def _wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 240) -> None:
+    """Wait for ``/readyz`` to answer 200; fail with the log's tail if the server exits or takes too long."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:

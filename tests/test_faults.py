@@ -5,12 +5,9 @@ The catalog and scheduler checks run in-process; the rest against real ``bentoml
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +16,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from bentoml_server import server_process, wait_until_ready
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 from catalog.paths import BUILTIN_CATALOG
@@ -119,66 +117,6 @@ def test_every_scheduler_runs_one_to_three_steps(own_scheduler, one_torch_thread
 # Real servers
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"not ready in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def bentoml_serve(home: Path, bentoml_home: Path, log: Path):
-    """``bentoml serve`` on tiny-sd; yields (url, the server process). Stopped with every worker it started."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        "TXT2IMG_HOME": str(home),
-        "BENTOML_HOME": str(bentoml_home),
-        "TXT2IMG_MODEL": "tiny-sd",
-        "TXT2IMG_MAX_STEPS": "1000",  # a long request to kill the worker in
-        "TXT2IMG_TORCH_THREADS": "1",  # the test machine's cores are shared
-        "HF_HUB_OFFLINE": "1",
-    }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_until_ready(url, process, log)
-        yield url, process
-    finally:
-        # BentoML starts workers in sessions of their own: note them before the server goes.
-        descendants = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            descendants = psutil.Process(process.pid).children(recursive=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        for leftover in psutil.wait_procs(descendants, timeout=10)[1]:
-            leftover.kill()
-
-
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory):
     """A txt2img home whose catalog holds good fine-tunes and one bad file from the start, and a BentoML home."""
@@ -192,7 +130,8 @@ def homes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(homes):
     home, bentoml_home = homes
-    with bentoml_serve(home, bentoml_home, home / "server.log") as running:
+    settings = {"max_steps": "1000", "torch_threads": "1"}  # a long request to kill the worker in
+    with server_process(home, bentoml_home=bentoml_home, env={"HF_HUB_OFFLINE": "1"}, **settings) as running:
         yield running
 
 
@@ -245,7 +184,7 @@ def test_a_second_server_on_the_same_bentoml_home_leaves_the_first_ones_metrics_
     requests = metric(client, "bentoml_service_request_total", 'endpoint="/txt2img"')
     assert served >= 3 and requests >= 3
     second_home = tmp_path / "second"
-    with bentoml_serve(second_home, homes[1], tmp_path / "second.log") as (second_url, _):
+    with server_process(second_home, bentoml_home=homes[1], torch_threads="1") as (second_url, _):
         assert httpx.post(f"{second_url}/txt2img", json=FAST, timeout=120).status_code == 200
         assert metric(client, "txt2img_batch_images_count") == served
         assert metric(client, "bentoml_service_request_total", 'endpoint="/txt2img"') == requests
@@ -272,7 +211,7 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(ser
         worker.send_signal(signal.SIGKILL)
         with pytest.raises(httpx.TransportError):
             long_request.result()
-    wait_until_ready(url, process, Path(os.devnull))
+    wait_until_ready(process, url, Path(os.devnull))
     assert client.post("/txt2img", json=FAST).status_code == 200
     [replacement] = service_workers(process)
     assert replacement.pid != worker.pid
