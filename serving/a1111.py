@@ -126,7 +126,7 @@ class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # every other field is checked by unmapped_field_problem
 
     prompt: str = ""
-    negative_prompt: str = ""
+    negative_prompt: str | None = ""
     width: int = 512
     height: int = 512
     steps: int = 50
@@ -135,15 +135,15 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     sampler_name: str | None = None
-    sampler_index: str = DEFAULT_SAMPLER
-    override_settings: dict[str, Any] = Field(default_factory=dict)
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    sampler_index: str | None = DEFAULT_SAMPLER
+    override_settings: dict[str, Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
 
     @property
     def sampler(self) -> str:
         """The A1111 sampler name asked for (sampler_name, else sampler_index), as A1111 spells it."""
-        asked = self.sampler_name or self.sampler_index
+        asked = self.sampler_name or self.sampler_index or DEFAULT_SAMPLER
         name = SAMPLER_LOOKUP.get(asked.lower())
         if name is None:
             raise A1111RequestError("sampler_name", f"unknown sampler '{asked}'; known: {', '.join(SAMPLERS)}")
@@ -178,14 +178,19 @@ def alwayson_script_problem(name: str, script: Any) -> str | None:
     return "always-on scripts (ControlNet, ADetailer, ...) are not supported"
 
 
-def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
-    """The mapped request and the payload as sent; raises A1111RequestError for a field it cannot honour."""
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         raise A1111RequestError("body", "not valid JSON") from None
     if not isinstance(payload, dict):
         raise A1111RequestError("body", "must be a JSON object")
+    return payload
+
+
+def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
+    """The mapped request and the payload as sent; raises A1111RequestError for a field it cannot honour."""
+    payload = json_object(body)
     mapped = Txt2ImgRequest.model_fields
     for name, value in payload.items():
         if name not in mapped:
@@ -193,11 +198,11 @@ def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
             if problem:
                 raise A1111RequestError(name, problem)
     request = Txt2ImgRequest.model_validate(payload)
-    for name, script in request.alwayson_scripts.items():
+    for name, script in (request.alwayson_scripts or {}).items():
         problem = alwayson_script_problem(name, script)
         if problem:
             raise A1111RequestError(f"alwayson_scripts.{name}", problem)
-    for name, value in request.override_settings.items():
+    for name, value in (request.override_settings or {}).items():
         if name != "sd_model_checkpoint" and (name not in FIXED_OPTIONS or FIXED_OPTIONS[name] != value):
             raise A1111RequestError(
                 f"override_settings.{name}", "only sd_model_checkpoint, or the values GET /sdapi/v1/options reports"
@@ -212,7 +217,7 @@ def checkpoint_id(title: str) -> str:
 
 def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
     """One request for all ``batch_size * n_iter`` images; seed -1 draws a random seed as A1111 does."""
-    checkpoint = request.override_settings.get("sd_model_checkpoint")
+    checkpoint = (request.override_settings or {}).get("sd_model_checkpoint")
     fields = {
         "model": checkpoint_id(checkpoint) if checkpoint else None,
         "prompt": request.prompt,
@@ -262,8 +267,8 @@ def txt2img_response(
     info = {
         "prompt": generation.prompt,
         "all_prompts": [generation.prompt] * count,
-        "negative_prompt": request.negative_prompt,
-        "all_negative_prompts": [request.negative_prompt] * count,
+        "negative_prompt": request.negative_prompt or "",
+        "all_negative_prompts": [request.negative_prompt or ""] * count,
         "seed": result.seeds[0],
         "all_seeds": result.seeds,
         "subseed": -1,
@@ -325,6 +330,23 @@ def samplers() -> list[dict[str, Any]]:
 
 def options(default_model: str) -> dict[str, Any]:
     return {"sd_model_checkpoint": default_model, **FIXED_OPTIONS}
+
+
+def check_options_unchanged(body: bytes, default_model: str) -> None:
+    """``POST /sdapi/v1/options`` may only repeat what the server has: its settings are fixed for every client.
+
+    A client picks a model per request with ``override_settings.sd_model_checkpoint`` instead.
+    """
+    current = options(default_model)
+    for name, value in json_object(body).items():
+        if name == "sd_model_checkpoint" and checkpoint_id(str(value)) == default_model:
+            continue
+        if current.get(name, ANY) != value:
+            raise A1111RequestError(
+                name,
+                "this server's options are fixed (it serves many clients); choose the model of a request "
+                "with override_settings.sd_model_checkpoint",
+            )
 
 
 def progress(running: CallProgress | None, waiting: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class StoredImage:
 
 
 class ImageFiles:
-    """Encoded images by unguessable name. Used from the service's event loop only, so it takes no lock."""
+    """Encoded images by unguessable name. Used from the service's event loop only (async routes), so no lock."""
 
     def __init__(self, ttl_s: float = IMAGE_TTL_S, max_bytes: int = IMAGE_STORE_BYTES):
         self.ttl_s = ttl_s

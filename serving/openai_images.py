@@ -185,9 +185,12 @@ def openai_error_response(error: Exception) -> JSONResponse:
         return openai_error(400, str(error), error.param, error.code)
     answer = error_answer(error)
     param, message = answer.reworded(OPENAI_NAMES)
-    code = ERROR_CODES.get(answer.status, "invalid_value" if isinstance(error, ValidationError) else None)
     if "limit" in answer.body:
         code = "limit_exceeded"
+    elif isinstance(error, ValidationError):
+        code = "invalid_value"
+    else:
+        code = ERROR_CODES.get(answer.status)
     return openai_error(answer.status, message, param, code, answer.headers)
 
 

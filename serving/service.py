@@ -163,7 +163,7 @@ class Txt2Img:
         return JSONResponse(openai_images.images_response(openai_request, result, file_url))
 
     @openai_app.get("/images/files/{name}", name="openai_image_file")
-    def openai_image_file(self, name: str) -> Response:
+    async def openai_image_file(self, name: str) -> Response:
         """An image of a response_format "url" answer, kept for an hour (serving/image_files.py)."""
         stored = self.image_files.get(name)
         if stored is None:
@@ -213,6 +213,15 @@ class Txt2Img:
     def a1111_options(self) -> dict:
         """The settings A1111 clients read; sd_model_checkpoint is the server's default model."""
         return a1111.options(self.settings.model)
+
+    @a1111_app.post("/options")
+    async def a1111_set_options(self, request: Request) -> Response:
+        """Accepted only when it changes nothing; a request picks its model with override_settings."""
+        try:
+            a1111.check_options_unchanged(await request.body(), self.settings.model)
+        except Exception as error:
+            return a1111.a1111_error_response(error)
+        return JSONResponse(None)
 
     @a1111_app.get("/progress")
     def a1111_progress(self) -> dict:

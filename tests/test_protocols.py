@@ -176,6 +176,13 @@ def test_webuiapi_reads_models_samplers_and_options(webui):
     assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
 
 
+def test_a1111_options_can_be_repeated_but_not_changed(webui):
+    assert webui.set_options({"sd_model_checkpoint": "tiny-sd", "samples_format": "png"}) is None
+    refused = webui.set_options({"sd_model_checkpoint": FULL_ID})
+    assert "override_settings.sd_model_checkpoint" in refused["detail"]
+    assert webui.util_get_current_model() == "tiny-sd"
+
+
 @pytest.mark.parametrize(
     "fields, named",
     [
