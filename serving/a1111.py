@@ -60,6 +60,7 @@ NEUTRAL: dict[str, Any] = {
     "tiling": (False,),
     "styles": ([],),
     "subseed": ANY,  # used only with subseed_strength > 0
+    "seed_enable_extras": ANY,  # older A1111's switch for the subseed fields, which must be neutral anyway
     "subseed_strength": (0,),
     "seed_resize_from_h": (0, -1),
     "seed_resize_from_w": (0, -1),

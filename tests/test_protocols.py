@@ -247,6 +247,18 @@ def test_the_same_over_limit_request_is_refused_by_every_route_in_its_own_shape(
     assert size.status_code == 400 and size.json()["error"]["message"].startswith("size is 2097152")
 
 
+def generations_counted(http) -> float:
+    lines = http.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("txt2img_generation_seconds_count"))
+
+
+def test_the_new_routes_count_in_the_same_metrics(http, openai_client, webui):
+    before = generations_counted(http)
+    openai_image(openai_client, seed=1)
+    a1111_pixels(webui, seed=1)
+    assert generations_counted(http) == before + 2
+
+
 def test_docs_json_stays_valid_openapi_3_0_with_the_new_routes(http):
     from openapi_spec_validator import validate
 
