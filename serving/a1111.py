@@ -171,7 +171,7 @@ def unmapped_field_problem(name: str, value: Any, enable_hr: Any) -> str | None:
     return "not a field this server knows; it accepts unknown fields only when empty"
 
 
-def alwayson_script_problem(name: str, script: Any) -> str | None:
+def alwayson_script_problem(script: Any) -> str | None:
     """An always-on script is accepted switched off: no args, or args starting with false (ADetailer's way)."""
     args = script.get("args", []) if isinstance(script, dict) else script
     if args in ([], None) or (isinstance(args, list) and args[0] is False):
@@ -200,7 +200,7 @@ def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
                 raise A1111RequestError(name, problem)
     request = Txt2ImgRequest.model_validate(payload)
     for name, script in (request.alwayson_scripts or {}).items():
-        problem = alwayson_script_problem(name, script)
+        problem = alwayson_script_problem(script)
         if problem:
             raise A1111RequestError(f"alwayson_scripts.{name}", problem)
     for name, value in (request.override_settings or {}).items():
@@ -220,7 +220,7 @@ def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
     """One request for all ``batch_size * n_iter`` images; seed -1 draws a random seed as A1111 does."""
     checkpoint = (request.override_settings or {}).get("sd_model_checkpoint")
     fields = {
-        "model": checkpoint_id(checkpoint) if checkpoint else None,
+        "model": checkpoint_id(str(checkpoint)) if checkpoint else None,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or None,
         "width": request.width,
