@@ -53,6 +53,16 @@ class GenerationResult:
     batch_images: int
 
 
+@dataclass
+class CallProgress:
+    """The pipeline call running now, for progress reports (A1111's ``GET /sdapi/v1/progress``)."""
+
+    started: float
+    steps_done: int
+    total_steps: int
+    images: int
+
+
 @dataclass(eq=False)
 class Job:
     """One request waiting for, or running on, the device."""
@@ -100,6 +110,7 @@ class GenerationQueue:
         self._condition = threading.Condition()
         self._seconds_per_image = 1.0
         self._thread: threading.Thread | None = None
+        self._running: CallProgress | None = None
 
     def start(self, warm_model: str) -> None:
         """Start the generation thread; it warms ``warm_model`` before taking requests."""
@@ -132,6 +143,15 @@ class GenerationQueue:
             if client_gone is not None and await client_gone():
                 job.abandoned.set()
                 raise ClientGone("the client disconnected")
+
+    def depth(self) -> int:
+        """Requests waiting, not counting the running call."""
+        return len(self._pending)
+
+    def running(self) -> CallProgress | None:
+        """The pipeline call running now (a snapshot), or None when the device is idle."""
+        running = self._running
+        return None if running is None else CallProgress(**vars(running))
 
     def _report_depth(self) -> None:
         if self.metrics is not None:
@@ -198,10 +218,13 @@ class GenerationQueue:
         ]
         started = time.monotonic()
         steps_done = 0
+        progress = CallProgress(started, 0, head.request.num_inference_steps, len(items))
+        self._running = progress
 
         def count_step(done: int) -> None:
             nonlocal steps_done
             steps_done = done
+            progress.steps_done = done
 
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))
@@ -225,6 +248,7 @@ class GenerationQueue:
                 job.future.set_exception(error)
             return
         finally:
+            self._running = None
             if self.metrics is not None:
                 self.metrics.running_images.set(0)
         elapsed = time.monotonic() - started

@@ -4,6 +4,7 @@ and logging a client's mistake as what it is: one INFO line."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -46,28 +47,58 @@ def validation_error_body(error) -> dict:
     return {"error": f"invalid request: {summary}", "detail": detail}
 
 
-def error_response(error: Exception) -> JSONResponse:
-    """The response for an exception raised while serving a request; unexpected ones re-raise."""
+@dataclass
+class ErrorAnswer:
+    """What the service answers for an exception: status, JSON body and headers.
+
+    Our routes send it as it is; the OpenAI and A1111 adapters keep the status and headers and
+    reshape the body into their own error format.
+    """
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def reworded(self, names: dict[str, str]) -> tuple[str | None, str]:
+        """The field at fault (or None) and the message, with our field names put as ``names`` says."""
+        body = self.body
+        if "limit" in body:
+            name = names.get(body["field"], body["field"])
+            return name, f"{name} is {body['value']}, above the limit of {body['limit']}"
+        if "detail" in body:
+            fields = [names.get(item["field"], item["field"]) for item in body["detail"]]
+            problems = [f"{name or 'body'}: {item['message']}" for name, item in zip(fields, body["detail"])]
+            return fields[0] or None, f"invalid request: {'; '.join(problems)}"
+        return None, body["error"]
+
+
+def error_answer(error: Exception) -> ErrorAnswer:
+    """The answer for an exception raised while serving a request; unexpected ones re-raise."""
     from pydantic import ValidationError
 
     if isinstance(error, ValidationError):
-        return JSONResponse(validation_error_body(error), status_code=400)
+        return ErrorAnswer(400, validation_error_body(error))
     if isinstance(error, InvocationError):  # /invocations: JumpStart's wire format names the status
-        return JSONResponse(error.as_json(), status_code=error.status)
+        return ErrorAnswer(error.status, error.as_json())
     if isinstance(error, LimitExceeded):
-        return JSONResponse(error.as_json(), status_code=400)
+        return ErrorAnswer(400, error.as_json())
     if isinstance(error, UnknownModelError):
-        body = {"error": str(error), "model": error.model_id, "suggestions": error.suggestions}
-        return JSONResponse(body, status_code=404)
+        return ErrorAnswer(404, {"error": str(error), "model": error.model_id, "suggestions": error.suggestions})
     if isinstance(error, QueueFull):
-        return JSONResponse({"error": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after)})
+        return ErrorAnswer(429, {"error": str(error)}, {"Retry-After": str(error.retry_after)})
     if isinstance(error, GenerationTimeout):
-        return JSONResponse({"error": f"generation timed out: {error}"}, status_code=504)
+        return ErrorAnswer(504, {"error": f"generation timed out: {error}"})
     if isinstance(error, ClientGone):
-        return JSONResponse({"error": str(error)}, status_code=CLIENT_CLOSED_REQUEST)
+        return ErrorAnswer(CLIENT_CLOSED_REQUEST, {"error": str(error)})
     if isinstance(error, ModelLoadError):
-        return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "60"})
+        return ErrorAnswer(503, {"error": str(error)}, {"Retry-After": "60"})
     raise error
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """The response for an exception raised while serving a request; unexpected ones re-raise."""
+    answer = error_answer(error)
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
 class ClientErrorsAsOneLine(logging.Filter):

@@ -1,5 +1,6 @@
 """The BentoML service: ``POST /txt2img`` (one image), ``POST /images`` (several), SageMaker's
-``/ping`` + ``/invocations``, and ``GET /models``.
+``/ping`` + ``/invocations``, ``GET /models``, OpenAI's Images API under ``/v1`` and AUTOMATIC1111's
+API under ``/sdapi/v1``. Every route is a thin adapter onto GenerationRequest and the one queue.
 
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
@@ -16,8 +17,10 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
+from serving import a1111, openai_images
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response, log_client_errors_as_one_line
+from serving.image_files import ImageFiles
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
 from serving.invocations import (
@@ -46,12 +49,25 @@ INVOCATIONS_REQUEST_BODY = {
     },
 }
 
+# Both read their bodies by hand, to answer every error in their own format; these state them.
+OPENAI_REQUEST_BODY = {
+    "required": True,
+    "content": {JSON_CONTENT: {"schema": openai_images.ImageGenerationRequest.model_json_schema()}},
+}
+A1111_REQUEST_BODY = {
+    "required": True,
+    "content": {JSON_CONTENT: {"schema": a1111.Txt2ImgRequest.model_json_schema()}},
+}
+
 sagemaker_app = FastAPI(
     title="txt2img SageMaker protocol",
     description="GET /ping and POST /invocations, JumpStart's txt2img wire format; GET /models.",
     docs_url="/sagemaker/docs",
     openapi_url="/sagemaker/openapi.json",
 )
+# The service's own /docs.json documents these two; they serve no documents of their own.
+openai_app = FastAPI(title="txt2img OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)
+a1111_app = FastAPI(title="txt2img AUTOMATIC1111 API", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @bentoml.service(
@@ -60,7 +76,9 @@ sagemaker_app = FastAPI(
     workers=1,
     resources={"gpu": 1},
 )
-@bentoml.asgi_app(sagemaker_app, path="/")
+@bentoml.asgi_app(sagemaker_app, path="/")  # mounted last: it would take the paths of any mounted after it
+@bentoml.asgi_app(a1111_app, path="/sdapi/v1")
+@bentoml.asgi_app(openai_app, path="/v1")
 class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
@@ -69,6 +87,7 @@ class Txt2Img:
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
         self.queue = GenerationQueue(self.manager, self.settings, serving_metrics())
         self.queue.start(warm_model=self.settings.model)
+        self.image_files = ImageFiles()  # OpenAI's response_format "url"
 
     def __is_ready__(self) -> bool:
         return self.queue.ready.is_set()
@@ -132,6 +151,91 @@ class Txt2Img:
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
             "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
+
+    @openai_app.post("/images/generations", openapi_extra={"requestBody": OPENAI_REQUEST_BODY})
+    async def openai_generations(self, request: Request) -> Response:
+        """OpenAI's image generation (serving/openai_images.py); errors in OpenAI's shape."""
+        try:
+            openai_request = openai_images.parse_image_request(await request.body())
+            [result] = await self._generate([openai_images.generation_request(openai_request)], request)
+        except Exception as error:
+            return openai_images.openai_error_response(error)
+
+        def file_url(data: bytes, image_format: str) -> str:
+            return str(request.url_for("openai_image_file", name=self.image_files.add(data, image_format)))
+
+        return JSONResponse(openai_images.images_response(openai_request, result, file_url))
+
+    @openai_app.get("/images/files/{name}", name="openai_image_file")
+    async def openai_image_file(self, name: str) -> Response:
+        """An image of a response_format "url" answer, kept for an hour (serving/image_files.py)."""
+        stored = self.image_files.get(name)
+        if stored is None:
+            return openai_images.openai_error(404, f"no image '{name}': its link expired or never existed")
+        return Response(stored.data, media_type=stored.media_type)
+
+    @openai_app.get("/models")
+    def openai_models(self) -> dict:
+        """The catalog in OpenAI's list format."""
+        return openai_images.model_list(list(self.manager.catalog))
+
+    @openai_app.get("/models/{model_id}")
+    def openai_model(self, model_id: str) -> Response:
+        try:
+            return JSONResponse(openai_images.model_object(self.manager.entry(model_id)))
+        except Exception as error:
+            return openai_images.openai_error_response(error)
+
+    @a1111_app.post("/txt2img", openapi_extra={"requestBody": A1111_REQUEST_BODY})
+    async def a1111_txt2img(self, request: Request) -> Response:
+        """AUTOMATIC1111's txt2img (serving/a1111.py); errors in A1111's shape."""
+        try:
+            a1111_request, payload = a1111.parse_txt2img(await request.body())
+            generation = a1111.generation_request(a1111_request)
+            [result] = await self._generate([generation], request)
+        except Exception as error:
+            return a1111.a1111_error_response(error)
+        model = generation.model or self.settings.model
+        return JSONResponse(a1111.txt2img_response(a1111_request, payload, generation, result, model))
+
+    @a1111_app.get("/sd-models")
+    def a1111_sd_models(self) -> list:
+        """The catalog, fine-tunes included, as A1111 checkpoints."""
+        return [a1111.sd_model(entry) for entry in self.manager.catalog]
+
+    @a1111_app.get("/samplers")
+    def a1111_samplers(self) -> list:
+        """Our schedulers under A1111's sampler names."""
+        return a1111.samplers()
+
+    @a1111_app.get("/schedulers")
+    def a1111_schedulers(self) -> list:
+        """A1111's noise schedules: only "automatic", each sampler's own."""
+        return [{"name": "automatic", "label": "Automatic", "aliases": None}]
+
+    @a1111_app.get("/options")
+    def a1111_options(self) -> dict:
+        """The settings A1111 clients read; sd_model_checkpoint is the server's default model."""
+        return a1111.options(self.settings.model)
+
+    @a1111_app.post("/options")
+    async def a1111_set_options(self, request: Request) -> Response:
+        """Accepted only when it changes nothing; a request picks its model with override_settings."""
+        try:
+            a1111.check_options_unchanged(await request.body(), self.settings.model)
+        except Exception as error:
+            return a1111.a1111_error_response(error)
+        return JSONResponse(None)
+
+    @a1111_app.get("/progress")
+    def a1111_progress(self) -> dict:
+        """The running pipeline call: progress 0..1, steps and an ETA in seconds."""
+        return a1111.progress(self.queue.running(), self.queue.depth())
+
+    @a1111_app.get("/scripts")
+    def a1111_scripts(self) -> dict:
+        """No scripts or extensions here; clients ask before sending their arguments."""
+        return {"txt2img": [], "img2img": []}
 
     async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
         """Queue every request at once (so they can share pipeline calls) and wait for all of them."""

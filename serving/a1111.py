@@ -1,0 +1,377 @@
+"""AUTOMATIC1111's web UI API (``/sdapi/v1/...``) as a thin adapter over GenerationRequest.
+
+``POST /sdapi/v1/txt2img`` becomes one GenerationRequest of ``batch_size * n_iter`` images for
+the service's one queue; image i uses ``seed + i``, as in A1111. The answer is A1111's:
+``images`` (base64 PNG, each with A1111's ``parameters`` text chunk), ``parameters`` (the request
+with its defaults) and ``info`` (a JSON string with ``all_seeds`` and the rest).
+
+A1111 clients send every field of A1111's request, most at values that ask for nothing. This
+module knows each of them: mapped fields are honoured, the others are accepted at neutral values
+(NEUTRAL, and every hires-fix field while ``enable_hr`` is false) and refused with 422 naming the
+field otherwise (``restore_faces: true``, a ``script_name``, a ControlNet unit, ...). A field this
+module does not know is accepted only when empty (null, false, "", [] or {}).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import time
+from typing import Any
+
+from PIL import PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from catalog.schema import CatalogEntry
+from serving.generation_queue import CallProgress, GenerationResult
+from serving.http_errors import error_answer
+from serving.schema import GenerationRequest
+
+# A1111's sampler names, each with our scheduler and A1111's aliases for it.
+SAMPLERS: dict[str, tuple[str, list[str]]] = {
+    "Euler a": ("euler-a", ["k_euler_a", "k_euler_ancestral"]),
+    "Euler": ("euler", ["k_euler"]),
+    "LMS": ("lms", ["k_lms"]),
+    "DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]),
+    "DDIM": ("ddim", []),
+    "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
+    "UniPC": ("unipc", []),
+}
+SAMPLER_LOOKUP = {alias.lower(): name for name, (_, aliases) in SAMPLERS.items() for alias in (name, *aliases)}
+DEFAULT_SAMPLER = "Euler"  # A1111's sampler_index default, used when sampler_name is empty
+SEED_RANGE = 4294967294  # A1111 draws a random seed below it
+# What GET /sdapi/v1/options reports; override_settings may repeat any of these values.
+FIXED_OPTIONS = {
+    "sd_checkpoint_hash": None,
+    "samples_format": "png",
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "eta_noise_seed_delta": 0,
+}
+
+# Fields of A1111's txt2img request with no equivalent here, and the values that ask for nothing.
+ANY = object()  # every value is neutral: the field is metadata, or only matters for something refused here
+NEUTRAL: dict[str, Any] = {
+    "enable_hr": (False,),
+    "restore_faces": (False,),
+    "tiling": (False,),
+    "styles": ([],),
+    "subseed": ANY,  # used only with subseed_strength > 0
+    "seed_enable_extras": ANY,  # older A1111's switch for the subseed fields, which must be neutral anyway
+    "subseed_strength": (0,),
+    "seed_resize_from_h": (0, -1),
+    "seed_resize_from_w": (0, -1),
+    "scheduler": ("automatic", "Automatic"),
+    "eta": (0, 1),  # the eta of A1111's DDIM (0) and of its ancestral samplers (1), as here
+    "s_churn": (0,),
+    "s_tmax": (0,),
+    "s_tmin": (0,),
+    "s_noise": (1,),
+    "s_min_uncond": (0,),
+    "denoising_strength": ANY,  # img2img and hires fix only
+    "do_not_save_samples": ANY,  # this server saves nothing
+    "do_not_save_grid": ANY,
+    "save_images": (False,),
+    "override_settings_restore_afterwards": ANY,  # override_settings last one request here
+    "refiner_checkpoint": ("",),
+    "refiner_switch_at": ANY,  # used only with a refiner_checkpoint
+    "disable_extra_networks": ANY,
+    "firstpass_image": ("",),
+    "comments": ANY,
+    "force_task_id": ANY,
+    "infotext": ("",),
+    "script_name": ("",),
+    "script_args": ([],),
+    "distilled_cfg_scale": ANY,  # Forge's, for FLUX-type models
+}
+HIRES_FIX = {
+    "firstphase_width",
+    "firstphase_height",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_checkpoint_name",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "hr_additional_modules",
+    "hr_cfg",
+    "hr_distilled_cfg",
+}
+# Our field names in errors, as an A1111 client knows them.
+A1111_NAMES = {
+    "num_images": "batch_size*n_iter",
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "model": "override_settings.sd_model_checkpoint",
+}
+
+
+class A1111RequestError(ValueError):
+    """A field this server cannot honour; answered with 422 naming it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class Txt2ImgRequest(BaseModel):
+    """The fields of A1111's txt2img request that map onto GenerationRequest, with A1111's defaults."""
+
+    model_config = ConfigDict(extra="ignore")  # every other field is checked by unmapped_field_problem
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    cfg_scale: float = 7.0
+    seed: int = -1
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    sampler_name: str | None = None
+    sampler_index: str | None = DEFAULT_SAMPLER
+    override_settings: dict[str, Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    send_images: bool = True
+
+    @property
+    def sampler(self) -> str:
+        """The A1111 sampler name asked for (sampler_name, else sampler_index), as A1111 spells it."""
+        asked = self.sampler_name or self.sampler_index or DEFAULT_SAMPLER
+        name = SAMPLER_LOOKUP.get(asked.lower())
+        if name is None:
+            raise A1111RequestError("sampler_name", f"unknown sampler '{asked}'; known: {', '.join(SAMPLERS)}")
+        return name
+
+
+def is_empty(value: Any) -> bool:
+    return value is None or value is False or value in ("", [], {})
+
+
+def unmapped_field_problem(name: str, value: Any, enable_hr: Any) -> str | None:
+    """Why a field outside Txt2ImgRequest cannot be honoured, or None when it asks for nothing."""
+    if name in HIRES_FIX:
+        return None if enable_hr in (False, None) else "hires fix is not supported"
+    if name in NEUTRAL:
+        neutral = NEUTRAL[name]
+        if neutral is ANY or value is None or value in neutral:
+            return None
+        return f"{json.dumps(value)} has no equivalent on this server; it accepts " + " or ".join(
+            json.dumps(item) for item in neutral
+        )
+    if is_empty(value):
+        return None
+    return "not a field this server knows; it accepts unknown fields only when empty"
+
+
+def alwayson_script_problem(script: Any) -> str | None:
+    """An always-on script is accepted switched off: no args, or args starting with false (ADetailer's way)."""
+    args = script.get("args", []) if isinstance(script, dict) else script
+    if args in ([], None) or (isinstance(args, list) and args[0] is False):
+        return None
+    return "always-on scripts (ControlNet, ADetailer, ...) are not supported"
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise A1111RequestError("body", "not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise A1111RequestError("body", "must be a JSON object")
+    return payload
+
+
+def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
+    """The mapped request and the payload as sent; raises A1111RequestError for a field it cannot honour."""
+    payload = json_object(body)
+    mapped = Txt2ImgRequest.model_fields
+    for name, value in payload.items():
+        if name not in mapped:
+            problem = unmapped_field_problem(name, value, payload.get("enable_hr"))
+            if problem:
+                raise A1111RequestError(name, problem)
+    request = Txt2ImgRequest.model_validate(payload)
+    for name, script in (request.alwayson_scripts or {}).items():
+        problem = alwayson_script_problem(script)
+        if problem:
+            raise A1111RequestError(f"alwayson_scripts.{name}", problem)
+    for name, value in (request.override_settings or {}).items():
+        if name != "sd_model_checkpoint" and (name not in FIXED_OPTIONS or FIXED_OPTIONS[name] != value):
+            raise A1111RequestError(
+                f"override_settings.{name}", "only sd_model_checkpoint, or the values GET /sdapi/v1/options reports"
+            )
+    return request, payload
+
+
+def checkpoint_id(title: str) -> str:
+    """A checkpoint title (``"tiny-sd"``, or A1111's ``"name [hash]"``) as a catalog id."""
+    return title.split(" [", 1)[0]
+
+
+def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
+    """One request for all ``batch_size * n_iter`` images; seed -1 draws a random seed as A1111 does."""
+    checkpoint = (request.override_settings or {}).get("sd_model_checkpoint")
+    fields = {
+        "model": checkpoint_id(str(checkpoint)) if checkpoint else None,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "width": request.width,
+        "height": request.height,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.cfg_scale,
+        "seed": random.randrange(SEED_RANGE) if request.seed == -1 else request.seed,
+        "scheduler": SAMPLERS[request.sampler][0],
+        "num_images": request.batch_size * request.n_iter,
+    }
+    return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
+
+
+def infotext(generation: GenerationRequest, sampler: str, seed: int, model: str) -> str:
+    """A1111's one-paragraph description of an image, which A1111 tools read back."""
+    lines = [generation.prompt]
+    if generation.negative_prompt:
+        lines.append(f"Negative prompt: {generation.negative_prompt}")
+    lines.append(
+        f"Steps: {generation.num_inference_steps}, Sampler: {sampler}, CFG scale: {generation.guidance_scale:g}, "
+        f"Seed: {seed}, Size: {generation.width}x{generation.height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def png_base64(image, text: str) -> str:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def txt2img_response(
+    request: Txt2ImgRequest,
+    payload: dict[str, Any],
+    generation: GenerationRequest,
+    result: GenerationResult,
+    model: str,
+) -> dict[str, Any]:
+    """A1111's answer: ``images``, ``parameters`` (the request as sent, with defaults) and ``info`` (a JSON string)."""
+    sampler = request.sampler
+    texts = [infotext(generation, sampler, seed, model) for seed in result.seeds]
+    count = len(result.seeds)
+    info = {
+        "prompt": generation.prompt,
+        "all_prompts": [generation.prompt] * count,
+        "negative_prompt": request.negative_prompt or "",
+        "all_negative_prompts": [request.negative_prompt or ""] * count,
+        "seed": result.seeds[0],
+        "all_seeds": result.seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * count,
+        "width": generation.width,
+        "height": generation.height,
+        "sampler_name": sampler,
+        "cfg_scale": generation.guidance_scale,
+        "steps": generation.num_inference_steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+    }
+    images = [png_base64(image, text) for image, text in zip(result.images, texts)] if request.send_images else []
+    parameters = {**request.model_dump(), **payload, "sampler_name": sampler}
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+def a1111_error_response(error: Exception) -> JSONResponse:
+    """Any error of the A1111 routes in A1111's shape ``{"error", "detail", "body", "errors"}``.
+
+    A field this server cannot honour, and a broken limit, answer 422 as A1111's validation does;
+    other errors keep the status our own routes give them.
+    """
+    if isinstance(error, A1111RequestError):
+        status, message, headers = 422, str(error), {}
+    else:
+        answer = error_answer(error)
+        _, message = answer.reworded(A1111_NAMES)
+        status = 422 if answer.status == 400 else answer.status
+        headers = answer.headers
+    body = {"error": type(error).__name__, "detail": message, "body": "", "errors": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sd_model(entry: CatalogEntry) -> dict[str, Any]:
+    """A catalog entry as an A1111 checkpoint. The title is the catalog id, which override_settings takes;
+    hash and sha256 are null, as A1111 reports checkpoints it has not hashed."""
+    return {
+        "title": entry.id,
+        "model_name": entry.id,
+        "hash": None,
+        "sha256": None,
+        "filename": entry.artifact or entry.hf_repo or entry.id,
+        "config": None,
+    }
+
+
+def samplers() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "aliases": aliases, "options": {"scheduler": scheduler}}
+        for name, (scheduler, aliases) in SAMPLERS.items()
+    ]
+
+
+def options(default_model: str) -> dict[str, Any]:
+    return {"sd_model_checkpoint": default_model, **FIXED_OPTIONS}
+
+
+def check_options_unchanged(body: bytes, default_model: str) -> None:
+    """``POST /sdapi/v1/options`` may only repeat what the server has: its settings are fixed for every client.
+
+    A client picks a model per request with ``override_settings.sd_model_checkpoint`` instead.
+    """
+    current = options(default_model)
+    for name, value in json_object(body).items():
+        if name == "sd_model_checkpoint" and checkpoint_id(str(value)) == default_model:
+            continue
+        if current.get(name, ANY) != value:
+            raise A1111RequestError(
+                name,
+                "this server's options are fixed (it serves many clients); choose the model of a request "
+                "with override_settings.sd_model_checkpoint",
+            )
+
+
+def progress(running: CallProgress | None, waiting: int) -> dict[str, Any]:
+    """A1111's progress report for the pipeline call running now; ``eta_relative`` in seconds."""
+    done, total = (running.steps_done, running.total_steps) if running else (0, 0)
+    fraction = done / total if total else 0.0
+    elapsed = time.monotonic() - running.started if running else 0.0
+    eta = elapsed / fraction * (1 - fraction) if fraction else 0.0
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "txt2img" if running else "",
+        "job_count": waiting + (1 if running else 0),
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": done,
+        "sampling_steps": total,
+    }
+    return {
+        "progress": fraction,
+        "eta_relative": eta,
+        "state": state,
+        "current_image": None,
+        "textinfo": None,
+        "current_task": None,
+    }

@@ -1,0 +1,168 @@
+"""The OpenAI and A1111 adapters without a server: what they accept, refuse and build."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from serving.a1111 import A1111RequestError, generation_request, parse_txt2img, progress
+from serving.generation_queue import CallProgress
+from serving.image_files import ImageFiles
+from serving.openai_images import OpenAIRequestError, openai_error_response, parse_image_request
+from serving.openai_images import generation_request as openai_generation_request
+from serving.schema import LimitExceeded
+
+# The body A1111 1.10's /docs shows for POST /sdapi/v1/txt2img, as its own UI and many clients send it.
+A1111_DEFAULTS = {
+    "prompt": "a red cube",
+    "negative_prompt": "",
+    "styles": [],
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": "Euler a",
+    "scheduler": "automatic",
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 50,
+    "cfg_scale": 7,
+    "width": 512,
+    "height": 512,
+    "restore_faces": None,
+    "tiling": None,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "denoising_strength": 0,
+    "s_min_uncond": None,
+    "s_churn": None,
+    "s_tmax": None,
+    "s_tmin": None,
+    "s_noise": None,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None,
+    "refiner_switch_at": None,
+    "disable_extra_networks": False,
+    "firstpass_image": None,
+    "comments": {},
+    "enable_hr": False,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2,
+    "hr_upscaler": None,
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": None,
+    "hr_sampler_name": None,
+    "hr_scheduler": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "force_task_id": None,
+    "sampler_index": "Euler",
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+    "infotext": None,
+}
+
+
+def test_a1111_default_body_is_accepted_and_maps_onto_one_request():
+    request, payload = parse_txt2img(json.dumps({**A1111_DEFAULTS, "batch_size": 2, "n_iter": 3}).encode())
+    generation = generation_request(request)
+    assert (generation.width, generation.height, generation.num_inference_steps) == (512, 512, 50)
+    assert (generation.guidance_scale, generation.scheduler, generation.num_images) == (7, "euler-a", 6)
+    assert 0 <= generation.seed < 2**32 and generation.model is None
+
+
+def test_a1111_sampler_falls_back_to_sampler_index_and_takes_aliases():
+    without_name = {**A1111_DEFAULTS, "sampler_name": None, "sampler_index": "k_dpmpp_2m"}
+    assert generation_request(parse_txt2img(json.dumps(without_name).encode())[0]).scheduler == "dpm++"
+    model = {**A1111_DEFAULTS, "override_settings": {"sd_model_checkpoint": "tiny-lora [0123abcd]"}}
+    assert generation_request(parse_txt2img(json.dumps(model).encode())[0]).model == "tiny-lora"
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"enable_hr": True}, "enable_hr"),
+        ({"tiling": True}, "tiling"),
+        ({"subseed_strength": 0.5}, "subseed_strength"),
+        ({"s_churn": 0.3}, "s_churn"),
+        ({"styles": ["cinematic"]}, "styles"),
+        ({"save_images": True}, "save_images"),
+        ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "alwayson_scripts.ADetailer"),
+    ],
+)
+def test_a1111_refuses_fields_that_ask_for_something(fields, field):
+    with pytest.raises(A1111RequestError) as raised:
+        parse_txt2img(json.dumps({**A1111_DEFAULTS, **fields}).encode())
+    assert raised.value.field == field
+
+
+def test_a1111_switched_off_scripts_pass():
+    scripts = {"ADetailer": {"args": [False]}, "ControlNet": {"args": []}}
+    parse_txt2img(json.dumps({**A1111_DEFAULTS, "alwayson_scripts": scripts}).encode())
+
+
+def test_a1111_progress_is_zero_when_idle_and_a_fraction_while_running():
+    idle = progress(None, 0)
+    assert (idle["progress"], idle["eta_relative"], idle["state"]["job_count"]) == (0.0, 0.0, 0)
+    running = progress(CallProgress(time.monotonic() - 2.0, 5, 20, 1), waiting=3)
+    assert running["progress"] == 0.25 and running["state"]["job_count"] == 4
+    assert 5.5 < running["eta_relative"] < 6.5  # 2 s for a quarter: some 6 s to go
+
+
+def test_openai_body_maps_onto_one_request():
+    request = parse_image_request(b'{"prompt": "a", "n": 3, "size": "512x384", "quality": "auto", "seed": 4}')
+    generation = openai_generation_request(request)
+    assert (generation.num_images, generation.width, generation.height, generation.seed) == (3, 512, 384, 4)
+    assert openai_generation_request(parse_image_request(b'{"prompt": "a", "size": "auto"}')).width is None
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{", None),
+        (b'{"prompt": "a", "quality": "hd"}', "quality"),
+        (b'{"prompt": "a", "stream": true}', "stream"),
+        (b'{"prompt": "a", "image": "x"}', "image"),
+        (b'{"prompt": "a", "output_format": "jpeg", "output_compression": 101}', "output_compression"),
+    ],
+)
+def test_openai_refusals_name_the_param(body, param):
+    with pytest.raises((OpenAIRequestError, ValidationError)) as raised:
+        parse_image_request(body)
+    answer = json.loads(openai_error_response(raised.value).body)
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_limit_errors_use_openai_names():
+    answer = openai_error_response(LimitExceeded("width*height", 4096, 8192))
+    assert answer.status_code == 400
+    assert json.loads(answer.body)["error"] == {
+        "message": "size is 8192, above the limit of 4096",
+        "type": "invalid_request_error",
+        "param": "size",
+        "code": "limit_exceeded",
+    }
+
+
+def test_image_files_drop_images_past_their_time_or_beyond_the_byte_bound(monkeypatch):
+    files = ImageFiles(ttl_s=60, max_bytes=10)
+    first = files.add(b"12345", "png")
+    second = files.add(b"67890", "png")
+    assert files.get(first).data == b"12345" and files.get(second).media_type == "image/png"
+    third = files.add(b"abc", "jpeg")  # 13 bytes in all: the oldest goes
+    assert files.get(first) is None and files.get(third).media_type == "image/jpeg"
+    later = time.monotonic() + 61
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert files.get(second) is None and files.get(third) is None
