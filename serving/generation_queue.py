@@ -66,6 +66,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
+    steps_done: int = 0  # denoising steps of its pipeline call done so far, for progress reports
 
     @classmethod
     def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
@@ -202,6 +203,8 @@ class GenerationQueue:
         def count_step(done: int) -> None:
             nonlocal steps_done
             steps_done = done
+            for job in batch:
+                job.steps_done = done
 
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))

@@ -1,5 +1,6 @@
 """The BentoML service: ``POST /txt2img`` (one image), ``POST /images`` (several), SageMaker's
-``/ping`` + ``/invocations``, and ``GET /models``.
+``/ping`` + ``/invocations``, ``GET /models``, and the web playground at ``/ui`` (``/`` leads there;
+BentoML's Swagger UI moves to ``/docs``).
 
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
@@ -14,8 +15,9 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI, Request
 from PIL import Image
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from catalog.paths import txt2img_home
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response, log_client_errors_as_one_line
 from serving.images import image_base64
@@ -32,6 +34,15 @@ from serving.invocations import (
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
 from serving.openapi import OpenAPI30Docs
+from serving.playground import (
+    NotARunFile,
+    PlaygroundHome,
+    catalog_listing,
+    fine_tune_runs,
+    playground_app,
+    progress_lines,
+    run_file_response,
+)
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 
@@ -60,6 +71,7 @@ sagemaker_app = FastAPI(
     resources={"gpu": 1},
 )
 @bentoml.asgi_app(sagemaker_app, path="/")
+@bentoml.asgi_app(playground_app, path="/")
 class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
@@ -144,6 +156,38 @@ class Txt2Img:
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
         }
 
+    @playground_app.get("/ui/api/catalog", include_in_schema=False)
+    def playground_catalog(self, q: str = "") -> dict:
+        """The catalog for the playground, ranked as ``txt2img catalog search q`` ranks it."""
+        return catalog_listing(q, self.manager.loaded_ids(), self.settings.model)
+
+    @playground_app.post("/ui/api/generate", include_in_schema=False)
+    async def playground_generate(self, request: Request) -> Response:
+        """``POST /images`` with progress: NDJSON lines while the job runs, then the images.
+
+        A request refused before it is queued (bad input, a full queue) gets the same error answer as
+        ``/images``; once the stream has begun, an error arrives as its last line."""
+        try:
+            job = self._job(GenerationRequest.model_validate(parse_json_body(await request.body())))
+            self.queue.submit(job)
+        except Exception as error:
+            return error_response(error)
+        lines = progress_lines(self.queue, job, client_gone=request.is_disconnected)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @playground_app.get("/ui/api/runs", include_in_schema=False)
+    def playground_runs(self) -> list:
+        """The fine-tunes in TXT2IMG_HOME and the files their training, evaluation and tuning left."""
+        return fine_tune_runs(txt2img_home())
+
+    @playground_app.get("/ui/files/{path:path}", include_in_schema=False)
+    def playground_file(self, path: str) -> Response:
+        """A run's file, read-only; nothing outside TXT2IMG_HOME's run folders (see playground.run_file)."""
+        try:
+            return run_file_response(txt2img_home(), path)
+        except NotARunFile:
+            return JSONResponse({"error": f"no run file '{path}' in TXT2IMG_HOME"}, status_code=404)
+
     async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
         """Queue every request at once (so they can share pipeline calls) and wait for all of them."""
         jobs = [self._job(request) for request in requests]  # checks them all before queueing any
@@ -173,3 +217,4 @@ class Txt2Img:
 
 
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
+Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs
