@@ -12,6 +12,7 @@ import base64
 import http.client
 import io
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ from PIL import Image
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 from catalog.index import load_index
+from catalog.store import load_catalog, write_entry
 from serving.playground import NotARunFile, run_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +41,31 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 CONTACT_SHEET_SIZE = (96, 64)
+HYPERPARAMETERS = {"max_steps": 400, "learning_rate": 5e-06, "with_prior_preservation": True}
+METRICS = {"clip_i": 0.81, "clip_t": 0.29, "dino": 0.62}
 SECRET = b"not for the playground"
 TIMEOUT_MS = 120_000
+PROGRESS_STEPS = 20  # enough for the page to show steps between the first and the last
 
 
 @pytest.fixture(scope="module")
 def playground_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("playground-home")
     register_finetunes(home)
+    # tiny-full as `txt2img train` and `txt2img evaluate` would leave it: provenance, figures, a report.
+    entry = load_catalog(home / "catalog").get(FULL_ID)
+    provenance = {"hyperparameters": HYPERPARAMETERS, "metrics": METRICS, "example_prompt": "a photo of sks dog"}
+    write_entry(entry.model_copy(update=provenance), user_dir=home / "catalog", overwrite=True)
     run = home / "models" / FULL_ID
     Image.new("RGB", CONTACT_SHEET_SIZE, "orange").save(run / "contact_sheet.png")
+    Image.new("RGB", (80, 48), "white").save(run / "loss_curve.png")
     (run / "validation").mkdir()
     Image.new("RGB", (32, 32), "teal").save(run / "validation" / "00-a-photo-of-sks-dog.png")
+    evaluation = home / "evaluations" / FULL_ID / "20260101T000000000000Z"
+    evaluation.mkdir(parents=True)
+    report = {"model_id": FULL_ID, "created": "2026-01-01T00:00:00Z", "metrics": METRICS}
+    (evaluation / "metrics.json").write_text(json.dumps(report))
+    Image.new("RGB", (64, 32), "purple").save(evaluation / "grid.png")
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.png").write_bytes(SECRET)
     (run / "escape.png").symlink_to(outside / "secret.png")  # a file link leading out of home
@@ -91,9 +106,9 @@ def page(browser, server):
     assert not foreign, f"the page asked for something outside the server: {foreign}"
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, full_page: bool = True) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 
 def image_size(page, selector: str) -> tuple[int, int]:
@@ -106,15 +121,18 @@ def image_size(page, selector: str) -> tuple[int, int]:
 def test_search_pick_and_generate_shows_an_image_of_the_asked_size_with_its_seed(page, server):
     assert page.url == f"{server}/ui"
     page.get_by_label("Search models").fill(FULL_ID)
+    page.get_by_text(f"matching “{FULL_ID}”").wait_for()
+    cards = page.locator("#catalog-list .card h3")
+    assert cards.all_inner_texts() == [FULL_ID, "tiny-full-copy"]  # the exact id above the one containing it
     first_card = page.locator("#catalog-list .card").first
-    first_card.locator("h3", has_text=FULL_ID).wait_for()
-    assert "base" in first_card.inner_text() and "tiny-sd" in first_card.inner_text()  # its provenance
+    for provenance in ["tiny-sd", "learning_rate", "clip_i", "full"]:  # base, hyperparameters, metrics, method
+        assert provenance in first_card.inner_text()
     screenshot(page, "catalog")
 
     first_card.get_by_role("button", name=f"Use {FULL_ID}").click()
     view = page.locator("#view-generate")
     assert view.get_by_label("Model", exact=True).input_value() == FULL_ID
-    view.get_by_role("button", name="Roll a random seed").click()
+    view.get_by_role("button", name="Random").click()
     assert view.get_by_label("Seed", exact=True).input_value() != ""
     view.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
     view.get_by_label("Width").fill("64")
@@ -165,6 +183,8 @@ def test_runs_show_the_fine_tunes_contact_sheet(page):
     page.wait_for_function("document.querySelector('img[alt=\"Contact sheet\"]').complete")
     assert image_size(page, 'img[alt="Contact sheet"]') == CONTACT_SHEET_SIZE
     assert page.get_by_role("img", name="Validation: 00-a-photo-of-sks-dog.png").is_visible()
+    assert page.get_by_role("img", name="Evaluation grid").is_visible()
+    assert "0.81" in page.locator(f'.run[data-model="{FULL_ID}"] table').inner_text()
     screenshot(page, "runs")
 
 
@@ -181,7 +201,7 @@ def test_a_size_above_the_limit_shows_the_servers_message(page):
     screenshot(page, "error")
 
 
-def test_a_full_queue_says_so_and_retries_after_retry_after(page):
+def test_a_full_queue_says_so_and_retries_then_progress_follows_the_steps(page):
     refusals = []
 
     def refuse_once(route):
@@ -193,15 +213,25 @@ def test_a_full_queue_says_so_and_retries_after_retry_after(page):
         route.fulfill(status=429, headers={"Retry-After": "1"}, content_type="application/json", body=body)
 
     page.route("**/ui/api/generate", refuse_once)
+    # Every text the progress label shows, however briefly.
+    page.evaluate("""() => {
+        window.progressTexts = [];
+        const label = document.querySelector('#gen-progress-label');
+        new MutationObserver(() => window.progressTexts.push(label.textContent))
+            .observe(label, {childList: true, characterData: true, subtree: true});
+    }""")
     page.locator("nav").get_by_role("button", name="Generate").click()
     view = page.locator("#view-generate")
     view.get_by_label("Prompt", exact=True).fill("queued")
-    view.get_by_label("Steps").fill("2")
+    view.get_by_label("Steps").fill(str(PROGRESS_STEPS))
     view.get_by_role("button", name="Generate").click()
     page.get_by_text("The queue is full").wait_for()
     page.locator("#gen-gallery img").wait_for()  # the retry went through
     assert len(refusals) == 1
     assert page.locator("#gen-error").is_hidden()
+    texts = page.evaluate("window.progressTexts")
+    assert any(text.startswith("The queue is full") and "Retrying in 1 s" in text for text in texts)
+    assert any(re.fullmatch(rf"Denoising: step \d+ of {PROGRESS_STEPS}", text) for text in texts), texts
 
 
 def test_phone_width_and_keyboard(browser, server):
@@ -211,7 +241,7 @@ def test_phone_width_and_keyboard(browser, server):
     page.goto(f"{server}/ui")
     page.locator("#catalog-list .card").first.wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 375, "no sideways scrolling on a phone"
-    screenshot(page, "phone")
+    screenshot(page, "phone", full_page=False)
 
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Catalog"

@@ -25,11 +25,20 @@ function element(tag, attributes = {}, ...children) {
   return node;
 }
 
+// Hyperparameters, metrics and trial parameters read as "name value, name value".
+function describe(value) {
+  if (value === null || value === undefined) return "–";
+  if (Array.isArray(value)) return value.map(describe).join(", ");
+  if (typeof value === "object") return Object.entries(value).map(([name, item]) => `${name} ${describe(item)}`).join(", ");
+  if (typeof value === "number" && !Number.isInteger(value)) return String(Number(value.toPrecision(4)));
+  return String(value);
+}
+
 function facts(pairs) {
   const list = element("dl", { class: "facts" });
   for (const [name, value] of pairs) {
     if (value === undefined || value === null || value === "") continue;
-    list.append(element("dt", { text: name }), element("dd", { text: typeof value === "object" ? JSON.stringify(value) : String(value) }));
+    list.append(element("dt", { text: name }), element("dd", { text: describe(value) }));
   }
   return list;
 }
@@ -387,7 +396,7 @@ function figure(path, caption) {
 
 function metricsTable(rows, columns) {
   const head = element("tr", {}, ...columns.map((column) => element("th", { scope: "col", text: column })));
-  const body = rows.map((row) => element("tr", {}, ...row.map((cell) => element("td", { text: cell === null || cell === undefined ? "–" : typeof cell === "object" ? JSON.stringify(cell) : String(cell) }))));
+  const body = rows.map((row) => element("tr", {}, ...row.map((cell) => element("td", { text: describe(cell) }))));
   return element("table", {}, element("thead", {}, head), element("tbody", {}, ...body));
 }
 
