@@ -108,9 +108,9 @@ def _tuning(home: Path, tuning: dict[str, Any] | None) -> dict[str, Any] | None:
     """A tuned fine-tune's study: the objective plot and each trial with its evaluation grid."""
     if not tuning:
         return None
-    study = f"studies/{tuning['study']}"
+    study = f"studies/{tuning.get('study')}"  # training/tuning.py's default_study_dir
     trials = [
-        {**trial, "grid": _file(home, f"{study}/trials/{trial['number']:04d}/evaluation/grid.png")}
+        {**trial, "grid": _file(home, f"{study}/trials/{trial.get('number', 0):04d}/evaluation/grid.png")}
         for trial in tuning.get("trials", [])
     ]
     return {**tuning, "trials": trials, "objective_plot": _file(home, f"{study}/report/objective.png")}
@@ -151,7 +151,7 @@ def run_file(home: Path, relative: str) -> Path:
         relative.startswith("/")
         or "\\" in relative
         or "\x00" in relative
-        or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
+        or any(part == "" or part.startswith(".") for part in parts)  # "..", "." and hidden files
         or parts[0] not in RUN_FOLDERS
         or Path(relative).suffix.lower() not in RUN_FILE_TYPES
     ):

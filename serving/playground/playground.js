@@ -124,6 +124,18 @@ function showView(name) {
   }
   for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `view-${name}`;
   if (name === "runs") loadRuns();
+  if (name === "catalog") loadCatalog($("#catalog-query").value.trim()); // models may have loaded since
+}
+
+// The model lists of Generate and Compare, with what is loaded now.
+async function refreshModels() {
+  try {
+    const listing = await getJson("/ui/api/catalog");
+    catalogModels = listing.models;
+    fillModelSelects(listing.default);
+  } catch (error) {
+    showError($("#catalog-error"), `Could not reload the catalog: ${error.message}`);
+  }
 }
 
 // ---- catalog ----
@@ -183,6 +195,7 @@ async function loadCatalog(query) {
       catalogModels = listing.models;
       fillModelSelects(listing.default);
     }
+    if (query !== $("#catalog-query").value.trim()) return; // a later search is on its way
     const loaded = listing.loaded.length ? listing.loaded.join(", ") : "none";
     status.textContent = `${listing.models.length} model(s)${query ? ` matching “${query}”` : ""}. Loaded now: ${loaded}.`;
     $("#catalog-list").replaceChildren(...listing.models.map(modelCard));
@@ -297,6 +310,7 @@ async function onGenerate(event) {
     progress.done();
     submit.disabled = false;
   }
+  refreshModels();
 }
 
 // ---- history (localStorage) ----
@@ -382,6 +396,7 @@ async function onCompare(event) {
     }
   }));
   submit.disabled = false;
+  refreshModels();
 }
 
 // ---- runs ----
