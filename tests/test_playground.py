@@ -21,7 +21,7 @@ import pytest
 from bentoml_server import running_server
 from openapi_spec_validator import validate
 from PIL import Image
-from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
+from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetunes
 
 from catalog.index import load_index
 from catalog.store import load_catalog, write_entry
@@ -67,6 +67,20 @@ def playground_home(tmp_path_factory) -> Path:
     report = {"model_id": FULL_ID, "created": "2026-01-01T00:00:00Z", "metrics": METRICS}
     (evaluation / "metrics.json").write_text(json.dumps(report))
     Image.new("RGB", (64, 32), "purple").save(evaluation / "grid.png")
+    # tiny-full-copy as `txt2img tune` would register it: the best of two trials, with the study's plots.
+    copy = load_catalog(home / "catalog").get(OTHER_FULL_ID)
+    trials = [
+        {"number": number, "state": "COMPLETE", "params": {"learning_rate": rate}, "value": value, "metrics": {}}
+        for number, rate, value in [(0, 1e-6, 0.7), (1, 5e-6, 0.8)]
+    ]
+    tuning = {"study": "study-a", "objective": "clip_i", "direction": "maximize", "best_trial": 1, "trials": trials}
+    write_entry(copy.model_copy(update={"tuning": tuning}), user_dir=home / "catalog", overwrite=True)
+    study = home / "studies" / "study-a"
+    (study / "report").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "navy").save(study / "report" / "objective.png")
+    for number in (0, 1):
+        (study / "trials" / f"{number:04d}" / "evaluation").mkdir(parents=True)
+        Image.new("RGB", (24, 24), "gray").save(study / "trials" / f"{number:04d}" / "evaluation" / "grid.png")
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.png").write_bytes(SECRET)
     (run / "escape.png").symlink_to(outside / "secret.png")  # a file link leading out of home
@@ -99,12 +113,14 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    foreign = []
+    foreign, script_errors = [], []
     page.on("request", lambda request: None if request.url.startswith(server) else foreign.append(request.url))
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
     page.goto(f"{server}/")  # the root leads to the playground
     yield page
     context.close()
     assert not foreign, f"the page asked for something outside the server: {foreign}"
+    assert not script_errors, f"the page's script failed: {script_errors}"
 
 
 def screenshot(page, name: str, full_page: bool = True) -> None:
@@ -124,7 +140,7 @@ def test_search_pick_and_generate_shows_an_image_of_the_asked_size_with_its_seed
     page.get_by_label("Search models").fill(FULL_ID)
     page.get_by_text(f"matching “{FULL_ID}”").wait_for()
     cards = page.locator("#catalog-list .card h3")
-    assert cards.all_inner_texts() == [FULL_ID, "tiny-full-copy"]  # the exact id above the one containing it
+    assert cards.all_inner_texts() == [FULL_ID, OTHER_FULL_ID]  # the exact id above the one containing it
     first_card = page.locator("#catalog-list .card").first
     for provenance in ["tiny-sd", "learning_rate", "clip_i", "full"]:  # base, hyperparameters, metrics, method
         assert provenance in first_card.inner_text()
@@ -186,6 +202,12 @@ def test_runs_show_the_fine_tunes_contact_sheet(page):
     assert page.get_by_role("img", name="Validation: 00-a-photo-of-sks-dog.png").is_visible()
     assert page.get_by_role("img", name="Evaluation grid").is_visible()
     assert "0.81" in page.locator(f'.run[data-model="{FULL_ID}"] table').inner_text()
+
+    page.get_by_role("button", name=f"Open {OTHER_FULL_ID}", exact=True).click()
+    tuned = page.locator(f'.run[data-model="{OTHER_FULL_ID}"]')
+    tuned.get_by_role("img", name="Objective by trial").wait_for()
+    assert tuned.get_by_role("img", name="Trial 1").is_visible()
+    assert "learning_rate 0.000005" in tuned.locator("table").inner_text()
     screenshot(page, "runs")
 
 
@@ -314,7 +336,7 @@ def test_runs_route_serves_run_files(server):
     runs = httpx.get(f"{server}/ui/api/runs").json()
     full = next(run for run in runs if run["model"]["id"] == FULL_ID)
     assert full["contact_sheet"] == f"models/{FULL_ID}/contact_sheet.png"
-    assert {run["model"]["id"] for run in runs} == {FULL_ID, LORA_ID, "tiny-full-copy"}
+    assert {run["model"]["id"] for run in runs} == {FULL_ID, LORA_ID, OTHER_FULL_ID}
 
 
 @pytest.mark.parametrize(

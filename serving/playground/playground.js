@@ -456,7 +456,7 @@ function runCard(run) {
     element("h3", { text: model.id }),
     facts([["base", model.base], ["method", model.method], ["hyperparameters", model.hyperparameters], ["metrics", model.metrics], ["created", model.created]]),
     element("div", { class: "buttons" }, toggle,
-      element("button", { type: "button", text: "Compare with base", onclick: () => compareWithBase(model) })),
+      element("button", { type: "button", text: "Compare with base", "aria-label": `Compare ${model.id} with its base ${model.base}`, onclick: () => compareWithBase(model) })),
     details);
 }
 
