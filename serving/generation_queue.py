@@ -76,6 +76,12 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
+    call: CallProgress | None = None  # the pipeline call it runs in, once it runs
+
+    @property
+    def steps_done(self) -> int:
+        """Denoising steps of its pipeline call done so far (0 while it waits), for progress reports."""
+        return self.call.steps_done if self.call is not None else 0
 
     @classmethod
     def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
@@ -217,13 +223,12 @@ class GenerationQueue:
             BatchItem(job.request.prompt, job.request.negative_prompt, seed) for job in batch for seed in job.seeds
         ]
         started = time.monotonic()
-        steps_done = 0
         progress = CallProgress(started, 0, head.request.num_inference_steps, len(items))
         self._running = progress
+        for job in batch:
+            job.call = progress
 
         def count_step(done: int) -> None:
-            nonlocal steps_done
-            steps_done = done
             progress.steps_done = done
 
         if self.metrics is not None:
@@ -253,10 +258,10 @@ class GenerationQueue:
                 self.metrics.running_images.set(0)
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
-        if steps_done < head.request.num_inference_steps:
+        if progress.steps_done < head.request.num_inference_steps:
             logger.info(
                 "stopped after %d of %d steps: every request in the batch gave up",
-                steps_done,
+                progress.steps_done,
                 head.request.num_inference_steps,
             )
             if self.metrics is not None:

@@ -1,6 +1,7 @@
 """The BentoML service: ``POST /txt2img`` (one image), ``POST /images`` (several), SageMaker's
-``/ping`` + ``/invocations``, ``GET /models``, OpenAI's Images API under ``/v1`` and AUTOMATIC1111's
-API under ``/sdapi/v1``. Every route is a thin adapter onto GenerationRequest and the one queue.
+``/ping`` + ``/invocations``, ``GET /models``, OpenAI's Images API under ``/v1``, AUTOMATIC1111's
+API under ``/sdapi/v1``, and the web playground at ``/ui`` (``/`` leads there; BentoML's Swagger UI
+moves to ``/docs``). Every generating route is a thin adapter onto GenerationRequest and the one queue.
 
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
@@ -15,8 +16,9 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI, Request
 from PIL import Image
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from catalog.paths import txt2img_home
 from serving import a1111, openai_images
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response, log_client_errors_as_one_line
@@ -34,6 +36,15 @@ from serving.invocations import (
 from serving.manager import PipelineManager
 from serving.metrics import own_prometheus_dir, serving_metrics
 from serving.openapi import OpenAPI30Docs
+from serving.playground import (
+    NotARunFile,
+    PlaygroundHome,
+    catalog_listing,
+    fine_tune_runs,
+    playground_app,
+    progress_lines,
+    run_file_response,
+)
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 
@@ -77,6 +88,7 @@ a1111_app = FastAPI(title="txt2img AUTOMATIC1111 API", docs_url=None, redoc_url=
     resources={"gpu": 1},
 )
 @bentoml.asgi_app(sagemaker_app, path="/")  # mounted last: it would take the paths of any mounted after it
+@bentoml.asgi_app(playground_app, path="/")
 @bentoml.asgi_app(a1111_app, path="/sdapi/v1")
 @bentoml.asgi_app(openai_app, path="/v1")
 class Txt2Img:
@@ -237,6 +249,38 @@ class Txt2Img:
         """No scripts or extensions here; clients ask before sending their arguments."""
         return {"txt2img": [], "img2img": []}
 
+    @playground_app.get("/ui/api/catalog", include_in_schema=False)
+    def playground_catalog(self, q: str = "") -> dict:
+        """The catalog for the playground, ranked as ``txt2img catalog search q`` ranks it."""
+        return catalog_listing(q, self.manager.loaded_ids(), self.settings.model)
+
+    @playground_app.post("/ui/api/generate", include_in_schema=False)
+    async def playground_generate(self, request: Request) -> Response:
+        """``POST /images`` with progress: NDJSON lines while the job runs, then the images.
+
+        A request refused before it is queued (bad input, a full queue) gets the same error answer as
+        ``/images``; once the stream has begun, an error arrives as its last line."""
+        try:
+            job = self._job(GenerationRequest.model_validate_json(await request.body()))
+            self.queue.submit(job)
+        except Exception as error:
+            return error_response(error)
+        lines = progress_lines(self.queue, job, client_gone=request.is_disconnected)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @playground_app.get("/ui/api/runs", include_in_schema=False)
+    def playground_runs(self) -> list:
+        """The fine-tunes in TXT2IMG_HOME and the files their training, evaluation and tuning left."""
+        return fine_tune_runs(txt2img_home())
+
+    @playground_app.get("/ui/files/{path:path}", include_in_schema=False)
+    def playground_file(self, path: str) -> Response:
+        """A run's file, read-only; nothing outside TXT2IMG_HOME's run folders (see playground.run_file)."""
+        try:
+            return run_file_response(txt2img_home(), path)
+        except NotARunFile:
+            return JSONResponse({"error": f"no run file '{path}' in TXT2IMG_HOME"}, status_code=404)
+
     async def _generate(self, requests: list[GenerationRequest], http_request: Request) -> list[GenerationResult]:
         """Queue every request at once (so they can share pipeline calls) and wait for all of them."""
         jobs = [self._job(request) for request in requests]  # checks them all before queueing any
@@ -266,3 +310,4 @@ class Txt2Img:
 
 
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
+Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs

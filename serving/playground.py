@@ -1,0 +1,215 @@
+"""The web playground at ``/ui``: the page itself, and the JSON it reads that no public route gives.
+
+The page (serving/playground/: plain HTML, CSS and JS, nothing fetched from the internet) lists the
+catalog, generates with per-step progress, compares models side by side and shows fine-tune runs.
+It sends the same request body as ``POST /images``. The routes that need the running service
+(catalog, generation, runs) are methods of ``Txt2Img`` in serving/service.py; this module holds
+what they compute, the page's static routes, and the middleware that makes ``/`` lead here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.responses import FileResponse, RedirectResponse
+from starlette.staticfiles import StaticFiles
+
+from serving.generation_queue import GenerationQueue, Job
+from serving.http_errors import error_response
+from serving.images import image_base64
+
+logger = logging.getLogger(__name__)
+
+PAGE_DIR = Path(__file__).with_name("playground")
+# Everything a run leaves for people to look at lives in these folders of TXT2IMG_HOME
+# (training/dreambooth.py, training/evaluation.py, training/tuning.py); nothing else there is served.
+RUN_FOLDERS = ("models", "evaluations", "studies")
+RUN_FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".json": "application/json"}
+PROGRESS_INTERVAL_S = 0.2
+
+# The page's own plumbing, not an API to build on: no docs of its own, and out of /docs.json.
+playground_app = FastAPI(title="txt2img playground", docs_url=None, redoc_url=None, openapi_url=None)
+playground_app.mount("/ui/static", StaticFiles(directory=PAGE_DIR), name="playground-static")
+
+
+@playground_app.get("/ui", include_in_schema=False)
+def playground_page() -> FileResponse:
+    return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+class PlaygroundHome:
+    """ASGI middleware: ``GET /`` redirects to the playground, and BentoML's Swagger UI, which BentoML
+    serves at ``/``, answers at ``/docs`` instead (its assets and ``docs.json`` are relative links)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/":
+            await RedirectResponse("/ui")(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope["path"] == "/docs":
+            scope = {**scope, "path": "/", "raw_path": b"/"}
+        await self.app(scope, receive, send)
+
+
+def catalog_listing(query: str, loaded: list[str], default: str) -> dict[str, Any]:
+    """Catalog entries for the page: ranked by ``txt2img catalog search``'s own ranking when there
+    is a query, else every entry with the fine-tunes first; each says whether it is loaded now."""
+    from catalog.index import load_index
+
+    index = load_index()
+    if query.strip():
+        entries = index.search(query)
+    else:
+        entries = sorted(index.entries, key=lambda entry: entry["source"] != "finetune")  # stable: catalog order
+    return {
+        "default": default,
+        "loaded": loaded,
+        "models": [{**entry, "loaded": entry["id"] in loaded} for entry in entries],
+    }
+
+
+def _files(home: Path, pattern: str) -> list[str]:
+    return sorted(path.relative_to(home).as_posix() for path in home.glob(pattern) if path.is_file())
+
+
+def _file(home: Path, relative: str) -> str | None:
+    return relative if (home / relative).is_file() else None
+
+
+def _evaluations(home: Path, model_id: str) -> list[dict[str, Any]]:
+    """Every ``txt2img evaluate`` report of a model, newest first (their folders are UTC time stamps)."""
+    evaluations = []
+    for report_path in sorted((home / "evaluations" / model_id).glob("*/metrics.json"), reverse=True):
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a report being written or damaged is left out, not an error for the whole page
+        folder = report_path.parent.relative_to(home).as_posix()
+        evaluations.append(
+            {
+                "created": report.get("created"),
+                "metrics": report.get("metrics", {}),
+                "report": f"{folder}/metrics.json",
+                "grid": _file(home, f"{folder}/grid.png"),
+            }
+        )
+    return evaluations
+
+
+def _tuning(home: Path, tuning: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A tuned fine-tune's study: the objective plot and each trial with its evaluation grid."""
+    if not tuning:
+        return None
+    study = f"studies/{tuning.get('study')}"  # training/tuning.py's default_study_dir
+    trials = [
+        {**trial, "grid": _file(home, f"{study}/trials/{trial.get('number', 0):04d}/evaluation/grid.png")}
+        for trial in tuning.get("trials", [])
+    ]
+    return {**tuning, "trials": trials, "objective_plot": _file(home, f"{study}/report/objective.png")}
+
+
+def fine_tune_runs(home: Path) -> list[dict[str, Any]]:
+    """Each fine-tune in the catalog with the files its training, evaluations and tuning left in ``home``,
+    as paths relative to ``home`` (the page reads them through ``GET /ui/files/<path>``)."""
+    from catalog.index import load_index
+
+    runs = []
+    for entry in load_index().entries:
+        if entry["source"] != "finetune":
+            continue
+        run = f"models/{entry['id']}"  # training/dreambooth.py's default_output_dir
+        runs.append(
+            {
+                "model": entry,
+                "contact_sheet": _file(home, f"{run}/contact_sheet.png"),
+                "loss_curve": _file(home, f"{run}/loss_curve.png"),
+                "validation": _files(home, f"{run}/validation/*.png"),
+                "evaluations": _evaluations(home, entry["id"]),
+                "tuning": _tuning(home, entry.get("tuning")),
+            }
+        )
+    return runs
+
+
+class NotARunFile(Exception):
+    """A path that names no run file inside TXT2IMG_HOME: outside it, hidden, or of another kind."""
+
+
+def run_file(home: Path, relative: str) -> Path:
+    """The file ``relative`` names under one of ``home``'s RUN_FOLDERS, symlinks resolved; raises
+    NotARunFile for anything else (``..``, absolute paths, backslashes, a link leading out)."""
+    parts = relative.split("/")
+    if (
+        relative.startswith("/")
+        or "\\" in relative
+        or "\x00" in relative
+        or any(part == "" or part.startswith(".") for part in parts)  # "..", "." and hidden files
+        or parts[0] not in RUN_FOLDERS
+        or Path(relative).suffix.lower() not in RUN_FILE_TYPES
+    ):
+        raise NotARunFile(relative)
+    root = home.resolve()
+    path = (root / relative).resolve()
+    # resolve() follows every link, so a link anywhere in the path that leads out of home ends up outside.
+    if not path.is_relative_to(root / parts[0]) or not path.is_file():
+        raise NotARunFile(relative)
+    return path
+
+
+def run_file_response(home: Path, relative: str) -> FileResponse:
+    path = run_file(home, relative)
+    return FileResponse(path, media_type=RUN_FILE_TYPES[path.suffix.lower()])
+
+
+def _error_line(error: Exception) -> dict[str, Any]:
+    """The error answer ``POST /images`` would have given, as one line with its status inside."""
+    try:
+        response = error_response(error)
+    except Exception:  # error_response re-raises what it does not know; the stream has begun, so say it here
+        logger.exception("generation failed")
+        return {"error": f"generation failed: {error}", "status": 500}
+    return {**json.loads(response.body), "status": response.status_code}
+
+
+async def progress_lines(
+    queue: GenerationQueue, job: Job, client_gone: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[str]:
+    """NDJSON for one queued job: ``{"step", "steps"}`` whenever its denoising advances, then either
+    what ``POST /images`` answers (plus ``model``, ``width`` and ``height``) or ``{"error", "status"}``."""
+    waiting = asyncio.ensure_future(queue.wait(job, client_gone=client_gone))
+    reported = -1
+    try:
+        while not waiting.done():
+            if job.steps_done != reported:
+                reported = job.steps_done
+                yield json.dumps({"step": reported, "steps": job.request.num_inference_steps}) + "\n"
+            await asyncio.wait({waiting}, timeout=PROGRESS_INTERVAL_S)
+        result = waiting.result()
+    except Exception as error:
+        yield json.dumps(_error_line(error)) + "\n"
+        return
+    finally:
+        if not waiting.done():  # the client left mid-stream: let the queue drop or stop the job
+            job.abandoned.set()
+            waiting.cancel()
+    request = job.request
+    images = [
+        {"seed": seed, "image": image_base64(image, request.format)} for seed, image in zip(result.seeds, result.images)
+    ]
+    answer = {
+        "format": request.format,
+        "images": images,
+        "model": job.entry.id,
+        "width": job.width,
+        "height": job.height,
+        "batch_images": result.batch_images,
+    }
+    yield json.dumps(answer) + "\n"
