@@ -26,6 +26,7 @@ from catalog.paths import atomic_write_text, follow_umask, staging_directory, tx
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import Catalog, claim_name, entry_yaml, load_catalog, write_entry
 from training.dataset import DreamBoothDataset, load_dataset
+from training.distributed import World, current_world
 from training.hyperparameters import Hyperparameters
 from txt2img.errors import InputError, Interrupted
 
@@ -224,17 +225,22 @@ def train(
     write to the user catalog) the new entry ``name``.
 
     With ``register`` the name is claimed first, so a second run for the same name is refused
-    at once (NameInUse) and can never write into this one's folder. Raises DatasetError,
+    at once (NameInUse) and can never write into this one's folder. Called in each process of
+    a torch.distributed group (``txt2img train --processes``), it trains data-parallel; rank 0
+    alone claims, checks, writes and registers, and only it returns a registered entry. Raises DatasetError,
     TrainingSetupError or UnknownModelError before any work on bad input, and
     TrainingInterrupted after Ctrl-C (with a checkpoint saved). ``on_checkpoint(step,
     {"loss": ...})`` runs after each checkpoint; an exception from it stops the run.
     """
     output_dir = Path(output_dir).expanduser() if output_dir else default_output_dir(name)
-    arguments = dict(output_dir=output_dir, resume=resume, progress=progress, register=register)
-    with claim_name(name) if register else contextlib.nullcontext():
+    world = current_world()
+    arguments = dict(output_dir=output_dir, resume=resume, progress=progress and world.is_main, register=register)
+    with claim_name(name) if register and world.is_main else contextlib.nullcontext():
         try:
-            return _train(data_dir, base, name, hyperparameters, on_checkpoint=on_checkpoint, **arguments)
+            return _train(data_dir, base, name, hyperparameters, world=world, on_checkpoint=on_checkpoint, **arguments)
         except BaseException:
+            if not world.is_main:
+                raise
             # A run that failed (a full disk, say) must not leave a draft entry without its model or
             # empty folders behind: the next run would take them for a run to --resume.
             if not (output_dir / MODEL_DIR).is_dir():
@@ -255,6 +261,7 @@ def _train(
     resume: bool,
     progress: bool,
     register: bool,
+    world: World,
     on_checkpoint: Callable[[int, dict], None] | None,
 ) -> CatalogEntry:
     started = time.monotonic()
@@ -262,11 +269,14 @@ def _train(
     data_dir = Path(data_dir).expanduser().resolve()
     catalog = load_catalog()
     base_entry = trainable_base(catalog, base)
-    _check_name(catalog, name, register)
-    _check_output_dir(output_dir, resume)
+    if world.is_main:  # the others would see rank 0's claim and folder, and take them for another run's
+        _check_name(catalog, name, register)
+        _check_output_dir(output_dir, resume)
     dataset = load_dataset(data_dir, hp, base_entry.resolution)
-    if resume and (output_dir / MODEL_DIR).is_dir() and (output_dir / FINISHED_ENTRY).is_file():
-        return _register(_finished_run(output_dir, base, dataset.fingerprint), data_dir, register)
+    finished = resume and (output_dir / MODEL_DIR).is_dir() and (output_dir / FINISHED_ENTRY).is_file()
+    if world.from_main(finished):
+        entry = _finished_run(output_dir, base, dataset.fingerprint, world)
+        return _register(entry, data_dir, register) if world.is_main else entry
     precision = choose_precision(hp)
 
     import torch
@@ -279,9 +289,10 @@ def _train(
     from training.losses import encode_prompts, per_sample_denoising_error, training_noise_scheduler
     from training.trainable import prepare_trainable
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = output_dir / CHECKPOINT_DIR
-    remove_stale_staging(checkpoint_dir)
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(checkpoint_dir)
     logger.info("loading base model %s on %s", base, precision.device)
     pipeline = load_pipeline(base_entry, catalog)
     pipeline.to(precision.device)
@@ -293,6 +304,9 @@ def _train(
 
     with _progress(progress) as bars:
         if hp.with_prior_preservation:
+            # Rank 0 generates the missing class images; the others wait for it, then only list them.
+            if not world.is_main:
+                world.barrier()
             task = bars.add_task("class images", total=hp.num_class_images * len(dataset.concepts), status="")
             for concept in dataset.concepts:
                 before = len(concept.class_images)
@@ -305,8 +319,11 @@ def _train(
                     seed=hp.seed,
                     on_image=lambda: bars.advance(task),
                 )
+            if world.is_main:
+                world.barrier()
 
         trainable = prepare_trainable(pipeline, hp, precision.frozen_dtype)
+        world.copy_from_main(trainable.parameters())
         vae = pipeline.vae
         instance = [encode_images(vae, c.instance_images, resolution, multiple) for c in dataset.concepts]
         classes = (
@@ -332,7 +349,8 @@ def _train(
             return torch.stack([prompt_cache[prompt] for prompt in prompts])
 
         accumulation = hp.gradient_accumulation_steps
-        total_steps = hp.max_steps or hp.epochs * plan.steps_per_epoch(accumulation)
+        # Each optimizer step takes ``accumulation`` micro-batches in every process.
+        total_steps = hp.max_steps or hp.epochs * plan.steps_per_epoch(accumulation * world.size)
         parameters = trainable.parameters()
         optimizer = _optimizer(parameters, hp)
         lr_scheduler = get_scheduler(
@@ -340,7 +358,7 @@ def _train(
         )
         scaler = torch.amp.GradScaler("cuda") if precision.autocast_dtype == torch.float16 else None
         noise_scheduler = training_noise_scheduler(pipeline)
-        generator = torch.Generator().manual_seed(hp.seed)
+        generator = torch.Generator().manual_seed(hp.seed + world.rank)
         signature = {
             "base": base,
             "dataset_fingerprint": dataset.fingerprint,
@@ -348,9 +366,16 @@ def _train(
         }
         step, losses = 0, []
 
-        checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+        checkpoint = world.from_main(latest_checkpoint(checkpoint_dir) if resume else None)
         if checkpoint is not None:
             weights, state = load_checkpoint(checkpoint)
+            processes = state.get("processes", 1)
+            if processes != world.size:
+                # Each process's random stream is part of the state: a different count cannot continue it.
+                raise TrainingSetupError(
+                    f"cannot resume from {checkpoint}: it was trained with {processes} process(es); "
+                    f"resume with --processes {processes}"
+                )
             if state["signature"] != signature:
                 changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
                 raise TrainingSetupError(f"cannot resume from {checkpoint}: it was made with different {changed}")
@@ -359,31 +384,36 @@ def _train(
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             if scaler is not None and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])
-            generator.set_state(state["rng"])
+            generator.set_state(state["rng_by_rank"][world.rank] if "rng_by_rank" in state else state["rng"])
             step, losses = state["step"], list(state["losses"])
             logger.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
         elif resume:
             logger.info("no checkpoint in %s; starting from step 0", checkpoint_dir)
 
         def write_checkpoint() -> Path:
+            random_states = world.gather(generator.get_state())
+            if not world.is_main:
+                return checkpoint_dir / f"checkpoint-{step}"
             state = {
                 "step": step,
                 "losses": losses,
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": generator.get_state(),
+                "rng_by_rank": random_states,
+                "processes": world.size,
                 "signature": signature,
             }
             return save_checkpoint(checkpoint_dir, step, trainable.state_dict(), state)
 
         logger.info(
-            "training %s: steps %d to %d, %d instance image(s), %s",
+            "training %s: steps %d to %d, %d instance image(s), %s%s",
             hp.method,
             step + 1,
             total_steps,
             dataset.num_instance_images,
             precision.device,
+            f" x {world.size} processes" if world.size > 1 else "",
         )
         task = bars.add_task("training", total=total_steps, completed=step, status="loss -")
         device_type = precision.device.type
@@ -394,7 +424,7 @@ def _train(
             while step < total_steps:
                 step_loss = 0.0
                 for micro in range(step * accumulation, (step + 1) * accumulation):
-                    batch = plan.micro_batch(micro, generator)
+                    batch = plan.micro_batch(micro * world.size + world.rank, generator)
                     latents = batch.latents.to(precision.device)
                     noise = torch.randn(latents.shape, generator=generator).to(precision.device, latents.dtype)
                     timesteps = torch.randint(
@@ -413,6 +443,11 @@ def _train(
                     loss = loss / accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
                     step_loss += float(loss.detach())
+                world.average_gradients(parameters)
+                # One exchange per step: the mean loss, and whether Ctrl-C reached any process, so
+                # that all of them stop (and checkpoint) after the same step.
+                loss_sum, stops = world.sum([step_loss, float(stop.requested)])
+                step_loss, stop_requested = loss_sum / world.size, stops > 0
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, hp.max_grad_norm)
@@ -426,15 +461,16 @@ def _train(
                 step += 1
                 losses.append(step_loss)
                 bars.update(task, advance=1, status=f"loss {step_loss:.4f}")
-                if step % hp.checkpointing_steps == 0 or stop.requested:
+                if step % hp.checkpointing_steps == 0 or stop_requested:
                     saved = write_checkpoint()
                     recent = losses[last_checkpoint_step:]
                     last_checkpoint_step = step
-                    if stop.requested:
+                    if stop_requested:
                         raise TrainingInterrupted(step, saved)
-                    if on_checkpoint is not None:
+                    if on_checkpoint is not None and world.is_main:
                         on_checkpoint(step, {"loss": sum(recent) / len(recent)})
         trainable.train(False)
+        world.check_in_step(parameters)
         loop_seconds = time.monotonic() - loop_started
         train_seconds = time.monotonic() - started
         model_dir = output_dir / MODEL_DIR
@@ -465,6 +501,8 @@ def _train(
             metrics=metrics,
             created=datetime.now(timezone.utc),
         )
+        if not world.is_main:
+            return entry
         atomic_write_text(output_dir / FINISHED_ENTRY, entry_yaml(entry))
         with writing(model_dir):
             _save_model_atomically(pipeline, trainable, output_dir)
@@ -473,7 +511,7 @@ def _train(
     return _register(entry, data_dir, register)
 
 
-def _finished_run(output_dir: Path, base: str, fingerprint: str) -> CatalogEntry:
+def _finished_run(output_dir: Path, base: str, fingerprint: str, world: World) -> CatalogEntry:
     """The entry of the model a run saved before it was killed, to register instead of training again."""
     path = output_dir / FINISHED_ENTRY
     entry = CatalogEntry.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -481,8 +519,9 @@ def _finished_run(output_dir: Path, base: str, fingerprint: str) -> CatalogEntry
         raise TrainingSetupError(
             f"{output_dir} holds a finished run of {entry.base} on another dataset; pick another --name"
         )
-    logger.info("the run had finished before it stopped; registering its model %s", entry.artifact)
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)  # left if killed right after the save
+    if world.is_main:
+        logger.info("the run had finished before it stopped; registering its model %s", entry.artifact)
+        shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)  # left if killed right after the save
     return entry
 
 
