@@ -31,6 +31,8 @@ logger = logging.getLogger("txt2img.training")
 _EXIT_CODE_KEY = "txt2img_exit_code"
 # Rank 0 alone generates class images while the others wait: that can take a while on a big model.
 _COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# How long torchrun's agent lets the workers finish their checkpoint after a Ctrl-C.
+_SHUTDOWN_SECONDS = 600
 # Gradients are averaged a few large flat buffers at a time: far fewer calls than one per tensor.
 _BUCKET_ELEMENTS = 16 * 1024 * 1024
 
@@ -152,6 +154,7 @@ def launch_training(
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     import torch
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
@@ -168,22 +171,30 @@ def launch_training(
             "resume": resume,
         }
     )
+    # The workers run in sessions of their own, so a Ctrl-C reaches only this process: torchrun's
+    # agent forwards it to them, and each saves a checkpoint after the same step. Saving a big model
+    # can outlast the agent's default 30 s of patience before it kills them.
     arguments = torchrun.parse_args(
         ["--standalone", "--nnodes=1", f"--nproc-per-node={processes}", "--max-restarts=0"]
-        + ["--module", "training.distributed", payload]
+        + [f"--shutdown-timeout={_SHUTDOWN_SECONDS}", "--module", "training.distributed", payload]
     )
-    # The agent's own log says the same as the one line below, at length.
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-    # Ctrl-C reaches every worker from the terminal; each saves a checkpoint at the same step. The
-    # launcher must neither die of it nor let the agent kill the workers before they have saved.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGHUP,SIGQUIT"
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The agent's own log says the same as the one line below, at length. Its loggers set their own levels.
+    for logger_name in list(logging.root.manager.loggerDict):
+        if logger_name.startswith("torch.distributed"):
+            logging.getLogger(logger_name).setLevel(logging.CRITICAL)
     try:
         torchrun.run(arguments)
     except ChildFailedError as error:
         raise _explain(error.failures, processes) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    except SignalException as error:
+        if error.sigval != signal.SIGINT:
+            raise Txt2ImgError(
+                f"stopped by {error.sigval.name}; continue with the same command plus --resume"
+            ) from None
+        raise Interrupted(
+            "interrupted; the processes saved a checkpoint after their last step; "
+            "continue with the same command plus --resume"
+        ) from None
 
 
 def _explain(failures: dict[int, Any], processes: int) -> Txt2ImgError:
@@ -195,15 +206,17 @@ def _explain(failures: dict[int, Any], processes: int) -> Txt2ImgError:
                 data[_EXIT_CODE_KEY], Txt2ImgError
             )
             return kind(data["message"])
+    # The agent stops the survivors with SIGTERM, so a SIGTERM is the cause only when nothing else is.
     killed = [(rank, failure) for rank, failure in failures.items() if failure.exitcode < 0]
-    if killed:
-        # The agent stops the survivors with SIGTERM: a process killed otherwise is the cause.
-        rank, failure = min(killed, key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))
+    killed.sort(key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))
+    crashed = sorted((item for item in failures.items() if item[1].exitcode > 0), key=lambda item: item[1].timestamp)
+    if killed and (killed[0][1].exitcode != -signal.SIGTERM or not crashed):
+        rank, failure = killed[0]
         return Txt2ImgError(
             f"training process {rank} of {processes} was killed ({failure.signal_name()}), so the run "
             "stopped; continue it with the same command plus --resume"
         )
-    rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
+    rank, failure = crashed[0]
     sys.stderr.write(f"{failure.message}\n")
     return Txt2ImgError(f"training process {rank} of {processes} failed (exit code {failure.exitcode}); see above")
 
@@ -233,8 +246,6 @@ def _log_to_stderr(rank: int) -> None:
 
 
 def _worker(payload: str) -> int:
-    # The launcher ignores Ctrl-C, and an ignored signal is inherited: take the default back.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     _log_to_stderr(rank)
     import torch
