@@ -83,7 +83,7 @@ def test_a_killed_process_stops_the_run_and_resume_completes_it(tmp_path, txt2im
     base_loss = _red_loss(build_tiny_sd_pipeline(), data)
     options = ["--method", "lora", "--processes", "2"]
     for pair in (
-        "max_steps=24",
+        "max_steps=15",
         "checkpointing_steps=3",
         "learning_rate=5e-2",
         "lora_rank=16",

@@ -117,7 +117,7 @@ class World:
                 offset += g.numel()
             bucket = []
 
-    def check_in_step(self, parameters: list[Any]) -> None:
+    def check_same_weights(self, parameters: list[Any]) -> None:
         """Refuse to save a model unless every process holds the same weights: rank 0's copy
         stands for the whole run only if the gradient averaging kept the copies equal."""
         if self.size == 1:

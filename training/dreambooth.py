@@ -470,7 +470,7 @@ def _train(
                     if on_checkpoint is not None and world.is_main:
                         on_checkpoint(step, {"loss": sum(recent) / len(recent)})
         trainable.train(False)
-        world.check_in_step(parameters)
+        world.check_same_weights(parameters)
         loop_seconds = time.monotonic() - loop_started
         train_seconds = time.monotonic() - started
         model_dir = output_dir / MODEL_DIR
