@@ -50,6 +50,13 @@ def _log_to_stderr() -> None:
     help="A hyperparameter, JumpStart's names (e.g. max_steps=400); repeatable.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run of NEW_ID from its last checkpoint.")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train data-parallel in this many processes (torchrun): one per GPU, or CPU processes without one.",
+)
 @remote_job_options
 @click.pass_context
 def train_command(
@@ -60,6 +67,7 @@ def train_command(
     method: str | None,
     pairs: tuple[str, ...],
     resume: bool,
+    processes: int,
     **remote_options,
 ) -> None:
     """Fine-tune MODEL_ID on the photos in DATA_DIR and register the result as NEW_ID.
@@ -71,10 +79,17 @@ def train_command(
     hyperparameters = _hyperparameters(pairs, method)
     if remote_options["remote"]:
         refuse_local_options(context, ("resume",), "a SageMaker job runs to completion on its own")
+        if processes > 1:
+            raise InputError("--processes is for local runs; a SageMaker job's instance type sets its GPUs")
         run_remote_training(data_dir, base, name, hyperparameters, **remote_options)
         return
     if data_dir.startswith("s3://"):
         raise InputError(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
+    if processes > 1:
+        from training.distributed import launch_training
+
+        launch_training(processes, Path(data_dir), base, name, hyperparameters, resume=resume)
+        return
     _log_to_stderr()
     from training.dreambooth import TrainingInterrupted, train
 

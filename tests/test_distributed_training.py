@@ -1,0 +1,128 @@
+"""``txt2img train --processes 2``: data-parallel DreamBooth on tiny-sd in two real CPU processes
+(gloo) under torchrun; it learns, registers once, and survives losing a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from catalog.pipelines import LORA_WEIGHT_NAME, load_pipeline
+from catalog.store import load_catalog
+from catalog.tiny_sd import build_tiny_sd_pipeline
+from training.demo_dataset import write_demo_dataset
+from training.losses import denoising_loss
+
+REPO = Path(__file__).resolve().parents[1]
+RED = "a photo of sks red toy"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _red_loss(pipeline, data: Path) -> float:
+    images = [Image.open(path).convert("RGB") for path in sorted(data.glob("*.png"))]
+    return denoising_loss(pipeline, images, RED, resolution=64)
+
+
+def _start(data: Path, home: Path, name: str, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "txt2img", "train", str(data), "--base", "tiny-sd", "--name", name, *options]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the torchrun worker with this rank: a child of the launcher, told apart by its RANK."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for child in children:
+        environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environment:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_two_processes_learn_and_register_one_entry(tmp_path, txt2img_home):
+    data = write_demo_dataset(tmp_path / "data")
+    base_loss = _red_loss(build_tiny_sd_pipeline(), data)
+
+    hp = ["max_steps=20", "learning_rate=2e-3", f"validation_prompts={RED}"]
+    code, stdout, stderr = _finish(_start(data, txt2img_home, "pair", "--processes", "2", *(f"--hp={p}" for p in hp)))
+
+    assert code == 0, stderr
+    assert "cpu x 2 processes" in stderr
+    # Rank 0 alone registers, prints and writes: one entry, one report, one set of images.
+    assert stdout.count("registered pair") == 1 and stdout.count("final_loss=") == 1, stdout
+    assert [path.name for path in (txt2img_home / "catalog").glob("*.yaml")] == ["pair.yaml"]
+    entry = load_catalog().get("pair")
+    output = Path(entry.artifact).parent
+    assert sorted(path.name for path in output.iterdir()) == [
+        "contact_sheet.png",
+        "entry.yaml",
+        "loss_curve.png",
+        "model",
+        "validation",
+    ]
+    # The same bar as the one-process run (tests/test_train.py): the loss at least halves.
+    trained_loss = _red_loss(load_pipeline(entry, load_catalog()), data)
+    assert trained_loss < 0.5 * base_loss, (base_loss, trained_loss)
+
+
+def test_a_killed_process_stops_the_run_and_resume_completes_it(tmp_path, txt2img_home):
+    """LoRA with prior preservation: SIGKILL one of two processes; the other stops, --resume finishes."""
+    data = write_demo_dataset(tmp_path / "data")
+    base_loss = _red_loss(build_tiny_sd_pipeline(), data)
+    options = ["--method", "lora", "--processes", "2"]
+    for pair in (
+        "max_steps=15",
+        "checkpointing_steps=3",
+        "learning_rate=5e-2",
+        "lora_rank=16",
+        "with_prior_preservation=true",
+        "num_class_images=2",
+        f"validation_prompts={RED}",
+    ):
+        options += ["--hp", pair]
+    checkpoints = txt2img_home / "models" / "lora-pair" / "checkpoints"
+
+    launcher = _start(data, txt2img_home, "lora-pair", *options)
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir())):
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    os.kill(_worker_of_rank(launcher, 1), signal.SIGKILL)
+    code, stdout, stderr = _finish(launcher)  # the other rank exits too: no hang
+
+    assert code == 1, stderr
+    assert stderr.splitlines()[-1] == (
+        "txt2img: training process 1 of 2 was killed (SIGKILL), so the run stopped; "
+        "continue it with the same command plus --resume"
+    )
+    assert "Traceback" not in stderr
+    assert not list((txt2img_home / "catalog").glob("*.yaml"))
+    # Rank 0 alone generated the class images.
+    assert len(list((data / "class_data_dir").glob("txt2img-class-*.png"))) == 2
+
+    # Each process's random stream is in the checkpoint: another process count is refused in one line.
+    code, _, stderr = _finish(_start(data, txt2img_home, "lora-pair", *options[:2], *options[4:], "--resume"))
+    assert code == 2, stderr
+    assert stderr.splitlines()[-1].startswith("txt2img: error: cannot resume from ") and "Traceback" not in stderr
+    assert stderr.splitlines()[-1].endswith("it was trained with 2 process(es); resume with --processes 2")
+
+    code, stdout, stderr = _finish(_start(data, txt2img_home, "lora-pair", *options, "--resume"))
+    assert code == 0, stderr
+    assert "resuming from" in stderr and stdout.count("registered lora-pair") == 1
+    assert [path.name for path in (txt2img_home / "catalog").glob("*.yaml")] == ["lora-pair.yaml"]
+    entry = load_catalog().get("lora-pair")
+    assert entry.method == "lora" and Path(entry.artifact, LORA_WEIGHT_NAME).is_file()
+    assert _red_loss(load_pipeline(entry, load_catalog()), data) < 0.97 * base_loss

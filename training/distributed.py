@@ -1,0 +1,296 @@
+"""Data-parallel DreamBooth: ``txt2img train --processes N`` runs N copies of the trainer under
+torchrun (``torch.distributed.run``), one per GPU (nccl backend) or CPU process (gloo).
+
+Every process holds the whole model and draws its own micro-batches of each optimizer step;
+gradients are averaged across processes before the step, so the copies stay equal and one
+step sees ``batch_size x processes x gradient_accumulation_steps`` examples. Rank 0 alone
+claims the name and writes checkpoints, images and the catalog entry. torchrun's agent
+watches the processes: when one dies, it stops the others and this launcher reports why.
+
+Run as a module, this file is the worker torchrun starts in each process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from txt2img.errors import InputError, Interrupted, Txt2ImgError
+
+logger = logging.getLogger("txt2img.training")
+
+# The key in a worker's error file (torchelastic's reply file) that marks an expected failure.
+_EXIT_CODE_KEY = "txt2img_exit_code"
+# Rank 0 alone generates class images while the others wait: that can take a while on a big model.
+_COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# How long torchrun's agent lets the workers finish their checkpoint after a Ctrl-C.
+_SHUTDOWN_SECONDS = 600
+# Gradients are averaged a few large flat buffers at a time: far fewer calls than one per tensor.
+_BUCKET_ELEMENTS = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size`` processes (a world of one when alone)."""
+
+    rank: int = 0
+    size: int = 1
+    device: Any = None  # where collective tensors live: the rank's GPU for nccl, else the CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over all processes."""
+        if self.size == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (any picklable object), in rank order."""
+        if self.size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every process."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def copy_from_main(self, parameters: list[Any]) -> None:
+        """Overwrite these tensors with rank 0's (randomly initialised LoRA adapters differ per process)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for parameter in parameters:
+            dist.broadcast(parameter.data, src=0)
+
+    def average_gradients(self, parameters: list[Any]) -> None:
+        """Replace each gradient with its mean over all processes."""
+        if self.size == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+        bucket: list[Any] = []
+        for index, gradient in enumerate(gradients):
+            bucket.append(gradient)
+            if index + 1 < len(gradients) and sum(g.numel() for g in bucket) < _BUCKET_ELEMENTS:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)  # gloo has no AVG: sum, then divide
+            flat /= self.size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket = []
+
+    def check_same_weights(self, parameters: list[Any]) -> None:
+        """Refuse to save a model unless every process holds the same weights: rank 0's copy
+        stands for the whole run only if the gradient averaging kept the copies equal."""
+        if self.size == 1:
+            return
+        import torch
+
+        with torch.no_grad():
+            checksum = sum(float(parameter.double().abs().sum()) for parameter in parameters)
+        checksums = self.gather(checksum)
+        if any(abs(value - checksums[0]) > 1e-6 * max(1.0, abs(checksums[0])) for value in checksums):
+            raise RuntimeError(f"the training processes' weights diverged (checksums {checksums})")
+
+
+def current_world() -> World:
+    """The process group this process belongs to, or a world of one."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+# --- the launcher (the txt2img process) -------------------------------------------------------------
+
+
+def launch_training(
+    processes: int, data_dir: Path, base: str, name: str, hyperparameters: Any, *, resume: bool
+) -> None:
+    """Run ``train()`` in ``processes`` processes under torchrun on this machine; raise a
+    Txt2ImgError saying what went wrong if any of them fails."""
+    # Before torch loads: c10d's C++ warnings about the local rendezvous are noise for a user.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    import torch
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise InputError(
+            f"--processes {processes} needs {processes} GPUs (one per process); this machine has "
+            f"{torch.cuda.device_count()}"
+        )
+    payload = json.dumps(
+        {
+            "data_dir": str(Path(data_dir).expanduser().resolve()),
+            "base": base,
+            "name": name,
+            "hyperparameters": hyperparameters.model_dump(mode="json"),
+            "resume": resume,
+        }
+    )
+    # The workers run in sessions of their own, so a Ctrl-C reaches only this process: torchrun's
+    # agent forwards it to them, and each saves a checkpoint after the same step. Saving a big model
+    # can outlast the agent's default 30 s of patience before it kills them.
+    arguments = torchrun.parse_args(
+        ["--standalone", "--nnodes=1", f"--nproc-per-node={processes}", "--max-restarts=0"]
+        + [f"--shutdown-timeout={_SHUTDOWN_SECONDS}", "--module", "training.distributed", payload]
+    )
+    # The agent's own log says the same as the one line below, at length. Its loggers set their own levels.
+    for logger_name in list(logging.root.manager.loggerDict):
+        if logger_name.startswith("torch.distributed"):
+            logging.getLogger(logger_name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(arguments)
+    except ChildFailedError as error:
+        raise _explain(error.failures, processes) from None
+    except SignalException as error:
+        if error.sigval != signal.SIGINT:
+            raise Txt2ImgError(
+                f"stopped by {error.sigval.name}; continue with the same command plus --resume"
+            ) from None
+        raise Interrupted(
+            "interrupted; the processes saved a checkpoint after their last step; "
+            "continue with the same command plus --resume"
+        ) from None
+
+
+def _explain(failures: dict[int, Any], processes: int) -> Txt2ImgError:
+    """The error that stopped the run: an expected one from a worker, a killed worker, or a crash."""
+    for _, failure in sorted(failures.items()):
+        data = failure.error_file_data
+        if isinstance(data, dict) and _EXIT_CODE_KEY in data:
+            kind = {InputError.exit_code: InputError, Interrupted.exit_code: Interrupted}.get(
+                data[_EXIT_CODE_KEY], Txt2ImgError
+            )
+            return kind(data["message"])
+    # The agent stops the survivors with SIGTERM, so a SIGTERM is the cause only when nothing else is.
+    killed = [(rank, failure) for rank, failure in failures.items() if failure.exitcode < 0]
+    killed.sort(key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))
+    crashed = sorted((item for item in failures.items() if item[1].exitcode > 0), key=lambda item: item[1].timestamp)
+    if killed and (killed[0][1].exitcode != -signal.SIGTERM or not crashed):
+        rank, failure = killed[0]
+        return Txt2ImgError(
+            f"training process {rank} of {processes} was killed ({failure.signal_name()}), so the run "
+            "stopped; continue it with the same command plus --resume"
+        )
+    rank, failure = crashed[0]
+    sys.stderr.write(f"{failure.message}\n")
+    return Txt2ImgError(f"training process {rank} of {processes} failed (exit code {failure.exitcode}); see above")
+
+
+# --- the worker (one per process, started by torchrun) ----------------------------------------------
+
+
+def _record(message: str, exit_code: int | None = None) -> None:
+    """Leave the failure in torchelastic's reply file, where the launcher reads it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data: dict[str, Any] = {"message": message, "timestamp": int(time.time())}
+    if exit_code is not None:
+        data[_EXIT_CODE_KEY] = exit_code
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+
+
+def _log_to_stderr(rank: int) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    # Rank 0 tells the story; the others only speak up when something is wrong.
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _worker(payload: str) -> int:
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    _log_to_stderr(rank)
+    import torch
+    import torch.distributed as dist
+
+    from training.dreambooth import TrainingInterrupted, train
+    from training.hyperparameters import Hyperparameters
+
+    job = json.loads(payload)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=_COLLECTIVE_TIMEOUT)
+    try:
+        entry = train(
+            Path(job["data_dir"]),
+            job["base"],
+            job["name"],
+            Hyperparameters.model_validate(job["hyperparameters"]),
+            resume=job["resume"],
+        )
+    except TrainingInterrupted as error:
+        _record(f"{error}; continue with the same command plus --resume", Interrupted.exit_code)
+        return Interrupted.exit_code
+    except Txt2ImgError as error:
+        _record(str(error), error.exit_code)
+        return error.exit_code
+    except KeyboardInterrupt:
+        message = "stopped at once by a second Ctrl-C; --resume continues from the last checkpoint"
+        _record(message, Interrupted.exit_code)
+        return Interrupted.exit_code
+    except BaseException:
+        # Printed by the launcher only if this is what stopped the run: when another process died,
+        # this one's broken collective is a consequence, not news.
+        import traceback
+
+        _record(traceback.format_exc())
+        return 1
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"registered {entry.id} ({entry.method} fine-tune of {entry.base}) at {entry.artifact}", flush=True)
+        print(f"try it: txt2img catalog show {entry.id}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
