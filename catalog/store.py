@@ -272,8 +272,9 @@ class NameInUse(InputError):
 
 
 @contextmanager
-def claim_name(model_id: str, user_dir: Path | None = None) -> Iterator[None]:
-    """Hold ``model_id`` for this process while it creates that model; a second claim fails at once.
+def claim_name(model_id: str, user_dir: Path | None = None, wait: bool = False) -> Iterator[None]:
+    """Hold ``model_id`` for this process while it creates that model; a second claim fails at once
+    (or, with ``wait``, waits until the holder is done).
 
     The claim is an exclusive ``flock`` on a file beside the entries, so the kernel drops it when
     the process ends, however it ends: a killed run never leaves a stale claim behind.
@@ -284,7 +285,7 @@ def claim_name(model_id: str, user_dir: Path | None = None) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f".{model_id}.claim", "a+", encoding="utf-8") as claim:
         try:
-            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(claim, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             claim.seek(0)
             holder = claim.read().strip() or "unknown"

@@ -13,7 +13,10 @@ what storage holds. ``training.tuning_report`` then registers the best trial as 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,26 @@ from catalog.paths import atomic_write_text, txt2img_home
 from training.evaluation import EvaluationSettings
 from training.hyperparameters import Hyperparameters
 from training.metrics import METRIC_DIRECTIONS
-from training.tuning_report import TuningResult, model_dir, ranked_trials, register_and_report, trial_records
+from training.tuning_report import (
+    SURPLUS_ATTRIBUTE,
+    TuningResult,
+    model_dir,
+    ranked_trials,
+    register_and_report,
+    trial_records,
+)
 from txt2img.errors import InputError
 
 JOURNAL_FILE_NAME = "journal.log"
 CONFIG_FILE_NAME = "study.json"
 CONFIG_ATTRIBUTE = "txt2img_config"
+# Two workers of one study can both see room for one more trial and both ask for it: the later
+# one stands down, marked with SURPLUS_ATTRIBUTE, and is never run or reported.
+# On a shared database a running trial says it is alive this often; one silent for the grace
+# period (its machine died) is failed, so the other workers do not wait for it forever.
+HEARTBEAT_S = 20
+GRACE_PERIOD_S = 120
+WAIT_POLL_S = 2.0
 
 
 class TuningError(InputError, ValueError):
@@ -162,7 +179,9 @@ def open_storage(config: StudyConfig):
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            return optuna.storages.RDBStorage(config.storage)
+            return optuna.storages.RDBStorage(
+                config.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_PERIOD_S
+            )
         except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
             reason = str(error).splitlines()[0]
             raise TuningError(f"cannot open storage {config.storage_label}: {reason}") from error
@@ -200,12 +219,41 @@ def trial_evaluation(config: StudyConfig) -> EvaluationSettings:
     return config.evaluation.model_copy(update={"metrics": [config.objective, *others]})
 
 
+def _trial_id(study, storage, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
 def _asked_trial(study, storage, number: int):
     """The running trial ``number`` of ``study``, as the worker that runs it reports and records through."""
     import optuna
 
-    study_id = storage.get_study_id_from_name(study.study_name)
-    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    return optuna.trial.Trial(study, _trial_id(study, storage, number))
+
+
+@contextlib.contextmanager
+def _heartbeat(storage, trial_id: int):
+    """While the block runs, tell a shared database that the trial is alive (Optuna's heartbeat).
+
+    Optuna beats only inside ``study.optimize``; these trials are asked and told, so they beat here.
+    """
+    if not (hasattr(storage, "is_heartbeat_enabled") and storage.is_heartbeat_enabled()):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_trial(config_json: str, number: int) -> None:
@@ -237,31 +285,32 @@ def run_trial(config_json: str, number: int) -> None:
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
     try:
-        entry = train(
-            Path(config.data_dir),
-            config.base,
-            f"{config.name}-trial-{number}",
-            hyperparameters,
-            output_dir=folder / "run",
-            progress=False,
-            register=False,
-            on_checkpoint=on_checkpoint,
-        )
-        catalog = load_catalog()
-        dataset = load_dataset(Path(config.data_dir), hyperparameters, catalog.get(config.base).resolution)
-        pipeline = load_pipeline(entry, catalog, local_files_only=True)
-        if torch.cuda.is_available():
-            pipeline = pipeline.to("cuda")
-        report = evaluate_pipeline(
-            pipeline,
-            dataset.concepts,
-            trial_evaluation(config),
-            model_id=entry.id,
-            data_dir=Path(config.data_dir),
-            resolution=entry.resolution,
-            output_dir=folder / "evaluation",
-            progress=False,
-        )
+        with _heartbeat(storage, _trial_id(study, storage, number)):
+            entry = train(
+                Path(config.data_dir),
+                config.base,
+                f"{config.name}-trial-{number}",
+                hyperparameters,
+                output_dir=folder / "run",
+                progress=False,
+                register=False,
+                on_checkpoint=on_checkpoint,
+            )
+            catalog = load_catalog()
+            dataset = load_dataset(Path(config.data_dir), hyperparameters, catalog.get(config.base).resolution)
+            pipeline = load_pipeline(entry, catalog, local_files_only=True)
+            if torch.cuda.is_available():
+                pipeline = pipeline.to("cuda")
+            report = evaluate_pipeline(
+                pipeline,
+                dataset.concepts,
+                trial_evaluation(config),
+                model_id=entry.id,
+                data_dir=Path(config.data_dir),
+                resolution=entry.resolution,
+                output_dir=folder / "evaluation",
+                progress=False,
+            )
     except optuna.TrialPruned:
         shutil.rmtree(folder / "run", ignore_errors=True)
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -372,19 +421,37 @@ def _claimed(study) -> int:
     return _count(study, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
-def _ask(study, config: StudyConfig) -> int:
-    """Start a trial with TPE's suggestions for the searched ranges; its worker finds it by number."""
+def _ask(study, config: StudyConfig) -> int | None:
+    """Start a trial with TPE's suggestions for the searched ranges; its worker finds it by number.
+
+    None when another worker took the last place first (this trial stands down, see SURPLUS_ATTRIBUTE).
+    """
+    from optuna.trial import TrialState
+
     trial = study.ask()
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ahead = [other for other in study.get_trials(deepcopy=False, states=counted) if other.number < trial.number]
+    if len(ahead) >= config.trials:
+        trial.set_user_attr(SURPLUS_ATTRIBUTE, True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
     for search in config.ranges:
         search.suggest(trial)
     return trial.number
 
 
-def _check_failures(study, config: StudyConfig, failed_before: int) -> None:
-    """Stop a study whose trials keep failing instead of retrying forever."""
+def _failed(study) -> list:
+    """The trials that ran and failed (not those that stood down as surplus)."""
     from optuna.trial import TrialState
 
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[failed_before:]
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [trial for trial in failed if not trial.user_attrs.get(SURPLUS_ATTRIBUTE)]
+
+
+def _check_failures(study, config: StudyConfig, failed_before: int) -> None:
+    """Stop a study whose trials keep failing instead of retrying forever."""
+
+    failed = _failed(study)[failed_before:]
     if len(failed) >= config.trials:
         errors = sorted({trial.user_attrs.get("error", "unknown error") for trial in failed})
         raise TuningError(f"{len(failed)} trials of study '{config.name}' failed: {'; '.join(errors)}")
@@ -401,13 +468,15 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
     from rich.progress import Progress
 
     config_json = config.model_dump_json()
-    failed_before = _count(study, TrialState.FAIL)
+    failed_before = len(_failed(study))
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     with Progress(console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task(f"tuning {config.name}", total=config.trials, completed=_count(study, *finished))
         if config.parallel == 1:
             while _claimed(study) < config.trials:
-                run_trial(config_json, _ask(study, config))
+                number = _ask(study, config)
+                if number is not None:
+                    run_trial(config_json, number)
                 bar.update(task, completed=_count(study, *finished))
                 _check_failures(study, config, failed_before)
             return
@@ -421,7 +490,9 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
             running: set = set()
             while True:
                 while len(running) < config.parallel and _claimed(study) < config.trials:
-                    running.add(pool.submit(run_trial, config_json, _ask(study, config)))
+                    number = _ask(study, config)
+                    if number is not None:
+                        running.add(pool.submit(run_trial, config_json, number))
                 if not running:
                     return
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -431,6 +502,22 @@ def _run_trials(study, config: StudyConfig, progress: bool) -> None:
                 _check_failures(study, config, failed_before)
 
 
+def _wait_for_other_workers(study) -> None:
+    """On a shared database, wait until no trial runs anywhere, so that every worker sees the same best.
+
+    A trial whose worker died stops beating and is failed after the grace period (Optuna's
+    fail_stale_trials), so a dead machine cannot make the others wait forever.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if not _count(study, TrialState.RUNNING):
+            return
+        time.sleep(WAIT_POLL_S)
+
+
 def tune(config: StudyConfig, *, resume: bool = False, progress: bool = True) -> TuningResult:
     """Run (or resume) the study, register its best trial as ``config.name`` and write the report."""
     _check_inputs(config)
@@ -438,6 +525,8 @@ def tune(config: StudyConfig, *, resume: bool = False, progress: bool = True) ->
     study = _prepare_study(config, resume)
     atomic_write_text(study_dir / CONFIG_FILE_NAME, config.model_dump_json(indent=2) + "\n")
     _run_trials(study, config, progress)
+    if config.storage:
+        _wait_for_other_workers(study)
 
     records = trial_records(study)
     if not ranked_trials(records, config.direction):

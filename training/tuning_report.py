@@ -8,6 +8,7 @@ trial as its provenance, and removes the weights of the trials no one keeps.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 TRIALS_FILE_NAME = "trials.json"
 PLOT_FILE_NAME = "objective.png"
+# Set by the study loop on a trial that two workers asked for at once (training/tuning.py).
+SURPLUS_ATTRIBUTE = "surplus"
+
+logger = logging.getLogger("txt2img.training")
 
 
 class TrialRecord(BaseModel):
@@ -63,6 +68,8 @@ def trial_records(study) -> list[TrialRecord]:
     """Every trial of ``study``, in order, from what its worker recorded in the storage."""
     records = []
     for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get(SURPLUS_ATTRIBUTE):  # asked by two workers at once, stood down, never run
+            continue
         entry = trial.user_attrs.get("entry") or {}
         records.append(
             TrialRecord(
@@ -162,16 +169,40 @@ def _prune_artifacts(ranked: list[TrialRecord], records: list[TrialRecord], keep
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def _register_once(
+    study, best: TrialRecord, ranked: list[TrialRecord], records: list[TrialRecord], config: StudyConfig
+) -> None:
+    """Register the best trial as ``config.name`` unless another worker of the study already has.
+
+    Every worker of a shared study ends here with the same best; the name's claim makes them take
+    turns, and only a worker that holds the best trial's weights can register them.
+    """
+    from catalog.store import claim_name, load_catalog
+
+    with claim_name(config.name, wait=True):
+        if config.name in load_catalog():
+            logger.info("another worker of study '%s' registered its best trial already", config.name)
+            return
+        if not best.artifact or not Path(best.artifact).exists():
+            logger.warning(
+                "best trial %d of study '%s' was trained on another machine; it is registered there",
+                best.number,
+                config.name,
+            )
+            return
+        _register_best(study, best, records, config)
+        _prune_artifacts(ranked, records, config.keep_top_k)
+
+
 def register_and_report(study, config: StudyConfig, records: list[TrialRecord]) -> TuningResult:
     """Plot the study, register its best completed trial as ``config.name`` and write ``trials.json``."""
     ranked = ranked_trials(records, config.direction)
     best = ranked[0]
     report_dir = Path(config.study_dir) / "report"
     plot_objective(records, config, report_dir / PLOT_FILE_NAME)
-    registered = _register_best(study, best, records, config)
-    _prune_artifacts(ranked, records, config.keep_top_k)
+    _register_once(study, best, ranked, records, config)
     result = TuningResult(
-        name=registered.id,
+        name=config.name,
         objective=config.objective,
         direction=config.direction,
         best=best,
