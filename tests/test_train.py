@@ -145,7 +145,7 @@ def test_the_unet_sees_each_concepts_images_with_that_concepts_prompt(tmp_path, 
     """The binding of images to their captions, checked where training feeds the UNet.
 
     The loss cannot show it on tiny-sd: after a short run each concept's images score the same
-    (within 0.1%) under every prompt, even given prompt embeddings with nothing in common. Its
+    (within a fraction of a percent) under every prompt, even given unrelated prompt embeddings. Its
     random VAE keeps little of what tells the photos apart, and the noise-prediction loss rewards
     knowing the prompt only at the noisiest steps. So every (latent, text embedding) pair the UNet
     trains on is checked instead: the latent is matched to the photo it was sampled from, and the
