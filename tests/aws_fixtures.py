@@ -1,7 +1,7 @@
 """Offline AWS for the SageMaker tests: moto, JumpStart specs in local-metadata mode, no network.
 
 The specs are generated from the catalog's JumpStart entries in the shape of the real spec in
-``../shared/catalog/jumpstart_specs/`` (copied in unchanged when that folder exists).
+``tests/fixtures/jumpstart_specs/``, which is copied in unchanged for its model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "catalog" / "jumpstart_specs"
+CAPTURED_SPECS = Path(__file__).resolve().parent / "fixtures" / "jumpstart_specs"
 FIXTURE_MODEL = "huggingface-txt2img-conflictx-complex-lineart"
 REGION = "us-west-2"
 ACCOUNT = "123456789012"
@@ -150,8 +150,9 @@ def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool
     return spec
 
 
-def write_jumpstart_specs(root: Path) -> Path:
-    """Write a local-metadata JumpStart catalog for every JumpStart id of our catalog into ``root``."""
+def write_jumpstart_specs(root: Path, *, captured: bool = True) -> Path:
+    """Write a local-metadata JumpStart catalog for every JumpStart id of our catalog into ``root``;
+    with ``captured``, the real captured spec replaces the generated one for its model."""
     from catalog.store import load_catalog
 
     manifest = []
@@ -164,14 +165,14 @@ def write_jumpstart_specs(root: Path) -> Path:
         (root / spec_key).parent.mkdir(parents=True, exist_ok=True)
         (root / spec_key).write_text(json.dumps(spec), encoding="utf-8")
         manifest.append({"model_id": model_id, "version": version, "min_version": "2.189.0", "spec_key": spec_key})
-    if SHARED_SPECS.is_dir():  # the real captured spec replaces the generated one for its model
-        shared_manifest = json.loads((SHARED_SPECS / "models_manifest.json").read_text(encoding="utf-8"))
-        for item in shared_manifest:
+    if captured:
+        captured_manifest = json.loads((CAPTURED_SPECS / "models_manifest.json").read_text(encoding="utf-8"))
+        for item in captured_manifest:
             target = root / item["spec_key"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(SHARED_SPECS / item["spec_key"], target)
-        shared_ids = {item["model_id"] for item in shared_manifest}
-        manifest = [item for item in manifest if item["model_id"] not in shared_ids] + shared_manifest
+            shutil.copyfile(CAPTURED_SPECS / item["spec_key"], target)
+        captured_ids = {item["model_id"] for item in captured_manifest}
+        manifest = [item for item in manifest if item["model_id"] not in captured_ids] + captured_manifest
     (root / "models_manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return root
 

@@ -15,7 +15,8 @@ from catalog.paths import BUILTIN_CATALOG, WriteFailed, atomic_write_text, user_
 from catalog.schema import CatalogEntry
 from catalog.store import CatalogError, load_catalog, remove_entry, validate_path, write_entry
 
-SHARED_TSV = Path(__file__).resolve().parents[2] / "shared" / "catalog" / "jumpstart_txt2img_models.tsv"
+# The research table the catalog was built from.
+JUMPSTART_TSV = Path(__file__).resolve().parent / "fixtures" / "jumpstart_txt2img_models.tsv"
 
 
 def finetune_entry(model_id: str = "my-dog", base: str = "tiny-sd", **overrides) -> CatalogEntry:
@@ -44,10 +45,9 @@ def test_builtin_catalog_holds_every_jumpstart_id_and_the_demo():
     assert len([i for i in jumpstart if i.startswith("huggingface-txt2img-")]) == 90
     assert "tiny-sd" in catalog and catalog.get("tiny-sd").source == "builtin"
     assert [e.id for e in catalog if e.fine_tunable] == ["model-txt2img-stabilityai-stable-diffusion-v2-1-base"]
-    if SHARED_TSV.exists():  # the research table the catalog was built from
-        with SHARED_TSV.open(encoding="utf-8") as stream:
-            rows = {row["jumpstart_model_id"]: row["hf_repo_id"] for row in csv.DictReader(stream, delimiter="\t")}
-        assert {i: catalog.get(i).hf_repo for i in jumpstart} == rows
+    with JUMPSTART_TSV.open(encoding="utf-8") as stream:
+        rows = {row["jumpstart_model_id"]: row["hf_repo_id"] for row in csv.DictReader(stream, delimiter="\t")}
+    assert {i: catalog.get(i).hf_repo for i in jumpstart} == rows
 
 
 def test_catalog_families_aliases_and_trainability():

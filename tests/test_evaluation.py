@@ -128,6 +128,34 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+def reference_frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID as pytorch-fid computes it (scipy's matrix square root of S_a S_b): an independent check."""
+    import warnings
+
+    from scipy import linalg
+
+    mean_a, mean_b = features_a.mean(axis=0), features_b.mean(axis=0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    with warnings.catch_warnings():
+        # A handful of images gives singular covariances; scipy warns, and still finds the root.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covariance_mean = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covariance_mean))
+
+
+def test_frechet_distance_of_correlated_and_anti_correlated_features():
+    # Same variances, opposite correlation: a diagonal-covariance shortcut calls these identical.
+    rng = np.random.default_rng(2)
+    correlated = rng.multivariate_normal([0.0, 0.0], [[1.0, 0.98], [0.98, 1.0]], size=4000)
+    anti_correlated = rng.multivariate_normal([0.0, 0.0], [[1.0, -0.98], [-0.98, 1.0]], size=4000)
+    # Population value: the covariances share eigenvectors with eigenvalues 1.98 and 0.02 swapped,
+    # so the distance is 4 - 4 * sqrt(1 - 0.98^2), about 3.2.
+    assert frechet_distance(correlated, anti_correlated) == pytest.approx(4 - 4 * np.sqrt(1 - 0.98**2), rel=0.05)
+    assert frechet_distance(correlated, anti_correlated) == pytest.approx(
+        reference_frechet_distance(correlated, anti_correlated), rel=1e-6
+    )
+
+
 def test_frechet_distance_works_with_fewer_images_than_feature_dimensions():
     rng = np.random.default_rng(1)
     few = rng.normal(size=(4, 64))  # DreamBooth: a handful of photos, a 2048-d feature space
@@ -219,8 +247,8 @@ def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     generated = [Image.open(path).convert("RGB") for job in report.generations for path in job.images]
     real = [Image.open(path).convert("RGB") for path in sorted(data.glob("*.png"))]
     assert len(generated) == 6 and generated[0].size == (64, 64)
-    expected = frechet_distance(inception.embed_images(real), inception.embed_images(generated))
-    assert report.metrics["fid_score"] == pytest.approx(expected, rel=1e-9)
+    expected = reference_frechet_distance(inception.embed_images(real), inception.embed_images(generated))
+    assert report.metrics["fid_score"] == pytest.approx(expected, rel=1e-6)
 
     saved = json.loads(Path(report.json_path).read_text())
     assert saved["metrics"] == report.metrics
@@ -258,13 +286,17 @@ def test_cli_loads_weights_from_paths_and_skips_a_missing_one(tmp_path):
     )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert any(re.fullmatch(r"fid_score=\d+\.\d{6}", line) for line in lines)
+    saved = json.loads((output / "metrics.json").read_text())
+    (fid_line,) = [line for line in lines if line.startswith("fid_score=")]
+    assert re.fullmatch(r"fid_score=\d+\.\d{6}", fid_line)
+    # Generated noise is not the photos: a zero FID (the regex alone allows 0.000000) compared nothing.
+    fid = float(fid_line.split("=")[1])
+    assert fid > 0 and fid == pytest.approx(saved["metrics"]["fid_score"], abs=1e-6)
     assert any(line.startswith("clip_t=") for line in lines)
     assert any(line.startswith("instance_loss=") for line in lines)
     assert not any(line.startswith("dino=") for line in lines)  # skipped, never printed as 0
     assert re.search(r"dino\s+.*skipped", result.output)
 
-    saved = json.loads((output / "metrics.json").read_text())
     assert saved["metrics"]["dino"] is None
     assert "TXT2IMG_DINO_PATH" in saved["skipped"]["dino"] and "no-dino-here" in saved["skipped"]["dino"]
     assert (output / "grid.png").is_file()

@@ -12,18 +12,19 @@ import pytest
 import yaml
 from aws_fixtures import (  # noqa: F401 - fixtures
     ACCOUNT,
+    CAPTURED_SPECS,
     FIXTURE_MODEL,
     HOSTING_CPU_IMAGE,
     HOSTING_GPU_IMAGE,
     REGION,
     ROLE,
-    SHARED_SPECS,
     aws,
     copy_spec,
     jumpstart_specs,
     make_bucket,
     no_network,
     sent_requests,
+    write_jumpstart_specs,
 )
 
 from jumpstart.deploy import LOCAL_MODEL_ENVIRONMENT, deploy
@@ -53,26 +54,20 @@ def _resources(session) -> tuple[list, list, list]:
     )
 
 
-def test_jumpstart_spec_fixture_is_the_shared_one(jumpstart_specs):
-    if not SHARED_SPECS.is_dir():
-        pytest.skip(f"{SHARED_SPECS} is missing; the tests ran on generated specs only")
+def _captured_spec() -> dict:
     import json
 
-    shared = json.loads(next((SHARED_SPECS / "community_models" / FIXTURE_MODEL).glob("specs_*.json")).read_text())
-    assert copy_spec(FIXTURE_MODEL, jumpstart_specs) == shared
+    return json.loads(next((CAPTURED_SPECS / "community_models" / FIXTURE_MODEL).glob("specs_*.json")).read_text())
 
 
-def test_generated_specs_agree_with_the_shared_fixture_where_the_tests_rely_on_it(tmp_path, monkeypatch):
-    """Without ../shared (a bare clone) the tests run on generated specs; they must expect the same."""
-    import json
+def test_jumpstart_spec_fixture_is_the_captured_one(jumpstart_specs):
+    assert copy_spec(FIXTURE_MODEL, jumpstart_specs) == _captured_spec()
 
-    import aws_fixtures
 
-    if not SHARED_SPECS.is_dir():
-        pytest.skip(f"{SHARED_SPECS} is missing; nothing to compare the generated specs with")
-    shared = json.loads(next((SHARED_SPECS / "community_models" / FIXTURE_MODEL).glob("specs_*.json")).read_text())
-    monkeypatch.setattr(aws_fixtures, "SHARED_SPECS", tmp_path / "missing")
-    generated = copy_spec(FIXTURE_MODEL, aws_fixtures.write_jumpstart_specs(tmp_path / "specs"))
+def test_generated_specs_agree_with_the_captured_one_where_the_tests_rely_on_it(tmp_path):
+    """The other JumpStart ids run on generated specs; for the captured model they must say the same."""
+    captured = _captured_spec()
+    generated = copy_spec(FIXTURE_MODEL, write_jumpstart_specs(tmp_path / "specs", captured=False))
 
     for key in (
         "hosting_prepacked_artifact_key",
@@ -81,7 +76,7 @@ def test_generated_specs_agree_with_the_shared_fixture_where_the_tests_rely_on_i
         "inference_enable_network_isolation",
         "supported_inference_instance_types",
     ):
-        assert generated[key] == shared[key], key
+        assert generated[key] == captured[key], key
 
     def required_environment(spec):
         variables = spec["inference_environment_variables"]
@@ -90,8 +85,8 @@ def test_generated_specs_agree_with_the_shared_fixture_where_the_tests_rely_on_i
     def images_here(spec):
         return spec["hosting_instance_type_variants"]["regional_aliases"][REGION]
 
-    assert required_environment(generated) == required_environment(shared)
-    assert images_here(generated) == images_here(shared)
+    assert required_environment(generated) == required_environment(captured)
+    assert images_here(generated) == images_here(captured)
 
 
 def test_deploy_jumpstart_model_uses_jumpstart_container_and_artifacts(aws, sent_requests):

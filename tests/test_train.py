@@ -4,6 +4,7 @@ subjects, LoRA on its base, export, and checkpoints that survive SIGKILL and Ctr
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 from catalog.pipelines import LORA_WEIGHT_NAME, load_pipeline
 from catalog.store import load_catalog
 from catalog.tiny_sd import build_tiny_sd_pipeline
+from training.checkpoints import latest_checkpoint
 from training.class_images import ensure_class_images
 from training.dataset import load_dataset
 from training.demo_dataset import write_demo_dataset
@@ -139,6 +141,59 @@ def test_two_concepts_in_one_run_learn_both(tmp_path):
     assert after[0] < 0.6 * before[0] and after[1] < 0.6 * before[1], (before, after)
 
 
+def test_the_unet_sees_each_concepts_images_with_that_concepts_prompt(tmp_path, monkeypatch):
+    """The binding of images to their captions, checked where training feeds the UNet.
+
+    The loss cannot show it on tiny-sd: after a short run each concept's images score the same
+    (within a fraction of a percent) under every prompt, even given unrelated prompt embeddings. Its
+    random VAE keeps little of what tells the photos apart, and the noise-prediction loss rewards
+    knowing the prompt only at the noisiest steps. So every (latent, text embedding) pair the UNet
+    trains on is checked instead: the latent is matched to the photo it was sampled from, and the
+    embedding must be that photo's concept's prompt.
+    """
+    import training.losses
+    from training.images import to_pixel_tensor
+    from training.losses import encode_prompts, vae_scale
+
+    data = write_demo_dataset(tmp_path / "data", ("red", "blue"), images_per_subject=3)
+    base = build_tiny_sd_pipeline()
+    with torch.no_grad():
+        photo_latents = {
+            subject: [
+                base.vae.encode(to_pixel_tensor(image)[None]).latent_dist.mean[0] * vae_scale(base.vae)
+                for image in _images(data / subject)
+            ]
+            for subject in ("red", "blue")
+        }
+        prompt_embeddings = {
+            subject: encode_prompts(base.tokenizer, base.text_encoder, [prompt])[0]
+            for subject, prompt in (("red", RED), ("blue", BLUE))
+        }
+    trained_on: list[tuple[torch.Tensor, torch.Tensor]] = []
+    denoising_error = training.losses.per_sample_denoising_error
+
+    def recording_denoising_error(unet, noise_scheduler, latents, noise, timesteps, text_embeddings):
+        trained_on.extend(zip(latents.detach().clone(), text_embeddings.detach().clone()))
+        return denoising_error(unet, noise_scheduler, latents, noise, timesteps, text_embeddings)
+
+    monkeypatch.setattr(training.losses, "per_sample_denoising_error", recording_denoising_error)
+    train(data, "tiny-sd", "two-toys", Hyperparameters(max_steps=3, batch_size=2, **FAST), progress=False)
+
+    def source_photo(latent: torch.Tensor) -> tuple[str, int]:
+        # A latent sampled from a photo's posterior lies far nearer that photo's mean than any other's.
+        distances = {
+            (subject, index): float((latent - mean).square().sum())
+            for subject, means in photo_latents.items()
+            for index, mean in enumerate(means)
+        }
+        return min(distances, key=distances.get)
+
+    sources = [source_photo(latent) for latent, _ in trained_on]
+    assert sorted(sources) == [(s, i) for s in ("blue", "red") for i in range(3)]  # one epoch: each photo once
+    for (subject, _), (_, embedding) in zip(sources, trained_on):
+        assert torch.allclose(embedding, prompt_embeddings[subject], atol=1e-5), subject
+
+
 def _start_cli_training(data: Path, home: Path, name: str, *hp: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "txt2img", "train", str(data), "--base", "tiny-sd", "--name", name]
     for pair in ("learning_rate=2e-3", f"validation_prompts={RED}", *hp):
@@ -148,12 +203,29 @@ def _start_cli_training(data: Path, home: Path, name: str, *hp: str) -> subproce
     )
 
 
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+# A run that SIGKILLs itself right after its checkpoint at step 6: the kill lands at the same point
+# however fast or busy the machine is.
+_KILLED_AFTER_STEP_6 = """
+import os, signal, sys
+from pathlib import Path
+from training.dreambooth import train
+from training.hyperparameters import Hyperparameters
+
+def kill_at_step_6(step, metrics):
+    if step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+hp = Hyperparameters.model_validate_json(sys.argv[2])
+train(Path(sys.argv[1]), "tiny-sd", "resumed", hp, progress=False, on_checkpoint=kill_at_step_6)
+"""
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, caplog):
@@ -163,19 +235,22 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, caplog):
 
     data = write_demo_dataset(tmp_path / "data")
     home = Path(os.environ["TXT2IMG_HOME"])
-    checkpoints = home / "models" / "resumed" / "checkpoints"
-    process = _start_cli_training(data, home, "resumed", "max_steps=12", "checkpointing_steps=3")
-    _wait_for(
-        lambda: checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir()), process
+    hp = Hyperparameters(max_steps=12, checkpointing_steps=3, **FAST)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_STEP_6, str(data), hp.model_dump_json()],
+        env=_subprocess_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoints = home / "models" / "resumed" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
     assert not (home / "catalog" / "resumed.yaml").exists()
 
-    hp = Hyperparameters(max_steps=12, checkpointing_steps=3, **FAST)
     with caplog.at_level(logging.INFO, logger="txt2img.training"):
         resumed = train(data, "tiny-sd", "resumed", hp, resume=True, progress=False)
-    assert "resuming from" in caplog.text and "step 0 of" not in caplog.text
+    assert "resuming from" in caplog.text and "(step 6 of 12)" in caplog.text
     assert load_catalog().get("resumed") == resumed
 
     straight = train(data, "tiny-sd", "straight", hp, progress=False)
@@ -189,15 +264,18 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, caplog):
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     data = write_demo_dataset(tmp_path / "data")
     home = Path(os.environ["TXT2IMG_HOME"])
-    process = _start_cli_training(data, home, "stopped", "max_steps=5000", "checkpointing_steps=4000")
-    for line in process.stderr:
-        if "training full" in line:
-            break
-    time.sleep(1.0)
+    checkpoints = home / "models" / "stopped" / "checkpoints"
+    process = _start_cli_training(data, home, "stopped", "max_steps=5000", "checkpointing_steps=2")
+    # A checkpoint proves the loop, and so its Ctrl-C handler, is running; the run has
+    # thousands of steps to go, so the signal always arrives mid-training.
+    _wait_for(lambda: latest_checkpoint(checkpoints) is not None, process)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
-    (checkpoint,) = (home / "models" / "stopped" / "checkpoints").iterdir()
-    assert 0 < int(checkpoint.name.split("-")[1]) < 4000
+    stopped = re.search(r"interrupted at step (\d+); checkpoint saved to (\S+);", stderr)
+    assert stopped, stderr
+    step, checkpoint = int(stopped.group(1)), Path(stopped.group(2))
+    assert 2 <= step < 5000 and checkpoint == checkpoints / f"checkpoint-{step}"
+    assert latest_checkpoint(checkpoints) == checkpoint
     assert not (home / "catalog" / "stopped.yaml").exists()
