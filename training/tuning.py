@@ -179,15 +179,30 @@ def open_storage(config: StudyConfig):
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            return optuna.storages.RDBStorage(
-                config.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_PERIOD_S
-            )
+            with _quiet_experimental():
+                return optuna.storages.RDBStorage(
+                    config.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_PERIOD_S
+                )
         except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
             reason = str(error).splitlines()[0]
             raise TuningError(f"cannot open storage {config.storage_label}: {reason}") from error
     path = Path(config.study_dir) / JOURNAL_FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+@contextlib.contextmanager
+def _quiet_experimental():
+    """Optuna warns that heartbeats are experimental, and meant for study.optimize; these trials are
+    asked and told and beat by hand (_heartbeat), on purpose, so users need not read that on every run."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
 
 
 def _pruner(config: StudyConfig):
@@ -428,7 +443,8 @@ def _ask(study, config: StudyConfig) -> int | None:
     """
     from optuna.trial import TrialState
 
-    trial = study.ask()
+    with _quiet_experimental():
+        trial = study.ask()
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     ahead = [other for other in study.get_trials(deepcopy=False, states=counted) if other.number < trial.number]
     if len(ahead) >= config.trials:
@@ -512,7 +528,8 @@ def _wait_for_other_workers(study) -> None:
     from optuna.trial import TrialState
 
     while True:
-        optuna.storages.fail_stale_trials(study)
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
         if not _count(study, TrialState.RUNNING):
             return
         time.sleep(WAIT_POLL_S)
