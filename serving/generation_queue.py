@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
-from serving.manager import PipelineManager
+from serving.manager import DownloadsForbidden, PipelineManager
 from serving.schema import GenerationRequest, LimitExceeded
 from serving.settings import ServingSettings
 
@@ -206,7 +206,7 @@ class GenerationQueue:
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))
         try:
-            pipeline = self.manager.pipeline_for(head.entry)
+            pipeline = self.manager.pipeline_for(head.entry, for_request=True)
             images = generate_images(
                 pipeline,
                 items,
@@ -219,7 +219,7 @@ class GenerationQueue:
                 on_step=count_step,
             )
         except Exception as error:  # every waiting request hears about it; the thread lives on
-            if not isinstance(error, LimitExceeded):
+            if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
                 logger.exception("generation failed for %s", head.entry.id)
             for job in batch:
                 job.future.set_exception(error)

@@ -13,6 +13,7 @@ from catalog.index import UnknownModelError
 from catalog.pipelines import ModelLoadError
 from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
 from serving.invocations import InvocationError
+from serving.manager import DownloadsForbidden
 from serving.schema import LimitExceeded, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
@@ -20,6 +21,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why 
 # What each error status of /txt2img and /images means, for their OpenAPI answers.
 GENERATION_ERRORS = {
     400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
+    403: "The model is not in the HF cache and TXT2IMG_ALLOW_DOWNLOADS forbids requests to download it.",
     404: "The model is not a catalog id; suggestions lists close ones.",
     429: "The queue is full; the Retry-After header says when to try again.",
     503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
@@ -35,7 +37,7 @@ class ErrorBody(BaseModel):
     field: str | None = Field(None, description="The field that broke a configured limit.")
     limit: int | None = Field(None, description="That limit.")
     value: int | None = Field(None, description="The value the request asked for.")
-    model: str | None = Field(None, description="The unknown model id.")
+    model: str | None = Field(None, description="The unknown, or not downloadable, model id.")
     suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
 
 
@@ -65,6 +67,8 @@ def error_response(error: Exception) -> JSONResponse:
         return JSONResponse({"error": f"generation timed out: {error}"}, status_code=504)
     if isinstance(error, ClientGone):
         return JSONResponse({"error": str(error)}, status_code=CLIENT_CLOSED_REQUEST)
+    if isinstance(error, DownloadsForbidden):  # retrying will not help, unlike a failed load
+        return JSONResponse({"error": str(error), "model": error.model_id}, status_code=403)
     if isinstance(error, ModelLoadError):
         return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "60"})
     raise error

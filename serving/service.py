@@ -17,6 +17,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
+from serving.guard import BearerTokenAuth, RequestBodyLimit
 from serving.http_errors import error_response, log_client_errors_as_one_line
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
@@ -157,4 +158,7 @@ class Txt2Img:
         return response
 
 
+# The first added is the outermost: auth refuses a stranger before a byte of the body is read.
+Txt2Img.add_asgi_middleware(BearerTokenAuth)  # TXT2IMG_API_TOKEN, on every route but the health checks
+Txt2Img.add_asgi_middleware(RequestBodyLimit)  # TXT2IMG_MAX_BODY_BYTES, on every route
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0

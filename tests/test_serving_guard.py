@@ -1,0 +1,181 @@
+"""Locking the service down (issue #10), end to end on one real ``bentoml serve``: bearer-token auth on
+every route but the health checks, a request body limit, requests that may not download, and the
+safety checker."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from bentoml_server import running_server
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_BODY_BYTES = 4096
+FAST = {"prompt": "a red cube", "num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def server_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("guard-home")
+
+
+HUB_MODEL = "model-txt2img-stabilityai-stable-diffusion-v1-4"  # a catalog model on the Hub, never cached here
+
+
+@pytest.fixture(scope="module")
+def stand_in_hub() -> tuple[str, list[str]]:
+    """A stand-in Hugging Face Hub on loopback that has nothing: its URL, and every path asked of it."""
+    asked: list[str] = []
+
+    class NothingHere(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), NothingHere)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{hub.server_address[1]}", asked
+    hub.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(server_home, stand_in_hub):
+    settings = {
+        "api_token": TOKEN,
+        "max_body_bytes": str(MAX_BODY_BYTES),
+        "allow_downloads": "off",
+        "torch_threads": "1",
+    }
+    hub_url, _ = stand_in_hub
+    with running_server(
+        server_home, env={"HF_HOME": str(server_home / "hf"), "HF_ENDPOINT": hub_url}, **settings
+    ) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as http:
+        yield http
+
+
+# Auth
+
+GUARDED = [
+    ("GET", "/docs.json", None),
+    ("GET", "/metrics", None),
+    ("GET", "/models", None),
+    ("GET", "/sagemaker/openapi.json", None),
+    ("POST", "/txt2img", FAST),
+    ("POST", "/images", FAST),
+    ("POST", "/invocations", FAST),
+    ("GET", "/no-such-route", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), GUARDED)
+def test_a_request_without_a_token_gets_401_json_with_a_bearer_challenge(client, method, path, body):
+    response = client.request(method, path, json=body)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert "missing bearer token" in response.json()["error"]
+
+
+@pytest.mark.parametrize("authorization", [f"Bearer {TOKEN}x", "Bearer s3cret", f"Basic {TOKEN}", TOKEN, "Bearer"])
+def test_a_wrong_token_gets_401(client, authorization):
+    response = client.post("/txt2img", json=FAST, headers={"Authorization": authorization})
+    assert response.status_code == 401
+    assert response.json()["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), GUARDED[:-1])
+def test_the_right_token_gets_through(client, method, path, body):
+    response = client.request(method, path, json=body, headers={**AUTH, "Accept": "application/json;jpeg"})
+    assert response.status_code == 200, response.text
+
+
+def test_the_scheme_is_case_insensitive(client):
+    assert client.get("/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/ping", "/readyz", "/livez", "/healthz"])
+def test_health_checks_stay_open(client, path):
+    assert client.get(path).status_code == 200
+
+
+# Body limit
+
+
+def test_a_body_over_the_limit_gets_413_json_from_its_content_length(client):
+    body = {**FAST, "prompt": "x" * MAX_BODY_BYTES}
+    for path in ("/txt2img", "/images", "/invocations"):
+        response = client.post(path, json=body, headers=AUTH)
+        assert response.status_code == 413, path
+        assert "TXT2IMG_MAX_BODY_BYTES" in response.json()["error"]
+
+
+def test_a_body_under_the_limit_still_works(client):
+    body = {**FAST, "prompt": "x" * 1500}
+    response = client.post("/invocations", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def chunks(total: int, size: int = 1024):
+    sent = 0
+    while sent < total:
+        yield b"x" * min(size, total - sent)
+        sent += size
+
+
+@pytest.mark.parametrize("path", ["/txt2img", "/invocations"])
+def test_a_chunked_body_is_counted_and_cut_off(client, path):
+    response = client.post(
+        path, content=chunks(MAX_BODY_BYTES * 4), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers  # sent chunked
+    assert response.status_code == 413
+    assert "TXT2IMG_MAX_BODY_BYTES" in response.json()["error"]
+
+
+def test_a_200_mb_body_is_refused_before_it_is_sent(server):
+    """The answer comes after the headers: the 200 MB are never sent, let alone read."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {200 * 2**20}\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := connection.recv(4096):  # the server closes the connection after its answer
+            answer += chunk
+    answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413")
+    assert "TXT2IMG_MAX_BODY_BYTES" in answer
+
+
+def test_an_unauthenticated_large_body_gets_401_first(client):
+    response = client.post("/txt2img", content=b"x" * MAX_BODY_BYTES * 2)
+    assert response.status_code == 401
+
+
+# Downloads
+
+
+@pytest.mark.parametrize("path", ["/txt2img", "/images"])
+def test_a_request_cannot_download_a_model_when_downloads_are_off(client, stand_in_hub, path):
+    response = client.post(path, json={**FAST, "model": HUB_MODEL}, headers=AUTH)
+    assert response.status_code == 403, response.text
+    assert "TXT2IMG_ALLOW_DOWNLOADS" in response.json()["error"]
+    assert response.json()["model"] == HUB_MODEL
+    assert stand_in_hub[1] == []  # nothing was even asked of the Hub
+    assert client.post("/txt2img", json=FAST, headers=AUTH).status_code == 200  # the cached model still serves
