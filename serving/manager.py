@@ -128,7 +128,10 @@ class PipelineManager:
                 raise DownloadsForbidden(entry)
             local_files_only = True  # what is cached is loaded as it is: nothing is fetched to complete it
         # Load on the CPU first: its size is then known, and room is made before it reaches the GPU.
-        pipeline = load_base_pipeline(entry, torch_dtype=self.load_dtype, local_files_only=local_files_only)
+        # Without the repo's own safety checker: TXT2IMG_SAFETY_CHECKER decides (serving/safety.py).
+        pipeline = load_base_pipeline(
+            entry, torch_dtype=self.load_dtype, local_files_only=local_files_only, safety_checker=None
+        )
         nbytes = weights_bytes(pipeline)
         self._make_room(nbytes)
         attention = optimize_for_device(pipeline, self.device, self.settings)

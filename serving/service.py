@@ -74,7 +74,8 @@ class Txt2Img:
 
     @bentoml.api(route="/txt2img", input_spec=ImageRequest)
     async def txt2img(self, ctx: bentoml.Context, **settings: Any) -> Image.Image:
-        """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images."""
+        """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images,
+        and X-NSFW-Content-Detected (true: the image is black) when the safety checker is on."""
         request = GenerationRequest(**settings)
         try:
             [result] = await self._generate([request], ctx.request)
@@ -82,6 +83,8 @@ class Txt2Img:
             return self._error_response(error, ctx)
         ctx.response.headers["X-Seed"] = str(result.seeds[0])
         ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        if result.nsfw_content_detected is not None:  # the safety checker is on
+            ctx.response.headers["X-NSFW-Content-Detected"] = str(result.nsfw_content_detected[0]).lower()
         image = result.images[0].convert("RGB")
         image.format = request.format.upper()  # BentoML encodes a returned image in its own format
         return image
@@ -95,9 +98,10 @@ class Txt2Img:
         except Exception as error:
             return self._error_response(error, ctx)
         ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        flags = result.nsfw_content_detected or [None] * len(result.images)
         images = [
-            GeneratedImage(seed=seed, image=image_base64(image, request.format))
-            for seed, image in zip(result.seeds, result.images)
+            GeneratedImage(seed=seed, image=image_base64(image, request.format), nsfw_content_detected=flag)
+            for seed, image, flag in zip(result.seeds, result.images, flags)
         ]
         return GeneratedImages(format=request.format, images=images)
 
@@ -118,7 +122,10 @@ class Txt2Img:
         except Exception as error:
             return error_response(error)
         images = [image for result in results for image in result.images]
-        return Response(render_response(invocation, images, accept_type), media_type=accept_type)
+        flags = None
+        if self.settings.safety_checker:
+            flags = [flag for result in results for flag in result.nsfw_content_detected]
+        return Response(render_response(invocation, images, accept_type, flags), media_type=accept_type)
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:

@@ -1,17 +1,22 @@
 """Locking the service down (issue #10), end to end on one real ``bentoml serve``: bearer-token auth on
 every route but the health checks, a request body limit, requests that may not download, and the
-safety checker."""
+safety checker (a tiny one that flags every image; tests/test_safety_checker.py has one that flags none)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from bentoml_server import running_server
+from PIL import Image
+from tiny_safety_checker import save_tiny_safety_checker
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -54,6 +59,8 @@ def server(server_home, stand_in_hub):
         "api_token": TOKEN,
         "max_body_bytes": str(MAX_BODY_BYTES),
         "allow_downloads": "off",
+        "safety_checker": "on",
+        "safety_checker_repo": str(save_tiny_safety_checker(server_home / "safety", flag_everything=True)),
         "torch_threads": "1",
     }
     hub_url, _ = stand_in_hub
@@ -179,3 +186,35 @@ def test_a_request_cannot_download_a_model_when_downloads_are_off(client, stand_
     assert response.json()["model"] == HUB_MODEL
     assert stand_in_hub[1] == []  # nothing was even asked of the Hub
     assert client.post("/txt2img", json=FAST, headers=AUTH).status_code == 200  # the cached model still serves
+
+
+# Safety checker
+
+
+def is_black(content: bytes) -> bool:
+    return int(np.asarray(Image.open(io.BytesIO(content))).max()) <= 2  # JPEG may ring a little
+
+
+def test_a_flagged_image_comes_back_black_and_the_header_says_so(client):
+    response = client.post("/txt2img", json=FAST, headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["x-nsfw-content-detected"] == "true"
+    assert is_black(response.content)
+
+
+def test_images_say_which_were_flagged(client):
+    response = client.post("/images", json={**FAST, "num_images": 2}, headers=AUTH)
+    assert response.status_code == 200
+    images = response.json()["images"]
+    assert [image["nsfw_content_detected"] for image in images] == [True, True]
+    assert all(is_black(base64.b64decode(image["image"])) for image in images)
+
+
+def test_invocations_add_a_field_jumpstart_clients_ignore(client):
+    body = {"prompt": ["a red cube", "a blue ball"], "num_inference_steps": 2, "width": 64, "height": 64}
+    response = client.post("/invocations", json=body, headers=AUTH)
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["nsfw_content_detected"] == [True, True]
+    assert len(answer["generated_images"]) == 2
+    assert all(is_black(base64.b64decode(image)) for image in answer["generated_images"])
