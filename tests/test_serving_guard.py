@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,6 +114,18 @@ def test_the_right_token_gets_through(client, method, path, body):
 
 def test_the_scheme_is_case_insensitive(client):
     assert client.get("/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+
+
+def test_endpoints_invoke_url_sends_the_token_from_the_environment(server, monkeypatch):
+    from jumpstart.endpoints import invoke_url
+    from jumpstart.errors import SageMakerError
+
+    body = {"prompt": "a red cube", "num_inference_steps": 2}
+    monkeypatch.delenv("TXT2IMG_API_TOKEN", raising=False)
+    with pytest.raises(SageMakerError, match="HTTP 401"):
+        invoke_url(server, body)
+    monkeypatch.setenv("TXT2IMG_API_TOKEN", TOKEN)
+    assert "generated_images" in json.loads(invoke_url(server, body))
 
 
 @pytest.mark.parametrize("path", ["/ping", "/readyz", "/livez", "/healthz"])
