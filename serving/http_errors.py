@@ -23,9 +23,20 @@ GENERATION_ERRORS = {
     400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
     403: "The model is not in the HF cache and TXT2IMG_ALLOW_DOWNLOADS forbids requests to download it.",
     404: "The model is not a catalog id; suggestions lists close ones.",
+    413: "The body is larger than TXT2IMG_MAX_BODY_BYTES.",
     429: "The queue is full; the Retry-After header says when to try again.",
     503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
     504: "Not finished within TXT2IMG_REQUEST_TIMEOUT_S, queue time included.",
+}
+# And of /invocations, whose requests name no model.
+INVOCATION_ERRORS = {
+    400: "Not JumpStart's format: malformed JSON, a wrong or unknown parameter, or a configured limit broken.",
+    406: "The Accept header names none of JumpStart's accept types.",
+    413: GENERATION_ERRORS[413],
+    415: "The Content-Type is not application/json or application/x-text, or its charset is not UTF-8.",
+    429: GENERATION_ERRORS[429],
+    503: "The default model cannot be loaded now.",
+    504: GENERATION_ERRORS[504],
 }
 
 

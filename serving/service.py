@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.guard import BearerTokenAuth, RequestBodyLimit
-from serving.http_errors import error_response, log_client_errors_as_one_line
+from serving.http_errors import INVOCATION_ERRORS, ErrorBody, error_response, log_client_errors_as_one_line
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
 from serving.invocations import (
@@ -105,14 +105,25 @@ class Txt2Img:
         ]
         return GeneratedImages(format=request.format, images=images)
 
-    @sagemaker_app.get("/ping")
+    @sagemaker_app.get(
+        "/ping",
+        response_class=Response,  # an empty 200, as SageMaker expects
+        responses={200: {"description": "Warm."}, 503: {"description": "Warming up.", "model": ErrorBody}},
+    )
     def ping(self) -> Response:
         """SageMaker's health check: 200 once the default model is warm."""
         if self.queue.ready.is_set():
             return Response(status_code=200)
         return JSONResponse({"error": self.queue.warm_up_error or "warming up"}, status_code=503)
 
-    @sagemaker_app.post("/invocations", openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY})
+    @sagemaker_app.post(
+        "/invocations",
+        openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY},
+        responses={
+            status: {"description": description, "model": ErrorBody}
+            for status, description in INVOCATION_ERRORS.items()
+        },
+    )
     async def invocations(self, request: Request) -> Response:
         """JumpStart's txt2img contract (serving/invocations.py): application/json or application/x-text in."""
         try:
