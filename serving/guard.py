@@ -36,7 +36,8 @@ def bearer_token(scope) -> bytes | None:
 
 
 class BearerTokenAuth:
-    """Answers 401 to any request without ``Authorization: Bearer $TXT2IMG_API_TOKEN``, but on OPEN_PATHS.
+    """Answers 401 to any request without ``Authorization: Bearer $TXT2IMG_API_TOKEN``, but on OPEN_PATHS,
+    and closes such a WebSocket before it opens (the server then answers its handshake with 403).
 
     Without TXT2IMG_API_TOKEN it lets everything through, as a local server does.
     """
@@ -47,12 +48,15 @@ class BearerTokenAuth:
         self.token = token.get_secret_value().encode() if token is not None else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.token is None or scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         sent = bearer_token(scope)
         # compare_digest takes as long for every wrong token of a given length, so timing reveals nothing.
         if sent is None or not hmac.compare_digest(sent, self.token):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # policy violation
+                return
             reason = "missing bearer token" if sent is None else "wrong bearer token"
             body = {"error": f"{reason}: send the header 'Authorization: Bearer <TXT2IMG_API_TOKEN>'"}
             await send_json(send, 401, body, {"WWW-Authenticate": 'Bearer realm="txt2img"'})

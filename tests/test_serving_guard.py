@@ -231,3 +231,29 @@ def test_invocations_add_a_field_jumpstart_clients_ignore(client):
     assert answer["nsfw_content_detected"] == [True, True]
     assert len(answer["generated_images"]) == 2
     assert all(is_black(base64.b64decode(image)) for image in answer["generated_images"])
+
+
+# The middleware alone, in this process: what no route of the service exercises yet
+
+
+def test_a_websocket_without_the_token_is_refused_and_with_it_opens(monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from serving.guard import BearerTokenAuth
+
+    async def echo(websocket):
+        await websocket.accept()
+        await websocket.send_text("open")
+        await websocket.close()
+
+    monkeypatch.setenv("TXT2IMG_API_TOKEN", TOKEN)
+    app = BearerTokenAuth(Starlette(routes=[WebSocketRoute("/ws", echo)]))
+    with TestClient(app) as test_client:
+        with pytest.raises(WebSocketDisconnect) as refused, test_client.websocket_connect("/ws"):
+            pass
+        assert refused.value.code == 1008
+        with test_client.websocket_connect("/ws", headers=AUTH) as websocket:
+            assert websocket.receive_text() == "open"
