@@ -257,3 +257,17 @@ def test_a_websocket_without_the_token_is_refused_and_with_it_opens(monkeypatch)
         assert refused.value.code == 1008
         with test_client.websocket_connect("/ws", headers=AUTH) as websocket:
             assert websocket.receive_text() == "open"
+
+
+def test_docs_json_declares_the_bearer_auth_and_stays_valid_openapi_3_0(client):
+    from openapi_spec_validator import validate
+
+    document = client.get("/docs.json", headers=AUTH).json()
+    validate(document)
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, method in (("/txt2img", "post"), ("/invocations", "post"), ("/metrics", "get"), ("/models", "get")):
+        operation = document["paths"][path][method]
+        assert operation["security"] == [{"bearer": []}]
+        assert "401" in operation["responses"]
+    for path in ("/ping", "/readyz", "/livez", "/healthz"):
+        assert "security" not in document["paths"][path]["get"]
