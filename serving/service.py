@@ -4,6 +4,8 @@
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
 other catalog models load on first use. Every ``TXT2IMG_*`` setting is in serving/settings.py.
+Every route, the ones mounted or added later included, sits behind serving/guard.py's middleware
+(TXT2IMG_API_TOKEN, TXT2IMG_MAX_BODY_BYTES); the safety checker runs in the generation queue.
 """
 
 from __future__ import annotations
