@@ -5,6 +5,7 @@ safety checker (a tiny one that flags every image; tests/test_safety_checker.py 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -181,6 +182,34 @@ def test_a_200_mb_body_is_refused_before_it_is_sent(server):
     answer = answer.decode()
     assert answer.startswith("HTTP/1.1 413")
     assert "TXT2IMG_MAX_BODY_BYTES" in answer
+
+
+def test_a_200_mb_chunked_body_is_cut_off_at_the_limit(server):
+    """Chunks go out until the server answers, which it does right after the limit, long before 200 MB."""
+    host, port = server.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (2**16, b"x" * 2**16)
+    answer = bytearray()
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+
+        def read_answer():
+            with contextlib.suppress(OSError):
+                while data := connection.recv(4096):
+                    answer.extend(data)
+
+        reader = threading.Thread(target=read_answer, daemon=True)
+        reader.start()
+        connection.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        with contextlib.suppress(OSError):  # the server closes the connection once it has answered
+            while sent < 200 * 2**20 and not answer:
+                connection.sendall(chunk)
+                sent += 2**16
+        reader.join(timeout=10)
+    assert bytes(answer).startswith(b"HTTP/1.1 413"), bytes(answer[:200])
+    assert sent < 20 * 2**20  # the limit plus what the sockets' buffers took on
 
 
 def test_an_unauthenticated_large_body_gets_401_first(client):
