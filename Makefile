@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<3' || echo 'torch==2.13.0')
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# `bentoml serve` binds every interface (0.0.0.0) even though its log says localhost;
+# `make serve HOST=127.0.0.1` keeps the server on this machine. PORT picks another port.
+HOST ?=
+PORT ?=
 
 .PHONY: install serve test lint format clean
 
@@ -20,7 +24,7 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 install: $(BIN)/.installed
 
 serve: install
-	$(BIN)/bentoml serve
+	$(BIN)/bentoml serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: install
 	$(BIN)/python -m pytest

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from catalog.schema import CatalogEntry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
+from jumpstart.inference_script import SAFETY_CHECKER_ENV
 
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # The Hugging Face PyTorch inference container for models deployed from local weights.
@@ -55,6 +56,7 @@ class DeploymentPlan:
     network_isolation: bool = False
     async_output: str | None = None
     local_archive: bool = False
+    safety_checker: bool = False  # pack a safety checker and switch it on (local archives only)
 
     def primary_container(self) -> dict:
         if self.model_data is None:
@@ -131,6 +133,7 @@ def plan_deployment(
     instance_type: str | None = None,
     endpoint_name: str | None = None,
     async_output: str | None = None,
+    safety_checker: bool = False,
 ) -> DeploymentPlan:
     """Decide container, artifact, environment and names for ``model_id``; creates nothing."""
     from catalog.index import UnknownModelError
@@ -165,6 +168,11 @@ def plan_deployment(
             async_output=async_output,
         )
 
+    if safety_checker and (entry.source == "jumpstart" or (entry.artifact or "").startswith("s3://")):
+        raise SageMakerError(
+            f"--safety-checker works for models on this machine, packed with txt2img's inference script; "
+            f"'{entry.id}' runs on JumpStart's container, whose script txt2img cannot change"
+        )
     if entry.source == "jumpstart":
         return on_jumpstart_container(entry, None)
     if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
@@ -179,15 +187,19 @@ def plan_deployment(
     default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
     chosen_type = instance_type or default_type
     name = endpoint_name or default_endpoint_name(entry.id)
+    environment = dict(LOCAL_MODEL_ENVIRONMENT)
+    if safety_checker:  # read by code/inference.py (jumpstart/inference_script.py)
+        environment[SAFETY_CHECKER_ENV] = "on"
     return DeploymentPlan(
         model_id=entry.id,
         endpoint_name=name,
         instance_type=chosen_type,
         image_uri=_hf_image(region, chosen_type),
         model_data=None,
-        environment=dict(LOCAL_MODEL_ENVIRONMENT),
+        environment=environment,
         async_output=async_output,
         local_archive=True,
+        safety_checker=safety_checker,
     )
 
 
@@ -301,6 +313,7 @@ def deploy(
     s3_prefix: str | None = None,
     wait: bool = True,
     poll_seconds: float = POLL_SECONDS,
+    safety_checker: bool = False,
 ) -> DeployResult:
     """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
     from catalog.schema import Endpoint
@@ -317,6 +330,7 @@ def deploy(
         instance_type=instance_type,
         endpoint_name=endpoint_name,
         async_output=async_output,
+        safety_checker=safety_checker,
     )
     ensure_name_is_free(context, plan.endpoint_name)
     if plan.local_archive:
@@ -355,5 +369,5 @@ def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: st
     prefix = s3_prefix or default_s3_prefix(context)
     plan.model_data = join_s3(prefix, "models", plan.endpoint_name, "model.tar.gz")
     with tempfile.TemporaryDirectory(prefix="txt2img-deploy-") as workdir:
-        archive = build_model_archive(plan.model_id, Path(workdir))
+        archive = build_model_archive(plan.model_id, Path(workdir), safety_checker=plan.safety_checker)
         upload_files(context, [(archive, plan.model_data)], f"uploading {plan.model_id} model.tar.gz")

@@ -107,7 +107,11 @@ def write_images(images: list[bytes], directory: Path, stem: str) -> list[Path]:
 
 
 def invoke_url(url: str, body: dict, timeout: float = 600.0) -> bytes:
-    """POST the request to ``<url>/invocations`` (the local server) and return the response body."""
+    """POST the request to ``<url>/invocations`` (the local server) and return the response body.
+
+    With env TXT2IMG_API_TOKEN set, the request carries it as the server's bearer token.
+    """
+    import os
     import urllib.error
     import urllib.request
 
@@ -122,6 +126,8 @@ def invoke_url(url: str, body: dict, timeout: float = 600.0) -> bytes:
         method="POST",
         headers={"Content-Type": CONTENT_TYPE, "Accept": ACCEPT},
     )
+    if os.environ.get("TXT2IMG_API_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['TXT2IMG_API_TOKEN']}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()

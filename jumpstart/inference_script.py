@@ -6,11 +6,16 @@ JumpStart's text-to-image contract, is serving/invocations.py, which the packer 
 this file as ``code/serving/invocations.py``: the import below finds it there in the container
 and in this checkout alike. Only this file's generation loop is the container's own.
 
+With env TXT2IMG_SAFETY_CHECKER=on (``txt2img deploy --safety-checker`` sets it, and packs a
+checker into the archive) the pipeline's own safety checker runs: flagged images come back black
+and the answer's ``nsfw_content_detected`` says which. Otherwise the pipeline runs without one.
+
 This file must only import what that container has: no other txt2img module.
 """
 
 from __future__ import annotations
 
+import os
 from http import HTTPStatus
 
 from serving.invocations import (
@@ -22,26 +27,43 @@ from serving.invocations import (
     render_response,
 )
 
+SAFETY_CHECKER_ENV = "TXT2IMG_SAFETY_CHECKER"
+
+
+def safety_checker_on() -> bool:
+    return os.environ.get(SAFETY_CHECKER_ENV, "off").strip().lower() in ("1", "on", "true", "yes")
+
 
 def model_fn(model_dir, context=None):
-    """Load the diffusers folder the model archive was extracted to."""
+    """Load the diffusers folder the model archive was extracted to, with its safety checker if it is on."""
     import torch
     from diffusers import DiffusionPipeline
 
     cuda = torch.cuda.is_available()
+    checking = safety_checker_on()
     pipeline = DiffusionPipeline.from_pretrained(
-        model_dir, torch_dtype=torch.float16 if cuda else torch.float32, use_safetensors=True
+        model_dir,
+        torch_dtype=torch.float16 if cuda else torch.float32,
+        use_safetensors=True,
+        **({} if checking else {"safety_checker": None}),
     )
+    if checking and getattr(pipeline, "safety_checker", None) is None:
+        raise RuntimeError(
+            f"{SAFETY_CHECKER_ENV} is on, but the model archive holds no safety checker; "
+            "deploy the model with `txt2img deploy --safety-checker`"
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to("cuda" if cuda else "cpu")
 
 
-def generate(pipeline, invocation: Invocation) -> list:
-    """Every wanted image of the invocation, ``batch_size`` images per pipeline call, each from its own seed."""
+def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]:
+    """Every wanted image of the invocation, ``batch_size`` images per pipeline call, each from its own seed,
+    and the safety checker's verdict on each (None without a checker)."""
     import torch
 
     wanted = invocation.wanted_images()
     images = []
+    flags = None
     for start in range(0, len(wanted), invocation.batch_size):
         chunk = wanted[start : start + invocation.batch_size]
         negatives = [image.negative_prompt or "" for image in chunk]
@@ -58,7 +80,9 @@ def generate(pipeline, invocation: Invocation) -> list:
                 generator=generators,
             )
         images.extend(output.images)
-    return images
+        if output.nsfw_content_detected is not None:
+            flags = (flags or []) + [bool(flag) for flag in output.nsfw_content_detected]
+    return images, flags
 
 
 def sent_accept(accept, context):
@@ -83,7 +107,8 @@ def transform_fn(model, input_data, content_type, accept, context=None):
     try:
         accept_type = negotiate_accept(sent_accept(accept, context))
         invocation = parse_request(input_data, content_type)
-        return render_response(invocation, generate(model, invocation), accept_type)
+        images, nsfw_content_detected = generate(model, invocation)
+        return render_response(invocation, images, accept_type, nsfw_content_detected)
     except InvocationError as error:
         if context is None:
             raise

@@ -34,8 +34,35 @@ def write_inference_code(code_dir: Path) -> None:
     (code_dir / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n", encoding="utf-8")
 
 
-def build_model_archive(model_id: str, workdir: Path) -> Path:
-    """Export ``model_id`` and pack it with the inference code; returns the archive path in ``workdir``."""
+def add_safety_checker(model_dir: Path, location: str) -> None:
+    """Make the checker in ``location`` (TXT2IMG_SAFETY_CHECKER_REPO) the exported pipeline's own, as an
+    SD 1.x repo holds it: ``safety_checker`` and ``feature_extractor`` folders, named in model_index.json."""
+    import json
+
+    from serving.safety import FEATURE_EXTRACTOR_FOLDER, SAFETY_CHECKER_FOLDER, SafetyChecker
+
+    index_path = model_dir / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if SAFETY_CHECKER_FOLDER not in index:
+        raise SageMakerError(f"a {index['_class_name']} has no safety checker; deploy without --safety-checker")
+    try:  # the deployer's HF cache or folder only, as the export of the model itself
+        checker = SafetyChecker.load(location, local_files_only=True)
+    except OSError as error:
+        raise SageMakerError(
+            f"no safety checker in {location}: {error}. Fetch it with `huggingface-cli download {location} "
+            f"--include '{SAFETY_CHECKER_FOLDER}/*' '{FEATURE_EXTRACTOR_FOLDER}/*'`, or set TXT2IMG_SAFETY_CHECKER_REPO"
+        ) from error
+    for folder in (SAFETY_CHECKER_FOLDER, FEATURE_EXTRACTOR_FOLDER):
+        shutil.rmtree(model_dir / folder, ignore_errors=True)
+    checker.save(model_dir)
+    index[SAFETY_CHECKER_FOLDER] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index[FEATURE_EXTRACTOR_FOLDER] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def build_model_archive(model_id: str, workdir: Path, safety_checker: bool = False) -> Path:
+    """Export ``model_id`` and pack it with the inference code, and with the safety checker of
+    TXT2IMG_SAFETY_CHECKER_REPO if asked; returns the archive path in ``workdir``."""
     from rich.console import Console
 
     from catalog.pipelines import ModelLoadError, export_model
@@ -47,6 +74,10 @@ def build_model_archive(model_id: str, workdir: Path) -> Path:
             export_model(model_id, model_dir, load_catalog())
         except ModelLoadError as error:
             raise SageMakerError(str(error)) from error
+    if safety_checker:
+        from serving.settings import ServingSettings
+
+        add_safety_checker(model_dir, ServingSettings().safety_checker_repo)
     write_inference_code(model_dir / "code")
     archive = workdir / "model.tar.gz"
     with Console(stderr=True).status("packing model.tar.gz ..."), tarfile.open(archive, "w:gz") as tar:

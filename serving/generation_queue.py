@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
-from serving.manager import PipelineManager
+from serving.manager import DownloadsForbidden, PipelineManager
+from serving.safety import SafetyChecker
 from serving.schema import GenerationRequest, LimitExceeded
 from serving.settings import ServingSettings
 
@@ -51,6 +52,7 @@ class GenerationResult:
     images: list
     seeds: list[int]
     batch_images: int
+    nsfw_content_detected: list[bool] | None = None  # per image, as the safety checker found; None while it is off
 
 
 @dataclass
@@ -117,6 +119,7 @@ class GenerationQueue:
         self._seconds_per_image = 1.0
         self._thread: threading.Thread | None = None
         self._running: CallProgress | None = None
+        self.safety_checker: SafetyChecker | None = None  # loaded during warm-up when settings.safety_checker
 
     def start(self, warm_model: str) -> None:
         """Start the generation thread; it warms ``warm_model`` before taking requests."""
@@ -176,6 +179,14 @@ class GenerationQueue:
             self._run_batch(batch)
 
     def _warm_up(self, model_id: str) -> None:
+        if self.settings.safety_checker:
+            self.safety_checker = SafetyChecker.load(
+                self.settings.safety_checker_repo,
+                device=self.manager.device,
+                dtype=self.manager.load_dtype,
+                local_files_only=self.settings.local_files_only,
+            )
+            logger.info("safety checker loaded from %s", self.settings.safety_checker_repo)
         entry = self.manager.entry(model_id)
         pipeline = self.manager.pipeline_for(entry)
         size = entry.resolution
@@ -234,7 +245,7 @@ class GenerationQueue:
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))
         try:
-            pipeline = self.manager.pipeline_for(head.entry)
+            pipeline = self.manager.pipeline_for(head.entry, for_request=True)
             images = generate_images(
                 pipeline,
                 items,
@@ -246,8 +257,11 @@ class GenerationQueue:
                 should_stop=lambda: all(job.gave_up() for job in batch),
                 on_step=count_step,
             )
+            flags = None
+            if self.safety_checker is not None:  # here, so that every route gets checked images
+                images, flags = self.safety_checker.check(images)
         except Exception as error:  # every waiting request hears about it; the thread lives on
-            if not isinstance(error, LimitExceeded):
+            if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
                 logger.exception("generation failed for %s", head.entry.id)
             for job in batch:
                 job.future.set_exception(error)
@@ -269,7 +283,8 @@ class GenerationQueue:
         offset = 0
         for job in batch:
             count = len(job.seeds)
-            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(items)))
+            job_flags = flags[offset : offset + count] if flags is not None else None
+            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags))
             offset += count
             if self.metrics is not None:
                 self.metrics.generation_seconds.labels(job.entry.id).observe(time.monotonic() - job.arrived)

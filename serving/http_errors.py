@@ -14,6 +14,7 @@ from catalog.index import UnknownModelError
 from catalog.pipelines import ModelLoadError
 from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
 from serving.invocations import InvocationError
+from serving.manager import DownloadsForbidden
 from serving.schema import LimitExceeded, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
@@ -21,10 +22,22 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why 
 # What each error status of /txt2img and /images means, for their OpenAPI answers.
 GENERATION_ERRORS = {
     400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
+    403: "The model is not in the HF cache and TXT2IMG_ALLOW_DOWNLOADS forbids requests to download it.",
     404: "The model is not a catalog id; suggestions lists close ones.",
+    413: "The body is larger than TXT2IMG_MAX_BODY_BYTES.",
     429: "The queue is full; the Retry-After header says when to try again.",
     503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
     504: "Not finished within TXT2IMG_REQUEST_TIMEOUT_S, queue time included.",
+}
+# And of /invocations, whose requests name no model.
+INVOCATION_ERRORS = {
+    400: "Not JumpStart's format: malformed JSON, a wrong or unknown parameter, or a configured limit broken.",
+    406: "The Accept header names none of JumpStart's accept types.",
+    413: GENERATION_ERRORS[413],
+    415: "The Content-Type is not application/json or application/x-text, or its charset is not UTF-8.",
+    429: GENERATION_ERRORS[429],
+    503: "The default model cannot be loaded now.",
+    504: GENERATION_ERRORS[504],
 }
 
 
@@ -36,7 +49,7 @@ class ErrorBody(BaseModel):
     field: str | None = Field(None, description="The field that broke a configured limit.")
     limit: int | None = Field(None, description="That limit.")
     value: int | None = Field(None, description="The value the request asked for.")
-    model: str | None = Field(None, description="The unknown model id.")
+    model: str | None = Field(None, description="The unknown, or not downloadable, model id.")
     suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
 
 
@@ -90,6 +103,8 @@ def error_answer(error: Exception) -> ErrorAnswer:
         return ErrorAnswer(504, {"error": f"generation timed out: {error}"})
     if isinstance(error, ClientGone):
         return ErrorAnswer(CLIENT_CLOSED_REQUEST, {"error": str(error)})
+    if isinstance(error, DownloadsForbidden):  # retrying will not help, unlike a failed load
+        return ErrorAnswer(403, {"error": str(error), "model": error.model_id})
     if isinstance(error, ModelLoadError):
         return ErrorAnswer(503, {"error": str(error)}, {"Retry-After": "60"})
     raise error

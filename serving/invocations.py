@@ -19,6 +19,8 @@ The contract, from JumpStart's txt2img spec (``predictor_specs``) and its exampl
 * Image k of an answer (each prompt in turn, ``num_images_per_prompt`` times) uses seed
   ``seed + k``, so every prompt of a list gets its own seeds. Without ``seed`` the first is random.
 * An error is ``{"error": <message>}`` with the status of its InvocationError subclass.
+* With a safety checker on (TXT2IMG_SAFETY_CHECKER), the answer adds ``"nsfw_content_detected"``,
+  one boolean per image in answer order; a flagged image is black. JumpStart clients ignore the key.
 """
 
 from __future__ import annotations
@@ -287,12 +289,19 @@ def encode_image(image, accept_type: str):
     return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()
 
 
-def render_response(invocation: Invocation, images: list, accept_type: str) -> str:
-    """The JSON answer to ``invocation``: its images, in wanted_images order, encoded for ``accept_type``."""
+def render_response(
+    invocation: Invocation, images: list, accept_type: str, nsfw_content_detected: list[bool] | None = None
+) -> str:
+    """The JSON answer to ``invocation``: its images, in wanted_images order, encoded for ``accept_type``,
+    and the safety checker's verdict on each when one ran."""
     encoded = [encode_image(image, accept_type) for image in images]
     if invocation.one_image:
-        return json.dumps({"generated_image": encoded[0], "prompt": invocation.prompt})
-    return json.dumps({"generated_images": encoded, "prompt": invocation.prompt})
+        answer = {"generated_image": encoded[0], "prompt": invocation.prompt}
+    else:
+        answer = {"generated_images": encoded, "prompt": invocation.prompt}
+    if nsfw_content_detected is not None:
+        answer["nsfw_content_detected"] = nsfw_content_detected
+    return json.dumps(answer)
 
 
 def render_error(error: InvocationError) -> str:

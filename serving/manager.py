@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from catalog.pipelines import apply_lora, load_base_pipeline
+from catalog.pipelines import ModelLoadError, apply_lora, load_base_pipeline
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog, Problem, load_catalog_skipping_bad_files
 from serving.device import (
@@ -39,6 +39,24 @@ class LoadedBase:
     pipeline: object
     nbytes: int
     adapters: dict[str, str] = field(default_factory=dict)  # catalog id -> adapter name
+
+
+class DownloadsForbidden(ModelLoadError):
+    """A request asks for a Hub model missing from the HF cache, and TXT2IMG_ALLOW_DOWNLOADS is off."""
+
+    def __init__(self, entry: CatalogEntry):
+        self.model_id = entry.id
+        super().__init__(
+            f"model '{entry.id}' ({entry.hf_repo}) is not in this server's Hugging Face cache, and "
+            "TXT2IMG_ALLOW_DOWNLOADS is off, so a request cannot download it; ask the operator to fetch it"
+        )
+
+
+def in_hf_cache(repo: str) -> bool:
+    """Whether the HF cache holds a snapshot of ``repo`` (its model_index.json), without asking the Hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
 
 
 class PipelineManager:
@@ -95,9 +113,12 @@ class PipelineManager:
         with self._lock:
             return [model_id for base in self._bases.values() for model_id in (base.entry.id, *base.adapters)]
 
-    def pipeline_for(self, entry: CatalogEntry):
-        """The loaded pipeline for ``entry``, with the right LoRA adapter switched on (or all of them off)."""
-        base = self._base(self.base_entry(entry))
+    def pipeline_for(self, entry: CatalogEntry, *, for_request: bool = False):
+        """The loaded pipeline for ``entry``, with the right LoRA adapter switched on (or all of them off).
+
+        ``for_request``: a client asked for it, so it may only be downloaded if TXT2IMG_ALLOW_DOWNLOADS is on.
+        """
+        base = self._base(self.base_entry(entry), for_request)
         pipeline = base.pipeline
         if entry.method == "lora":
             if entry.id not in base.adapters:
@@ -108,15 +129,21 @@ class PipelineManager:
             pipeline.disable_lora()
         return pipeline
 
-    def _base(self, entry: CatalogEntry) -> LoadedBase:
+    def _base(self, entry: CatalogEntry, for_request: bool) -> LoadedBase:
         with self._lock:
             loaded = self._bases.get(entry.id)
             if loaded is not None:
                 self._bases.move_to_end(entry.id)
                 return loaded
+        local_files_only = self.settings.local_files_only
+        if for_request and not self.settings.allow_downloads and entry.hf_repo:
+            if not in_hf_cache(entry.hf_repo):
+                raise DownloadsForbidden(entry)
+            local_files_only = True  # what is cached is loaded as it is: nothing is fetched to complete it
         # Load on the CPU first: its size is then known, and room is made before it reaches the GPU.
+        # Without the repo's own safety checker: TXT2IMG_SAFETY_CHECKER decides (serving/safety.py).
         pipeline = load_base_pipeline(
-            entry, torch_dtype=self.load_dtype, local_files_only=self.settings.local_files_only
+            entry, torch_dtype=self.load_dtype, local_files_only=local_files_only, safety_checker=None
         )
         nbytes = weights_bytes(pipeline)
         self._make_room(nbytes)

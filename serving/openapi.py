@@ -59,13 +59,38 @@ def declare_error_answers(document: dict, routes: list[str]) -> dict:
     return document
 
 
+def declare_bearer_auth(document: dict) -> dict:
+    """The document with TXT2IMG_API_TOKEN's bearer auth, and its 401, on every operation but the health checks."""
+    from serving.guard import OPEN_PATHS
+
+    document["components"].setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The server's TXT2IMG_API_TOKEN.",
+    }
+    unauthorized = {
+        "description": "No Authorization: Bearer header with the server's token.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for path, item in document["paths"].items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in item.values():
+            operation["security"] = [{"bearer": []}]
+            operation["responses"]["401"] = unauthorized
+    return document
+
+
 class OpenAPI30Docs:
     """ASGI middleware answering ``GET /docs.json`` with the service's OpenAPI document, its error
-    answers declared as they are and the whole made valid 3.0."""
+    answers (and bearer auth, when TXT2IMG_API_TOKEN is set) declared as they are and the whole made valid 3.0."""
 
     def __init__(self, app, service) -> None:
+        from serving.settings import ServingSettings
+
         self.app = app
         self.service = service
+        self.bearer_auth = ServingSettings().api_token is not None
         self.document: dict | None = None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -74,5 +99,8 @@ class OpenAPI30Docs:
             return
         if self.document is None:  # the routes never change once the service runs
             routes = [api.route for api in self.service.apis.values()]
-            self.document = openapi_3_0(declare_error_answers(self.service.openapi_spec.asdict(), routes))
+            document = declare_error_answers(self.service.openapi_spec.asdict(), routes)
+            if self.bearer_auth:
+                document = declare_bearer_auth(document)
+            self.document = openapi_3_0(document)
         await JSONResponse(self.document)(scope, receive, send)

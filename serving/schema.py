@@ -68,6 +68,9 @@ class GenerationRequest(GenerationSettings):
 class GeneratedImage(BaseModel):
     seed: int = Field(description="The seed that generated this image; send it back to get the same image.")
     image: str = Field(description="The encoded image (PNG or JPEG, as the request's format says), in base64.")
+    nsfw_content_detected: bool | None = Field(
+        None, description="The safety checker flagged it (it is black then); null while TXT2IMG_SAFETY_CHECKER is off."
+    )
 
 
 class GeneratedImages(BaseModel):

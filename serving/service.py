@@ -6,6 +6,8 @@ moves to ``/docs``). Every generating route is a thin adapter onto GenerationReq
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
 other catalog models load on first use. Every ``TXT2IMG_*`` setting is in serving/settings.py.
+Every route, the ones mounted or added later included, sits behind serving/guard.py's middleware
+(TXT2IMG_API_TOKEN, TXT2IMG_MAX_BODY_BYTES); the safety checker runs in the generation queue.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from catalog.paths import txt2img_home
 from serving import a1111, openai_images
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
-from serving.http_errors import error_response, log_client_errors_as_one_line
+from serving.guard import BearerTokenAuth, RequestBodyLimit
+from serving.http_errors import INVOCATION_ERRORS, ErrorBody, error_response, log_client_errors_as_one_line
 from serving.image_files import ImageFiles
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
@@ -106,7 +109,8 @@ class Txt2Img:
 
     @bentoml.api(route="/txt2img", input_spec=ImageRequest)
     async def txt2img(self, ctx: bentoml.Context, **settings: Any) -> Image.Image:
-        """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images."""
+        """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images,
+        and X-NSFW-Content-Detected (true: the image is black) when the safety checker is on."""
         request = GenerationRequest(**settings)
         try:
             [result] = await self._generate([request], ctx.request)
@@ -114,6 +118,8 @@ class Txt2Img:
             return self._error_response(error, ctx)
         ctx.response.headers["X-Seed"] = str(result.seeds[0])
         ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        if result.nsfw_content_detected is not None:  # the safety checker is on
+            ctx.response.headers["X-NSFW-Content-Detected"] = str(result.nsfw_content_detected[0]).lower()
         image = result.images[0].convert("RGB")
         image.format = request.format.upper()  # BentoML encodes a returned image in its own format
         return image
@@ -127,20 +133,32 @@ class Txt2Img:
         except Exception as error:
             return self._error_response(error, ctx)
         ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
+        flags = result.nsfw_content_detected or [None] * len(result.images)
         images = [
-            GeneratedImage(seed=seed, image=image_base64(image, request.format))
-            for seed, image in zip(result.seeds, result.images)
+            GeneratedImage(seed=seed, image=image_base64(image, request.format), nsfw_content_detected=flag)
+            for seed, image, flag in zip(result.seeds, result.images, flags)
         ]
         return GeneratedImages(format=request.format, images=images)
 
-    @sagemaker_app.get("/ping")
+    @sagemaker_app.get(
+        "/ping",
+        response_class=Response,  # an empty 200, as SageMaker expects
+        responses={200: {"description": "Warm."}, 503: {"description": "Warming up.", "model": ErrorBody}},
+    )
     def ping(self) -> Response:
         """SageMaker's health check: 200 once the default model is warm."""
         if self.queue.ready.is_set():
             return Response(status_code=200)
         return JSONResponse({"error": self.queue.warm_up_error or "warming up"}, status_code=503)
 
-    @sagemaker_app.post("/invocations", openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY})
+    @sagemaker_app.post(
+        "/invocations",
+        openapi_extra={"requestBody": INVOCATIONS_REQUEST_BODY},
+        responses={
+            status: {"description": description, "model": ErrorBody}
+            for status, description in INVOCATION_ERRORS.items()
+        },
+    )
     async def invocations(self, request: Request) -> Response:
         """JumpStart's txt2img contract (serving/invocations.py): application/json or application/x-text in."""
         try:
@@ -150,7 +168,10 @@ class Txt2Img:
         except Exception as error:
             return error_response(error)
         images = [image for result in results for image in result.images]
-        return Response(render_response(invocation, images, accept_type), media_type=accept_type)
+        flags = None
+        if self.settings.safety_checker:
+            flags = [flag for result in results for flag in result.nsfw_content_detected]
+        return Response(render_response(invocation, images, accept_type, flags), media_type=accept_type)
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
@@ -309,5 +330,8 @@ class Txt2Img:
         return response
 
 
+# The first added is the outermost: auth refuses a stranger before a byte of the body is read.
+Txt2Img.add_asgi_middleware(BearerTokenAuth)  # TXT2IMG_API_TOKEN, on every route but the health checks
+Txt2Img.add_asgi_middleware(RequestBodyLimit)  # TXT2IMG_MAX_BODY_BYTES, on every route
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
 Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs

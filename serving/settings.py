@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +26,24 @@ class ServingSettings(BaseSettings):
         None, ge=1, description="CPU threads for torch; set it when other processes share the cores."
     )
     local_files_only: bool = Field(False, description="Never download: Hub models must be in the HF cache.")
+    allow_downloads: bool = Field(
+        True,
+        description="Let a request for a Hub model missing from the HF cache download it; TXT2IMG_MODEL is "
+        "fetched at start either way (unless local_files_only).",
+    )
+
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token every route but the health checks requires; unset: no auth."
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body; beyond it the answer is 413.")
+
+    safety_checker: bool = Field(
+        False, description="Check generated images; flagged ones are replaced by black images and reported."
+    )
+    safety_checker_repo: str = Field(
+        "CompVis/stable-diffusion-v1-4",
+        description="HF repo or local folder whose safety_checker and feature_extractor subfolders are the checker.",
+    )
 
     max_loaded_models: int = Field(3, ge=1, description="Pipelines kept in memory (shared LoRA bases count once).")
     memory_budget_gb: float | None = Field(

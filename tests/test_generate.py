@@ -62,6 +62,25 @@ def test_generates_numbered_images_with_their_seeds(run, tmp_path):
     assert images[0].tobytes() != images[1].tobytes()
 
 
+@pytest.fixture()
+def safety_checker_on(tmp_path, monkeypatch):
+    """TXT2IMG_SAFETY_CHECKER on, with a tiny checker that flags every image; before ``run`` reads the environment."""
+    from tiny_safety_checker import save_tiny_safety_checker
+
+    checker = save_tiny_safety_checker(tmp_path / "checker", flag_everything=True)
+    monkeypatch.setenv("TXT2IMG_SAFETY_CHECKER", "on")
+    monkeypatch.setenv("TXT2IMG_SAFETY_CHECKER_REPO", str(checker))
+
+
+def test_the_safety_checker_blacks_out_what_it_flags_and_says_so(safety_checker_on, run, tmp_path):
+    import numpy as np
+
+    result = run("tiny-sd", "a red cube", "-o", "cube.png", "--steps", "2", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    assert "cube.png  (seed 7)  flagged by the safety checker: black" in result.stdout
+    assert not np.asarray(Image.open(tmp_path / "cube.png")).any()
+
+
 def test_jpeg_by_suffix(run, tmp_path):
     assert run("tiny-sd", "a red cube", "-o", "a.jpg", "--steps", "1").returncode == 0
     assert Image.open(tmp_path / "a.jpg").format == "JPEG"

@@ -4,6 +4,7 @@ the records it keeps, and cleanup when AWS refuses."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -224,6 +225,38 @@ def test_deploy_builtin_demo_uses_default_bucket_cpu_instance_and_async_config(a
         "S3OutputPath": "s3://my-async/tiny/output",
         "S3FailurePath": "s3://my-async/tiny/failures",
     }
+
+
+def test_deploy_with_safety_checker_packs_one_and_switches_it_on(aws, tmp_path, monkeypatch):
+    from tiny_safety_checker import save_tiny_safety_checker
+
+    monkeypatch.setenv(
+        "TXT2IMG_SAFETY_CHECKER_REPO", str(save_tiny_safety_checker(tmp_path / "checker", flag_everything=True))
+    )
+    make_bucket(aws, "my-models")
+    deploy("tiny-sd", role=ROLE, endpoint_name="tiny", s3_prefix="s3://my-models/txt2img", safety_checker=True)
+
+    container = aws.client("sagemaker").describe_model(ModelName="tiny")["PrimaryContainer"]
+    assert container["Environment"] == {**LOCAL_MODEL_ENVIRONMENT, "TXT2IMG_SAFETY_CHECKER": "on"}
+    archive = aws.client("s3").get_object(Bucket="my-models", Key="txt2img/models/tiny/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        names = set(tar.getnames())
+        index = json.loads(tar.extractfile("model_index.json").read())
+    assert {"safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"} <= names
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+
+
+def test_deploy_with_safety_checker_missing_from_the_cache_says_how_to_fetch_it(aws, tmp_path, monkeypatch):
+    monkeypatch.setenv("TXT2IMG_SAFETY_CHECKER_REPO", str(tmp_path / "nothing-here"))
+    with pytest.raises(SageMakerError, match="no safety checker in .*huggingface-cli download"):
+        deploy("tiny-sd", role=ROLE, endpoint_name="tiny", safety_checker=True)
+    assert _resources(aws) == ([], [], [])
+
+
+def test_safety_checker_is_refused_for_a_jumpstart_container(aws):
+    with pytest.raises(SageMakerError, match="--safety-checker works for models on this machine"):
+        deploy(FIXTURE_MODEL, role=ROLE, endpoint_name="lineart", safety_checker=True)
+    assert _resources(aws) == ([], [], [])
 
 
 def _fail_in_moto(monkeypatch, operation: str, code: str, message: str) -> None:

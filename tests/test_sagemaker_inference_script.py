@@ -111,3 +111,47 @@ def test_the_accept_the_client_sent_wins_over_the_containers_stand_in(pipeline):
         pipeline, body, "application/json", "application/json", _Context({"Accept": "application/json"})
     )
     assert np.array(json.loads(answer)["generated_images"][0]).shape == (16, 16, 3)
+
+
+@pytest.fixture()
+def packed_model_dir(tmp_path):
+    """tiny-sd as ``txt2img deploy --safety-checker`` packs it, with a checker that flags every image."""
+    from tiny_safety_checker import save_tiny_safety_checker
+
+    from catalog.pipelines import export_model
+    from catalog.store import load_catalog
+    from jumpstart.package import add_safety_checker
+
+    model_dir = export_model("tiny-sd", tmp_path / "model", load_catalog())
+    add_safety_checker(model_dir, str(save_tiny_safety_checker(tmp_path / "checker", flag_everything=True)))
+    return model_dir
+
+
+SMALL = json.dumps({"prompt": ["a dog", "a cat"], "width": 32, "height": 32, "num_inference_steps": 1})
+
+
+def test_with_the_safety_checker_on_flagged_images_are_black_and_listed(packed_model_dir, monkeypatch):
+    monkeypatch.setenv("TXT2IMG_SAFETY_CHECKER", "on")
+    model = script.model_fn(str(packed_model_dir))
+    answer = json.loads(script.transform_fn(model, SMALL, "application/json", "application/json"))
+    assert answer["nsfw_content_detected"] == [True, True]
+    assert not np.array(answer["generated_images"]).any()
+
+
+def test_with_the_safety_checker_off_the_packed_one_does_not_run(packed_model_dir, monkeypatch):
+    monkeypatch.delenv("TXT2IMG_SAFETY_CHECKER", raising=False)
+    model = script.model_fn(str(packed_model_dir))
+    assert model.safety_checker is None
+    answer = json.loads(script.transform_fn(model, SMALL, "application/json", "application/json"))
+    assert "nsfw_content_detected" not in answer
+    assert np.array(answer["generated_images"]).any()
+
+
+def test_the_safety_checker_on_without_one_packed_stops_the_container(tmp_path, monkeypatch):
+    from catalog.pipelines import export_model
+    from catalog.store import load_catalog
+
+    monkeypatch.setenv("TXT2IMG_SAFETY_CHECKER", "on")
+    model_dir = export_model("tiny-sd", tmp_path / "model", load_catalog())
+    with pytest.raises(RuntimeError, match="txt2img deploy --safety-checker"):
+        script.model_fn(str(model_dir))

@@ -82,6 +82,12 @@ def _report_remote(result, kind: str) -> None:
 @click.option("--output", help="s3:// prefix where an --async endpoint writes its results.")
 @click.option("--s3-prefix", help="Where local models are uploaded; default s3://sagemaker-REGION-ACCOUNT/txt2img.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the endpoint is InService.")
+@click.option(
+    "--safety-checker",
+    is_flag=True,
+    help="Pack the safety checker of TXT2IMG_SAFETY_CHECKER_REPO and switch it on: flagged images come back "
+    "black, listed in nsfw_content_detected (models on this machine only).",
+)
 def deploy(
     model_id: str,
     instance_type: str | None,
@@ -92,6 +98,7 @@ def deploy(
     output: str | None,
     s3_prefix: str | None,
     wait: bool,
+    safety_checker: bool,
 ) -> None:
     """Deploy MODEL_ID (JumpStart id, fine-tune or tiny-sd) to a SageMaker endpoint."""
     if is_async != (output is not None):
@@ -108,6 +115,7 @@ def deploy(
         async_output=output,
         s3_prefix=s3_prefix,
         wait=wait,
+        safety_checker=safety_checker,
     )
     name = result.endpoint_name
     kind = "async endpoint" if result.is_async else "endpoint"

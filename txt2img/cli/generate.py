@@ -71,11 +71,11 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
     from catalog.paths import atomic_write_bytes
     from serving.images import image_bytes
 
-    images, seeds = _run(request)
+    images, seeds, flags = _run(request)
     paths = output_paths(output, len(images))
-    for image, path, image_seed in zip(images, paths, seeds):
+    for image, path, image_seed, flagged in zip(images, paths, seeds, flags):
         atomic_write_bytes(path, image_bytes(image, image_format))
-        click.echo(f"{path}  (seed {image_seed})")
+        click.echo(f"{path}  (seed {image_seed})" + ("  flagged by the safety checker: black" if flagged else ""))
 
 
 def _run(request):
@@ -96,8 +96,9 @@ def _run(request):
         transient=True,
     ) as progress:
         loading = progress.add_task(f"loading {request.model}", total=None)
+        settings = ServingSettings()
         try:
-            manager = PipelineManager(ServingSettings())
+            manager = PipelineManager(settings)
             entry = manager.entry(request.model)
             pipeline = manager.pipeline_for(entry)
         except CatalogError as error:
@@ -119,4 +120,22 @@ def _run(request):
             )
         except LimitExceeded as error:
             raise InputError(str(error).replace("num_inference_steps", "--steps")) from None
-    return images, seeds
+    if not settings.safety_checker:
+        return images, seeds, [False] * len(images)
+    images, flags = _safety_checked(images, settings, manager.device, manager.load_dtype)
+    return images, seeds, flags
+
+
+def _safety_checked(images, settings, device, dtype):
+    """TXT2IMG_SAFETY_CHECKER, as the server applies it: flagged images black, and which they are."""
+    from serving.safety import SafetyChecker
+
+    try:
+        checker = SafetyChecker.load(
+            settings.safety_checker_repo, device=device, dtype=dtype, local_files_only=settings.local_files_only
+        )
+    except OSError as error:
+        raise InputError(
+            f"TXT2IMG_SAFETY_CHECKER is on, but no safety checker loads from {settings.safety_checker_repo}: {error}"
+        ) from None
+    return checker.check(images)

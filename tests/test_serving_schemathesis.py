@@ -1,0 +1,80 @@
+"""Property-based tests (schemathesis) of both OpenAPI documents the server serves: BentoML's ``/docs.json``
+(every route) and the SageMaker app's ``/sagemaker/openapi.json``.
+
+For every operation, a bounded number of requests built from its schema, valid and not: none may get
+a 5xx, every 4xx must carry a JSON body with an ``error``, and each answer's status and content type
+must be among those the document declares. Requests the schema allows but the server's configured
+limits refuse (TXT2IMG_MAX_STEPS and friends, which the document does not state) get a 400, so
+schemathesis's "valid data is accepted" check is not among them. The low limits keep every
+generation at a few tiny-sd steps, so the run stays well within a minute. It runs in ``make test``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import schemathesis
+from bentoml_server import running_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
+
+EXAMPLES_PER_OPERATION = 25
+# The server runs locked down, as a shared one would; every request carries the token.
+AUTH = {"Authorization": "Bearer schemathesis-token"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home: Path = tmp_path_factory.mktemp("schemathesis-home")
+    limits = {"max_steps": "3", "max_images": "2", "max_pixels": str(64 * 64), "max_prompt_length": "200"}
+    hub_offline = {"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1"}
+    token = AUTH["Authorization"].removeprefix("Bearer ")
+    with running_server(
+        home, env=hub_offline, api_token=token, torch_threads="1", local_files_only="1", **limits
+    ) as url:
+        yield url
+
+
+def client_error_has_a_json_body(ctx, response, case) -> None:
+    if 400 <= response.status_code < 500:
+        body = response.json()  # raises on a body that is not JSON
+        assert isinstance(body, dict) and body.get("error"), f"a {response.status_code} without an error: {body}"
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, client_error_has_a_json_body]
+BOUNDED = settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,  # every run starts afresh; nothing is written into the checkout
+)
+
+
+def failures_of(document_url: str, mode: schemathesis.GenerationMode) -> list[str]:
+    """Every operation of the document, tried with BOUNDED requests of ``mode``: what went wrong, per operation."""
+    failures = []
+    for result in schemathesis.openapi.from_url(document_url, headers=AUTH).get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @BOUNDED
+        def run(case):
+            case.call_and_validate(headers=AUTH, checks=CHECKS, timeout=60)
+
+        try:
+            run()
+        except Unsatisfiable:  # no request breaks a schema without parameters or body, such as GET /ping's
+            continue
+        except Exception as failure:  # hypothesis has shrunk it to the simplest request that fails
+            failures.append(f"{operation.label}: {failure}")
+    return failures
+
+
+@pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=str)
+@pytest.mark.parametrize("document", ["/docs.json", "/sagemaker/openapi.json"])
+def test_every_operation_of_the_document_answers_as_it_declares(server, document, mode):
+    failures = failures_of(server + document, mode)
+    assert not failures, "\n\n".join(failures)
