@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 
 from catalog.schema import CatalogEntry
 from serving.generation_queue import CallProgress, GenerationResult
-from serving.http_errors import error_answer
+from serving.http_errors import GENERATION_ERRORS, error_answer
 from serving.schema import GenerationRequest
 
 # A1111's sampler names, each with our scheduler and A1111's aliases for it.
@@ -290,6 +290,25 @@ def txt2img_response(
     images = [png_base64(image, text) for image, text in zip(result.images, texts)] if request.send_images else []
     parameters = {**request.model_dump(), **payload, "sampler_name": sampler}
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+class A1111ErrorBody(BaseModel):
+    """A1111's error answer."""
+
+    error: str = Field(description="The kind of error.")
+    detail: str = Field(description="What is wrong, for a person to read.")
+    body: str
+    errors: str
+
+
+# A1111 answers a field it cannot honour, or a broken limit, with 422 where our routes say 400.
+A1111_UNPROCESSABLE = "A field this server cannot honour, a value it refuses, or a configured limit broken."
+
+
+def a1111_error_answers(*statuses: int) -> dict[int, dict[str, Any]]:
+    """The OpenAPI ``responses`` for these error statuses of an A1111 route."""
+    meanings = {**GENERATION_ERRORS, 422: A1111_UNPROCESSABLE}
+    return {status: {"description": meanings[status], "model": A1111ErrorBody} for status in statuses}
 
 
 def a1111_error_response(error: Exception) -> JSONResponse:

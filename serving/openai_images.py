@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse
 
 from catalog.schema import CatalogEntry
 from serving.generation_queue import GenerationResult
-from serving.http_errors import error_answer
+from serving.http_errors import GENERATION_ERRORS, error_answer
 from serving.schema import GenerationRequest, SchedulerName
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -171,6 +171,24 @@ def images_response(
         "output_format": request.output_format,
         "size": f"{width}x{height}",
     }
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error answer, which its SDKs raise as BadRequestError, NotFoundError and so on."""
+
+    error: OpenAIError
+
+
+def openai_error_answers(*statuses: int) -> dict[int, dict[str, Any]]:
+    """The OpenAPI ``responses`` for these error statuses of an OpenAI route (GENERATION_ERRORS' meanings)."""
+    return {status: {"description": GENERATION_ERRORS[status], "model": OpenAIErrorBody} for status in statuses}
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):

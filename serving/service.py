@@ -185,7 +185,11 @@ class Txt2Img:
             "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
 
-    @openai_app.post("/images/generations", openapi_extra={"requestBody": OPENAI_REQUEST_BODY})
+    @openai_app.post(
+        "/images/generations",
+        openapi_extra={"requestBody": OPENAI_REQUEST_BODY},
+        responses=openai_images.openai_error_answers(400, 403, 404, 413, 429, 503, 504),
+    )
     async def openai_generations(self, request: Request) -> Response:
         """OpenAI's image generation (serving/openai_images.py); errors in OpenAI's shape."""
         try:
@@ -199,7 +203,7 @@ class Txt2Img:
 
         return JSONResponse(openai_images.images_response(openai_request, result, file_url))
 
-    @openai_app.get("/images/files/{name}", name="openai_image_file")
+    @openai_app.get("/images/files/{name}", name="openai_image_file", responses=openai_images.openai_error_answers(404))
     async def openai_image_file(self, name: str) -> Response:
         """An image of a response_format "url" answer, kept for an hour (serving/image_files.py)."""
         stored = self.image_files.get(name)
@@ -212,14 +216,18 @@ class Txt2Img:
         """The catalog in OpenAI's list format."""
         return openai_images.model_list(list(self.manager.catalog))
 
-    @openai_app.get("/models/{model_id}")
+    @openai_app.get("/models/{model_id}", responses=openai_images.openai_error_answers(404))
     def openai_model(self, model_id: str) -> Response:
         try:
             return JSONResponse(openai_images.model_object(self.manager.entry(model_id)))
         except Exception as error:
             return openai_images.openai_error_response(error)
 
-    @a1111_app.post("/txt2img", openapi_extra={"requestBody": A1111_REQUEST_BODY})
+    @a1111_app.post(
+        "/txt2img",
+        openapi_extra={"requestBody": A1111_REQUEST_BODY},
+        responses=a1111.a1111_error_answers(422, 403, 404, 413, 429, 503, 504),
+    )
     async def a1111_txt2img(self, request: Request) -> Response:
         """AUTOMATIC1111's txt2img (serving/a1111.py); errors in A1111's shape."""
         try:
@@ -251,7 +259,7 @@ class Txt2Img:
         """The settings A1111 clients read; sd_model_checkpoint is the server's default model."""
         return a1111.options(self.settings.model)
 
-    @a1111_app.post("/options")
+    @a1111_app.post("/options", responses=a1111.a1111_error_answers(422))
     async def a1111_set_options(self, request: Request) -> Response:
         """Accepted only when it changes nothing; a request picks its model with override_settings."""
         try:
