@@ -3,8 +3,10 @@ and logging a client's mistake as what it is: one INFO line."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -147,3 +149,48 @@ CLIENT_ERRORS_AS_ONE_LINE = ClientErrorsAsOneLine()
 def log_client_errors_as_one_line() -> None:
     """Install ClientErrorsAsOneLine on the logger BentoML reports refused requests with (once)."""
     logging.getLogger("bentoml._internal.server.http_app").addFilter(CLIENT_ERRORS_AS_ONE_LINE)
+
+
+class JSONErrorBodies:
+    """ASGI middleware: every error answer has a JSON body with an ``error``, the framework's own too.
+
+    Our routes already answer that way; BentoML and Starlette answer an unknown path (404), a wrong
+    method (405) or an unroutable path value in plain text, which JSON clients cannot read.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def send_json_errors(message) -> None:
+            if message["type"] == "http.response.start":
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if message["status"] >= 400 and not content_type.startswith(b"application/json"):
+                    held["start"] = message  # sent with the rewritten body below
+                    return
+            elif held and message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                start = held["start"]
+                text = b"".join(chunks).decode("utf-8", errors="replace").strip()
+                content = json.dumps({"error": text or HTTPStatus(start["status"]).phrase}).encode()
+                headers = [
+                    (name, value) for name, value in start.get("headers", []) if name.lower() not in _BODY_HEADERS
+                ]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": content})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
+_BODY_HEADERS = (b"content-type", b"content-length")

@@ -24,7 +24,13 @@ from catalog.paths import txt2img_home
 from serving import a1111, openai_images
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.guard import BearerTokenAuth, RequestBodyLimit
-from serving.http_errors import INVOCATION_ERRORS, ErrorBody, error_response, log_client_errors_as_one_line
+from serving.http_errors import (
+    INVOCATION_ERRORS,
+    ErrorBody,
+    JSONErrorBodies,
+    error_response,
+    log_client_errors_as_one_line,
+)
 from serving.image_files import ImageFiles
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
@@ -342,4 +348,5 @@ class Txt2Img:
 Txt2Img.add_asgi_middleware(BearerTokenAuth)  # TXT2IMG_API_TOKEN, on every route but the health checks
 Txt2Img.add_asgi_middleware(RequestBodyLimit)  # TXT2IMG_MAX_BODY_BYTES, on every route
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
+Txt2Img.add_asgi_middleware(JSONErrorBodies)  # the framework's plain-text 404/405 as JSON too
 Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs

@@ -467,3 +467,14 @@ def test_a_refused_request_is_one_info_line_in_the_server_log(client, server_hom
     refused = [line for line in written.splitlines() if "Refused /txt2img [POST]" in line]
     assert len(refused) == 1 and "[INFO]" in refused[0] and "width: Input should be a multiple of 8" in refused[0]
     assert "Traceback" not in written and "[ERROR]" not in written
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/no-such-route", 404), ("DELETE", "/txt2img", 405), ("GET", "/v1/images/files/a%2Fb", 404)],
+)
+def test_the_frameworks_own_errors_are_json_too(client, method, path, status):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]
