@@ -159,7 +159,7 @@ MUTATIONS = [
         "catalog/store.py",
         '        exclusive_create_bytes(path, text.encode("utf-8"))\n',
         "        atomic_write_text(path, text)\n",
-        (Select("tests/test_name_claims.py", "registrations"),),
+        (Select("tests/test_name_claims.py", "racing_registrations"),),
     ),
     Mutation(
         "follow_umask leaves modes as they are",
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unchanged tests")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per pytest run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
+    parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
     options = parser.parse_args(argv)
 
     mutations = [m for m in MUTATIONS if not options.names or any(n in m.name for n in options.names)]
@@ -439,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             if result == "error":
                 detail += f" [pytest exit status {run.returncode}: the selection is broken]"
             print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)
+            if options.output:
+                print(*run.output.splitlines()[-40:], sep="\n    ", flush=True)
         total = time.monotonic() - started
         line = f"{results['caught']} caught, {results['survived']} survived"
         for other in ("timeout", "error"):
