@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from aws_fixtures import copy_spec, jumpstart_specs  # noqa: F401 - the spec fixture
 from PIL import Image
-from test_serving import server, server_home  # noqa: F401 - the session's one `bentoml serve`
+from test_serving import server  # noqa: F401 - the session's one `bentoml serve`
 
 from serving import invocations as wire
 
