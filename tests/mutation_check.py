@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TIMEOUT_S = 900
+DEFAULT_TIMEOUT_S = 900  # one mutation's tests
+BASELINE_TIMEOUT_S = 3600  # every selected test at once: 12 minutes on a busy 2-core machine
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Select:
 
     def expression(self) -> str:
         # -k matches names along each test's chain, the module's file name included, so this
-        # restricts the expression to this file even when several files run together.
+        # restricts the expression to this file even when several files run together. (So a
+        # k that is part of the file's name, such as "claim" in test_name_claims.py, picks it all.)
         module = Path(self.file).name
         return module if self.k is None else f"{module} and ({self.k})"
 
@@ -83,8 +85,8 @@ MUTATIONS = [
     Mutation(
         "resume without the RNG state",
         "training/dreambooth.py",
-        '            generator.set_state(state["rng"])\n',
-        "",
+        "            generator.set_state(state[",
+        "            (lambda _: None)(state[",
         (Select("tests/test_train.py", "resume"),),
     ),
     Mutation(
@@ -108,7 +110,7 @@ MUTATIONS = [
         "                        embeddings = encode_prompts(\n"
         '                            pipeline.tokenizer, pipeline.text_encoder, [""] * len(batch.prompts)\n'
         "                        )\n",
-        (Select("tests/test_train.py", "caption or conditioning or two_concepts"),),
+        (Select("tests/test_train.py", "caption or concept"),),
         note=CONDITIONING,
     ),
     Mutation(
@@ -150,9 +152,9 @@ MUTATIONS = [
     Mutation(
         "claim_name claims nothing",
         "catalog/store.py",
-        "            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
-        "            pass\n",
-        (Select("tests/test_name_claims.py", "claim or concurrent_train"),),
+        "            fcntl.flock(claim, ",
+        "            (lambda *_: None)(claim, ",
+        (Select("tests/test_name_claims.py", "a_claim_refuses or concurrent_train"),),
     ),
     Mutation(
         "registration replaces instead of creating exclusively",
@@ -323,13 +325,18 @@ def check_snippets(root: Path, mutations: list[Mutation]) -> list[str]:
 
 
 def copy_tree(destination: Path) -> None:
-    """The working tree as git sees it: tracked files and untracked ones that are not ignored."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
+    """The working tree as git sees it: tracked files and untracked ones that are not ignored.
+
+    Outside a git checkout (an unpacked archive), everything but virtual environments and caches.
+    """
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True
+    )
+    if listing.returncode or not (REPO_ROOT / ".git").exists():
+        skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.pyc")
+        shutil.copytree(REPO_ROOT, destination, ignore=skip, dirs_exist_ok=True)
+        return
+    listed = listing.stdout
     for name in filter(None, listed.decode().split("\0")):
         source = REPO_ROOT / name
         if source.is_file():  # a tracked file deleted in the working tree is left out
@@ -390,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="names", action="append", default=[], help="mutations whose name holds this")
     parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unchanged tests")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per pytest run")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for one mutation's tests")
+    parser.add_argument("--baseline-timeout", type=float, default=BASELINE_TIMEOUT_S, help="seconds for the baseline")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
     parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
     options = parser.parse_args(argv)
@@ -416,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         if not options.no_baseline:
             selections = [select for mutation in mutations for select in mutation.tests]
             print(f"baseline: the selected tests on the unchanged copy in {root} ...", flush=True)
-            baseline = run_pytest(root, pytest_arguments(selections), options.timeout, stop_at_first=False)
+            baseline = run_pytest(root, pytest_arguments(selections), options.baseline_timeout, stop_at_first=False)
             print(f"baseline: {baseline.summary or 'no summary'} ({baseline.seconds:.0f} s)", flush=True)
             if baseline.returncode != 0:
+                if baseline.returncode is None:
+                    print(f"the baseline timed out after {options.baseline_timeout:.0f} s", file=sys.stderr)
                 print(baseline.output[-6000:], file=sys.stderr)
                 print("the unchanged tests do not pass, so no mutation result would mean anything", file=sys.stderr)
                 return 2
