@@ -26,6 +26,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -373,9 +374,12 @@ def run_pytest(root: Path, arguments: list[str], timeout_s: float, stop_at_first
         output, _ = process.communicate(timeout=timeout_s)
         returncode = process.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         returncode = None
+    except BaseException:  # Ctrl-C or SIGTERM: the tests go too, not only this script
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     lines = [line for line in output.splitlines() if line.strip()]
     summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ \w+ in [\d.]+s", line)), "")
     return Run(returncode, time.monotonic() - started, summary, output)
@@ -402,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
     parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
     options = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the copy and the running tests are cleaned up
 
     mutations = [m for m in MUTATIONS if not options.names or any(n in m.name for n in options.names)]
     if not mutations:
