@@ -12,7 +12,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 HOST ?=
 PORT ?=
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve test mutate lint format clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Break the code on purpose, one curated way at a time, and check the tests notice (issue #14).
+mutate: install
+	$(BIN)/python tests/mutation_check.py
 
 # ruff: the style check CI runs (lint), and the fixer (format).
 lint: install

@@ -41,6 +41,30 @@ except Txt2ImgError as error:
     raise SystemExit(error.exit_code)
 """
 
+# REGISTER, but each process waits after write_entry has read the catalog until all of them have:
+# every one has passed the "id already exists" check, so only the exclusive create can pick a winner.
+REGISTER_PAST_THE_CHECK = (
+    """
+import os, sys, time
+from pathlib import Path
+import catalog.store
+
+barrier, racers = Path(sys.argv[3]), int(sys.argv[4])
+read_catalog = catalog.store.load_catalog
+
+def load_catalog_then_wait(*args, **kwargs):
+    catalog = read_catalog(*args, **kwargs)
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(barrier.iterdir())) < racers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return catalog
+
+catalog.store.load_catalog = load_catalog_then_wait
+"""
+    + REGISTER
+)
+
 # Holds a claim until killed; prints once it holds it.
 HOLD_CLAIM = """
 import sys, time
@@ -82,6 +106,24 @@ def test_twenty_concurrent_registrations_of_one_name_exactly_one_wins(txt2img_ho
     assert load_catalog().get("contested").artifact == winner
     losers = [process.stderr.read() for process, code in zip(processes, codes) if code]
     assert all("already exists" in message for message in losers), losers
+
+
+def test_racing_registrations_all_past_the_existence_check_exactly_one_wins(txt2img_home, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    racers = 6
+    processes = [
+        _start(
+            REGISTER_PAST_THE_CHECK, "raced", str(tmp_path / f"w{index}"), str(barrier), str(racers), home=txt2img_home
+        )
+        for index in range(racers)
+    ]
+    codes = [process.wait(timeout=180) for process in processes]
+
+    assert len(list(barrier.iterdir())) == racers  # every process read the catalog before any wrote
+    assert sorted(codes) == [0] + [2] * (racers - 1), [process.stderr.read() for process in processes]
+    winner = processes[codes.index(0)].args[-3]
+    assert load_catalog().get("raced").artifact == winner
 
 
 def test_a_claim_refuses_a_second_process_and_dies_with_its_holder(txt2img_home):

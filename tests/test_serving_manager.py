@@ -50,6 +50,40 @@ def test_memory_budget_evicts_before_loading():
     assert manager.resident_bytes() == size
 
 
+def test_memory_budget_holds_at_the_peak_while_a_model_loads(monkeypatch):
+    """Room is made before a model reaches the device, so the device never holds more than the budget.
+
+    On the CPU the device is simulated: a pipeline counts as on it from the manager's move
+    (optimize_for_device) until nothing references it any more.
+    """
+    import gc
+    import weakref
+
+    import serving.manager
+    from serving.device import weights_bytes
+
+    probe = make_manager()
+    size = weights_bytes(probe.pipeline_for(probe.catalog.get("tiny-sd")))
+    budget = 1.5 * size
+    on_device = weakref.WeakSet()
+    peaks = []
+    move = serving.manager.optimize_for_device
+
+    def move_and_measure(pipeline, device, settings):
+        gc.collect()  # an evicted pipeline nothing references is off the device
+        on_device.add(pipeline)
+        peaks.append(sum(weights_bytes(resident) for resident in on_device))
+        return move(pipeline, device, settings)
+
+    monkeypatch.setattr(serving.manager, "optimize_for_device", move_and_measure)
+    manager = make_manager(max_loaded_models=10, memory_budget_gb=budget / 2**30)
+    for model_id in ("tiny-sd", FULL_ID, OTHER_FULL_ID):
+        manager.pipeline_for(manager.catalog.get(model_id))
+    assert manager.loaded_ids() == [OTHER_FULL_ID]
+    assert peaks == [size, size, size]  # never two models on the device at once
+    assert max(peaks) <= budget
+
+
 def test_lora_shares_its_base_and_switches_adapters():
     import torch
 

@@ -1,0 +1,477 @@
+"""``make mutate``: break the code on purpose, one way at a time, and check that the tests notice (issue #14).
+
+Each mutation below is data: a name, a file, an exact snippet of that file, what replaces it, and
+the tests that must fail once it is replaced. The script copies the working tree (the files git
+tracks, plus untracked files git does not ignore) to a temporary folder, first runs every selected
+test there unchanged (the baseline: a test that already fails would count every mutation as
+caught), then applies each mutation on its own, runs its tests and puts the file back.
+
+A mutation is ``caught`` when its tests fail and ``survived`` when they pass. A snippet that is not
+in its file exactly once is an error naming the mutation, found before anything runs, so the list
+cannot rot silently. Exit status: 0 when every mutation was caught, 1 when any survived or timed
+out, 2 on an error (a snippet not found, a baseline failure, a selection matching no test).
+
+    python tests/mutation_check.py                 # every mutation
+    python tests/mutation_check.py --list          # names and selections only
+    python tests/mutation_check.py -k seed -k lru  # mutations whose name holds any of these
+    python tests/mutation_check.py --no-baseline   # skip the unchanged run (quicker, less sure)
+
+Runs are one at a time: on a small machine two pytest runs in parallel, each loading torch and
+sometimes a ``bentoml serve``, finish no sooner than one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT_S = 900  # one mutation's tests
+BASELINE_TIMEOUT_S = 3600  # every selected test at once: 12 minutes on a busy 2-core machine
+
+
+@dataclass(frozen=True)
+class Select:
+    """Tests of one file: all of them, or those a pytest ``-k`` expression picks."""
+
+    file: str
+    k: str | None = None
+
+    def expression(self) -> str:
+        # -k matches names along each test's chain, the module's file name included, so this
+        # restricts the expression to this file even when several files run together. (So a
+        # k that is part of the file's name, such as "claim" in test_name_claims.py, picks it all.)
+        module = Path(self.file).name
+        return module if self.k is None else f"{module} and ({self.k})"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[Select, ...]
+    note: str = ""  # why it may survive for now, printed beside a survivor
+
+
+def pytest_arguments(selections: list[Select]) -> list[str]:
+    files = list(dict.fromkeys(select.file for select in selections))
+    if all(select.k is None for select in selections):
+        return files
+    expression = " or ".join(f"({select.expression()})" for select in dict.fromkeys(selections))
+    return [*files, "-k", expression]
+
+
+CONDITIONING = "its test is being written on branch `conditioning`; it may survive until that branch is merged"
+
+MUTATIONS = [
+    # --- training ---------------------------------------------------------------------------------
+    Mutation(
+        "optimizer step is a no-op",
+        "training/dreambooth.py",
+        "                else:\n                    optimizer.step()\n",
+        "                else:\n                    pass\n",
+        (Select("tests/test_train.py", "full_finetune"),),
+    ),
+    Mutation(
+        "resume without the RNG state",
+        "training/dreambooth.py",
+        "            generator.set_state(state[",
+        "            (lambda _: None)(state[",
+        (Select("tests/test_train.py", "resume"),),
+    ),
+    Mutation(
+        "resume without the optimizer state",
+        "training/dreambooth.py",
+        '            optimizer.load_state_dict(state["optimizer"])\n',
+        "",
+        (Select("tests/test_train.py", "resume"),),
+    ),
+    Mutation(
+        "prior-preservation loss weight 0",
+        "training/dreambooth.py",
+        "loss = loss + hp.prior_loss_weight * errors[batch.num_instance :].mean()",
+        "loss = loss + 0 * errors[batch.num_instance :].mean()",
+        (Select("tests/test_train.py", "prior"),),
+    ),
+    Mutation(
+        "training ignores captions",
+        "training/dreambooth.py",
+        "                        embeddings = text_embeddings(batch.prompts)\n",
+        "                        embeddings = encode_prompts(\n"
+        '                            pipeline.tokenizer, pipeline.text_encoder, [""] * len(batch.prompts)\n'
+        "                        )\n",
+        (Select("tests/test_train.py", "caption or concept"),),
+        note=CONDITIONING,
+    ),
+    Mutation(
+        "tune --parallel runs trials one at a time",
+        "training/tuning.py",
+        "while len(running) < config.parallel and _claimed(study) < config.trials:",
+        "while len(running) < 1 and _claimed(study) < config.trials:",
+        (Select("tests/test_tuning_parallel.py"),),
+    ),
+    # --- evaluation -------------------------------------------------------------------------------
+    Mutation(
+        "frechet_distance returns 0",
+        "training/metrics.py",
+        "    return float(max(distance, 0.0))\n",
+        "    return 0.0\n",
+        (Select("tests/test_evaluation.py", "frechet or fid"),),
+    ),
+    Mutation(
+        "FID treats covariances as diagonal",
+        "training/metrics.py",
+        "    cov_a = np.atleast_2d(np.cov(features_a, rowvar=False))\n"
+        "    cov_b = np.atleast_2d(np.cov(features_b, rowvar=False))\n",
+        "    cov_a = np.diag(np.diag(np.atleast_2d(np.cov(features_a, rowvar=False))))\n"
+        "    cov_b = np.diag(np.diag(np.atleast_2d(np.cov(features_b, rowvar=False))))\n",
+        (Select("tests/test_evaluation.py", "frechet or fid"),),
+        note=CONDITIONING,
+    ),
+    # --- catalog ----------------------------------------------------------------------------------
+    Mutation(
+        "catalog write in place, not atomic",
+        "catalog/paths.py",
+        "        temporary = _write_temporary(path, data)\n        try:\n            os.replace(temporary, path)\n",
+        "        path.parent.mkdir(parents=True, exist_ok=True)\n"
+        "        path.write_bytes(data)\n"
+        "        try:\n"
+        "            pass\n",
+        (Select("tests/test_catalog_store.py"),),
+    ),
+    Mutation(
+        "claim_name claims nothing",
+        "catalog/store.py",
+        "            fcntl.flock(claim, ",
+        "            (lambda *_: None)(claim, ",
+        (Select("tests/test_name_claims.py", "a_claim_refuses or concurrent_train"),),
+    ),
+    Mutation(
+        "registration replaces instead of creating exclusively",
+        "catalog/store.py",
+        '        exclusive_create_bytes(path, text.encode("utf-8"))\n',
+        "        atomic_write_text(path, text)\n",
+        (Select("tests/test_name_claims.py", "racing_registrations"),),
+    ),
+    Mutation(
+        "follow_umask leaves modes as they are",
+        "catalog/paths.py",
+        "    umask = current_umask()\n    for root, _, files in os.walk(tree):\n",
+        "    umask = current_umask()\n    for root, _, files in []:\n",
+        (Select("tests/test_name_claims.py", "umask"),),
+    ),
+    Mutation(
+        "writing() passes errors through, not as one line",
+        "catalog/paths.py",
+        "    try:\n        yield\n    except FileExistsError:",
+        "    yield\n    return\n    try:\n        yield\n    except FileExistsError:",
+        (Select("tests/test_disk_full.py"),),
+    ),
+    # --- serving: the manager ---------------------------------------------------------------------
+    Mutation(
+        "manager ignores its byte budget",
+        "serving/manager.py",
+        "or (self.memory_budget is not None and self.resident_bytes() + incoming > self.memory_budget)",
+        "or False",
+        (Select("tests/test_serving_manager.py", "budget"),),
+    ),
+    Mutation(
+        "manager evicts first in, first out (not LRU)",
+        "serving/manager.py",
+        "                self._bases.move_to_end(entry.id)\n",
+        "",
+        (Select("tests/test_serving_manager.py", "least_recently_used"),),
+    ),
+    Mutation(
+        "manager makes room after the new model is on the device",
+        "serving/manager.py",
+        "        self._make_room(nbytes)\n"
+        "        attention = optimize_for_device(pipeline, self.device, self.settings)\n",
+        "        attention = optimize_for_device(pipeline, self.device, self.settings)\n"
+        "        self._make_room(nbytes)\n",
+        (Select("tests/test_serving_manager.py", "budget"),),
+    ),
+    # --- serving: the queue -----------------------------------------------------------------------
+    Mutation(
+        "batcher never combines requests",
+        "serving/generation_queue.py",
+        "fits = images + len(job.seeds) <= self.settings.max_batch_size",
+        "fits = False",
+        (Select("tests/test_serving.py", "batched"),),
+    ),
+    Mutation(
+        "batched images handed to the wrong requests",
+        "serving/generation_queue.py",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(items))",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(items))",
+        (Select("tests/test_serving.py", "batched"),),
+    ),
+    # --- serving: the JumpStart wire format -------------------------------------------------------
+    Mutation(
+        "';verbose' answered as JPEG",
+        "serving/invocations.py",
+        '            if "jpeg" in flags:\n                return JPEG_ACCEPT\n',
+        "            if flags:\n                return JPEG_ACCEPT\n",
+        (Select("tests/test_serving.py", "jumpstart_json_accept"),),
+    ),
+    Mutation(
+        "/invocations drops negative_prompt",
+        "serving/invocation_requests.py",
+        '            "negative_prompt": first.negative_prompt,\n',
+        '            "negative_prompt": None,\n',
+        (Select("tests/test_invocations_parity.py", "negative_prompt_change and local"),),
+    ),
+    Mutation(
+        "/invocations gives every prompt the same seed",
+        "serving/invocation_requests.py",
+        '            "seed": first.seed,\n',
+        '            "seed": invocation.wanted_images()[0].seed,\n',
+        (Select("tests/test_invocations_parity.py", "own_seed and local"),),
+    ),
+    Mutation(
+        "/invocations limits images per prompt, not per request",
+        "serving/invocation_requests.py",
+        "    if invocation.image_count > settings.max_images:\n"
+        '        raise LimitExceeded("images", settings.max_images, invocation.image_count)\n',
+        "    if invocation.num_images_per_prompt > settings.max_images:\n"
+        '        raise LimitExceeded("images", settings.max_images, invocation.num_images_per_prompt)\n',
+        (Select("tests/test_invocations_parity.py", "limits_count_every_image"),),
+    ),
+    Mutation(
+        "packed inference.py drops negative prompts",
+        "jumpstart/inference_script.py",
+        "                negative_prompt=negatives if any(negatives) else None,\n",
+        "                negative_prompt=None,\n",
+        (Select("tests/test_invocations_parity.py", "negative_prompt_change and packed"),),
+    ),
+    Mutation(
+        "the wire format drops negative prompts (both servers)",
+        "serving/invocations.py",
+        "WantedImage(prompt, negative, first + k)",
+        "WantedImage(prompt, None, first + k)",
+        (Select("tests/test_invocations_parity.py", "negative_prompt_change and packed"),),
+    ),
+    # --- serving: the HTTP service ----------------------------------------------------------------
+    Mutation(
+        "OpenAPI keeps JSON Schema's null branches",
+        "serving/openapi.py",
+        '    if NULL in node.get("anyOf", []):  # pydantic\'s Optional[X]\n',
+        "    if False:\n",
+        (Select("tests/test_serving_openapi.py"),),
+    ),
+    Mutation(
+        "OpenAPI keeps numeric exclusive bounds",
+        "serving/openapi.py",
+        "            node[exclusive] = True\n",
+        "            pass\n",
+        (Select("tests/test_serving_openapi.py"),),
+    ),
+    Mutation(
+        "refused requests logged with their traceback",
+        "serving/http_errors.py",
+        "        error = record.exc_info[1] if record.exc_info else None\n",
+        "        error = None\n",
+        (Select("tests/test_serving_openapi.py", "one_info_line"),),
+    ),
+    # --- SageMaker deploy -------------------------------------------------------------------------
+    Mutation(
+        "deploy never calls create_endpoint",
+        "jumpstart/deploy.py",
+        "            sagemaker.create_endpoint(EndpointName=plan.endpoint_name, "
+        "EndpointConfigName=plan.endpoint_name)\n",
+        "            pass\n",
+        (Select("tests/test_sagemaker_deploy.py", "uses_jumpstart_container"),),
+    ),
+    Mutation(
+        "a failed deploy leaves its model behind",
+        "jumpstart/deploy.py",
+        'models=(created["model"],) if "model" in created else ()',
+        "models=()",
+        (Select("tests/test_sagemaker_deploy.py", "failed_endpoint_creation"),),
+    ),
+]
+
+
+def check_snippets(root: Path, mutations: list[Mutation]) -> list[str]:
+    """Problems with the list itself: a snippet not in its file exactly once, a test file missing."""
+    problems = []
+    for mutation in mutations:
+        path = root / mutation.file
+        if not path.is_file():
+            problems.append(f"{mutation.name}: {mutation.file} does not exist")
+            continue
+        count = path.read_text(encoding="utf-8").count(mutation.original)
+        if count != 1:
+            where = "not found" if count == 0 else f"found {count} times"
+            problems.append(f"{mutation.name}: its original snippet is {where} in {mutation.file}")
+        if mutation.original == mutation.replacement:
+            problems.append(f"{mutation.name}: the replacement is the original")
+        problems += [
+            f"{mutation.name}: test file {select.file} does not exist"
+            for select in mutation.tests
+            if not (root / select.file).is_file()
+        ]
+    return problems
+
+
+def copy_tree(destination: Path) -> None:
+    """The working tree as git sees it: tracked files and untracked ones that are not ignored.
+
+    Outside a git checkout (an unpacked archive), everything but virtual environments and caches.
+    """
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True
+    )
+    if listing.returncode or not (REPO_ROOT / ".git").exists():
+        skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.pyc")
+        shutil.copytree(REPO_ROOT, destination, ignore=skip, dirs_exist_ok=True)
+        return
+    listed = listing.stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is left out
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+@dataclass
+class Run:
+    returncode: int | None  # None: timed out
+    seconds: float
+    summary: str
+    output: str
+
+
+def run_pytest(root: Path, arguments: list[str], timeout_s: float, stop_at_first: bool) -> Run:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        # No stale bytecode: a mutated file and its restored original can share size and mtime.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *arguments]
+    if stop_at_first:
+        command.append("-x")
+    started = time.monotonic()
+    # Its own session, so a timeout stops the tests' subprocesses (bentoml serve, training) too.
+    process = subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+        returncode = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        returncode = None
+    except BaseException:  # Ctrl-C or SIGTERM: the tests go too, not only this script
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    lines = [line for line in output.splitlines() if line.strip()]
+    summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ \w+ in [\d.]+s", line)), "")
+    return Run(returncode, time.monotonic() - started, summary, output)
+
+
+def verdict(run: Run) -> str:
+    """caught, survived, timeout or error, from pytest's exit status."""
+    if run.returncode is None:
+        return "timeout"
+    if run.returncode in (1, 2):  # tests failed, or the mutated code broke collection
+        return "caught"
+    if run.returncode == 0:
+        return "survived"
+    return "error"  # 3 internal error, 4 usage error, 5 no test selected
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", dest="names", action="append", default=[], help="mutations whose name holds this")
+    parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unchanged tests")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for one mutation's tests")
+    parser.add_argument("--baseline-timeout", type=float, default=BASELINE_TIMEOUT_S, help="seconds for the baseline")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
+    parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
+    options = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the copy and the running tests are cleaned up
+
+    mutations = [m for m in MUTATIONS if not options.names or any(n in m.name for n in options.names)]
+    if not mutations:
+        print(f"no mutation's name holds any of {options.names}", file=sys.stderr)
+        return 2
+    problems = check_snippets(REPO_ROOT, MUTATIONS)
+    if problems:
+        print("the mutation list no longer fits the code:", *problems, sep="\n  ", file=sys.stderr)
+        return 2
+    width = max(len(m.name) for m in mutations)
+    if options.list:
+        for mutation in mutations:
+            print(f"{mutation.name:<{width}}  {mutation.file}  ->  {' '.join(pytest_arguments(list(mutation.tests)))}")
+        return 0
+
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="txt2img-mutate-"))
+    try:
+        copy_tree(root)
+        if not options.no_baseline:
+            selections = [select for mutation in mutations for select in mutation.tests]
+            print(f"baseline: the selected tests on the unchanged copy in {root} ...", flush=True)
+            baseline = run_pytest(root, pytest_arguments(selections), options.baseline_timeout, stop_at_first=False)
+            print(f"baseline: {baseline.summary or 'no summary'} ({baseline.seconds:.0f} s)", flush=True)
+            if baseline.returncode != 0:
+                if baseline.returncode is None:
+                    print(f"the baseline timed out after {options.baseline_timeout:.0f} s", file=sys.stderr)
+                print(baseline.output[-6000:], file=sys.stderr)
+                print("the unchanged tests do not pass, so no mutation result would mean anything", file=sys.stderr)
+                return 2
+        results: dict[str, int] = {"caught": 0, "survived": 0, "timeout": 0, "error": 0}
+        print(f"{'mutation':<{width}}  {'result':<8}  {'time':>6}  tests")
+        for mutation in mutations:
+            path = root / mutation.file
+            original = path.read_text(encoding="utf-8")
+            path.write_text(original.replace(mutation.original, mutation.replacement, 1), encoding="utf-8")
+            try:
+                run = run_pytest(root, pytest_arguments(list(mutation.tests)), options.timeout, stop_at_first=True)
+            finally:
+                path.write_text(original, encoding="utf-8")
+            result = verdict(run)
+            results[result] += 1
+            detail = run.summary or (f"timed out after {options.timeout:.0f} s" if run.returncode is None else "")
+            if result == "survived" and mutation.note:
+                detail += f" [{mutation.note}]"
+            if result == "error":
+                detail += f" [pytest exit status {run.returncode}: the selection is broken]"
+            print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)
+            if options.output:
+                print(*run.output.splitlines()[-40:], sep="\n    ", flush=True)
+        total = time.monotonic() - started
+        line = f"{results['caught']} caught, {results['survived']} survived"
+        for other in ("timeout", "error"):
+            if results[other]:
+                line += f", {results[other]} {'timed out' if other == 'timeout' else 'errors'}"
+        print(f"{line} ({total / 60:.1f} min in all)")
+        if results["error"]:
+            return 2
+        return 1 if results["survived"] or results["timeout"] else 0
+    finally:
+        if options.keep:
+            print(f"the copy is kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
