@@ -24,7 +24,7 @@ from serving import a1111, openai_images
 from serving.device import serving_gpu_count, serving_worker_count
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.http_errors import error_response, log_client_errors_as_one_line
-from serving.image_files import ImageFiles
+from serving.image_files import ImageFiles, server_image_folder, share_image_folder
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
 from serving.invocations import (
@@ -51,6 +51,7 @@ from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, I
 from serving.settings import ServingSettings
 
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
+share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
 
 # The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
 # infer it; this states it for the OpenAPI document.
@@ -110,7 +111,7 @@ class Txt2Img:
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
         self.queue = GenerationQueue(self.manager, self.settings, serving_metrics())
         self.queue.start(warm_model=self.settings.model)
-        self.image_files = ImageFiles()  # OpenAI's response_format "url"
+        self.image_files = ImageFiles(server_image_folder())  # OpenAI's response_format "url"
 
     def __is_ready__(self) -> bool:
         return self.queue.ready.is_set()

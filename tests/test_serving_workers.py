@@ -112,6 +112,20 @@ def test_requests_reach_both_workers_each_with_its_own_models(server):
     assert all(FULL_ID in models for models in loaded.values()), loaded
 
 
+def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(server):
+    url, _ = server
+    request = {"prompt": "a red cube", "size": "64x64", "num_inference_steps": 2, "response_format": "url", "n": 2}
+    links = []
+    for _ in range(3):  # each on a new connection, so they are made by either worker
+        response = httpx.post(f"{url}/v1/images/generations", json=request, timeout=120)
+        assert response.status_code == 200, response.text
+        links += [image["url"] for image in response.json()["data"]]
+    for link in links:
+        for _ in range(4):  # new connections again: most links are fetched from both workers
+            fetched = httpx.get(link, timeout=60)
+            assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+
+
 def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(server):
     url, process = server
     workers = answering_workers(url)
