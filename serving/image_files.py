@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 IMAGE_TTL_S = 3600
 IMAGE_STORE_BYTES = 256 * 2**20
 SHARED_FOLDER_ENV = "TXT2IMG_SERVER_IMAGE_FOLDER"  # set by the serving process, read by its workers
+SHARED_FOLDER_PREFIX = "txt2img-images-"  # in the temporary folder, one per server: <prefix><host>-<pid>-<random>
 # The names ``add`` gives; a requested name must be one, so a URL cannot reach any other file.
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9_-]{32}\.(png|jpeg|webp)")
 
@@ -38,20 +40,28 @@ def share_image_folder() -> None:
     """In the ``bentoml serve`` process, make the image folder its workers share; removed when the server exits.
 
     Workers inherit the serving process's environment, so they find the folder in SHARED_FOLDER_ENV.
-    A worker, which imports the service too, changes nothing.
+    A worker, which imports the service too, changes nothing. The folders of servers killed before
+    they could remove their own go when the next server starts.
     """
     import bentoml
 
+    from serving.metrics import _alive
+
     if bentoml.server_context.worker_index is not None:
         return
-    folder = tempfile.mkdtemp(prefix="txt2img-images-")
+    prefix = f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        pid = folder.name.removeprefix(prefix).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")  # a new folder of this user's only
     os.environ[SHARED_FOLDER_ENV] = folder
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def server_image_folder() -> Path:
     """The folder this server's workers share, or one of this process's own outside ``bentoml serve``."""
-    return Path(os.environ.get(SHARED_FOLDER_ENV) or tempfile.mkdtemp(prefix="txt2img-images-"))
+    return Path(os.environ.get(SHARED_FOLDER_ENV) or tempfile.mkdtemp(prefix=SHARED_FOLDER_PREFIX))
 
 
 class ImageFiles:

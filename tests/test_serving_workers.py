@@ -66,6 +66,25 @@ def test_each_worker_takes_its_own_gpu_round_robin(two_fake_gpus):
     assert device.pick_device(settings) == "cuda:0"  # outside a server: the first GPU
 
 
+def test_the_shared_image_folder_is_new_and_those_of_killed_servers_go(monkeypatch, tmp_path):
+    import socket
+    import tempfile
+
+    from serving import image_files
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv(image_files.SHARED_FOLDER_ENV, "")  # restored after the test
+    host = socket.gethostname()
+    killed = tmp_path / f"txt2img-images-{host}-{2**22 + 1}-abc"  # above Linux's largest pid: no such process
+    running = tmp_path / f"txt2img-images-{host}-1-abc"
+    killed.mkdir()
+    running.mkdir()
+    image_files.share_image_folder()
+    assert not killed.exists() and running.exists()
+    assert image_files.server_image_folder().parent == tmp_path
+    assert image_files.server_image_folder().name.startswith(f"txt2img-images-{host}-")
+
+
 # A real server with two workers
 
 
