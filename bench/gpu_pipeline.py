@@ -8,6 +8,10 @@ HTTP) at concurrency 1, to set against the plain diffusers loop (the fp16+SDPA r
 Needs a CUDA GPU (xformers optional: its row says so when it is absent). Run from the repo root:
 
     PYTHONPATH=. python bench/gpu_pipeline.py [--steps 50] [--images 5] [--skip-compile] [--skip-service]
+        [--workers N] [--only-workers]
+
+On a box with several GPUs it first serves the model with one worker and with one worker per GPU
+(``--workers``, default every GPU), 2 clients per worker on both, and prints images/s and their ratio.
 """
 
 from __future__ import annotations
@@ -69,11 +73,9 @@ def tuned_pipeline(attention: str, compile_unet: bool):
     return pipeline
 
 
-def time_service(steps: int, images: int) -> tuple[float, float, float]:
-    """The same model behind ``bentoml serve``: saved as a local full fine-tune, warmed, then timed over HTTP."""
-    import httpx
+def save_served_model(steps: int) -> tuple[str, dict]:
+    """The fp16 model saved as a local full fine-tune in a fresh txt2img home: (home, request payload)."""
     import torch
-    from serving_common import running_server
 
     from catalog.schema import CatalogEntry
     from catalog.store import write_entry
@@ -91,9 +93,16 @@ def time_service(steps: int, images: int) -> tuple[float, float, float]:
         artifact=str(folder),
     )
     write_entry(entry, user_dir=Path(home) / "catalog")
-    payload = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": steps}
+    return home, {"model": entry.id, "prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": steps}
+
+
+def time_service(home: str, payload: dict, images: int) -> tuple[float, float, float]:
+    """The same model behind ``bentoml serve``, one worker: warmed, then timed over HTTP one request at a time."""
+    import httpx
+    from serving_common import running_server
+
     with (
-        running_server(home=home, model=entry.id, attention="sdpa") as url,
+        running_server(home=home, model=payload["model"], attention="sdpa", workers="1") as url,
         httpx.Client(base_url=url, timeout=600) as client,
     ):
         started = time.perf_counter()
@@ -103,7 +112,25 @@ def time_service(steps: int, images: int) -> tuple[float, float, float]:
         for seed in range(images):
             client.post("/txt2img", json={**payload, "seed": seed + 1}).raise_for_status()
         per_image = (time.perf_counter() - started) / images
-    return steps / per_image, per_image, warm_up
+    return payload["num_inference_steps"] / per_image, per_image, warm_up
+
+
+def service_images_per_second(home: str, payload: dict, workers: int, concurrency: int, images: int) -> float:
+    """Images/s of ``bentoml serve`` with ``workers`` workers (one per GPU) under ``concurrency`` clients."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serving_common import running_server
+
+    def post(url: str, seed: int) -> None:
+        httpx.post(f"{url}/txt2img", json={**payload, "seed": seed}, timeout=600).raise_for_status()
+
+    with running_server(home=home, model=payload["model"], attention="sdpa", workers=str(workers)) as url:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda seed: post(url, seed), range(2 * concurrency)))  # warm every worker
+            started = time.perf_counter()
+            list(pool.map(lambda seed: post(url, seed), range(images)))
+            return images / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -114,9 +141,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5, help="timed images per setup")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=torch.cuda.device_count(),
+        help="also serve with 1 worker and with this many (one per GPU), 2 clients per worker; default: every GPU",
+    )
+    parser.add_argument("--only-workers", action="store_true", help="just the 1-worker against N-worker comparison")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_pipeline.py needs a CUDA GPU")
+    if args.workers > 1 or args.only_workers:
+        home, payload = save_served_model(args.steps)
+        concurrency = 2 * args.workers
+        images = 4 * concurrency
+        print(f"serving throughput, concurrency {concurrency}, {images} images per setup", flush=True)
+        rates = {}
+        for workers in sorted({1, args.workers}):
+            rates[workers] = service_images_per_second(home, payload, workers, concurrency, images)
+            print(f"  {workers} worker(s): {rates[workers]:.3f} images/s", flush=True)
+        print(f"  {args.workers} workers / 1 worker = {rates[args.workers] / rates[1]:.3f}\n", flush=True)
+        if args.only_workers:
+            return
 
     rows: list[tuple[str, str]] = []
 
@@ -148,7 +194,8 @@ def main() -> None:
             lambda: time_pipeline(tuned_pipeline("sdpa", True), args.steps, args.images),
         )
     if not args.skip_service:
-        record("service over HTTP (fp16 + SDPA), concurrency 1", lambda: time_service(args.steps, args.images))
+        home, payload = save_served_model(args.steps)
+        record("service over HTTP (fp16 + SDPA), concurrency 1", lambda: time_service(home, payload, args.images))
 
     print(
         f"\n{torch.cuda.get_device_name(0)}, SD 2.1-base architecture (random weights), "

@@ -10,19 +10,52 @@ from serving.settings import ServingSettings
 logger = logging.getLogger(__name__)
 
 
-def pick_device(settings: ServingSettings) -> str:
-    """The device named in the settings, or the best one present; applies ``torch_threads`` on the way."""
+def visible_gpu_count() -> int:
+    """The CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES applies), 0 without CUDA.
+
+    ``torch.cuda.device_count`` asks NVML and leaves CUDA uninitialised, so the ``bentoml serve``
+    process can count the GPUs before it starts the workers that use them.
+    """
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def serving_gpu_count(settings: ServingSettings) -> int:
+    """The GPUs a server's workers share: those visible, unless the settings name a device other than CUDA."""
+    return visible_gpu_count() if settings.device in ("auto", "cuda") else 0
+
+
+def serving_worker_count(settings: ServingSettings) -> int:
+    """``workers`` when set, else one worker per GPU the server uses; 1 without a GPU."""
+    if settings.workers is not None:
+        return settings.workers
+    return max(1, serving_gpu_count(settings))
+
+
+def pick_device(settings: ServingSettings, worker_index: int | None = None) -> str:
+    """The device named in the settings, or the best one present; applies ``torch_threads`` on the way.
+
+    On CUDA, server worker ``worker_index`` (BentoML counts from 1) gets GPU ``worker_index - 1``,
+    round robin when there are more workers than GPUs; outside a server, GPU 0.
+    """
     import torch
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    if settings.device != "auto":
-        return settings.device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device != "cuda":
+        return device
+    gpu = 0 if worker_index is None else (worker_index - 1) % torch.cuda.device_count()
+    # Code that allocates on "cuda" without an index (kernels, compile) lands on this GPU too.
+    torch.cuda.set_device(gpu)
+    return f"cuda:{gpu}"
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
 
 
 def pick_dtype(settings: ServingSettings, device: str):
@@ -41,7 +74,7 @@ def optimize_for_device(pipeline, device: str, settings: ServingSettings) -> str
 
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    if device != "cuda":
+    if not is_cuda(device):
         return "default"
     attention = settings.attention
     if attention == "auto":
@@ -82,9 +115,9 @@ def default_memory_budget(device: str) -> int | None:
     """80% of the GPU's memory on CUDA; no byte budget elsewhere (the model count still bounds it)."""
     import torch
 
-    if device != "cuda":
+    if not is_cuda(device):
         return None
-    return int(torch.cuda.get_device_properties(0).total_memory * 0.8)
+    return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
 
 
 def release_device_memory(device: str) -> None:
@@ -94,6 +127,6 @@ def release_device_memory(device: str) -> None:
     import torch
 
     gc.collect()
-    if device == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
-        logger.info("CUDA memory allocated after eviction: %.2f GiB", torch.cuda.memory_allocated() / 2**30)
+        logger.info("CUDA memory allocated after eviction: %.2f GiB", torch.cuda.memory_allocated(device) / 2**30)

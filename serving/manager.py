@@ -62,9 +62,9 @@ def in_hf_cache(repo: str) -> bool:
 class PipelineManager:
     """Loads catalog models on demand and keeps the most recently used ones in memory."""
 
-    def __init__(self, settings: ServingSettings, catalog: Catalog | None = None):
+    def __init__(self, settings: ServingSettings, catalog: Catalog | None = None, worker_index: int | None = None):
         self.settings = settings
-        self.device = pick_device(settings)
+        self.device = pick_device(settings, worker_index)
         self.dtype = pick_dtype(settings, self.device)
         gigabytes = settings.memory_budget_gb
         self.memory_budget = int(gigabytes * 2**30) if gigabytes else default_memory_budget(self.device)

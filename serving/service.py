@@ -13,6 +13,7 @@ Every route, the ones mounted or added later included, sits behind serving/guard
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import bentoml
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from catalog.paths import txt2img_home
 from serving import a1111, openai_images
+from serving.device import serving_gpu_count, serving_worker_count
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.guard import BearerTokenAuth, RequestBodyLimit
 from serving.http_errors import (
@@ -31,7 +33,7 @@ from serving.http_errors import (
     error_response,
     log_client_errors_as_one_line,
 )
-from serving.image_files import ImageFiles
+from serving.image_files import ImageFiles, server_image_folder, share_image_folder
 from serving.images import image_base64
 from serving.invocation_requests import generation_requests
 from serving.invocations import (
@@ -58,6 +60,7 @@ from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, I
 from serving.settings import ServingSettings
 
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
+share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
 
 # The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
 # infer it; this states it for the OpenAPI document.
@@ -89,12 +92,20 @@ sagemaker_app = FastAPI(
 openai_app = FastAPI(title="txt2img OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)
 a1111_app = FastAPI(title="txt2img AUTOMATIC1111 API", docs_url=None, redoc_url=None, openapi_url=None)
 
+# ``bentoml serve`` reads the worker count from the decorator when it imports this module, before
+# any worker starts, so both counts are settled here. BentoML shows every worker the first
+# SERVER_GPUS GPUs (CUDA_VISIBLE_DEVICES) and each worker takes its own one (serving/device.py).
+SERVER_SETTINGS = ServingSettings()
+SERVER_GPUS = serving_gpu_count(SERVER_SETTINGS)
+SERVER_WORKERS = serving_worker_count(SERVER_SETTINGS)
+
 
 @bentoml.service(
     # Our own queue bounds the wait and answers 429/504; BentoML's timer must not cut in first.
     traffic={"timeout": 3600},
-    workers=1,
-    resources={"gpu": 1},
+    # One worker per GPU by default, each a process with its own device, queue and model cache.
+    workers=SERVER_WORKERS,
+    resources={"gpu": max(1, SERVER_GPUS)},  # at least 1: BentoCloud reads it as the GPUs to give a replica
 )
 @bentoml.asgi_app(sagemaker_app, path="/")  # mounted last: it would take the paths of any mounted after it
 @bentoml.asgi_app(playground_app, path="/")
@@ -104,11 +115,12 @@ class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.settings = ServingSettings()
-        self.manager = PipelineManager(self.settings)
+        self.worker_index = bentoml.server_context.worker_index  # 1, 2, ...: which GPU is this worker's
+        self.manager = PipelineManager(self.settings, worker_index=self.worker_index)
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
         self.queue = GenerationQueue(self.manager, self.settings, serving_metrics())
         self.queue.start(warm_model=self.settings.model)
-        self.image_files = ImageFiles()  # OpenAI's response_format "url"
+        self.image_files = ImageFiles(server_image_folder())  # OpenAI's response_format "url"
 
     def __is_ready__(self) -> bool:
         return self.queue.ready.is_set()
@@ -181,10 +193,13 @@ class Txt2Img:
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
-        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped."""
+        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped.
+
+        Each worker has models of its own: "loaded" is that of the worker that answered, named in "worker"."""
         self.manager.refresh_catalog()
         loaded = self.manager.loaded_ids()
         return {
+            "worker": {"index": self.worker_index, "pid": os.getpid(), "device": self.manager.device},
             "default": self.settings.model,
             "loaded": loaded,
             "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],

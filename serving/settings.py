@@ -25,6 +25,12 @@ class ServingSettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; set it when other processes share the cores."
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Server worker processes, each with its own device, queue and models; "
+        "default: one per visible GPU, 1 without a GPU.",
+    )
     local_files_only: bool = Field(False, description="Never download: Hub models must be in the HF cache.")
     allow_downloads: bool = Field(
         True,

@@ -156,13 +156,22 @@ def test_openai_limit_errors_use_openai_names():
     }
 
 
-def test_image_files_drop_images_past_their_time_or_beyond_the_byte_bound(monkeypatch):
-    files = ImageFiles(ttl_s=60, max_bytes=10)
+def test_image_files_drop_images_past_their_time_or_beyond_the_byte_bound(monkeypatch, tmp_path):
+    files = ImageFiles(tmp_path, ttl_s=60, max_bytes=10)
     first = files.add(b"12345", "png")
     second = files.add(b"67890", "png")
     assert files.get(first).data == b"12345" and files.get(second).media_type == "image/png"
     third = files.add(b"abc", "jpeg")  # 13 bytes in all: the oldest goes
     assert files.get(first) is None and files.get(third).media_type == "image/jpeg"
-    later = time.monotonic() + 61
-    monkeypatch.setattr(time, "monotonic", lambda: later)
+    later = time.time_ns() + 61 * 10**9
+    monkeypatch.setattr(time, "time_ns", lambda: later)
     assert files.get(second) is None and files.get(third) is None
+
+
+def test_image_files_are_shared_by_every_store_on_the_folder_and_serve_only_their_own_names(tmp_path):
+    made_by_one_worker = ImageFiles(tmp_path).add(b"12345", "webp")
+    other_worker = ImageFiles(tmp_path)
+    assert other_worker.get(made_by_one_worker).data == b"12345"
+    (tmp_path.parent / "secret.png").write_bytes(b"not an image of ours")
+    for name in ("../secret.png", f".{made_by_one_worker}.partial", "x" * 32 + ".gif"):
+        assert other_worker.get(name) is None
