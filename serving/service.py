@@ -6,6 +6,8 @@ moves to ``/docs``). Every generating route is a thin adapter onto GenerationReq
 Run it with ``bentoml serve`` from the repository root (``bentofile.yaml`` names it). It warms the
 catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/readyz`` says ready;
 other catalog models load on first use. Every ``TXT2IMG_*`` setting is in serving/settings.py.
+Models saved into BentoML's model store (``txt2img bento-model save``) are found there first, and
+``bentoml build`` packs those env ``TXT2IMG_BENTO_MODELS`` names (serving/model_store.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from serving.invocations import (
 )
 from serving.manager import PipelineManager
 from serving.metrics import own_prometheus_dir, serving_metrics
+from serving.model_store import bento_models_to_pack, stored_models
 from serving.openapi import OpenAPI30Docs
 from serving.playground import (
     NotARunFile,
@@ -95,7 +98,7 @@ class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.settings = ServingSettings()
-        self.manager = PipelineManager(self.settings)
+        self.manager = PipelineManager(self.settings, stored=stored_models())
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
         self.queue = GenerationQueue(self.manager, self.settings, serving_metrics())
         self.queue.start(warm_model=self.settings.model)
@@ -309,5 +312,7 @@ class Txt2Img:
         return response
 
 
+# What `bentoml build` packs into the Bento; empty unless TXT2IMG_BENTO_MODELS names stored models.
+Txt2Img.models.extend(bento_models_to_pack())
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
 Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs
