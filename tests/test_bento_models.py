@@ -184,3 +184,18 @@ def test_packing_a_model_not_in_the_store_stops_with_the_command_to_run(tmp_path
     assert result.returncode != 0
     assert "TXT2IMG_BENTO_MODELS names nope, not in BentoML's model store" in result.stderr
     assert "txt2img bento-model save nope" in result.stderr
+
+
+def test_save_refuses_an_unknown_id_in_one_line_and_list_says_when_the_store_is_empty(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "BENTOML_HOME": str(tmp_path / "bentoml")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "txt2img", "bento-model", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = cli("save", "tiny-sdx")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("txt2img: error: unknown model id 'tiny-sdx'. Did you mean: tiny-sd?")
+    listing = cli("list")
+    assert listing.returncode == 0 and listing.stdout == ""
+    assert "no catalog model in BentoML's model store" in listing.stderr
