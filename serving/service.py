@@ -157,13 +157,19 @@ class Txt2Img:
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
-        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped."""
+        """The catalog ids this server may serve, which of them are loaded now, the BentoML model tag of those
+        served from BentoML's model store, and the catalog files it skipped."""
         self.manager.refresh_catalog()
         loaded = self.manager.loaded_ids()
+        stored = self.manager.stored
         return {
             "default": self.settings.model,
             "loaded": loaded,
-            "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
+            "models": [
+                {"id": model_id, "loaded": model_id in loaded}
+                | ({"bento_model": stored[model_id].tag} if model_id in stored else {})
+                for model_id in self.manager.catalog.ids()
+            ],
             "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
 

@@ -155,6 +155,9 @@ def test_a_built_bento_serves_a_fine_tune_only_its_store_holds(tmp_path):
     ) as (url, _):
         listing = httpx.get(f"{url}/models", timeout=30).json()
         assert listing["default"] == LORA_ID and LORA_ID in listing["loaded"]
+        served = {model["id"]: model for model in listing["models"]}
+        assert served[LORA_ID]["bento_model"].startswith(f"{bento_model_name(LORA_ID)}:")
+        assert "bento_model" not in served["tiny-sd"]  # not packed: built in code, as ever
         request = {"prompt": PROMPT, "seed": SEED, "num_inference_steps": 2}
         images = {
             model_id: decoded(httpx.post(f"{url}/images", json={**request, "model": model_id}, timeout=120).json())
