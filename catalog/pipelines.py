@@ -48,20 +48,28 @@ def _require_local_artifact(entry: CatalogEntry) -> Path:
 def load_base_pipeline(
     entry: CatalogEntry,
     *,
+    weights: Path | None = None,
     torch_dtype: Any = None,
     local_files_only: bool = False,
     **from_pretrained_kwargs: Any,
 ):
-    """The pipeline of an entry that carries its own full weights (not a LoRA)."""
-    if entry.method == "lora":
+    """The pipeline of an entry that carries its own full weights (not a LoRA).
+
+    ``weights`` is a folder ``export_model`` wrote for this entry (BentoML's model store keeps
+    such folders); when given, it is loaded instead of the entry's own source, a LoRA included,
+    since an export holds it fused into its base.
+    """
+    if weights is None and entry.method == "lora":
         raise ModelLoadError(f"model '{entry.id}' is a LoRA adapter; load its base '{entry.base}' first")
-    if entry.source == "builtin":
+    if weights is None and entry.source == "builtin":
         pipeline = build_tiny_sd_pipeline()
         return pipeline if torch_dtype is None else pipeline.to(dtype=torch_dtype)
 
     from diffusers import DiffusionPipeline
 
-    if entry.source == "finetune":
+    if weights is not None:
+        location = str(weights)
+    elif entry.source == "finetune":
         location = str(_require_local_artifact(entry))
     else:
         location = entry.hf_repo
@@ -124,6 +132,12 @@ def export_model(model_id: str, destination: Path, catalog: Catalog, local_files
     with writing(destination):
         _save_export(pipeline, entry, destination)
     return destination
+
+
+def exported_entry(folder: Path) -> CatalogEntry:
+    """The catalog entry a folder written by ``export_model`` was exported from (its manifest says)."""
+    manifest = yaml.safe_load((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    return CatalogEntry.model_validate(manifest["exported_from"])
 
 
 def _save_export(pipeline: Any, entry: CatalogEntry, destination: Path) -> None:

@@ -3,6 +3,8 @@
 A LoRA fine-tune never loads a second copy of its base: its adapter is loaded once onto the base
 pipeline and switched on with ``set_adapters`` when a request asks for it. Jumpstart aliases that
 serve the same repo share one pipeline too. Only catalog ids can be loaded, never paths.
+A model in BentoML's model store (serving/model_store.py) is loaded from there, before any other
+source, and a LoRA stored that way comes fused: a pipeline of its own.
 
 Not thread-safe for pipeline use: one generation thread owns the pipelines (see serving/generation_queue.py).
 ``loaded_ids`` may be read from any thread.
@@ -26,6 +28,7 @@ from serving.device import (
     release_device_memory,
     weights_bytes,
 )
+from serving.model_store import StoredModel, with_stored_entries
 from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -62,8 +65,17 @@ def in_hf_cache(repo: str) -> bool:
 class PipelineManager:
     """Loads catalog models on demand and keeps the most recently used ones in memory."""
 
-    def __init__(self, settings: ServingSettings, catalog: Catalog | None = None, worker_index: int | None = None):
+    def __init__(
+        self,
+        settings: ServingSettings,
+        catalog: Catalog | None = None,
+        worker_index: int | None = None,
+        stored: dict[str, StoredModel] | None = None,
+    ):
+        """``worker_index``: BentoML's worker number, which picks this worker's GPU; ``stored``: the models
+        BentoML's model store holds, by catalog id (``model_store.stored_models()``)."""
         self.settings = settings
+        self.stored = stored or {}
         self.device = pick_device(settings, worker_index)
         self.dtype = pick_dtype(settings, self.device)
         gigabytes = settings.memory_budget_gb
@@ -73,7 +85,7 @@ class PipelineManager:
         if catalog is None:
             self.refresh_catalog()
         else:
-            self._catalog = catalog
+            self._catalog, self.catalog_problems = with_stored_entries(catalog, self.stored.values())
         self._bases: OrderedDict[str, LoadedBase] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -89,8 +101,13 @@ class PipelineManager:
         return self._catalog
 
     def refresh_catalog(self) -> None:
-        """Re-read the catalog files. A bad user file is skipped, kept in ``catalog_problems`` and logged once."""
-        self._catalog, self.catalog_problems = load_catalog_skipping_bad_files()
+        """Re-read the catalog files. A bad user file is skipped, kept in ``catalog_problems`` and logged once.
+
+        Stored models the files lack join the catalog (in a container, a Bento's fine-tunes have no files).
+        """
+        files_catalog, self.catalog_problems = load_catalog_skipping_bad_files()
+        self._catalog, stored_problems = with_stored_entries(files_catalog, self.stored.values())
+        self.catalog_problems += stored_problems
         for problem in self.catalog_problems:
             if problem not in self._logged_problems:
                 self._logged_problems.add(problem)
@@ -103,7 +120,10 @@ class PipelineManager:
         return self._catalog.get(model_id)
 
     def base_entry(self, entry: CatalogEntry) -> CatalogEntry:
-        """The entry whose weights a request for ``entry`` runs on: a LoRA's base, an alias's target, or itself."""
+        """The entry whose weights a request for ``entry`` runs on: itself when stored (see the module's
+        docstring), else a LoRA's base, an alias's target, or itself."""
+        if entry.id in self.stored:
+            return entry
         if entry.method == "lora":
             entry = self._catalog.get(entry.base)
         return self._catalog.get(entry.alias_of) if entry.alias_of else entry
@@ -120,7 +140,7 @@ class PipelineManager:
         """
         base = self._base(self.base_entry(entry), for_request)
         pipeline = base.pipeline
-        if entry.method == "lora":
+        if entry.method == "lora" and base.entry.id != entry.id:
             if entry.id not in base.adapters:
                 base.adapters[entry.id] = apply_lora(pipeline, entry)
             pipeline.enable_lora()
@@ -142,14 +162,25 @@ class PipelineManager:
             local_files_only = True  # what is cached is loaded as it is: nothing is fetched to complete it
         # Load on the CPU first: its size is then known, and room is made before it reaches the GPU.
         # Without the repo's own safety checker: TXT2IMG_SAFETY_CHECKER decides (serving/safety.py).
+        stored = self.stored.get(entry.id)
         pipeline = load_base_pipeline(
-            entry, torch_dtype=self.load_dtype, local_files_only=local_files_only, safety_checker=None
+            entry,
+            weights=stored.path if stored else None,
+            torch_dtype=self.load_dtype,
+            local_files_only=local_files_only,
+            safety_checker=None,
         )
         nbytes = weights_bytes(pipeline)
         self._make_room(nbytes)
         attention = optimize_for_device(pipeline, self.device, self.settings)
         logger.info(
-            "loaded %s on %s (%s, attention %s, %.1f MiB)", entry.id, self.device, self.dtype, attention, nbytes / 2**20
+            "loaded %s%s on %s (%s, attention %s, %.1f MiB)",
+            entry.id,
+            f" from BentoML model {stored.tag}" if stored else "",
+            self.device,
+            self.dtype,
+            attention,
+            nbytes / 2**20,
         )
         loaded = LoadedBase(entry=entry, pipeline=pipeline, nbytes=nbytes)
         with self._lock:

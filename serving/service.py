@@ -8,6 +8,8 @@ catalog model named by env ``TXT2IMG_MODEL`` (default ``tiny-sd``) before ``/rea
 other catalog models load on first use. Every ``TXT2IMG_*`` setting is in serving/settings.py.
 Every route, the ones mounted or added later included, sits behind serving/guard.py's middleware
 (TXT2IMG_API_TOKEN, TXT2IMG_MAX_BODY_BYTES); the safety checker runs in the generation queue.
+Models saved into BentoML's model store (``txt2img bento-model save``) are found there first, and
+``bentoml build`` packs those env ``TXT2IMG_BENTO_MODELS`` names (serving/model_store.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from serving.invocations import (
 )
 from serving.manager import PipelineManager
 from serving.metrics import own_prometheus_dir, serving_metrics
+from serving.model_store import bento_models_to_pack, stored_models
 from serving.openapi import OpenAPI30Docs
 from serving.playground import (
     NotARunFile,
@@ -116,7 +119,7 @@ class Txt2Img:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.settings = ServingSettings()
         self.worker_index = bentoml.server_context.worker_index  # 1, 2, ...: which GPU is this worker's
-        self.manager = PipelineManager(self.settings, worker_index=self.worker_index)
+        self.manager = PipelineManager(self.settings, worker_index=self.worker_index, stored=stored_models())
         self.manager.entry(self.settings.model)  # an unknown TXT2IMG_MODEL stops the server right away
         self.queue = GenerationQueue(self.manager, self.settings, serving_metrics())
         self.queue.start(warm_model=self.settings.model)
@@ -193,16 +196,22 @@ class Txt2Img:
 
     @sagemaker_app.get("/models")
     def models(self) -> dict:
-        """The catalog ids this server may serve, which of them are loaded now, and the catalog files it skipped.
+        """The catalog ids this server may serve, which of them are loaded now, the BentoML model tag of those
+        served from BentoML's model store, and the catalog files it skipped.
 
         Each worker has models of its own: "loaded" is that of the worker that answered, named in "worker"."""
         self.manager.refresh_catalog()
         loaded = self.manager.loaded_ids()
+        stored = self.manager.stored
         return {
             "worker": {"index": self.worker_index, "pid": os.getpid(), "device": self.manager.device},
             "default": self.settings.model,
             "loaded": loaded,
-            "models": [{"id": model_id, "loaded": model_id in loaded} for model_id in self.manager.catalog.ids()],
+            "models": [
+                {"id": model_id, "loaded": model_id in loaded}
+                | ({"bento_model": stored[model_id].tag} if model_id in stored else {})
+                for model_id in self.manager.catalog.ids()
+            ],
             "catalog_problems": [problem.as_json() for problem in self.manager.catalog_problems],
         }
 
@@ -362,6 +371,8 @@ class Txt2Img:
 # The first added is the outermost: auth refuses a stranger before a byte of the body is read.
 Txt2Img.add_asgi_middleware(BearerTokenAuth)  # TXT2IMG_API_TOKEN, on every route but the health checks
 Txt2Img.add_asgi_middleware(RequestBodyLimit)  # TXT2IMG_MAX_BODY_BYTES, on every route
+# What `bentoml build` packs into the Bento; empty unless TXT2IMG_BENTO_MODELS names stored models.
+Txt2Img.models.extend(bento_models_to_pack())
 Txt2Img.add_asgi_middleware(OpenAPI30Docs, service=Txt2Img)  # /docs.json as valid OpenAPI 3.0
 Txt2Img.add_asgi_middleware(JSONErrorBodies)  # the framework's plain-text 404/405 as JSON too
 Txt2Img.add_asgi_middleware(PlaygroundHome)  # / redirects to /ui; Swagger UI at /docs

@@ -43,9 +43,13 @@ def server_process(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 240,
+    bento: str | None = None,
+    cwd: Path = REPO_ROOT,
     **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """``bentoml serve`` from the repository root on a free port; yields (URL, process) once ``/readyz`` is 200.
+
+    With ``bento`` (a built Bento's tag) it serves that Bento instead, from folder ``cwd``.
 
     ``home`` becomes TXT2IMG_HOME; the log goes to ``log_path`` (default ``home/server.log``) and
     BentoML's home is ``bentoml_home`` (default ``home/bentoml``). Each keyword becomes a
@@ -67,8 +71,14 @@ def server_process(
     url = f"http://127.0.0.1:{free_port()}"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "-p", url.rsplit(":", 1)[1]],
-            cwd=REPO_ROOT,
+            [
+                str(Path(sys.executable).parent / "bentoml"),
+                "serve",
+                *filter(None, [bento]),
+                "-p",
+                url.rsplit(":", 1)[1],
+            ],
+            cwd=cwd,
             env=server_env,
             stdout=log,
             stderr=subprocess.STDOUT,
