@@ -20,8 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from catalog.schema import CatalogEntry
+from jumpstart.autoscaling import Scaling
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 
+VARIANT_NAME = "AllTraffic"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # The Hugging Face PyTorch inference container for models deployed from local weights.
 HF_TRANSFORMERS_VERSION = "4.49.0"
@@ -55,6 +57,7 @@ class DeploymentPlan:
     network_isolation: bool = False
     async_output: str | None = None
     local_archive: bool = False
+    scaling: Scaling | None = None
 
     def primary_container(self) -> dict:
         if self.model_data is None:
@@ -71,10 +74,10 @@ class DeploymentPlan:
 
     def production_variant(self) -> dict:
         return {
-            "VariantName": "AllTraffic",
+            "VariantName": VARIANT_NAME,
             "ModelName": self.endpoint_name,
             "InstanceType": self.instance_type,
-            "InitialInstanceCount": 1,
+            "InitialInstanceCount": self.scaling.initial_instances if self.scaling else 1,
         }
 
     def async_inference_config(self) -> dict | None:
@@ -299,10 +302,12 @@ def deploy(
     region: str | None = None,
     async_output: str | None = None,
     s3_prefix: str | None = None,
+    scaling: Scaling | None = None,
     wait: bool = True,
     poll_seconds: float = POLL_SECONDS,
 ) -> DeployResult:
-    """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
+    """Deploy ``model_id``, record the endpoint in the catalog, autoscale it when ``scaling`` is
+    given (which needs ``wait``: only an InService variant can be registered), and return where it runs."""
     from catalog.schema import Endpoint
     from jumpstart.polling import WaitFailed
     from jumpstart.records import forget_endpoint, record_endpoint
@@ -310,6 +315,11 @@ def deploy(
 
     if s3_prefix is not None:
         split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
+    if scaling is not None:
+        if scaling.is_async != (async_output is not None):
+            raise SageMakerError("the scaling of an async endpoint must say is_async, and only of an async one")
+        if not wait:
+            raise SageMakerError("autoscaling needs --wait: SageMaker registers a variant only once it is InService")
     context = aws_context(region, role, need_role=True)
     plan = plan_deployment(
         model_id,
@@ -318,6 +328,7 @@ def deploy(
         endpoint_name=endpoint_name,
         async_output=async_output,
     )
+    plan.scaling = scaling
     ensure_name_is_free(context, plan.endpoint_name)
     if plan.local_archive:
         _upload_local_model(context, plan, s3_prefix)
@@ -338,6 +349,8 @@ def deploy(
         except WaitFailed:  # the endpoint was removed; on a timeout or Ctrl-C it is still there
             forget_endpoint(plan.endpoint_name)
             raise
+        if scaling is not None:
+            _autoscale(context, plan)
     return DeployResult(
         model_id=plan.model_id,
         endpoint_name=plan.endpoint_name,
@@ -346,6 +359,24 @@ def deploy(
         status=status,
         is_async=plan.async_output is not None,
     )
+
+
+def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
+    """Register the endpoint for autoscaling; if that fails, remove the endpoint as a failed start is."""
+    from jumpstart.autoscaling import register_autoscaling, remove_autoscaling
+    from jumpstart.records import forget_endpoint
+
+    name = plan.endpoint_name
+    try:
+        register_autoscaling(context, name, VARIANT_NAME, plan.scaling)
+    except BaseException as error:
+        problems = remove_autoscaling(context, name, (VARIANT_NAME,))
+        problems += remove_resources(context.client("sagemaker"), name, name, (name,))
+        forget_endpoint(name)
+        if isinstance(error, SageMakerError):
+            cleanup = f"cleanup: {'; '.join(problems)}" if problems else "its endpoint, config and model were removed"
+            raise SageMakerError(f"{error}; {cleanup}") from error
+        raise
 
 
 def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: str | None) -> None:
