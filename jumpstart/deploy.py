@@ -171,6 +171,14 @@ def plan_deployment(
     if entry.source == "jumpstart":
         return on_jumpstart_container(entry, None)
     if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
+        from jumpstart.remote import TXT2IMG_TRAINER_TAG
+
+        if TXT2IMG_TRAINER_TAG in entry.tags:
+            # Its model.tar.gz is txt2img's trainer output, which JumpStart's container cannot load.
+            raise SageMakerError(
+                f"model '{entry.id}' was trained by txt2img's trainer on SageMaker; deploying its S3 artifact "
+                f"is not supported yet: download {entry.artifact} and serve it locally"
+            )
         base = catalog.get(entry.base)
         if base.source != "jumpstart":
             raise SageMakerError(
