@@ -152,13 +152,14 @@ def _add_wake_up(context: AwsContext, autoscaling, endpoint: str, target: str) -
         )
 
 
-def remove_autoscaling(context: AwsContext, endpoint: str, variants: tuple[str, ...]) -> list[str]:
-    """Delete the variants' scaling policies, scalable targets and our wake-up alarm, if any;
-    returns problems instead of raising, like ``deploy.remove_resources``."""
+def remove_autoscaling(context: AwsContext, endpoint: str, variants: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Delete the variants' scaling policies and scalable targets, and the wake-up alarm of an async
+    endpoint; returns the resource ids deregistered and the problems met, instead of raising, like
+    ``deploy.remove_resources``."""
     from botocore.exceptions import ClientError
 
     autoscaling = context.client("application-autoscaling")
-    problems = []
+    removed, problems = [], []
     for variant in variants:
         target = resource_id(endpoint, variant)
         try:
@@ -177,16 +178,15 @@ def remove_autoscaling(context: AwsContext, endpoint: str, variants: tuple[str, 
                     ResourceId=target,
                     ScalableDimension=DIMENSION,
                 )
+                if policy["PolicyName"] == wake_up_names(endpoint):
+                    context.client("cloudwatch").delete_alarms(AlarmNames=[wake_up_names(endpoint)])
             autoscaling.deregister_scalable_target(
                 ServiceNamespace=NAMESPACE, ResourceId=target, ScalableDimension=DIMENSION
             )
+            removed.append(target)
         except ClientError as error:
             problems.append(explain_client_error(error, f"removing the autoscaling of {target}"))
-    try:
-        context.client("cloudwatch").delete_alarms(AlarmNames=[wake_up_names(endpoint)])
-    except ClientError as error:
-        problems.append(explain_client_error(error, f"deleting alarm {wake_up_names(endpoint)}"))
-    return problems
+    return removed, problems
 
 
 def scaling_ranges(context: AwsContext) -> dict[str, tuple[int, int]]:

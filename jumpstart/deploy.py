@@ -378,7 +378,7 @@ def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
     try:
         register_autoscaling(context, name, VARIANT_NAME, plan.scaling)
     except BaseException as error:
-        problems = remove_autoscaling(context, name, (VARIANT_NAME,))
+        _, problems = remove_autoscaling(context, name, (VARIANT_NAME,))
         problems += remove_resources(context.client("sagemaker"), name, name, (name,))
         forget_endpoint(name)
         if isinstance(error, SageMakerError):

@@ -241,7 +241,7 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
     it; returns what was deleted."""
     from botocore.exceptions import ClientError
 
-    from jumpstart.autoscaling import remove_autoscaling, scaling_ranges
+    from jumpstart.autoscaling import remove_autoscaling
     from jumpstart.deploy import remove_resources
     from jumpstart.records import forget_endpoint, recorded_region
 
@@ -262,13 +262,15 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
         config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)
     models = tuple(variant["ModelName"] for variant in config["ProductionVariants"])
     variants = tuple(variant["VariantName"] for variant in config["ProductionVariants"])
-    scaled = [
-        f"autoscaling of {target}" for target in scaling_ranges(context) if target.startswith(f"endpoint/{name}/")
-    ]
     # Before the endpoint: a policy left behind would keep trying to scale a deleted variant.
-    problems = remove_autoscaling(context, name, variants)
+    scaled, problems = remove_autoscaling(context, name, variants)
     problems += remove_resources(sagemaker, name, config_name, models)
     forget_endpoint(name)
     if problems:
         raise SageMakerError("; ".join(problems))
-    return [*scaled, f"endpoint {name}", f"endpoint config {config_name}", *(f"model {model}" for model in models)]
+    return [
+        *(f"autoscaling of {target}" for target in scaled),
+        f"endpoint {name}",
+        f"endpoint config {config_name}",
+        *(f"model {model}" for model in models),
+    ]
