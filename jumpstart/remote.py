@@ -170,6 +170,16 @@ def prepare_remote_job(
     else:
         folder = Path(data).expanduser()
         dataset = _load_local_dataset(folder, hyperparameters, base_entry, trainer)
+        if instance_count > 1 and hyperparameters.with_prior_preservation:
+            short = [c for c in dataset.concepts if len(c.class_images) < hyperparameters.num_class_images]
+            if short:
+                # The trainer's rank 0 draws missing class images on the first instance only; the
+                # other instances would not see them.
+                raise SageMakerError(
+                    f"with --instance-count {instance_count} and prior preservation, every concept needs its "
+                    f"{hyperparameters.num_class_images} class images in the dataset ({short[0].class_data_dir} "
+                    f"has {len(short[0].class_images)}): add them, lower num_class_images, or use one instance"
+                )
 
     context = aws_context(region, role, need_role=True)
     if trainer == "jumpstart":

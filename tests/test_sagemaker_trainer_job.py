@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -58,7 +59,14 @@ def _toolkit_hps(hyperparameters: dict[str, str]) -> str:
 
 
 def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_subjects, sent_requests):
-    hyperparameters = Hyperparameters.from_pairs(["method=lora", "max_steps=300", "with_prior_preservation=true"])
+    hyperparameters = Hyperparameters.from_pairs(
+        ["method=lora", "max_steps=300", "with_prior_preservation=true", "num_class_images=1"]
+    )
+    for subject in ("red", "blue"):
+        (two_subjects / subject / "class_data_dir").mkdir()
+        shutil.copyfile(
+            two_subjects / subject / f"{subject}-0.png", two_subjects / subject / "class_data_dir" / "c.png"
+        )
 
     entry = launch_remote_training(
         str(two_subjects),
@@ -97,7 +105,9 @@ def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_
         "blue/blue-0.png",
         "blue/blue-1.png",
         "blue/blue-2.png",
+        "blue/class_data_dir/c.png",
         "dataset_info.json",
+        "red/class_data_dir/c.png",
         "red/red-0.png",
         "red/red-1.png",
         "red/red-2.png",
@@ -206,6 +216,17 @@ def test_refusals_before_anything_is_uploaded(bucket, two_subjects, capsys):
         )
     with pytest.raises(SageMakerError, match="train it with --trainer txt2img"):
         launch_remote_training(str(two_subjects), JUMPSTART_BASE, "toys", hyperparameters, role=ROLE, poll_seconds=0)
+    with pytest.raises(SageMakerError, match="every concept needs its 100 class images"):
+        launch_remote_training(
+            str(two_subjects),
+            "tiny-sd",
+            "toys",
+            Hyperparameters(with_prior_preservation=True),
+            trainer="txt2img",
+            instance_count=2,
+            role=ROLE,
+            poll_seconds=0,
+        )
     assert bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
 
     from txt2img.cli import main
