@@ -325,7 +325,7 @@ def deploy(
         split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
     if scaling is not None:
         if scaling.is_async != (async_output is not None):
-            raise SageMakerError("the scaling of an async endpoint must say is_async, and only of an async one")
+            raise SageMakerError("Scaling.is_async must say whether the endpoint is async (async_output given)")
         if not wait:
             raise SageMakerError("autoscaling needs --wait: SageMaker registers a variant only once it is InService")
     context = aws_context(region, role, need_role=True)
