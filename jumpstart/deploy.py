@@ -20,9 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from catalog.schema import CatalogEntry
+from jumpstart.autoscaling import Scaling
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 from jumpstart.inference_script import SAFETY_CHECKER_ENV
 
+VARIANT_NAME = "AllTraffic"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # The Hugging Face PyTorch inference container for models deployed from local weights.
 HF_TRANSFORMERS_VERSION = "4.49.0"
@@ -57,6 +59,7 @@ class DeploymentPlan:
     async_output: str | None = None
     local_archive: bool = False
     safety_checker: bool = False  # pack a safety checker and switch it on (local archives only)
+    scaling: Scaling | None = None
 
     def primary_container(self) -> dict:
         if self.model_data is None:
@@ -73,10 +76,10 @@ class DeploymentPlan:
 
     def production_variant(self) -> dict:
         return {
-            "VariantName": "AllTraffic",
+            "VariantName": VARIANT_NAME,
             "ModelName": self.endpoint_name,
             "InstanceType": self.instance_type,
-            "InitialInstanceCount": 1,
+            "InitialInstanceCount": self.scaling.initial_instances if self.scaling else 1,
         }
 
     def async_inference_config(self) -> dict | None:
@@ -176,6 +179,14 @@ def plan_deployment(
     if entry.source == "jumpstart":
         return on_jumpstart_container(entry, None)
     if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
+        from jumpstart.remote import TXT2IMG_TRAINER_TAG
+
+        if TXT2IMG_TRAINER_TAG in entry.tags:
+            # Its model.tar.gz is txt2img's trainer output, which JumpStart's container cannot load.
+            raise SageMakerError(
+                f"model '{entry.id}' was trained by txt2img's trainer on SageMaker; deploying its S3 artifact "
+                f"is not supported yet: download {entry.artifact} and serve it locally"
+            )
         base = catalog.get(entry.base)
         if base.source != "jumpstart":
             raise SageMakerError(
@@ -311,11 +322,13 @@ def deploy(
     region: str | None = None,
     async_output: str | None = None,
     s3_prefix: str | None = None,
+    scaling: Scaling | None = None,
     wait: bool = True,
     poll_seconds: float = POLL_SECONDS,
     safety_checker: bool = False,
 ) -> DeployResult:
-    """Deploy ``model_id``, record the endpoint in the catalog, and return where it runs."""
+    """Deploy ``model_id``, record the endpoint in the catalog, autoscale it when ``scaling`` is
+    given (which needs ``wait``: only an InService variant can be registered), and return where it runs."""
     from catalog.schema import Endpoint
     from jumpstart.polling import WaitFailed
     from jumpstart.records import forget_endpoint, record_endpoint
@@ -323,6 +336,11 @@ def deploy(
 
     if s3_prefix is not None:
         split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
+    if scaling is not None:
+        if scaling.is_async != (async_output is not None):
+            raise SageMakerError("Scaling.is_async must say whether the endpoint is async (async_output given)")
+        if not wait:
+            raise SageMakerError("autoscaling needs --wait: SageMaker registers a variant only once it is InService")
     context = aws_context(region, role, need_role=True)
     plan = plan_deployment(
         model_id,
@@ -332,6 +350,7 @@ def deploy(
         async_output=async_output,
         safety_checker=safety_checker,
     )
+    plan.scaling = scaling
     ensure_name_is_free(context, plan.endpoint_name)
     if plan.local_archive:
         _upload_local_model(context, plan, s3_prefix)
@@ -352,6 +371,8 @@ def deploy(
         except WaitFailed:  # the endpoint was removed; on a timeout or Ctrl-C it is still there
             forget_endpoint(plan.endpoint_name)
             raise
+        if scaling is not None:
+            _autoscale(context, plan)
     return DeployResult(
         model_id=plan.model_id,
         endpoint_name=plan.endpoint_name,
@@ -360,6 +381,24 @@ def deploy(
         status=status,
         is_async=plan.async_output is not None,
     )
+
+
+def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
+    """Register the endpoint for autoscaling; if that fails, remove the endpoint as a failed start is."""
+    from jumpstart.autoscaling import register_autoscaling, remove_autoscaling
+    from jumpstart.records import forget_endpoint
+
+    name = plan.endpoint_name
+    try:
+        register_autoscaling(context, name, VARIANT_NAME, plan.scaling)
+    except BaseException as error:
+        _, problems = remove_autoscaling(context, name, (VARIANT_NAME,))
+        problems += remove_resources(context.client("sagemaker"), name, name, (name,))
+        forget_endpoint(name)
+        if isinstance(error, SageMakerError):
+            cleanup = f"cleanup: {'; '.join(problems)}" if problems else "its endpoint, config and model were removed"
+            raise SageMakerError(f"{error}; {cleanup}") from error
+        raise
 
 
 def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: str | None) -> None:

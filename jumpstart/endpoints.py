@@ -30,10 +30,31 @@ class EndpointInfo:
     model_id: str | None
     instance_type: str | None
     created: str | None
+    current_instances: int | None = None
+    desired_instances: int | None = None
+    scaling: str | None = None  # "MIN-MAX" instances when registered with Application Auto Scaling
+
+
+def _instance_counts(sagemaker, name: str) -> tuple[int | None, int | None, list[str]]:
+    """Current and desired instances summed over the endpoint's variants, and the variants' names."""
+    from botocore.exceptions import ClientError
+
+    try:
+        variants = sagemaker.describe_endpoint(EndpointName=name).get("ProductionVariants", [])
+    except ClientError:  # deleted between the listing and now
+        return None, None, []
+
+    def total(key: str) -> int | None:
+        counts = [variant[key] for variant in variants if key in variant]
+        return sum(counts) if counts else None
+
+    return total("CurrentInstanceCount"), total("DesiredInstanceCount"), [v["VariantName"] for v in variants]
 
 
 def list_endpoints(region: str | None = None) -> list[EndpointInfo]:
-    """Every endpoint in the region plus every recorded one elsewhere, with its catalog model."""
+    """Every endpoint in the region plus every recorded one elsewhere, with its catalog model,
+    instance counts and autoscaling range."""
+    from jumpstart.autoscaling import resource_id, scaling_ranges
     from jumpstart.records import recorded_endpoints
 
     context = aws_context(region)
@@ -41,28 +62,39 @@ def list_endpoints(region: str | None = None) -> list[EndpointInfo]:
     regions = [context.region, *sorted({r.endpoint.region for r in records} - {context.region})]
     found: dict[tuple[str, str], EndpointInfo] = {}
     for each_region in regions:
-        sagemaker = context.session.client("sagemaker", region_name=each_region)
+        region_context = AwsContext(context.session, each_region, None)
+        sagemaker = region_context.client("sagemaker")
+        ranges = scaling_ranges(region_context)
         with aws_errors(f"listing endpoints in {each_region}"):
             for page in sagemaker.get_paginator("list_endpoints").paginate():
                 for summary in page["Endpoints"]:
-                    found[(summary["EndpointName"], each_region)] = EndpointInfo(
-                        name=summary["EndpointName"],
+                    name = summary["EndpointName"]
+                    current, desired, variants = _instance_counts(sagemaker, name)
+                    scaled = [ranges[resource_id(name, v)] for v in variants if resource_id(name, v) in ranges]
+                    found[(name, each_region)] = EndpointInfo(
+                        name=name,
                         region=each_region,
                         status=summary["EndpointStatus"],
                         model_id=None,
                         instance_type=None,
                         created=summary["CreationTime"].isoformat(timespec="seconds"),
+                        current_instances=current,
+                        desired_instances=desired,
+                        scaling=", ".join(f"{low}-{high}" for low, high in scaled) or None,
                     )
     for record in records:
         key = (record.endpoint.name, record.endpoint.region)
-        status = found[key].status if key in found else "gone (deleted outside txt2img)"
+        listed = found.get(key)
         found[key] = EndpointInfo(
             name=record.endpoint.name,
             region=record.endpoint.region,
-            status=status,
+            status=listed.status if listed else "gone (deleted outside txt2img)",
             model_id=record.model_id,
             instance_type=record.endpoint.instance_type,
             created=record.endpoint.created.isoformat(timespec="seconds"),
+            current_instances=listed.current_instances if listed else None,
+            desired_instances=listed.desired_instances if listed else None,
+            scaling=listed.scaling if listed else None,
         )
     return sorted(found.values(), key=lambda info: (info.region, info.name))
 
@@ -211,9 +243,11 @@ def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, outpu
 
 
 def delete_endpoint(name: str, region: str | None = None) -> list[str]:
-    """Delete the endpoint, its endpoint config and its models, and forget it; returns what was deleted."""
+    """Delete the endpoint's autoscaling, the endpoint, its endpoint config and its models, and forget
+    it; returns what was deleted."""
     from botocore.exceptions import ClientError
 
+    from jumpstart.autoscaling import remove_autoscaling
     from jumpstart.deploy import remove_resources
     from jumpstart.records import forget_endpoint, recorded_region
 
@@ -233,8 +267,16 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
         config_name = description["EndpointConfigName"]
         config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)
     models = tuple(variant["ModelName"] for variant in config["ProductionVariants"])
-    problems = remove_resources(sagemaker, name, config_name, models)
+    variants = tuple(variant["VariantName"] for variant in config["ProductionVariants"])
+    # Before the endpoint: a policy left behind would keep trying to scale a deleted variant.
+    scaled, problems = remove_autoscaling(context, name, variants)
+    problems += remove_resources(sagemaker, name, config_name, models)
     forget_endpoint(name)
     if problems:
         raise SageMakerError("; ".join(problems))
-    return [f"endpoint {name}", f"endpoint config {config_name}", *(f"model {model}" for model in models)]
+    return [
+        *(f"autoscaling of {target}" for target in scaled),
+        f"endpoint {name}",
+        f"endpoint config {config_name}",
+        *(f"model {model}" for model in models),
+    ]

@@ -8,7 +8,9 @@ gets the same fingerprint.
 
 The jobs are created with plain boto3 calls under names chosen here, and run JumpStart's training
 script the way JumpStart's own estimator does (``sagemaker_program`` and
-``sagemaker_submit_directory`` hyperparameters read by the container's training toolkit).
+``sagemaker_submit_directory`` hyperparameters read by the container's training toolkit). With
+``trainer="txt2img"`` a training job runs this package's own trainer instead (LoRA, several
+subjects, several GPUs and instances), from source packed by ``jumpstart.trainer_source``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
 from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec
 from training.dataset import DATASET_INFO, DreamBoothDataset
 from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters
+from txt2img.errors import InputError
 
 # What JumpStart's training script prints when compute_fid is on, and how SageMaker reads it.
 METRIC_DEFINITIONS = {"fid_score": {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}}
@@ -37,6 +40,10 @@ MAX_RUNTIME_SECONDS = 3600
 # Waiting for a job has no timeout, unlike waiting for an endpoint: SageMaker stops each training
 # job after MAX_RUNTIME_SECONDS, and a job we stopped waiting for would not reach the catalog.
 POLL_SECONDS = 30.0
+# Which training script a remote training job runs: JumpStart's, or this package's own trainer.
+TRAINERS = ("jumpstart", "txt2img")
+# Marks a catalog entry whose artifact is txt2img's trainer output (a diffusers folder), not JumpStart's.
+TXT2IMG_TRAINER_TAG = "txt2img-trainer"
 # SageMaker's limits on job names.
 TRAINING_JOB_NAME_LIMIT = 63
 TUNING_JOB_NAME_LIMIT = 32
@@ -50,11 +57,15 @@ class RemoteJobSetup:
     base: CatalogEntry
     name: str
     job_name: str  # of the training or tuning job to create
-    spec: TrainingSpec
+    spec: TrainingSpec | None  # JumpStart's; None for txt2img's trainer
+    image_uri: str
     instance_type: str
     data_uri: str
     output_path: str
     dataset_fingerprint: str | None
+    trainer: str = "jumpstart"
+    instance_count: int = 1
+    source_uri: str | None = None  # txt2img's trainer: its uploaded sourcedir.tar.gz
 
 
 def unique_job_name(name: str, limit: int, now: datetime | None = None) -> str:
@@ -64,25 +75,30 @@ def unique_job_name(name: str, limit: int, now: datetime | None = None) -> str:
     return f"{stem}-{stamp}"
 
 
-def _load_local_dataset(folder: Path, hyperparameters: Hyperparameters, base: CatalogEntry) -> DreamBoothDataset:
+def _load_local_dataset(
+    folder: Path, hyperparameters: Hyperparameters, base: CatalogEntry, trainer: str
+) -> DreamBoothDataset:
     """The local trainer's checks and fingerprint; then what JumpStart's script cannot read."""
     from training.dataset import load_dataset
 
     dataset = load_dataset(folder, hyperparameters, base.resolution)
-    if dataset.multi_concept:
+    if trainer == "jumpstart" and dataset.multi_concept:
         raise SageMakerError(
             f"{folder / DATASET_INFO} lists several concepts; JumpStart's training script reads one "
-            '({"instance_prompt": ..., "class_prompt": ...}): train it locally, or split it'
+            '({"instance_prompt": ..., "class_prompt": ...}): train it with --trainer txt2img, or split it'
         )
     return dataset
 
 
 def _dataset_files(folder: Path, dataset: DreamBoothDataset, hyperparameters: Hyperparameters) -> list[Path]:
-    """The files the loader accepted, which are what JumpStart's script reads: dataset_info.json,
-    the instance images and, with prior preservation, the class images in class_data_dir/."""
-    (concept,) = dataset.concepts
-    class_images = concept.class_images if hyperparameters.with_prior_preservation else []
-    return [folder / DATASET_INFO, *concept.instance_images, *class_images]
+    """The files the loader accepted, which are what the training script reads: dataset_info.json,
+    each concept's instance images and, with prior preservation, its class images."""
+    files = [folder / DATASET_INFO]
+    for concept in dataset.concepts:
+        files += concept.instance_images
+        if hyperparameters.with_prior_preservation:
+            files += concept.class_images
+    return files
 
 
 def prepare_remote_job(
@@ -96,8 +112,11 @@ def prepare_remote_job(
     role: str | None,
     region: str | None,
     job_name_limit: int,
+    trainer: str = "jumpstart",
+    instance_count: int = 1,
 ) -> RemoteJobSetup:
-    """Check the request, resolve JumpStart's training spec, and upload local data to S3."""
+    """Check the request, resolve the container (JumpStart's spec, or the Hugging Face training
+    container for txt2img's trainer), and upload local data (and txt2img's trainer) to S3."""
     from catalog.index import UnknownModelError
     from catalog.schema import ID_PATTERN
     from catalog.store import load_catalog
@@ -109,17 +128,38 @@ def prepare_remote_job(
         base_entry = catalog.get(base)
     except UnknownModelError as error:
         raise SageMakerError(str(error)) from error
-    if base_entry.source != "jumpstart" or not base_entry.fine_tunable or base_entry.jumpstart is None:
+    if trainer not in TRAINERS:
+        raise SageMakerError(f"unknown trainer '{trainer}'; choose one of {', '.join(TRAINERS)}")
+    if instance_count < 1:
+        raise SageMakerError(f"--instance-count must be at least 1, got {instance_count}")
+    if trainer == "txt2img":
+        from training.dreambooth import trainable_base
+
+        try:
+            trainable_base(catalog, base)  # the local trainer's refusals, before anything is uploaded
+        except InputError as error:
+            raise SageMakerError(str(error)) from error
+        if base_entry.source == "finetune":
+            raise SageMakerError(
+                f"'{base}' is a fine-tune on this machine; the SageMaker container has only the built-in "
+                "catalog, so train on its base, or locally"
+            )
+    elif base_entry.source != "jumpstart" or not base_entry.fine_tunable or base_entry.jumpstart is None:
         fine_tunable = [entry.id for entry in catalog if entry.fine_tunable]
         raise SageMakerError(
             f"SageMaker JumpStart cannot fine-tune '{base}'; remote training works for: {', '.join(fine_tunable)}"
+            " (or any Stable Diffusion 1.x/2.x model with --trainer txt2img)"
         )
+    elif instance_count != 1:
+        raise SageMakerError("JumpStart's training script runs on one instance; use --trainer txt2img for several")
     if not ID_PATTERN.match(name):
         raise SageMakerError(f"invalid model name '{name}': use lowercase letters, digits, '.', '_' or '-'")
     if name in catalog:
         raise SageMakerError(f"the catalog already has a model '{name}'; choose another name")
-    if hyperparameters.method != "full":
-        raise SageMakerError("JumpStart's training script makes full fine-tunes only; drop method=lora for --remote")
+    if trainer == "jumpstart" and hyperparameters.method != "full":
+        raise SageMakerError(
+            "JumpStart's training script makes full fine-tunes only; drop method=lora, or add --trainer txt2img"
+        )
     if s3_prefix is not None:
         split_s3_uri(s3_prefix)
     if data.startswith("s3://"):
@@ -129,10 +169,29 @@ def prepare_remote_job(
         dataset = None
     else:
         folder = Path(data).expanduser()
-        dataset = _load_local_dataset(folder, hyperparameters, base_entry)
+        dataset = _load_local_dataset(folder, hyperparameters, base_entry, trainer)
+        if instance_count > 1 and hyperparameters.with_prior_preservation:
+            short = [c for c in dataset.concepts if len(c.class_images) < hyperparameters.num_class_images]
+            if short:
+                # The trainer's rank 0 draws missing class images on the first instance only; the
+                # other instances would not see them.
+                raise SageMakerError(
+                    f"with --instance-count {instance_count} and prior preservation, every concept needs its "
+                    f"{hyperparameters.num_class_images} class images in the dataset ({short[0].class_data_dir} "
+                    f"has {len(short[0].class_images)}): add them, lower num_class_images, or use one instance"
+                )
 
     context = aws_context(region, role, need_role=True)
-    spec = training_spec(base_entry.jumpstart.model_id, context.region, instance_type)
+    if trainer == "jumpstart":
+        spec = training_spec(base_entry.jumpstart.model_id, context.region, instance_type)
+        chosen_type = instance_type or spec.default_instance_type
+        image_uri = spec.image_uri
+    else:
+        from jumpstart.trainer_source import DEFAULT_INSTANCE_TYPE, training_image
+
+        spec = None
+        chosen_type = instance_type or DEFAULT_INSTANCE_TYPE
+        image_uri = training_image(context.region, chosen_type)
     prefix = s3_prefix or default_s3_prefix(context)
     job = unique_job_name(name, job_name_limit)
     output_path = join_s3(prefix, "jobs", name)
@@ -145,21 +204,43 @@ def prepare_remote_job(
             for path in _dataset_files(folder, dataset, hyperparameters)
         ]
         upload_files(context, files, f"uploading {folder}")
+    source_uri = _upload_trainer(context, join_s3(output_path, job, "source")) if trainer == "txt2img" else None
     return RemoteJobSetup(
         context=context,
         base=base_entry,
         name=name,
         job_name=job,
         spec=spec,
-        instance_type=instance_type or spec.default_instance_type,
+        image_uri=image_uri,
+        instance_type=chosen_type,
         data_uri=data_uri,
         output_path=output_path,
         dataset_fingerprint=dataset.fingerprint if dataset is not None else None,
+        trainer=trainer,
+        instance_count=instance_count,
+        source_uri=source_uri,
     )
 
 
+def _upload_trainer(context: AwsContext, prefix: str) -> str:
+    """Pack txt2img's trainer and upload it under ``prefix``; returns the archive's S3 URI."""
+    import tempfile
+
+    from jumpstart.s3 import join_s3, upload_files
+    from jumpstart.trainer_source import ARCHIVE_NAME, build_source_archive
+
+    uri = join_s3(prefix, ARCHIVE_NAME)
+    with tempfile.TemporaryDirectory(prefix="txt2img-trainer-") as workdir:
+        upload_files(context, [(build_source_archive(Path(workdir)), uri)], "uploading txt2img's trainer")
+    return uri
+
+
 def _script_hyperparameters(setup: RemoteJobSetup, hyperparameters: Hyperparameters) -> dict[str, str]:
-    """The hyperparameters plus the two that make the container's toolkit run JumpStart's script."""
+    """The hyperparameters plus the two that make the container's toolkit run the training script."""
+    if setup.trainer == "txt2img":
+        from jumpstart.trainer_source import job_hyperparameters
+
+        return job_hyperparameters(hyperparameters, setup.base.id, setup.name, setup.source_uri)
     return {
         **hyperparameters.sagemaker_strings(),
         "sagemaker_program": TRAINING_ENTRY_SCRIPT,
@@ -174,16 +255,23 @@ def _job_definition(setup: RemoteJobSetup) -> dict:
         s3 = {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
         return {"ChannelName": name, "DataSource": {"S3DataSource": s3}, "InputMode": "File"}
 
+    channels = [channel("training", setup.data_uri)]
+    if setup.spec is not None:  # JumpStart's script reads the base model from a channel; ours downloads it
+        channels.append(channel("model", setup.spec.base_model_uri))
     return {
         "AlgorithmSpecification": {
-            "TrainingImage": setup.spec.image_uri,
+            "TrainingImage": setup.image_uri,
             "TrainingInputMode": "File",
             "MetricDefinitions": list(METRIC_DEFINITIONS.values()),
         },
         "RoleArn": setup.context.role,
-        "InputDataConfig": [channel("training", setup.data_uri), channel("model", setup.spec.base_model_uri)],
+        "InputDataConfig": channels,
         "OutputDataConfig": {"S3OutputPath": setup.output_path},
-        "ResourceConfig": {"InstanceType": setup.instance_type, "InstanceCount": 1, "VolumeSizeInGB": VOLUME_SIZE_GB},
+        "ResourceConfig": {
+            "InstanceType": setup.instance_type,
+            "InstanceCount": setup.instance_count,
+            "VolumeSizeInGB": VOLUME_SIZE_GB,
+        },
         "StoppingCondition": {"MaxRuntimeInSeconds": MAX_RUNTIME_SECONDS},
     }
 
@@ -197,6 +285,7 @@ def register_training_job(
     *,
     dataset_fingerprint: str | None = None,
     metrics: dict[str, float | None] | None = None,
+    trainer: str = "jumpstart",
 ) -> CatalogEntry:
     """Add the finished training job's model artifact to the catalog as fine-tune ``name``."""
     from catalog.store import write_entry
@@ -210,12 +299,15 @@ def register_training_job(
         source="finetune",
         family=base.family,
         resolution=base.resolution,
-        description=f"DreamBooth fine-tune of {base.id}, trained on SageMaker by job {job_name} ({context.region}).",
+        description=(
+            f"DreamBooth fine-tune of {base.id}, trained on SageMaker by {trainer}'s trainer in job {job_name} "
+            f"({context.region})."
+        ),
         license=base.license,
         languages=base.languages,
-        tags=["sagemaker", "dreambooth"],
+        tags=["sagemaker", "dreambooth", *([TXT2IMG_TRAINER_TAG] if trainer == "txt2img" else [])],
         base=base.id,
-        method="full",
+        method=hyperparameters.method,
         artifact=job["ModelArtifacts"]["S3ModelArtifacts"],
         hyperparameters=hyperparameters.model_dump(mode="json"),
         dataset_fingerprint=dataset_fingerprint,
@@ -236,11 +328,14 @@ def launch_remote_training(
     s3_prefix: str | None = None,
     role: str | None = None,
     region: str | None = None,
+    trainer: str = "jumpstart",
+    instance_count: int = 1,
     wait: bool = True,
     poll_seconds: float = POLL_SECONDS,
 ) -> CatalogEntry | str:
-    """Run a JumpStart DreamBooth training job; with ``wait``, register and return the catalog
-    entry of its result, otherwise return the training job's name at once."""
+    """Run a DreamBooth training job (JumpStart's script, or txt2img's trainer with torchrun over
+    ``instance_count`` instances); with ``wait``, register and return the catalog entry of its
+    result, otherwise return the training job's name at once."""
     from jumpstart.polling import TRAINING_JOB, wait_for
 
     setup = prepare_remote_job(
@@ -253,6 +348,8 @@ def launch_remote_training(
         role=role,
         region=region,
         job_name_limit=TRAINING_JOB_NAME_LIMIT,
+        trainer=trainer,
+        instance_count=instance_count,
     )
     sagemaker = setup.context.client("sagemaker")
     training_job = setup.job_name
@@ -272,7 +369,13 @@ def launch_remote_training(
         still_running="its result will not be in the catalog; follow or stop it in the SageMaker console",
     )
     return register_training_job(
-        setup.context, training_job, name, setup.base, hyperparameters, dataset_fingerprint=setup.dataset_fingerprint
+        setup.context,
+        training_job,
+        name,
+        setup.base,
+        hyperparameters,
+        dataset_fingerprint=setup.dataset_fingerprint,
+        trainer=trainer,
     )
 
 

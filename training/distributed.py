@@ -266,6 +266,9 @@ def _worker(payload: str) -> int:
             job["name"],
             Hyperparameters.model_validate(job["hyperparameters"]),
             resume=job["resume"],
+            # Set by the SageMaker entry point (jumpstart/sagemaker_entry.py): /opt/ml/model, unregistered.
+            output_dir=Path(job["output_dir"]) if job.get("output_dir") else None,
+            register=job.get("register", True),
         )
     except TrainingInterrupted as error:
         _record(f"{error}; continue with the same command plus --resume", Interrupted.exit_code)
@@ -286,7 +289,7 @@ def _worker(payload: str) -> int:
         return 1
     finally:
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and job.get("register", True):
         print(f"registered {entry.id} ({entry.method} fine-tune of {entry.base}) at {entry.artifact}", flush=True)
         print(f"try it: txt2img catalog show {entry.id}", flush=True)
     return 0

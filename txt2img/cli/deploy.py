@@ -88,6 +88,17 @@ def _report_remote(result, kind: str) -> None:
     help="Pack the safety checker of TXT2IMG_SAFETY_CHECKER_REPO and switch it on: flagged images come back "
     "black, listed in nsfw_content_detected (models on this machine only).",
 )
+@click.option(
+    "--min-instances",
+    type=click.IntRange(min=0),
+    help="Autoscale from this many instances (0 only with --async); the endpoint starts with it (at least 1).",
+)
+@click.option("--max-instances", type=click.IntRange(min=1), help="Autoscale up to this many instances.")
+@click.option(
+    "--target-invocations",
+    type=float,
+    help="Scaling target per instance: invocations a minute (default 5), or queued requests with --async (default 2).",
+)
 def deploy(
     model_id: str,
     instance_type: str | None,
@@ -99,12 +110,28 @@ def deploy(
     s3_prefix: str | None,
     wait: bool,
     safety_checker: bool,
+    min_instances: int | None,
+    max_instances: int | None,
+    target_invocations: float | None,
 ) -> None:
     """Deploy MODEL_ID (JumpStart id, fine-tune or tiny-sd) to a SageMaker endpoint."""
     if is_async != (output is not None):
         raise InputError("--async and --output s3://... go together")
+    if (min_instances is None) != (max_instances is None):
+        raise InputError("--min-instances and --max-instances go together")
+    if target_invocations is not None and min_instances is None:
+        raise InputError("--target-invocations needs --min-instances and --max-instances")
+    if min_instances is not None and not wait:
+        raise InputError("autoscaling needs --wait: SageMaker registers an endpoint only once it is InService")
     require_extra("aws")
+    from jumpstart.autoscaling import DEFAULT_TARGET_BACKLOG, DEFAULT_TARGET_INVOCATIONS, Scaling
     from jumpstart.deploy import deploy as deploy_model
+
+    scaling = None
+    if min_instances is not None:
+        if target_invocations is None:
+            target_invocations = DEFAULT_TARGET_BACKLOG if is_async else DEFAULT_TARGET_INVOCATIONS
+        scaling = Scaling(min_instances, max_instances, target_invocations, is_async=is_async)
 
     result = deploy_model(
         model_id,
@@ -114,12 +141,15 @@ def deploy(
         region=region,
         async_output=output,
         s3_prefix=s3_prefix,
+        scaling=scaling,
         wait=wait,
         safety_checker=safety_checker,
     )
     name = result.endpoint_name
     kind = "async endpoint" if result.is_async else "endpoint"
     click.echo(f"{kind} {name} ({result.instance_type}, {result.region}) serves {result.model_id}: {result.status}")
+    if scaling is not None:
+        click.echo(f"autoscaling: {scaling.min_instances}-{scaling.max_instances} instances, target {scaling.target}")
     region_flag = f" --region {result.region}"
     click.echo(f'invoke:   txt2img endpoints invoke {name} "a prompt" -o images/{region_flag}')
     click.echo(
@@ -136,7 +166,8 @@ def endpoints() -> None:
 @click.option("--region", help="AWS region; default: AWS_REGION or your AWS config.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def list_command(region: str | None, as_json: bool) -> None:
-    """Endpoints in the region and every endpoint txt2img deployed, with the model each serves."""
+    """Endpoints in the region and every endpoint txt2img deployed, with the model each serves,
+    instances (current/desired) and autoscaling range (min-max)."""
     from dataclasses import asdict
 
     require_extra("aws")
@@ -153,11 +184,19 @@ def list_command(region: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(found)} endpoint(s)", title_justify="left")
-    for column in ("name", "region", "status", "model", "instance", "created"):
+    for column in ("name", "region", "status", "model", "instance", "instances", "scaling", "created"):
         table.add_column(column, overflow="fold")
     for info in found:
+        counts = "" if info.current_instances is None else f"{info.current_instances}/{info.desired_instances}"
         table.add_row(
-            info.name, info.region, info.status, info.model_id or "", info.instance_type or "", info.created or ""
+            info.name,
+            info.region,
+            info.status,
+            info.model_id or "",
+            info.instance_type or "",
+            counts,
+            info.scaling or "",
+            info.created or "",
         )
     Console().print(table)
 
@@ -200,7 +239,7 @@ def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, re
 @click.argument("name")
 @click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
 def delete_command(name: str, region: str | None) -> None:
-    """Delete endpoint NAME with its endpoint config and model (stops its billing)."""
+    """Delete endpoint NAME with its autoscaling, endpoint config and model (stops its billing)."""
     require_extra("aws")
     from jumpstart.endpoints import delete_endpoint
 

@@ -57,6 +57,21 @@ def _log_to_stderr() -> None:
     show_default=True,
     help="Train data-parallel in this many processes (torchrun): one per GPU, or CPU processes without one.",
 )
+@click.option(
+    "--trainer",
+    type=click.Choice(["jumpstart", "txt2img"]),
+    default="jumpstart",
+    show_default=True,
+    help="With --remote: JumpStart's training script, or txt2img's own trainer (LoRA, several subjects, "
+    "every GPU of --instance-type under torchrun).",
+)
+@click.option(
+    "--instance-count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --remote --trainer txt2img: train data-parallel on this many instances.",
+)
 @remote_job_options
 @click.pass_context
 def train_command(
@@ -68,21 +83,29 @@ def train_command(
     pairs: tuple[str, ...],
     resume: bool,
     processes: int,
+    trainer: str,
+    instance_count: int,
     **remote_options,
 ) -> None:
     """Fine-tune MODEL_ID on the photos in DATA_DIR and register the result as NEW_ID.
 
     DATA_DIR holds the instance images and dataset_info.json ({"instance_prompt": ...,
     "class_prompt": ...}), as for SageMaker JumpStart; see docs/training.md. With --remote
-    the job runs on SageMaker JumpStart, and DATA_DIR may be an s3:// prefix ending in '/'.
+    the job runs on SageMaker (JumpStart's script, or this trainer with --trainer txt2img), and
+    DATA_DIR may be an s3:// prefix ending in '/'.
     """
     hyperparameters = _hyperparameters(pairs, method)
     if remote_options["remote"]:
         refuse_local_options(context, ("resume",), "a SageMaker job runs to completion on its own")
         if processes > 1:
             raise InputError("--processes is for local runs; a SageMaker job's instance type sets its GPUs")
-        run_remote_training(data_dir, base, name, hyperparameters, **remote_options)
+        run_remote_training(
+            data_dir, base, name, hyperparameters, trainer=trainer, instance_count=instance_count, **remote_options
+        )
         return
+    for option, value, default in (("--trainer", trainer, "jumpstart"), ("--instance-count", instance_count, 1)):
+        if value != default:
+            raise InputError(f"{option} is for --remote runs; on this machine use --processes")
     if data_dir.startswith("s3://"):
         raise InputError(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
     if processes > 1:

@@ -1,0 +1,75 @@
+"""The entry point of ``txt2img train --remote --trainer txt2img`` in the SageMaker training container.
+
+Packed as ``txt2img_train.py`` at the root of ``sourcedir.tar.gz`` next to the catalog, training
+and txt2img packages; the container's training toolkit installs ``requirements.txt`` and runs it
+once on every instance of the job. It starts torchrun with one process per GPU of the instance,
+all instances in one static rendezvous led by the first host, and each process runs
+``training.distributed``'s worker: the same data-parallel trainer as ``txt2img train --processes``.
+Rank 0 writes the model and its ``entry.yaml`` to /opt/ml/model, which SageMaker uploads as the
+job's model.tar.gz. Standard library only: it runs before anything else is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# The hyperparameters that are not the trainer's: which model to fine-tune, the new model's name.
+BASE_KEY = "txt2img_base"
+NAME_KEY = "txt2img_name"
+MASTER_PORT = "29500"
+
+
+def torchrun_command(environment: dict[str, str]) -> list[str]:
+    """The torchrun command line for this instance, from the environment SageMaker's toolkit sets."""
+    hosts = json.loads(environment.get("SM_HOSTS", '["algo-1"]'))
+    current = environment.get("SM_CURRENT_HOST", hosts[0])
+    gpus = int(environment.get("SM_NUM_GPUS", "0"))
+    given = json.loads(environment["SM_HPS"])
+    hyperparameters = {
+        key: value
+        for key, value in given.items()
+        if key not in (BASE_KEY, NAME_KEY) and not key.startswith("sagemaker_")
+    }
+    payload = {
+        "data_dir": environment["SM_CHANNEL_TRAINING"],
+        "base": given[BASE_KEY],
+        "name": given[NAME_KEY],
+        "hyperparameters": hyperparameters,
+        "resume": False,
+        "output_dir": environment.get("SM_MODEL_DIR", "/opt/ml/model"),
+        # Nothing to register in the container: the catalog entry is written where the job was started.
+        "register": False,
+    }
+    if len(hosts) == 1:
+        rendezvous = ["--standalone", "--nnodes=1"]  # a free local port, no host name to resolve
+    else:
+        rendezvous = [
+            f"--nnodes={len(hosts)}",
+            f"--node_rank={hosts.index(current)}",
+            f"--master_addr={hosts[0]}",
+            f"--master_port={MASTER_PORT}",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        f"--nproc_per_node={max(gpus, 1)}",
+        "--max_restarts=0",
+        "--module",
+        "training.distributed",
+        json.dumps(payload),
+    ]
+
+
+def main() -> int:
+    # The built-in catalog is all the container needs; its user catalog and caches stay in /tmp.
+    environment = {**os.environ, "TXT2IMG_HOME": os.environ.get("TXT2IMG_HOME", "/tmp/txt2img-home")}
+    return subprocess.call(torchrun_command(environment), env=environment)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

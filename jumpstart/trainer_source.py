@@ -1,0 +1,102 @@
+"""txt2img's own trainer as a SageMaker training job: the container, the packed source, the hyperparameters.
+
+``txt2img train --remote --trainer txt2img`` runs on the Hugging Face PyTorch training container
+(torch, transformers and diffusers' CUDA stack already there), with ``sourcedir.tar.gz`` holding
+the packages the trainer imports, ``requirements.txt`` for what the container lacks, and the entry
+point ``txt2img_train.py`` (``jumpstart/sagemaker_entry.py``), which starts torchrun over every
+GPU of every instance. The job itself is created by ``jumpstart.remote`` like JumpStart's.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from jumpstart.errors import SageMakerError
+from training.hyperparameters import Hyperparameters
+
+# The Hugging Face PyTorch training container (sagemaker.core's image_uris): PyTorch 2.8, Python 3.12.
+HF_TRANSFORMERS_VERSION = "4.56.2"
+HF_PYTORCH_VERSION = "pytorch2.8.0"
+HF_PY_VERSION = "py312"
+# One A10G (24 GB): LoRA or full SD 1.x/2.x fine-tunes at 512 px. ml.g5.12xlarge has four.
+DEFAULT_INSTANCE_TYPE = "ml.g5.2xlarge"
+ENTRY_POINT = "txt2img_train.py"
+ARCHIVE_NAME = "sourcedir.tar.gz"
+# What the trainer imports: the catalog (base models), the trainer, and txt2img's errors.
+PACKAGES = ("catalog", "training", "txt2img")
+# Already in the container (a pip upgrade would replace its CUDA build) or only for serving.
+NOT_REQUIRED = ("torch", "bentoml", "fastapi")
+
+
+def training_image(region: str, instance_type: str) -> str:
+    from sagemaker.core import image_uris
+
+    try:
+        return image_uris.retrieve(
+            framework="huggingface",
+            region=region,
+            version=HF_TRANSFORMERS_VERSION,
+            base_framework_version=HF_PYTORCH_VERSION,
+            py_version=HF_PY_VERSION,
+            instance_type=instance_type,
+            image_scope="training",
+        )
+    except ValueError as error:
+        raise SageMakerError(f"no Hugging Face training container for {instance_type} in {region}: {error}") from error
+
+
+def container_requirements() -> list[str]:
+    """txt2img's own requirements (as installed) that the training container must add."""
+    import re
+    from importlib.metadata import requires
+
+    found = []
+    for requirement in requires("txt2img") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        if name.lower() not in NOT_REQUIRED:
+            found.append(requirement)
+    return found
+
+
+def build_source_archive(workdir: Path) -> Path:
+    """Pack the trainer's packages, the entry point and requirements.txt into ``workdir/sourcedir.tar.gz``."""
+    from jumpstart import sagemaker_entry
+
+    root = Path(__file__).resolve().parent.parent
+    archive = workdir / ARCHIVE_NAME
+
+    def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(sagemaker_entry.__file__, arcname=ENTRY_POINT)
+        add_bytes(tar, "requirements.txt", ("\n".join(container_requirements()) + "\n").encode())
+        for package in PACKAGES:
+            for path in sorted((root / package).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                    tar.add(path, arcname=path.relative_to(root).as_posix())
+    return archive
+
+
+def job_hyperparameters(hyperparameters: Hyperparameters, base: str, name: str, source_uri: str) -> dict[str, str]:
+    """Every trainer hyperparameter as a string (lists as JSON), the base and name, and the two that
+    make the container's toolkit run the entry point from the uploaded source."""
+    import json
+
+    from jumpstart.sagemaker_entry import BASE_KEY, NAME_KEY
+
+    values = hyperparameters.model_dump(mode="json")
+    strings = {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in values.items()}
+    return {
+        **strings,
+        BASE_KEY: base,
+        NAME_KEY: name,
+        "sagemaker_program": ENTRY_POINT,
+        "sagemaker_submit_directory": source_uri,
+    }

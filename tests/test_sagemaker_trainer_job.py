@@ -1,0 +1,256 @@
+"""txt2img train --remote --trainer txt2img: this package's trainer as a SageMaker training job on the
+Hugging Face PyTorch training container, the source it packs, and its entry point run for real."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from aws_fixtures import REGION, ROLE, aws, jumpstart_specs, make_bucket, no_network, sent_requests  # noqa: F401
+
+from jumpstart.errors import SageMakerError
+from jumpstart.remote import launch_remote_training
+from jumpstart.sagemaker_entry import torchrun_command
+from training.demo_dataset import write_demo_dataset
+from training.hyperparameters import Hyperparameters
+
+# sagemaker.core's image_uris for huggingface 4.56.2 / pytorch2.8.0 / py312, training, GPU.
+HF_TRAINING_IMAGE = (
+    f"763104351884.dkr.ecr.{REGION}.amazonaws.com/"
+    "huggingface-pytorch-training:2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
+)
+JUMPSTART_BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
+
+
+@pytest.fixture
+def bucket(aws):
+    make_bucket(aws, "my-txt2img")
+    return aws
+
+
+@pytest.fixture
+def two_subjects(tmp_path) -> Path:
+    return write_demo_dataset(tmp_path / "toys", ("red", "blue"), images_per_subject=3)
+
+
+def _object(session, uri: str) -> bytes:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return session.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _toolkit_hps(hyperparameters: dict[str, str]) -> str:
+    """SM_HPS as SageMaker's training toolkit writes it: each value JSON-decoded where it can be."""
+
+    def decoded(value: str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+
+    return json.dumps({key: decoded(value) for key, value in hyperparameters.items()})
+
+
+def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_subjects, sent_requests):
+    hyperparameters = Hyperparameters.from_pairs(
+        ["method=lora", "max_steps=300", "with_prior_preservation=true", "num_class_images=1"]
+    )
+    for subject in ("red", "blue"):
+        (two_subjects / subject / "class_data_dir").mkdir()
+        shutil.copyfile(
+            two_subjects / subject / f"{subject}-0.png", two_subjects / subject / "class_data_dir" / "c.png"
+        )
+
+    entry = launch_remote_training(
+        str(two_subjects),
+        "tiny-sd",
+        "toys",
+        hyperparameters,
+        trainer="txt2img",
+        instance_type="ml.g5.12xlarge",
+        instance_count=2,
+        s3_prefix="s3://my-txt2img/work",
+        role=ROLE,
+        poll_seconds=0,
+    )
+
+    sent = next(params for operation, params in sent_requests if operation == "CreateTrainingJob")
+    job_name = sent["TrainingJobName"]
+    assert job_name.startswith("toys-")
+    assert sent["AlgorithmSpecification"]["TrainingImage"] == HF_TRAINING_IMAGE
+    assert sent["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
+    source_uri = f"s3://my-txt2img/work/jobs/toys/{job_name}/source/sourcedir.tar.gz"
+    hps = sent["HyperParameters"]
+    assert (hps["sagemaker_program"], hps["sagemaker_submit_directory"]) == ("txt2img_train.py", source_uri)
+    assert (hps["txt2img_base"], hps["txt2img_name"]) == ("tiny-sd", "toys")
+    assert (hps["method"], hps["max_steps"], hps["with_prior_preservation"]) == ("lora", "300", "True")
+    # Every one of our hyperparameters travels (JumpStart's names among them), not only JumpStart's.
+    assert set(Hyperparameters.model_fields) <= set(hps)
+    # One channel: the trainer downloads its base itself, unlike JumpStart's script.
+    data_uri = f"s3://my-txt2img/work/jobs/toys/{job_name}/dataset/"
+    assert [
+        (channel["ChannelName"], channel["DataSource"]["S3DataSource"]["S3Uri"]) for channel in sent["InputDataConfig"]
+    ] == [("training", data_uri)]
+    uploaded = bucket.client("s3").list_objects_v2(
+        Bucket="my-txt2img", Prefix=data_uri.removeprefix("s3://my-txt2img/")
+    )
+    assert sorted(item["Key"].rsplit("/dataset/", 1)[1] for item in uploaded["Contents"]) == [
+        "blue/blue-0.png",
+        "blue/blue-1.png",
+        "blue/blue-2.png",
+        "blue/class_data_dir/c.png",
+        "dataset_info.json",
+        "red/class_data_dir/c.png",
+        "red/red-0.png",
+        "red/red-1.png",
+        "red/red-2.png",
+    ]
+
+    with tarfile.open(fileobj=io.BytesIO(_object(bucket, source_uri))) as tar:
+        names = set(tar.getnames())
+        requirements = tar.extractfile("requirements.txt").read().decode().split()
+    assert {"txt2img_train.py", "training/distributed.py", "training/dreambooth.py", "catalog/models.yaml"} <= names
+    assert "txt2img/errors.py" in names and not any(name.startswith(("serving/", "tests/")) for name in names)
+    assert not any("__pycache__" in name for name in names)
+    assert any(line.startswith("diffusers") for line in requirements)
+    assert not any(line.startswith(("torch", "bentoml")) for line in requirements)
+
+    assert (entry.id, entry.source, entry.base, entry.method) == ("toys", "finetune", "tiny-sd", "lora")
+    assert (
+        entry.artifact
+        == bucket.client("sagemaker").describe_training_job(TrainingJobName=job_name)["ModelArtifacts"][
+            "S3ModelArtifacts"
+        ]
+    )
+    assert "txt2img-trainer" in entry.tags
+    from catalog.store import load_catalog
+
+    assert load_catalog().get("toys") == entry
+
+
+def test_the_entry_point_starts_torchrun_over_all_gpus_and_hosts():
+    hyperparameters = Hyperparameters.from_pairs(["method=lora", "max_steps=300", "validation_prompts=a|b"])
+    from jumpstart.trainer_source import job_hyperparameters
+
+    sent = job_hyperparameters(hyperparameters, "tiny-sd", "toys", "s3://b/sourcedir.tar.gz")
+    environment = {
+        "SM_HOSTS": '["algo-1", "algo-2"]',
+        "SM_CURRENT_HOST": "algo-2",
+        "SM_NUM_GPUS": "4",
+        "SM_HPS": _toolkit_hps(sent),
+        "SM_CHANNEL_TRAINING": "/opt/ml/input/data/training",
+        "SM_MODEL_DIR": "/opt/ml/model",
+    }
+
+    command = torchrun_command(environment)
+
+    assert command[1:11] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=algo-1",
+        "--master_port=29500",
+        "--nproc_per_node=4",
+        "--max_restarts=0",
+        "--module",
+        "training.distributed",
+    ]
+    payload = json.loads(command[11])
+    assert (payload["base"], payload["name"], payload["register"]) == ("tiny-sd", "toys", False)
+    assert (payload["data_dir"], payload["output_dir"]) == ("/opt/ml/input/data/training", "/opt/ml/model")
+    assert Hyperparameters.model_validate(payload["hyperparameters"]) == hyperparameters
+    # One instance: a standalone rendezvous on this host.
+    single = torchrun_command({**environment, "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
+    assert single[3:6] == ["--standalone", "--nnodes=1", "--nproc_per_node=4"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_packed_source_alone_trains_and_writes_the_model_to_the_model_dir(tmp_path):
+    """The container's view: only sourcedir.tar.gz on the path, run as the toolkit runs it (CPU, gloo)."""
+    from jumpstart.trainer_source import build_source_archive, job_hyperparameters
+
+    source = tmp_path / "code"
+    source.mkdir()
+    with tarfile.open(build_source_archive(tmp_path)) as tar:
+        tar.extractall(source, filter="data")
+    data = write_demo_dataset(tmp_path / "data", ("red", "blue"), images_per_subject=3)
+    hyperparameters = Hyperparameters.from_pairs(["method=lora", "max_steps=2", "validation_prompts=a red toy"])
+    model_dir = tmp_path / "opt-ml-model"
+    model_dir.mkdir()
+    environment = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(source),
+        "OMP_NUM_THREADS": "1",
+        "TXT2IMG_HOME": str(tmp_path / "home"),
+        "SM_HPS": _toolkit_hps(job_hyperparameters(hyperparameters, "tiny-sd", "toys", "s3://b/s.tar.gz")),
+        "SM_CHANNEL_TRAINING": str(data),
+        "SM_MODEL_DIR": str(model_dir),
+        "SM_NUM_GPUS": "0",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+    done = subprocess.run(
+        [sys.executable, "txt2img_train.py"], cwd=source, env=environment, capture_output=True, text=True, timeout=300
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (model_dir / "model").is_dir()
+    written = yaml.safe_load((model_dir / "entry.yaml").read_text())
+    assert (written["id"], written["base"], written["method"]) == ("toys", "tiny-sd", "lora")
+    assert not (tmp_path / "home" / "catalog").exists()  # nothing registered in the container
+
+
+def test_refusals_before_anything_is_uploaded(bucket, two_subjects, capsys):
+    hyperparameters = Hyperparameters()
+    with pytest.raises(SageMakerError, match="JumpStart's training script runs on one instance"):
+        launch_remote_training(
+            str(two_subjects), JUMPSTART_BASE, "toys", hyperparameters, instance_count=2, role=ROLE, poll_seconds=0
+        )
+    with pytest.raises(SageMakerError, match="train it with --trainer txt2img"):
+        launch_remote_training(str(two_subjects), JUMPSTART_BASE, "toys", hyperparameters, role=ROLE, poll_seconds=0)
+    with pytest.raises(SageMakerError, match="every concept needs its 100 class images"):
+        launch_remote_training(
+            str(two_subjects),
+            "tiny-sd",
+            "toys",
+            Hyperparameters(with_prior_preservation=True),
+            trainer="txt2img",
+            instance_count=2,
+            role=ROLE,
+            poll_seconds=0,
+        )
+    assert bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+
+    from txt2img.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(two_subjects), "--base", "tiny-sd", "--name", "toys", "--trainer", "txt2img"])
+    assert exit_info.value.code == 2
+    assert "--trainer is for --remote runs" in capsys.readouterr().err
+
+
+def test_cli_runs_our_trainer_and_its_result_is_not_sent_to_jumpstarts_container(bucket, two_subjects, capsys):
+    from txt2img.cli import main
+
+    main(
+        ["train", str(two_subjects), "--base", "tiny-sd", "--name", "toys", "--method", "lora", "--remote"]
+        + ["--trainer", "txt2img", "--instance-type", "ml.g5.12xlarge", "--s3-prefix", "s3://my-txt2img/cli"]
+        + ["--role", ROLE, "--region", REGION]
+    )
+    assert capsys.readouterr().out.startswith("registered toys: s3://my-txt2img/cli/jobs/toys/")
+    [summary] = bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+    job = bucket.client("sagemaker").describe_training_job(TrainingJobName=summary["TrainingJobName"])
+    assert job["HyperParameters"]["sagemaker_program"] == "txt2img_train.py"
+
+    from jumpstart.deploy import deploy
+
+    with pytest.raises(SageMakerError, match="trained by txt2img's trainer on SageMaker"):
+        deploy("toys", role=ROLE, endpoint_name="toys", poll_seconds=0)
