@@ -213,8 +213,8 @@ MUTATIONS = [
     Mutation(
         "batched images handed to the wrong requests",
         "serving/generation_queue.py",
-        "GenerationResult(images[offset : offset + count], job.seeds, len(items))",
-        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(items))",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags)",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(items), job_flags)",
         (Select("tests/test_serving.py", "batched"),),
     ),
     # --- serving: the JumpStart wire format -------------------------------------------------------
