@@ -23,13 +23,12 @@ from catalog.schema import CatalogEntry
 from jumpstart.autoscaling import Scaling
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 from jumpstart.inference_script import SAFETY_CHECKER_ENV
+from jumpstart.specs import HuggingFaceContainer
 
 VARIANT_NAME = "AllTraffic"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 # The Hugging Face PyTorch inference container for models deployed from local weights.
-HF_TRANSFORMERS_VERSION = "4.49.0"
-HF_PYTORCH_VERSION = "pytorch2.6.0"
-HF_PY_VERSION = "py312"
+INFERENCE_CONTAINER = HuggingFaceContainer(transformers="4.49.0", pytorch="pytorch2.6.0", python="py312")
 # A T4 GPU runs SD 1.x/2.x at 512-768 px; the CPU-only demo model needs no GPU.
 DEFAULT_LOCAL_INSTANCE_TYPE = "ml.g4dn.xlarge"
 DEFAULT_CPU_INSTANCE_TYPE = "ml.m5.xlarge"
@@ -112,23 +111,6 @@ def default_endpoint_name(stem: str, now: datetime | None = None) -> str:
     return f"{cleaned[: 63 - len(stamp) - 1].rstrip('-')}-{stamp}"
 
 
-def _hf_image(region: str, instance_type: str) -> str:
-    from sagemaker.core import image_uris
-
-    try:
-        return image_uris.retrieve(
-            framework="huggingface",
-            region=region,
-            version=HF_TRANSFORMERS_VERSION,
-            base_framework_version=HF_PYTORCH_VERSION,
-            py_version=HF_PY_VERSION,
-            instance_type=instance_type,
-            image_scope="inference",
-        )
-    except ValueError as error:
-        raise SageMakerError(f"no Hugging Face inference container for {instance_type} in {region}: {error}") from error
-
-
 def plan_deployment(
     model_id: str,
     region: str,
@@ -205,7 +187,7 @@ def plan_deployment(
         model_id=entry.id,
         endpoint_name=name,
         instance_type=chosen_type,
-        image_uri=_hf_image(region, chosen_type),
+        image_uri=INFERENCE_CONTAINER.image(region, chosen_type, "inference"),
         model_data=None,
         environment=environment,
         async_output=async_output,

@@ -187,11 +187,11 @@ def prepare_remote_job(
         chosen_type = instance_type or spec.default_instance_type
         image_uri = spec.image_uri
     else:
-        from jumpstart.trainer_source import DEFAULT_INSTANCE_TYPE, training_image
+        from jumpstart.trainer_source import DEFAULT_INSTANCE_TYPE, TRAINING_CONTAINER
 
         spec = None
         chosen_type = instance_type or DEFAULT_INSTANCE_TYPE
-        image_uri = training_image(context.region, chosen_type)
+        image_uri = TRAINING_CONTAINER.image(context.region, chosen_type, "training")
     prefix = s3_prefix or default_s3_prefix(context)
     job = unique_job_name(name, job_name_limit)
     output_path = join_s3(prefix, "jobs", name)

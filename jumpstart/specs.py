@@ -139,3 +139,31 @@ def training_spec(model_id: str, region: str, instance_type: str | None = None) 
         default_instance_type=specs.default_training_instance_type,
         supported_instance_types=list(specs.supported_training_instance_types or []),
     )
+
+
+@dataclass(frozen=True)
+class HuggingFaceContainer:
+    """One release of the Hugging Face PyTorch containers, as sagemaker.core's image_uris names it."""
+
+    transformers: str
+    pytorch: str
+    python: str
+
+    def image(self, region: str, instance_type: str, scope: str) -> str:
+        """The image URI for ``scope`` ("inference" or "training") on ``instance_type`` in ``region``."""
+        from sagemaker.core import image_uris
+
+        try:
+            return image_uris.retrieve(
+                framework="huggingface",
+                region=region,
+                version=self.transformers,
+                base_framework_version=self.pytorch,
+                py_version=self.python,
+                instance_type=instance_type,
+                image_scope=scope,
+            )
+        except ValueError as error:
+            raise SageMakerError(
+                f"no Hugging Face {scope} container for {instance_type} in {region}: {error}"
+            ) from error

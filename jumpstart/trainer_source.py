@@ -13,13 +13,11 @@ import io
 import tarfile
 from pathlib import Path
 
-from jumpstart.errors import SageMakerError
+from jumpstart.specs import HuggingFaceContainer
 from training.hyperparameters import Hyperparameters
 
 # The Hugging Face PyTorch training container (sagemaker.core's image_uris): PyTorch 2.8, Python 3.12.
-HF_TRANSFORMERS_VERSION = "4.56.2"
-HF_PYTORCH_VERSION = "pytorch2.8.0"
-HF_PY_VERSION = "py312"
+TRAINING_CONTAINER = HuggingFaceContainer(transformers="4.56.2", pytorch="pytorch2.8.0", python="py312")
 # One A10G (24 GB): LoRA or full SD 1.x/2.x fine-tunes at 512 px. ml.g5.12xlarge has four.
 DEFAULT_INSTANCE_TYPE = "ml.g5.2xlarge"
 ENTRY_POINT = "txt2img_train.py"
@@ -28,23 +26,6 @@ ARCHIVE_NAME = "sourcedir.tar.gz"
 PACKAGES = ("catalog", "training", "txt2img")
 # Already in the container (a pip upgrade would replace its CUDA build) or only for serving.
 NOT_REQUIRED = ("torch", "bentoml", "fastapi")
-
-
-def training_image(region: str, instance_type: str) -> str:
-    from sagemaker.core import image_uris
-
-    try:
-        return image_uris.retrieve(
-            framework="huggingface",
-            region=region,
-            version=HF_TRANSFORMERS_VERSION,
-            base_framework_version=HF_PYTORCH_VERSION,
-            py_version=HF_PY_VERSION,
-            instance_type=instance_type,
-            image_scope="training",
-        )
-    except ValueError as error:
-        raise SageMakerError(f"no Hugging Face training container for {instance_type} in {region}: {error}") from error
 
 
 def container_requirements() -> list[str]:
