@@ -17,7 +17,7 @@ from catalog.pipelines import ModelLoadError
 from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
 from serving.invocations import InvocationError
 from serving.manager import DownloadsForbidden
-from serving.schema import LimitExceeded, describe_validation_error
+from serving.schema import LimitExceeded, describe_errors, describe_validation_error
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
 
@@ -57,7 +57,10 @@ class ErrorBody(BaseModel):
 
 def validation_error_body(error) -> dict:
     """pydantic's errors as JSON: which field, and what is wrong with it."""
-    detail = describe_validation_error(error)
+    return _invalid_request(describe_validation_error(error))
+
+
+def _invalid_request(detail: list[dict]) -> dict:
     summary = "; ".join(f"{item['field'] or 'body'}: {item['message']}" for item in detail)
     return {"error": f"invalid request: {summary}", "detail": detail}
 
@@ -152,10 +155,13 @@ def log_client_errors_as_one_line() -> None:
 
 
 class JSONErrorBodies:
-    """ASGI middleware: every error answer has a JSON body with an ``error``, the framework's own too.
+    """ASGI middleware: every error answer has a JSON body whose ``error`` a person can read.
 
-    Our routes already answer that way; BentoML and Starlette answer an unknown path (404), a wrong
-    method (405) or an unroutable path value in plain text, which JSON clients cannot read.
+    Our routes already answer that way. The framework does not: BentoML and Starlette answer an
+    unknown path (404), a wrong method (405) or an unroutable path value in plain text, and BentoML
+    refuses a body that fails an API's input model before our code runs, with "1 validation error
+    for ImageRequestIODescriptor" and pydantic's documentation links. Both are rewritten here into
+    the answer our own routes give.
     """
 
     def __init__(self, app) -> None:
@@ -168,29 +174,50 @@ class JSONErrorBodies:
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
 
-        async def send_json_errors(message) -> None:
+        async def send_readable_errors(message) -> None:
             if message["type"] == "http.response.start":
                 content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-                if message["status"] >= 400 and not content_type.startswith(b"application/json"):
-                    held["start"] = message  # sent with the rewritten body below
+                is_json = content_type.startswith(b"application/json")
+                if (message["status"] >= 400 and not is_json) or (message["status"] == 400 and is_json):
+                    held["start"] = message  # sent once the body is known, rewritten or not
                     return
             elif held and message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
                     return
-                start = held["start"]
-                text = b"".join(chunks).decode("utf-8", errors="replace").strip()
-                content = json.dumps({"error": text or HTTPStatus(start["status"]).phrase}).encode()
+                start, raw = held["start"], b"".join(chunks)
+                readable = _readable_error_body(start, raw)
+                if readable is None:
+                    await send(start)
+                    await send({"type": "http.response.body", "body": raw})
+                    return
                 headers = [
                     (name, value) for name, value in start.get("headers", []) if name.lower() not in _BODY_HEADERS
                 ]
-                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(readable)).encode())]
                 await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": content})
+                await send({"type": "http.response.body", "body": readable})
                 return
             await send(message)
 
-        await self.app(scope, receive, send_json_errors)
+        await self.app(scope, receive, send_readable_errors)
 
 
 _BODY_HEADERS = (b"content-type", b"content-length")
+
+
+def _readable_error_body(start: dict, raw: bytes) -> bytes | None:
+    """The rewritten body of an error answer, or None to send it as it is."""
+    content_type = dict(start.get("headers", [])).get(b"content-type", b"")
+    if not content_type.startswith(b"application/json"):
+        text = raw.decode("utf-8", errors="replace").strip()
+        return json.dumps({"error": text or HTTPStatus(start["status"]).phrase}).encode()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list) and detail and all(isinstance(item, dict) and "loc" in item for item in detail):
+        # BentoML's refusal: pydantic's raw items, whose "loc" starts at the body.
+        return json.dumps(_invalid_request(describe_errors(detail))).encode()
+    return None

@@ -82,10 +82,12 @@ class GeneratedImages(BaseModel):
 
 def describe_validation_error(error) -> list[dict]:
     """pydantic's errors as ``{"field", "message"}`` pairs a person can read."""
-    return [
-        {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
-        for item in error.errors(include_url=False, include_input=False, include_context=False)
-    ]
+    return describe_errors(error.errors(include_url=False, include_input=False, include_context=False))
+
+
+def describe_errors(errors: list[dict]) -> list[dict]:
+    """pydantic's error items (``loc``, ``msg``) as ``{"field", "message"}`` pairs."""
+    return [{"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]} for item in errors]
 
 
 class LimitExceeded(InputError, ValueError):
