@@ -17,6 +17,24 @@ from txt2img.extras import require_extra
 METRICS_HELP = "fid_score, clip_i, clip_t, dino or instance_loss"
 
 
+def _evaluation_options(command):
+    """--prompts, --prompts-per-subject, --images-per-prompt and --steps, shared by evaluate and tune."""
+    options = [
+        click.option(
+            "--prompts",
+            "prompts_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="A file with one prompt a line, instead of the DreamBooth paper's 25 prompts per subject.",
+        ),
+        click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Use only the first N paper prompts."),
+        click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _weight_options(command):
     """--inception-path, --clip-path and --dino-path, shared by both commands."""
     options = [
@@ -106,15 +124,7 @@ def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], ti
 @click.command("evaluate")
 @click.argument("model_id")
 @click.argument("data_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "--prompts",
-    "prompts_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A file with one prompt a line, instead of the DreamBooth paper's 25 prompts per subject.",
-)
-@click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Use only the first N paper prompts.")
-@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
+@_evaluation_options
 @click.option("--metric", "metrics", multiple=True, help=f"Compute only these ({METRICS_HELP}); repeatable.")
 @click.option(
     "--output", type=click.Path(path_type=Path, file_okay=False), help="Folder for the JSON, grid and images."
@@ -246,15 +256,7 @@ LOCAL_TUNING_OPTIONS = (
     help=f"What each trial computes besides the objective, which comes first ({METRICS_HELP}); repeatable. "
     "Default: all; those whose weights are not on this machine are skipped without generating images.",
 )
-@click.option(
-    "--prompts",
-    "prompts_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Evaluation prompts file, one a line (default: the DreamBooth paper's).",
-)
-@click.option("--prompts-per-subject", type=click.IntRange(min=1), help="Evaluate on the first N paper prompts.")
-@click.option("--images-per-prompt", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="Inference steps.")
+@_evaluation_options
 @_weight_options
 @remote_job_options
 @click.pass_context
