@@ -121,7 +121,12 @@ def export_model(model_id: str, destination: Path, catalog: Catalog, local_files
     A LoRA is fused into its base so the folder needs nothing else. The folder is assembled
     beside ``destination`` and renamed into place, so a failure never leaves half a model.
     """
-    entry = catalog.get(model_id)
+    return export_entry(catalog.get(model_id), destination, catalog, local_files_only)
+
+
+def export_entry(entry: CatalogEntry, destination: Path, catalog: Catalog, local_files_only: bool = True) -> Path:
+    """``export_model`` for an entry that need not be in ``catalog`` (only its base must be): the
+    unregistered result of a run in a SageMaker training container, say."""
     destination = destination.expanduser()
     if destination.exists() and any(destination.iterdir()):
         raise FileExistsError(f"{destination} exists and is not empty")

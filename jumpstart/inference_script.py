@@ -28,21 +28,37 @@ from serving.invocations import (
 )
 
 SAFETY_CHECKER_ENV = "TXT2IMG_SAFETY_CHECKER"
+# Where the diffusers folder lies in the extracted archive: at its root in the archives ``txt2img deploy``
+# packs; in the model.tar.gz of txt2img's trainer on SageMaker, in model/ for a full fine-tune, and in
+# fused/ for a LoRA (fused into its base there; model/ holds only the adapter). The first that has one wins.
+PIPELINE_FOLDERS = ("", "model", "fused")
 
 
 def safety_checker_on() -> bool:
     return os.environ.get(SAFETY_CHECKER_ENV, "off").strip().lower() in ("1", "on", "true", "yes")
 
 
+def pipeline_folder(model_dir) -> str:
+    """The diffusers folder in the extracted archive (see PIPELINE_FOLDERS)."""
+    for folder in PIPELINE_FOLDERS:
+        candidate = os.path.join(model_dir, folder) if folder else str(model_dir)
+        if os.path.isfile(os.path.join(candidate, "model_index.json")):
+            return candidate
+    raise RuntimeError(
+        f"no diffusers pipeline (model_index.json) in {model_dir} or its folders "
+        f"{', '.join(folder for folder in PIPELINE_FOLDERS if folder)}"
+    )
+
+
 def model_fn(model_dir, context=None):
-    """Load the diffusers folder the model archive was extracted to, with its safety checker if it is on."""
+    """Load the diffusers folder of the extracted model archive, with its safety checker if it is on."""
     import torch
     from diffusers import DiffusionPipeline
 
     cuda = torch.cuda.is_available()
     checking = safety_checker_on()
     pipeline = DiffusionPipeline.from_pretrained(
-        model_dir,
+        pipeline_folder(model_dir),
         torch_dtype=torch.float16 if cuda else torch.float32,
         use_safetensors=True,
         **({} if checking else {"safety_checker": None}),

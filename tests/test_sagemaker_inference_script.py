@@ -155,3 +155,19 @@ def test_the_safety_checker_on_without_one_packed_stops_the_container(tmp_path, 
     model_dir = export_model("tiny-sd", tmp_path / "model", load_catalog())
     with pytest.raises(RuntimeError, match="txt2img deploy --safety-checker"):
         script.model_fn(str(model_dir))
+
+
+def test_the_pipeline_is_found_where_each_kind_of_archive_puts_it(tmp_path):
+    from training.dreambooth import MODEL_DIR
+    from training.servable import FUSED_DIR
+
+    # At the root of a packed archive; model/ (full) or fused/ (LoRA) in a job of txt2img's trainer.
+    assert {"", MODEL_DIR, FUSED_DIR} == set(script.PIPELINE_FOLDERS)
+    with pytest.raises(RuntimeError, match="no diffusers pipeline"):
+        script.pipeline_folder(tmp_path)
+    (tmp_path / FUSED_DIR).mkdir()
+    (tmp_path / FUSED_DIR / "model_index.json").write_text("{}")
+    (tmp_path / MODEL_DIR).mkdir()  # a LoRA's adapter alone: no pipeline
+    assert script.pipeline_folder(tmp_path) == str(tmp_path / FUSED_DIR)
+    (tmp_path / "model_index.json").write_text("{}")
+    assert script.pipeline_folder(str(tmp_path)) == str(tmp_path)
