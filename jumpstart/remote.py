@@ -44,6 +44,9 @@ POLL_SECONDS = 30.0
 TRAINERS = ("jumpstart", "txt2img")
 # Marks a catalog entry whose artifact is txt2img's trainer output (a diffusers folder), not JumpStart's.
 TXT2IMG_TRAINER_TAG = "txt2img-trainer"
+# Marks such an entry whose model.tar.gz also holds code/inference.py for the Hugging Face inference
+# container (jobs packed since training.servable existed): ``txt2img deploy`` serves it as it is.
+INFERENCE_CODE_TAG = "inference-code"
 # SageMaker's limits on job names.
 TRAINING_JOB_NAME_LIMIT = 63
 TUNING_JOB_NAME_LIMIT = 32
@@ -294,6 +297,13 @@ def register_training_job(
         job = context.client("sagemaker").describe_training_job(TrainingJobName=job_name)
     if job["TrainingJobStatus"] != "Completed":
         raise SageMakerError(f"training job {job_name} is {job['TrainingJobStatus']}, not Completed")
+    tags = ["sagemaker", "dreambooth"]
+    if trainer == "txt2img":
+        from jumpstart.sagemaker_entry import INFERENCE_CODE_KEY
+
+        tags.append(TXT2IMG_TRAINER_TAG)
+        if job.get("HyperParameters", {}).get(INFERENCE_CODE_KEY):  # its source packed the inference code
+            tags.append(INFERENCE_CODE_TAG)
     entry = CatalogEntry(
         id=name,
         source="finetune",
@@ -305,7 +315,7 @@ def register_training_job(
         ),
         license=base.license,
         languages=base.languages,
-        tags=["sagemaker", "dreambooth", *([TXT2IMG_TRAINER_TAG] if trainer == "txt2img" else [])],
+        tags=tags,
         base=base.id,
         method=hyperparameters.method,
         artifact=job["ModelArtifacts"]["S3ModelArtifacts"],

@@ -6,7 +6,9 @@ once on every instance of the job. It starts torchrun with one process per GPU o
 all instances in one static rendezvous led by the first host, and each process runs
 ``training.distributed``'s worker: the same data-parallel trainer as ``txt2img train --processes``.
 Rank 0 writes the model and its ``entry.yaml`` to /opt/ml/model, which SageMaker uploads as the
-job's model.tar.gz. Standard library only: it runs before anything else is imported.
+job's model.tar.gz, and then the inference code packed in the source (``training.servable``), so
+that ``txt2img deploy`` serves that archive as it is. Standard library only: it runs before
+anything else is imported.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import sys
 # The hyperparameters that are not the trainer's: which model to fine-tune, the new model's name.
 BASE_KEY = "txt2img_base"
 NAME_KEY = "txt2img_name"
+# Names the folder of sourcedir.tar.gz that holds code/ for the inference container (what
+# jumpstart.package.write_inference_code writes); a job without it makes an archive that cannot be deployed.
+INFERENCE_CODE_KEY = "txt2img_inference_code"
+INFERENCE_CODE_DIR = "inference_code"
+OWN_KEYS = (BASE_KEY, NAME_KEY, INFERENCE_CODE_KEY)
 MASTER_PORT = "29500"
 
 
@@ -29,10 +36,9 @@ def torchrun_command(environment: dict[str, str]) -> list[str]:
     gpus = int(environment.get("SM_NUM_GPUS", "0"))
     given = json.loads(environment["SM_HPS"])
     hyperparameters = {
-        key: value
-        for key, value in given.items()
-        if key not in (BASE_KEY, NAME_KEY) and not key.startswith("sagemaker_")
+        key: value for key, value in given.items() if key not in OWN_KEYS and not key.startswith("sagemaker_")
     }
+    source_dir = os.path.dirname(os.path.abspath(__file__))
     payload = {
         "data_dir": environment["SM_CHANNEL_TRAINING"],
         "base": given[BASE_KEY],
@@ -42,6 +48,9 @@ def torchrun_command(environment: dict[str, str]) -> list[str]:
         "output_dir": environment.get("SM_MODEL_DIR", "/opt/ml/model"),
         # Nothing to register in the container: the catalog entry is written where the job was started.
         "register": False,
+        "inference_code": (
+            os.path.join(source_dir, given[INFERENCE_CODE_KEY]) if given.get(INFERENCE_CODE_KEY) else None
+        ),
     }
     if len(hosts) == 1:
         rendezvous = ["--standalone", "--nnodes=1"]  # a free local port, no host name to resolve

@@ -2,9 +2,11 @@
 
 ``txt2img train --remote --trainer txt2img`` runs on the Hugging Face PyTorch training container
 (torch, transformers and diffusers' CUDA stack already there), with ``sourcedir.tar.gz`` holding
-the packages the trainer imports, ``requirements.txt`` for what the container lacks, and the entry
+the packages the trainer imports, ``requirements.txt`` for what the container lacks, the entry
 point ``txt2img_train.py`` (``jumpstart/sagemaker_entry.py``), which starts torchrun over every
-GPU of every instance. The job itself is created by ``jumpstart.remote`` like JumpStart's.
+GPU of every instance, and ``inference_code/``, the ``code/`` folder the job adds to its model so
+that ``txt2img deploy`` serves its model.tar.gz as it is (``training.servable``). The job itself
+is created by ``jumpstart.remote`` like JumpStart's.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def container_requirements() -> list[str]:
 
 
 def build_source_archive(workdir: Path) -> Path:
-    """Pack the trainer's packages, the entry point and requirements.txt into ``workdir/sourcedir.tar.gz``."""
+    """Pack the trainer's packages, the entry point, requirements.txt and the inference code the
+    job adds to its model (``training.servable``) into ``workdir/sourcedir.tar.gz``."""
     from jumpstart import sagemaker_entry
+    from jumpstart.package import write_inference_code
 
     root = Path(__file__).resolve().parent.parent
     archive = workdir / ARCHIVE_NAME
@@ -62,15 +66,18 @@ def build_source_archive(workdir: Path) -> Path:
             for path in sorted((root / package).rglob("*")):
                 if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                     tar.add(path, arcname=path.relative_to(root).as_posix())
+        inference_code = workdir / sagemaker_entry.INFERENCE_CODE_DIR
+        write_inference_code(inference_code)
+        tar.add(inference_code, arcname=sagemaker_entry.INFERENCE_CODE_DIR)
     return archive
 
 
 def job_hyperparameters(hyperparameters: Hyperparameters, base: str, name: str, source_uri: str) -> dict[str, str]:
-    """Every trainer hyperparameter as a string (lists as JSON), the base and name, and the two that
-    make the container's toolkit run the entry point from the uploaded source."""
+    """Every trainer hyperparameter as a string (lists as JSON), the base and name, the packed inference
+    code's folder, and the two that make the container's toolkit run the entry point from the uploaded source."""
     import json
 
-    from jumpstart.sagemaker_entry import BASE_KEY, NAME_KEY
+    from jumpstart.sagemaker_entry import BASE_KEY, INFERENCE_CODE_DIR, INFERENCE_CODE_KEY, NAME_KEY
 
     values = hyperparameters.model_dump(mode="json")
     strings = {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in values.items()}
@@ -78,6 +85,7 @@ def job_hyperparameters(hyperparameters: Hyperparameters, base: str, name: str, 
         **strings,
         BASE_KEY: base,
         NAME_KEY: name,
+        INFERENCE_CODE_KEY: INFERENCE_CODE_DIR,
         "sagemaker_program": ENTRY_POINT,
         "sagemaker_submit_directory": source_uri,
     }

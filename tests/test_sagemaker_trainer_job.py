@@ -3,6 +3,7 @@ Hugging Face PyTorch training container, the source it packs, and its entry poin
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -90,6 +91,7 @@ def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_
     hps = sent["HyperParameters"]
     assert (hps["sagemaker_program"], hps["sagemaker_submit_directory"]) == ("txt2img_train.py", source_uri)
     assert (hps["txt2img_base"], hps["txt2img_name"]) == ("tiny-sd", "toys")
+    assert hps["txt2img_inference_code"] == "inference_code"  # the folder of the source holding code/
     assert (hps["method"], hps["max_steps"], hps["with_prior_preservation"]) == ("lora", "300", "True")
     # Every one of our hyperparameters travels (JumpStart's names among them), not only JumpStart's.
     assert set(Hyperparameters.model_fields) <= set(hps)
@@ -118,6 +120,12 @@ def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_
         requirements = tar.extractfile("requirements.txt").read().decode().split()
     assert {"txt2img_train.py", "training/distributed.py", "training/dreambooth.py", "catalog/models.yaml"} <= names
     assert "txt2img/errors.py" in names and not any(name.startswith(("serving/", "tests/")) for name in names)
+    # What the job adds to its model as code/: write_inference_code's folder, as a local deploy packs it.
+    assert {
+        "inference_code/inference.py",
+        "inference_code/serving/invocations.py",
+        "inference_code/requirements.txt",
+    } <= names
     assert not any("__pycache__" in name for name in names)
     assert any(line.startswith("diffusers") for line in requirements)
     assert not any(line.startswith(("torch", "bentoml")) for line in requirements)
@@ -129,7 +137,7 @@ def test_the_job_runs_our_trainer_on_every_gpu_of_several_instances(bucket, two_
             "S3ModelArtifacts"
         ]
     )
-    assert "txt2img-trainer" in entry.tags
+    assert {"txt2img-trainer", "inference-code"} <= set(entry.tags)
     from catalog.store import load_catalog
 
     assert load_catalog().get("toys") == entry
@@ -167,14 +175,21 @@ def test_the_entry_point_starts_torchrun_over_all_gpus_and_hosts():
     assert (payload["base"], payload["name"], payload["register"]) == ("tiny-sd", "toys", False)
     assert (payload["data_dir"], payload["output_dir"]) == ("/opt/ml/input/data/training", "/opt/ml/model")
     assert Hyperparameters.model_validate(payload["hyperparameters"]) == hyperparameters
+    # Beside the entry point, where the toolkit extracted sourcedir.tar.gz.
+    import jumpstart.sagemaker_entry
+
+    source_dir = Path(jumpstart.sagemaker_entry.__file__).resolve().parent
+    assert payload["inference_code"] == str(source_dir / "inference_code")
     # One instance: a standalone rendezvous on this host.
     single = torchrun_command({**environment, "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1"})
     assert single[3:6] == ["--standalone", "--nnodes=1", "--nproc_per_node=4"]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_the_packed_source_alone_trains_and_writes_the_model_to_the_model_dir(tmp_path):
-    """The container's view: only sourcedir.tar.gz on the path, run as the toolkit runs it (CPU, gloo)."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_packed_source_alone_trains_a_model_the_inference_script_serves_as_it_is(tmp_path, method):
+    """The container's view: only sourcedir.tar.gz on the path, run as the toolkit runs it (CPU, gloo);
+    then the model directory, packed as SageMaker packs it, served by its own code/inference.py."""
     from jumpstart.trainer_source import build_source_archive, job_hyperparameters
 
     source = tmp_path / "code"
@@ -182,7 +197,7 @@ def test_the_packed_source_alone_trains_and_writes_the_model_to_the_model_dir(tm
     with tarfile.open(build_source_archive(tmp_path)) as tar:
         tar.extractall(source, filter="data")
     data = write_demo_dataset(tmp_path / "data", ("red", "blue"), images_per_subject=3)
-    hyperparameters = Hyperparameters.from_pairs(["method=lora", "max_steps=2", "validation_prompts=a red toy"])
+    hyperparameters = Hyperparameters.from_pairs([f"method={method}", "max_steps=2", "validation_prompts=a red toy"])
     model_dir = tmp_path / "opt-ml-model"
     model_dir.mkdir()
     environment = {
@@ -204,8 +219,40 @@ def test_the_packed_source_alone_trains_and_writes_the_model_to_the_model_dir(tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert (model_dir / "model").is_dir()
     written = yaml.safe_load((model_dir / "entry.yaml").read_text())
-    assert (written["id"], written["base"], written["method"]) == ("toys", "tiny-sd", "lora")
+    assert (written["id"], written["base"], written["method"]) == ("toys", "tiny-sd", method)
     assert not (tmp_path / "home" / "catalog").exists()  # nothing registered in the container
+    # The adapter stays as trained; the endpoint loads the complete pipeline fused from it.
+    pipelines = {path.parent.relative_to(model_dir).as_posix() for path in model_dir.rglob("model_index.json")}
+    assert pipelines == ({"fused"} if method == "lora" else {"model"})
+    assert (model_dir / "model" / "pytorch_lora_weights.safetensors").is_file() == (method == "lora")
+    from jumpstart.package import write_inference_code
+
+    write_inference_code(tmp_path / "expected-code")
+    assert _tree(model_dir / "code") == _tree(tmp_path / "expected-code")
+
+    # SageMaker packs the model directory into model.tar.gz; the inference container extracts it to
+    # /opt/ml/model and imports code/inference.py with code/ first on the path.
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(model_dir, arcname=".")
+    served = tmp_path / "opt-ml-model-served"
+    with tarfile.open(archive) as tar:
+        tar.extractall(served, filter="data")
+    from test_invocations_parity import import_packed_inference
+
+    inference = import_packed_inference(served / "code")
+    pipeline = inference.model_fn(str(served))
+    body = {"prompt": "a red toy", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 1}
+    answer = json.loads(inference.transform_fn(pipeline, json.dumps(body), "application/json", None))
+    [image] = answer["generated_images"]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(image))) as decoded:
+        assert (decoded.format, decoded.size) == ("JPEG", (32, 32))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def test_refusals_before_anything_is_uploaded(bucket, two_subjects, capsys):

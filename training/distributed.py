@@ -270,6 +270,11 @@ def _worker(payload: str) -> int:
             output_dir=Path(job["output_dir"]) if job.get("output_dir") else None,
             register=job.get("register", True),
         )
+        if rank == 0 and job.get("inference_code"):
+            # A SageMaker job (jumpstart/sagemaker_entry.py): make its model.tar.gz deployable as it is.
+            from training.servable import add_serving_code
+
+            add_serving_code(entry, Path(job["output_dir"]), Path(job["inference_code"]))
     except TrainingInterrupted as error:
         _record(f"{error}; continue with the same command plus --resume", Interrupted.exit_code)
         return Interrupted.exit_code
