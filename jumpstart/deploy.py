@@ -3,9 +3,12 @@
 Three kinds of model, one endpoint contract (JumpStart's text-to-image JSON):
 
 * JumpStart ids run on JumpStart's own container and artifacts;
-* fine-tunes trained on SageMaker (an ``s3://`` artifact) run on their base's JumpStart container;
+* fine-tunes trained on SageMaker by JumpStart's script (an ``s3://`` artifact) run on their base's
+  JumpStart container;
 * models on this machine (fine-tunes, tiny-sd) are exported, packed with ``code/inference.py``
-  into a ``model.tar.gz``, uploaded, and run on a Hugging Face PyTorch inference container.
+  into a ``model.tar.gz``, uploaded, and run on a Hugging Face PyTorch inference container;
+* fine-tunes trained on SageMaker by txt2img's own trainer run on that container too, from the
+  training job's model.tar.gz as it is: the job put ``code/inference.py`` in it (training.servable).
 
 Resources are created with plain boto3 calls so that, when one fails, exactly what was created
 for this deployment is removed again.
@@ -32,6 +35,7 @@ INFERENCE_CONTAINER = HuggingFaceContainer(transformers="4.49.0", pytorch="pytor
 # A T4 GPU runs SD 1.x/2.x at 512-768 px; the CPU-only demo model needs no GPU.
 DEFAULT_LOCAL_INSTANCE_TYPE = "ml.g4dn.xlarge"
 DEFAULT_CPU_INSTANCE_TYPE = "ml.m5.xlarge"
+# For every model on that container: packed here, or trained on SageMaker by txt2img's trainer.
 LOCAL_MODEL_ENVIRONMENT = {
     "SAGEMAKER_PROGRAM": "inference.py",
     "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
@@ -153,22 +157,40 @@ def plan_deployment(
             async_output=async_output,
         )
 
-    if safety_checker and (entry.source == "jumpstart" or (entry.artifact or "").startswith("s3://")):
+    def on_inference_container(model_data: str | None) -> DeploymentPlan:
+        """``entry`` on the Hugging Face inference container with txt2img's ``code/inference.py``: from the
+        archive ``model_data`` as it is, or (None) exported, packed and uploaded by ``deploy``."""
+        default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
+        chosen_type = instance_type or default_type
+        environment = dict(LOCAL_MODEL_ENVIRONMENT)
+        if safety_checker:  # read by code/inference.py (jumpstart/inference_script.py)
+            environment[SAFETY_CHECKER_ENV] = "on"
+        return DeploymentPlan(
+            model_id=entry.id,
+            endpoint_name=endpoint_name or default_endpoint_name(entry.id),
+            instance_type=chosen_type,
+            image_uri=INFERENCE_CONTAINER.image(region, chosen_type, "inference"),
+            model_data=model_data,
+            environment=environment,
+            async_output=async_output,
+            local_archive=model_data is None,
+            safety_checker=safety_checker,
+        )
+
+    s3_artifact = entry.source == "finetune" and (entry.artifact or "").startswith("s3://")
+    if s3_artifact:
+        from jumpstart.remote import TXT2IMG_TRAINER_TAG
+
+        if TXT2IMG_TRAINER_TAG in entry.tags:  # the job put code/inference.py into its model.tar.gz
+            return on_inference_container(_trainer_artifact(entry, safety_checker))
+    if safety_checker and (entry.source == "jumpstart" or s3_artifact):
         raise SageMakerError(
             f"--safety-checker works for models on this machine, packed with txt2img's inference script; "
             f"'{entry.id}' runs on JumpStart's container, whose script txt2img cannot change"
         )
     if entry.source == "jumpstart":
         return on_jumpstart_container(entry, None)
-    if entry.source == "finetune" and entry.artifact and entry.artifact.startswith("s3://"):
-        from jumpstart.remote import TXT2IMG_TRAINER_TAG
-
-        if TXT2IMG_TRAINER_TAG in entry.tags:
-            # Its model.tar.gz is txt2img's trainer output, which JumpStart's container cannot load.
-            raise SageMakerError(
-                f"model '{entry.id}' was trained by txt2img's trainer on SageMaker; deploying its S3 artifact "
-                f"is not supported yet: download {entry.artifact} and serve it locally"
-            )
+    if s3_artifact:
         base = catalog.get(entry.base)
         if base.source != "jumpstart":
             raise SageMakerError(
@@ -177,23 +199,27 @@ def plan_deployment(
             )
         return on_jumpstart_container(base, entry.artifact)
     # A model whose weights are on this machine: package, upload, Hugging Face container.
-    default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
-    chosen_type = instance_type or default_type
-    name = endpoint_name or default_endpoint_name(entry.id)
-    environment = dict(LOCAL_MODEL_ENVIRONMENT)
-    if safety_checker:  # read by code/inference.py (jumpstart/inference_script.py)
-        environment[SAFETY_CHECKER_ENV] = "on"
-    return DeploymentPlan(
-        model_id=entry.id,
-        endpoint_name=name,
-        instance_type=chosen_type,
-        image_uri=INFERENCE_CONTAINER.image(region, chosen_type, "inference"),
-        model_data=None,
-        environment=environment,
-        async_output=async_output,
-        local_archive=True,
-        safety_checker=safety_checker,
-    )
+    return on_inference_container(None)
+
+
+def _trainer_artifact(entry: CatalogEntry, safety_checker: bool) -> str:
+    """The model.tar.gz of a SageMaker job of txt2img's trainer, if it can be served as it is."""
+    from jumpstart.remote import INFERENCE_CODE_TAG
+
+    if INFERENCE_CODE_TAG not in entry.tags:
+        # Jobs packed before training.servable: the archive holds the model but no code/inference.py.
+        raise SageMakerError(
+            f"model '{entry.id}' was trained on SageMaker by an older txt2img, whose job left no inference code "
+            f"in {entry.artifact}: train it again to deploy it, or download and extract that archive, register "
+            "its model/ folder as a local fine-tune, and `txt2img deploy` that"
+        )
+    if safety_checker:
+        raise SageMakerError(
+            f"--safety-checker packs a checker into the model archive, and '{entry.id}' is deployed from its "
+            "training job's model.tar.gz as it is: deploy it without the flag, or download and extract the "
+            "archive, register its model as a local fine-tune and deploy that with --safety-checker"
+        )
+    return entry.artifact
 
 
 def _endpoint_status(sagemaker, name: str) -> str | None:

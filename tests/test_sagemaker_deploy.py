@@ -160,6 +160,75 @@ def test_deploy_sagemaker_trained_finetune_uses_base_jumpstart_image_and_its_art
     assert [(e.name, e.region, e.instance_type) for e in endpoints] == [("remote-dog", REGION, "ml.g4dn.xlarge")]
 
 
+TRAINER_ARTIFACT = "s3://my-results/jobs/toys/toys-260101-000000/output/model.tar.gz"
+
+
+def _trainer_finetune(*tags: str, method: str = "lora") -> None:
+    """A fine-tune as register_training_job records a job of txt2img's trainer."""
+    from catalog.schema import CatalogEntry
+    from catalog.store import write_entry
+
+    write_entry(
+        CatalogEntry(
+            id="toys",
+            source="finetune",
+            family="sd2-base",
+            resolution=512,
+            base=V21_BASE,
+            method=method,
+            artifact=TRAINER_ARTIFACT,
+            tags=["sagemaker", "dreambooth", "txt2img-trainer", *tags],
+        )
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_deploy_txt2img_trainer_result_serves_the_jobs_own_archive_on_the_hf_container(aws, sent_requests, method):
+    _trainer_finetune("inference-code", method=method)
+
+    result = deploy("toys", role=ROLE, endpoint_name="toys", poll_seconds=0)
+
+    assert (result.status, result.instance_type) == ("InService", "ml.g4dn.xlarge")
+    sagemaker = aws.client("sagemaker")
+    container = sagemaker.describe_model(ModelName="toys")["PrimaryContainer"]
+    # The job's model.tar.gz holds code/inference.py (training.servable): no repack, no upload.
+    assert container == {
+        "Image": HF_GPU_IMAGE,
+        "ModelDataUrl": TRAINER_ARTIFACT,
+        "Environment": LOCAL_MODEL_ENVIRONMENT,
+    }
+    [variant] = sagemaker.describe_endpoint_config(EndpointConfigName="toys")["ProductionVariants"]
+    assert (variant["ModelName"], variant["InstanceType"]) == ("toys", "ml.g4dn.xlarge")
+    assert sagemaker.describe_endpoint(EndpointName="toys")["EndpointConfigName"] == "toys"
+    operations = [operation for operation, _ in sent_requests]
+    assert not {"PutObject", "CreateMultipartUpload", "CreateBucket"} & set(operations)
+    assert aws.client("s3").list_buckets()["Buckets"] == []
+    from catalog.store import load_catalog
+
+    assert [e.name for e in load_catalog().get("toys").endpoints] == ["toys"]
+
+
+def test_deploy_txt2img_trainer_result_without_inference_code_says_what_to_do(aws, capsys):
+    _trainer_finetune()  # registered from a job packed before its source carried the inference code
+    from txt2img.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["deploy", "toys", "--endpoint-name", "toys", "--role", ROLE, "--region", REGION])
+
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "left no inference code in " + TRAINER_ARTIFACT in line
+    assert "train it again" in line and "`txt2img deploy` that" in line
+    assert _resources(aws) == ([], [], [])
+
+
+def test_safety_checker_is_refused_for_a_txt2img_trainer_archive_served_as_it_is(aws):
+    _trainer_finetune("inference-code")
+    with pytest.raises(SageMakerError, match="deployed from its training job's model.tar.gz as it is"):
+        deploy("toys", role=ROLE, endpoint_name="toys", safety_checker=True)
+    assert _resources(aws) == ([], [], [])
+
+
 def _local_finetune(tmp_path: Path) -> None:
     from catalog.pipelines import export_model
     from catalog.store import load_catalog

@@ -29,6 +29,10 @@ HF_TRAINING_IMAGE = (
     "huggingface-pytorch-training:2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
 )
 JUMPSTART_BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
+HF_INFERENCE_CPU_IMAGE = (
+    f"763104351884.dkr.ecr.{REGION}.amazonaws.com/"
+    "huggingface-pytorch-inference:2.6.0-transformers4.49.0-cpu-py312-ubuntu22.04"
+)
 
 
 @pytest.fixture
@@ -284,7 +288,9 @@ def test_refusals_before_anything_is_uploaded(bucket, two_subjects, capsys):
     assert "--trainer is for --remote runs" in capsys.readouterr().err
 
 
-def test_cli_runs_our_trainer_and_its_result_is_not_sent_to_jumpstarts_container(bucket, two_subjects, capsys):
+def test_cli_runs_our_trainer_and_deploys_its_result_on_the_hugging_face_container(
+    bucket, two_subjects, capsys, sent_requests
+):
     from txt2img.cli import main
 
     main(
@@ -297,7 +303,18 @@ def test_cli_runs_our_trainer_and_its_result_is_not_sent_to_jumpstarts_container
     job = bucket.client("sagemaker").describe_training_job(TrainingJobName=summary["TrainingJobName"])
     assert job["HyperParameters"]["sagemaker_program"] == "txt2img_train.py"
 
-    from jumpstart.deploy import deploy
+    artifact = job["ModelArtifacts"]["S3ModelArtifacts"]
+    sent_requests.clear()
 
-    with pytest.raises(SageMakerError, match="trained by txt2img's trainer on SageMaker"):
-        deploy("toys", role=ROLE, endpoint_name="toys", poll_seconds=0)
+    main(["deploy", "toys", "--endpoint-name", "toys", "--role", ROLE, "--region", REGION])
+
+    # The job's own model.tar.gz (with its code/) on the Hugging Face inference container, not JumpStart's.
+    container = bucket.client("sagemaker").describe_model(ModelName="toys")["PrimaryContainer"]
+    assert container["Image"] == HF_INFERENCE_CPU_IMAGE  # tiny-sd's family: a CPU instance
+    assert container["ModelDataUrl"] == artifact
+    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+    assert [operation for operation, _ in sent_requests if operation.startswith("Create")] == [
+        "CreateModel",
+        "CreateEndpointConfig",
+        "CreateEndpoint",
+    ]
