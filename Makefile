@@ -31,7 +31,7 @@ test: install
 
 # Break the code on purpose, one curated way at a time, and check the tests notice (issue #14).
 mutate: install
-	$(BIN)/python tests/mutation_check.py
+	$(BIN)/python tests/mutation_check.py $(MUTATE_FLAGS)
 
 # ruff: the style check CI runs (lint), and the fixer (format).
 lint: install

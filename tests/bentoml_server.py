@@ -45,9 +45,11 @@ def server_process(
     ready_timeout_s: float = 240,
     bento: str | None = None,
     cwd: Path = REPO_ROOT,
+    ready_path: str = "/readyz",
     **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``bentoml serve`` from the repository root on a free port; yields (URL, process) once ``/readyz`` is 200.
+    """``bentoml serve`` from the repository root on a free port; yields (URL, process) once ``ready_path``
+    (``/readyz``: the default model is warm; ``/livez``: the server answers) is 200.
 
     With ``bento`` (a built Bento's tag) it serves that Bento instead, from folder ``cwd``.
 
@@ -85,14 +87,16 @@ def server_process(
             start_new_session=True,
         )
         try:
-            wait_until_ready(process, url, log_path, ready_timeout_s)
+            wait_until_ready(process, url, log_path, ready_timeout_s, ready_path)
             yield url, process
         finally:
             _stop(process)
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 240) -> None:
-    """Wait for ``/readyz`` to answer 200; fail with the log's tail if the server exits or takes too long."""
+def wait_until_ready(
+    process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 240, path: str = "/readyz"
+) -> None:
+    """Wait for ``path`` to answer 200; fail with the log's tail if the server exits or takes too long."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
@@ -100,7 +104,7 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeou
         if time.monotonic() > deadline:
             raise RuntimeError(f"bentoml serve not ready in {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         time.sleep(0.5)
 

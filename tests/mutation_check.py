@@ -61,7 +61,6 @@ class Mutation:
     original: str
     replacement: str
     tests: tuple[Select, ...]
-    note: str = ""  # why it may survive for now, printed beside a survivor
 
 
 def pytest_arguments(selections: list[Select]) -> list[str]:
@@ -71,8 +70,6 @@ def pytest_arguments(selections: list[Select]) -> list[str]:
     expression = " or ".join(f"({select.expression()})" for select in dict.fromkeys(selections))
     return [*files, "-k", expression]
 
-
-CONDITIONING = "its test is being written on branch `conditioning`; it may survive until that branch is merged"
 
 MUTATIONS = [
     # --- training ---------------------------------------------------------------------------------
@@ -111,8 +108,7 @@ MUTATIONS = [
         "                        embeddings = encode_prompts(\n"
         '                            pipeline.tokenizer, pipeline.text_encoder, [""] * len(batch.prompts)\n'
         "                        )\n",
-        (Select("tests/test_train.py", "caption or concept"),),
-        note=CONDITIONING,
+        (Select("tests/test_train.py", "caption"),),
     ),
     Mutation(
         "tune --parallel runs trials one at a time",
@@ -137,7 +133,6 @@ MUTATIONS = [
         "    cov_a = np.diag(np.diag(np.atleast_2d(np.cov(features_a, rowvar=False))))\n"
         "    cov_b = np.diag(np.diag(np.atleast_2d(np.cov(features_b, rowvar=False))))\n",
         (Select("tests/test_evaluation.py", "frechet or fid"),),
-        note=CONDITIONING,
     ),
     # --- catalog ----------------------------------------------------------------------------------
     Mutation(
@@ -300,6 +295,49 @@ MUTATIONS = [
         "models=()",
         (Select("tests/test_sagemaker_deploy.py", "failed_endpoint_creation"),),
     ),
+    # --- contracts of scale-out, auth and limits ------------------------------------------------
+    Mutation(
+        "a wrong bearer token is let through",
+        "serving/guard.py",
+        "if sent is None or not hmac.compare_digest(sent, self.token):",
+        "if sent is None:",
+        (Select("tests/test_serving_guard.py", "wrong_token"),),
+    ),
+    Mutation(
+        "a chunked body is never counted against the limit",
+        "serving/guard.py",
+        'received += len(message.get("body", b""))',
+        "received += 0",
+        (Select("tests/test_serving_guard.py", "chunked"),),
+    ),
+    Mutation(
+        "every serving worker takes the first GPU",
+        "serving/device.py",
+        "gpu = 0 if worker_index is None else (worker_index - 1) % torch.cuda.device_count()",
+        "gpu = 0",
+        (Select("tests/test_serving_workers.py", "own_gpu"),),
+    ),
+    Mutation(
+        "the batch-size histogram observes nothing",
+        "serving/generation_queue.py",
+        "            self.metrics.batch_images.observe(len(items))\n",
+        "            pass\n",
+        (Select("tests/test_serving.py", "metrics_count"),),
+    ),
+    Mutation(
+        "every training process saves and registers the model",
+        "training/dreambooth.py",
+        "        if not world.is_main:\n            return entry\n        atomic_write_text(output_dir / FINISHED_",
+        "        atomic_write_text(output_dir / FINISHED_",
+        (Select("tests/test_distributed_training.py", "register_one_entry"),),
+    ),
+    Mutation(
+        "a SageMaker run of our trainer leaves no inference code",
+        "training/servable.py",
+        "    shutil.copytree(inference_code, output_dir / SERVING_CODE_DIR)\n",
+        "",
+        (Select("tests/test_sagemaker_trainer_job.py", "packed_source_alone"),),
+    ),
 ]
 
 
@@ -450,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
             result = verdict(run)
             results[result] += 1
             detail = run.summary or (f"timed out after {options.timeout:.0f} s" if run.returncode is None else "")
-            if result == "survived" and mutation.note:
-                detail += f" [{mutation.note}]"
             if result == "error":
                 detail += f" [pytest exit status {run.returncode}: the selection is broken]"
             print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)

@@ -72,9 +72,9 @@ def test_two_processes_learn_and_register_one_entry(tmp_path, txt2img_home):
         "model",
         "validation",
     ]
-    # The same bar as the one-process run (tests/test_train.py): the loss at least halves.
+    # The same bar as the one-process run (tests/test_train.py): the loss falls by over 30%.
     trained_loss = _red_loss(load_pipeline(entry, load_catalog()), data)
-    assert trained_loss < 0.5 * base_loss, (base_loss, trained_loss)
+    assert trained_loss < 0.7 * base_loss, (base_loss, trained_loss)
 
 
 def test_a_killed_process_stops_the_run_and_resume_completes_it(tmp_path, txt2img_home):

@@ -218,3 +218,19 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(ser
     # The killed worker's live gauge is forgotten; what it served still counts.
     assert metric(client, "txt2img_running_images") == 0
     assert metric(client, "txt2img_batch_images_count") == served + 1
+
+
+def test_a_default_model_that_cannot_warm_keeps_ping_and_readyz_at_503_naming_why(tmp_path):
+    model = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"  # a Hub model not in the (empty) cache
+    hub_offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    with server_process(tmp_path, env=hub_offline, ready_path="/livez", model=model) as (url, _):
+        deadline = time.monotonic() + 120
+        while "warm-up" not in (ping := httpx.get(f"{url}/ping", timeout=10)).text:
+            assert ping.status_code == 503 and ping.json() == {"error": "warming up"}
+            assert time.monotonic() < deadline, "the warm-up never failed"
+            time.sleep(0.1)
+        assert ping.status_code == 503
+        assert ping.json()["error"].startswith(f"warm-up of '{model}' failed: cannot load model")
+        assert "stabilityai/stable-diffusion-2-1-base" in ping.json()["error"]
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+        assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
