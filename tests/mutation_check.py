@@ -338,6 +338,13 @@ MUTATIONS = [
         "",
         (Select("tests/test_sagemaker_trainer_job.py", "packed_source_alone"),),
     ),
+    Mutation(
+        "the service ignores guidance_scale",
+        "serving/generation_queue.py",
+        "                guidance_scale=head.request.guidance_scale,",
+        "                guidance_scale=7.5,",
+        (Select("tests/test_serving.py", "generation_field_changes"),),
+    ),
 ]
 
 

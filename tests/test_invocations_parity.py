@@ -294,6 +294,7 @@ def seeded(local, packed):
         "base": payload(seed=1),
         "other-seed": payload(seed=2),
         "negative": payload(seed=1, negative_prompt="blurry"),
+        "low-guidance": payload(seed=1, guidance_scale=2.0),
         "two-copies": payload(prompt=["a cat", "a cat"], seed=1),
         "dog-alone": payload(prompt="a dog", seed=2),
         "cat-then-dog": payload(prompt=["a cat", "a dog"], seed=1),
@@ -302,10 +303,10 @@ def seeded(local, packed):
 
 
 @pytest.mark.parametrize("side", [0, 1], ids=["local", "packed"])
-def test_seed_and_negative_prompt_change_the_image(seeded, side):
+def test_seed_negative_prompt_and_guidance_change_the_image(seeded, side):
     base = seeded["base"][side][0]
-    assert_different_images(base, seeded["other-seed"][side][0])
-    assert_different_images(base, seeded["negative"][side][0])
+    for changed in ("other-seed", "negative", "low-guidance"):
+        assert_different_images(base, seeded[changed][side][0])
 
 
 @pytest.mark.parametrize("side", [0, 1], ids=["local", "packed"])

@@ -96,11 +96,15 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(client):
     assert decode(first.content).tobytes() != decode(other.content).tobytes()
 
 
-def test_scheduler_by_name_changes_the_image(client):
+@pytest.mark.parametrize(
+    "field", [{"scheduler": "euler-a"}, {"negative_prompt": "blue"}, {"guidance_scale": 2.0}], ids=str
+)
+def test_each_generation_field_changes_the_image(client, field):
     default = txt2img(client, seed=5)
-    euler = txt2img(client, seed=5, scheduler="euler-a")
-    assert euler.status_code == 200
-    assert euler.content != default.content
+    changed = txt2img(client, seed=5, **field)
+    assert changed.status_code == 200
+    difference = np.asarray(decode(changed.content), dtype=float) - np.asarray(decode(default.content), dtype=float)
+    assert np.abs(difference).mean() > 1
 
 
 # BentoML's own clients: keyword arguments in, the declared type out
