@@ -1,8 +1,11 @@
-"""The pipeline manager in-process: LRU by count and by bytes, LoRAs sharing their base, catalog ids only."""
+"""The pipeline manager in-process (LRU by count and by bytes, LoRAs sharing their base, catalog ids
+only), and its LRU order once more through a real ``bentoml serve``."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from bentoml_server import running_server
 from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetunes
 
 
@@ -132,3 +135,17 @@ def test_eviction_releases_gpu_memory():
     manager.pipeline_for(manager.catalog.get(FULL_ID))  # evicts tiny-sd
     assert with_one_model > before
     assert torch.cuda.memory_allocated() - before <= (with_one_model - before) * 1.05
+
+
+def test_a_server_with_two_slots_evicts_the_least_recently_used_of_three_models(finetuned_home):
+    with running_server(finetuned_home, max_loaded_models="2", torch_threads="1") as url:
+
+        def generate(model: str) -> list[str]:
+            body = {"prompt": "a red cube", "model": model, "num_inference_steps": 1, "width": 64, "height": 64}
+            assert httpx.post(f"{url}/txt2img", json=body, timeout=120).status_code == 200
+            return httpx.get(f"{url}/models", timeout=30).json()["loaded"]
+
+        assert set(generate(FULL_ID)) == {"tiny-sd", FULL_ID}  # tiny-sd was warmed first
+        generate("tiny-sd")  # now FULL_ID is the least recently used, though tiny-sd came first
+        assert set(generate(OTHER_FULL_ID)) == {"tiny-sd", OTHER_FULL_ID}
+        assert set(generate(FULL_ID)) == {OTHER_FULL_ID, FULL_ID}
