@@ -203,7 +203,9 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(ser
     served = metric(client, "txt2img_batch_images_count")
     [worker] = service_workers(process)
     with ThreadPoolExecutor(1) as pool:
-        long_request = pool.submit(httpx.post, f"{url}/txt2img", json={**FAST, "num_inference_steps": 900}, timeout=300)
+        # Minutes of work on any CPU (900 steps at 256 px): it is still running when the worker dies.
+        long_body = {**FAST, "num_inference_steps": 900, "width": 256, "height": 256}
+        long_request = pool.submit(httpx.post, f"{url}/txt2img", json=long_body, timeout=300)
         deadline = time.monotonic() + 60
         while metric(client, "txt2img_running_images") != 1:
             assert time.monotonic() < deadline, "the long request never started"
