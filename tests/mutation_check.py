@@ -225,7 +225,7 @@ MUTATIONS = [
         "serving/invocation_requests.py",
         '            "negative_prompt": first.negative_prompt,\n',
         '            "negative_prompt": None,\n',
-        (Select("tests/test_invocations_parity.py", "negative_prompt_change and local"),),
+        (Select("tests/test_invocations_parity.py", "guidance_change_the_image and local"),),
     ),
     Mutation(
         "/invocations gives every prompt the same seed",
@@ -248,14 +248,14 @@ MUTATIONS = [
         "jumpstart/inference_script.py",
         "                negative_prompt=negatives if any(negatives) else None,\n",
         "                negative_prompt=None,\n",
-        (Select("tests/test_invocations_parity.py", "negative_prompt_change and packed"),),
+        (Select("tests/test_invocations_parity.py", "guidance_change_the_image and packed"),),
     ),
     Mutation(
         "the wire format drops negative prompts (both servers)",
         "serving/invocations.py",
         "WantedImage(prompt, negative, first + k)",
         "WantedImage(prompt, None, first + k)",
-        (Select("tests/test_invocations_parity.py", "negative_prompt_change and packed"),),
+        (Select("tests/test_invocations_parity.py", "guidance_change_the_image and packed"),),
     ),
     # --- serving: the HTTP service ----------------------------------------------------------------
     Mutation(
