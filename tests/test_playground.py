@@ -21,6 +21,7 @@ import pytest
 from bentoml_server import running_server
 from openapi_spec_validator import validate
 from PIL import Image
+from playwright.sync_api import expect
 from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetunes
 
 from catalog.index import load_index
@@ -199,15 +200,17 @@ def test_runs_show_the_fine_tunes_contact_sheet(page):
     contact_sheet.wait_for()
     page.wait_for_function("document.querySelector('img[alt=\"Contact sheet\"]').complete")
     assert image_size(page, 'img[alt="Contact sheet"]') == CONTACT_SHEET_SIZE
-    assert page.get_by_role("img", name="Validation: 00-a-photo-of-sks-dog.png").is_visible()
-    assert page.get_by_role("img", name="Evaluation grid").is_visible()
-    assert "0.81" in page.locator(f'.run[data-model="{FULL_ID}"] table').inner_text()
+    # wait_for and expect retry until the page shows it (or the timeout fails the test): the run's
+    # parts are fetched one by one, and a busy machine may draw them late.
+    page.get_by_role("img", name="Validation: 00-a-photo-of-sks-dog.png").wait_for()
+    page.get_by_role("img", name="Evaluation grid").wait_for()
+    expect(page.locator(f'.run[data-model="{FULL_ID}"] table')).to_contain_text("0.81", timeout=TIMEOUT_MS)
 
     page.get_by_role("button", name=f"Open {OTHER_FULL_ID}", exact=True).click()
     tuned = page.locator(f'.run[data-model="{OTHER_FULL_ID}"]')
     tuned.get_by_role("img", name="Objective by trial").wait_for()
-    assert tuned.get_by_role("img", name="Trial 1").is_visible()
-    assert "learning_rate 0.000005" in tuned.locator("table").inner_text()
+    tuned.get_by_role("img", name="Trial 1").wait_for()
+    expect(tuned.locator("table")).to_contain_text("learning_rate 0.000005", timeout=TIMEOUT_MS)
     screenshot(page, "runs")
 
 
@@ -270,7 +273,7 @@ def test_phone_width_and_keyboard(browser, server):
     assert page.evaluate("document.activeElement.textContent") == "Catalog"
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")  # the Generate tab, by keyboard
-    assert page.locator("#view-generate").is_visible()
+    page.locator("#view-generate").wait_for()
     context.close()
 
 
