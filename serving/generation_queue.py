@@ -280,13 +280,14 @@ class GenerationQueue:
             )
             if self.metrics is not None:
                 self.metrics.interrupted.inc()
+        # Counted before any answer goes out, so a client that has its images finds them in /metrics.
+        if self.metrics is not None:
+            self.metrics.batch_images.observe(len(items))
+            for job in batch:
+                self.metrics.generation_seconds.labels(job.entry.id).observe(time.monotonic() - job.arrived)
         offset = 0
         for job in batch:
             count = len(job.seeds)
             job_flags = flags[offset : offset + count] if flags is not None else None
             job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags))
             offset += count
-            if self.metrics is not None:
-                self.metrics.generation_seconds.labels(job.entry.id).observe(time.monotonic() - job.arrived)
-        if self.metrics is not None:
-            self.metrics.batch_images.observe(len(items))
