@@ -7,11 +7,9 @@ storage: with ``--parallel 2`` two of them must overlap, and never more than two
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
+from test_tuning import write_dataset
 
 from txt2img.cli import app
 
@@ -32,19 +30,6 @@ TINY_TRIAL = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_local_metric_weights")
-
-
-def write_dataset(directory: Path) -> Path:
-    from PIL import Image, ImageDraw
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(3):
-        image = Image.new("RGB", (64, 64), (120, 130, 140))
-        ImageDraw.Draw(image).ellipse((8 + 4 * index, 16, 40 + 4 * index, 48), fill=(220, 40, 40))
-        image.save(directory / f"{index}.png")
-    info = {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of toy"}
-    (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-    return directory
 
 
 def most_at_once(intervals: list[tuple]) -> int:
