@@ -10,7 +10,9 @@ The jobs are created with plain boto3 calls under names chosen here, and run Jum
 script the way JumpStart's own estimator does (``sagemaker_program`` and
 ``sagemaker_submit_directory`` hyperparameters read by the container's training toolkit). With
 ``trainer="txt2img"`` a training job runs this package's own trainer instead (LoRA, several
-subjects, several GPUs and instances), from source packed by ``jumpstart.trainer_source``.
+subjects, several GPUs and instances), from source packed by ``jumpstart.trainer_source``; in a
+tuning job it also evaluates each model as a local trial does, so any of the local objectives can
+be searched, over any numeric hyperparameter.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from txt2img.errors import InputError
 
 # What JumpStart's training script prints when compute_fid is on, and how SageMaker reads it.
 METRIC_DEFINITIONS = {"fid_score": {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}}
+# How SageMaker reads the ``name=value`` lines of ``training.evaluation.metric_lines`` that txt2img's
+# trainer prints in a tuning job; JumpStart's regex above would read 12 of fid_score=12.345678.
+TXT2IMG_METRIC_REGEX = r"{name}=([-+]?[0-9]*\.?[0-9]+)"
 # name -> (low, high, logarithmic); the ranges JumpStart's own tuning example searches.
 DEFAULT_TUNING_RANGES: dict[str, tuple[float, float, bool]] = {
     "learning_rate": (1e-7, 3e-6, False),
@@ -251,8 +256,11 @@ def _script_hyperparameters(setup: RemoteJobSetup, hyperparameters: Hyperparamet
     }
 
 
-def _job_definition(setup: RemoteJobSetup) -> dict:
-    """What a training job and each training job of a tuning job share (all but hyperparameters)."""
+def _job_definition(
+    setup: RemoteJobSetup, metric_definitions: list[dict], more_channels: dict[str, str] | None = None
+) -> dict:
+    """What a training job and each training job of a tuning job share (all but hyperparameters):
+    ``metric_definitions`` say how SageMaker reads the metrics the job prints."""
 
     def channel(name: str, uri: str) -> dict:
         s3 = {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
@@ -261,12 +269,12 @@ def _job_definition(setup: RemoteJobSetup) -> dict:
     channels = [channel("training", setup.data_uri)]
     if setup.spec is not None:  # JumpStart's script reads the base model from a channel; ours downloads it
         channels.append(channel("model", setup.spec.base_model_uri))
+    channels += [channel(name, uri) for name, uri in (more_channels or {}).items()]
+    algorithm = {"TrainingImage": setup.image_uri, "TrainingInputMode": "File"}
+    if metric_definitions:
+        algorithm["MetricDefinitions"] = metric_definitions
     return {
-        "AlgorithmSpecification": {
-            "TrainingImage": setup.image_uri,
-            "TrainingInputMode": "File",
-            "MetricDefinitions": list(METRIC_DEFINITIONS.values()),
-        },
+        "AlgorithmSpecification": algorithm,
         "RoleArn": setup.context.role,
         "InputDataConfig": channels,
         "OutputDataConfig": {"S3OutputPath": setup.output_path},
@@ -367,7 +375,8 @@ def launch_remote_training(
         sagemaker.create_training_job(
             TrainingJobName=training_job,
             HyperParameters=_script_hyperparameters(setup, hyperparameters),
-            **_job_definition(setup),
+            # txt2img's trainer evaluates (and prints metrics) only in a tuning job.
+            **_job_definition(setup, list(METRIC_DEFINITIONS.values()) if trainer == "jumpstart" else []),
         )
     if not wait:
         return training_job
@@ -389,23 +398,35 @@ def launch_remote_training(
     )
 
 
-def parameter_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, list[dict]]:
-    """SageMaker's ParameterRanges: integer ranges for integer hyperparameters, else continuous ones."""
+def _numeric_kind(name: str) -> type | None:
+    """``int`` or ``float`` for a numeric hyperparameter (optional or not), else None."""
     import typing
 
+    field = Hyperparameters.model_fields.get(name)
+    if field is None:
+        return None
+    kinds = {field.annotation, *typing.get_args(field.annotation)}
+    return int if int in kinds else float if float in kinds else None
+
+
+def parameter_ranges(ranges: dict[str, tuple[float, float, bool]], trainer: str = "jumpstart") -> dict[str, list[dict]]:
+    """SageMaker's ParameterRanges: integer ranges for integer hyperparameters, else continuous ones.
+    JumpStart's script reads only its own names; txt2img's trainer takes any numeric hyperparameter."""
     found: dict[str, list[dict]] = {"IntegerParameterRanges": [], "ContinuousParameterRanges": []}
     for name, (low, high, logarithmic) in ranges.items():
-        if name not in JUMPSTART_NAMES:
+        if trainer == "jumpstart" and name not in JUMPSTART_NAMES:
             raise SageMakerError(
                 f"cannot tune '{name}' remotely: JumpStart's script knows {', '.join(JUMPSTART_NAMES)}"
+                " (txt2img's trainer, --trainer txt2img, tunes any numeric hyperparameter)"
             )
+        if _numeric_kind(name) is None:
+            raise SageMakerError(f"cannot tune '{name}': it is not a numeric hyperparameter")
         if not low < high or (logarithmic and low <= 0):
             raise SageMakerError(
                 f"bad range for {name}: need low < high (and low > 0 for a log scale), got {low}..{high}"
             )
-        annotation = Hyperparameters.model_fields[name].annotation
         scaling = "Logarithmic" if logarithmic else "Linear"
-        if annotation is int or int in typing.get_args(annotation):
+        if _numeric_kind(name) is int:
             kind, bounds = "IntegerParameterRanges", (int(low), int(high))
         else:
             kind, bounds = "ContinuousParameterRanges", (float(low), float(high))
@@ -413,6 +434,33 @@ def parameter_ranges(ranges: dict[str, tuple[float, float, bool]]) -> dict[str, 
             {"Name": name, "MinValue": str(bounds[0]), "MaxValue": str(bounds[1]), "ScalingType": scaling}
         )
     return {kind: listed for kind, listed in found.items() if listed}
+
+
+def _metric_weight_files(evaluation) -> list[tuple[Path, str]]:
+    """(local file, path in the metrics channel) for every network ``evaluation``'s metrics need,
+    found on this machine (never downloaded); raises SageMakerError naming a missing one."""
+    from jumpstart.sagemaker_entry import METRIC_WEIGHT_NAMES
+    from training.metrics import METRIC_EXTRACTOR, MissingWeights, local_weights
+
+    files = []
+    for extractor in sorted({METRIC_EXTRACTOR[name] for name in evaluation.metrics if name in METRIC_EXTRACTOR}):
+        try:
+            found = local_weights(extractor, getattr(evaluation.weights, extractor))
+        except MissingWeights as error:
+            needing = ", ".join(name for name in evaluation.metrics if METRIC_EXTRACTOR.get(name) == extractor)
+            raise SageMakerError(
+                f"{needing} cannot be computed on SageMaker, which gets its network from here: {error}"
+            ) from None
+        channel_name = METRIC_WEIGHT_NAMES[extractor]
+        if found.is_file():
+            files.append((found, channel_name))
+        else:  # a model folder; a Hugging Face cache snapshot links its files, which are read through the links
+            files += [
+                (path, f"{channel_name}/{path.relative_to(found).as_posix()}")
+                for path in sorted(found.rglob("*"))
+                if path.is_file()
+            ]
+    return files
 
 
 def launch_remote_tuning(
@@ -425,6 +473,8 @@ def launch_remote_tuning(
     max_jobs: int = 7,
     max_parallel_jobs: int = 7,
     objective: str = "fid_score",
+    trainer: str = "jumpstart",
+    evaluation=None,
     instance_type: str | None = None,
     s3_prefix: str | None = None,
     role: str | None = None,
@@ -432,19 +482,47 @@ def launch_remote_tuning(
     wait: bool = True,
     poll_seconds: float = POLL_SECONDS,
 ) -> CatalogEntry | str:
-    """Automatic Model Tuning (Bayesian, minimising ``objective``) over ``ranges``; with ``wait``,
-    the best training job becomes catalog entry ``name``, otherwise the tuning job's name is returned."""
-    from jumpstart.polling import TUNING_JOB, wait_for
+    """Automatic Model Tuning (Bayesian) of ``objective`` over ``ranges``; with ``wait``, the best
+    training job becomes catalog entry ``name``, otherwise the tuning job's name is returned.
 
-    if objective not in METRIC_DEFINITIONS:
-        raise SageMakerError(
-            f"JumpStart's training script reports only {', '.join(METRIC_DEFINITIONS)}, not '{objective}'"
-        )
+    JumpStart's script minimises its own fid_score. txt2img's trainer (``trainer="txt2img"``)
+    evaluates each model with ``evaluation`` (``training.evaluation.EvaluationSettings``; default:
+    the objective alone) as a local trial does, the objective first, so any local objective works in
+    its direction; the networks its metrics need are uploaded from this machine.
+    """
+    from jumpstart.polling import TUNING_JOB, wait_for
+    from jumpstart.s3 import join_s3, upload_files
+    from training.metrics import METRIC_DIRECTIONS
+
+    if trainer == "txt2img":
+        from jumpstart.sagemaker_entry import EVALUATION_KEY, METRICS_CHANNEL
+        from training.evaluation import EvaluationSettings
+
+        if objective not in METRIC_DIRECTIONS:
+            raise SageMakerError(f"unknown objective '{objective}'; choose one of {', '.join(METRIC_DIRECTIONS)}")
+        evaluation = evaluation or EvaluationSettings(metrics=[objective])
+        others = [metric for metric in evaluation.metrics if metric != objective]
+        evaluation = evaluation.model_copy(update={"metrics": [objective, *others]})
+        weight_files = _metric_weight_files(evaluation)  # before anything is uploaded
+        metric_definitions = [
+            {"Name": metric, "Regex": TXT2IMG_METRIC_REGEX.format(name=metric)} for metric in evaluation.metrics
+        ]
+    else:
+        if evaluation is not None:
+            raise SageMakerError(
+                "JumpStart's training script evaluates on its own; evaluation settings need --trainer txt2img"
+            )
+        if objective not in METRIC_DEFINITIONS:
+            raise SageMakerError(
+                f"JumpStart's training script reports only {', '.join(METRIC_DEFINITIONS)}, not '{objective}'"
+                " (txt2img's trainer, --trainer txt2img, reports every metric of txt2img evaluate)"
+            )
+        metric_definitions = list(METRIC_DEFINITIONS.values())
+        # The objective is only printed by the training script when it computes FID.
+        hyperparameters = hyperparameters.model_copy(update={"compute_fid": True})
     if not 1 <= max_parallel_jobs <= max_jobs:
         raise SageMakerError(f"need 1 <= max_parallel_jobs <= max_jobs, got {max_parallel_jobs} and {max_jobs}")
-    searched = parameter_ranges(ranges or DEFAULT_TUNING_RANGES)
-    # The objective is only printed by the training script when it computes FID.
-    hyperparameters = hyperparameters.model_copy(update={"compute_fid": True})
+    searched = parameter_ranges(ranges or DEFAULT_TUNING_RANGES, trainer)
     setup = prepare_remote_job(
         data,
         base,
@@ -455,11 +533,26 @@ def launch_remote_tuning(
         role=role,
         region=region,
         job_name_limit=TUNING_JOB_NAME_LIMIT,
+        trainer=trainer,
     )
     tuned_names = {each["Name"] for listed in searched.values() for each in listed}
     static = {
         key: value for key, value in _script_hyperparameters(setup, hyperparameters).items() if key not in tuned_names
     }
+    channels = {}
+    if trainer == "txt2img":
+        import json
+
+        # The container's own environment says where the networks are (jumpstart.sagemaker_entry).
+        static[EVALUATION_KEY] = json.dumps(evaluation.model_dump(mode="json", exclude={"weights"}))
+        if weight_files:
+            weights_uri = join_s3(setup.output_path, setup.job_name, "metric-weights")
+            upload_files(
+                setup.context,
+                [(path, join_s3(weights_uri, key)) for path, key in weight_files],
+                "uploading the metric networks",
+            )
+            channels[METRICS_CHANNEL] = weights_uri + "/"
     sagemaker = setup.context.client("sagemaker")
     tuning_job = setup.job_name
     with aws_errors("starting the tuning job", setup.instance_type):
@@ -467,12 +560,18 @@ def launch_remote_tuning(
             HyperParameterTuningJobName=tuning_job,
             HyperParameterTuningJobConfig={
                 "Strategy": "Bayesian",
-                "HyperParameterTuningJobObjective": {"Type": "Minimize", "MetricName": objective},
+                "HyperParameterTuningJobObjective": {
+                    "Type": METRIC_DIRECTIONS[objective].capitalize(),
+                    "MetricName": objective,
+                },
                 "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel_jobs},
                 "ParameterRanges": searched,
                 "TrainingJobEarlyStoppingType": "Off",
             },
-            TrainingJobDefinition={**_job_definition(setup), "StaticHyperParameters": static},
+            TrainingJobDefinition={
+                **_job_definition(setup, metric_definitions, channels),
+                "StaticHyperParameters": static,
+            },
         )
     if not wait:
         return tuning_job
@@ -498,4 +597,5 @@ def launch_remote_tuning(
         Hyperparameters.model_validate({**hyperparameters.model_dump(), **tuned}),
         dataset_fingerprint=setup.dataset_fingerprint,
         metrics={objective: final.get("Value")},
+        trainer=trainer,
     )

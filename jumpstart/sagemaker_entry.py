@@ -7,8 +7,10 @@ all instances in one static rendezvous led by the first host, and each process r
 ``training.distributed``'s worker: the same data-parallel trainer as ``txt2img train --processes``.
 Rank 0 writes the model and its ``entry.yaml`` to /opt/ml/model, which SageMaker uploads as the
 job's model.tar.gz, and then the inference code packed in the source (``training.servable``), so
-that ``txt2img deploy`` serves that archive as it is. Standard library only: it runs before
-anything else is imported.
+that ``txt2img deploy`` serves that archive as it is. In a training job of ``txt2img tune --remote
+--trainer txt2img`` rank 0 then evaluates the model as a local trial would and prints its metrics as
+``name=value`` lines, which the tuning job's metric definitions read; the networks the metrics need
+come from the ``metrics`` channel. Standard library only: it runs before anything else is imported.
 """
 
 from __future__ import annotations
@@ -25,8 +27,25 @@ NAME_KEY = "txt2img_name"
 # jumpstart.package.write_inference_code writes); a job without it makes an archive that cannot be deployed.
 INFERENCE_CODE_KEY = "txt2img_inference_code"
 INFERENCE_CODE_DIR = "inference_code"
-OWN_KEYS = (BASE_KEY, NAME_KEY, INFERENCE_CODE_KEY)
+# The evaluation settings (``training.evaluation.EvaluationSettings`` as JSON, without the weights'
+# locations) of a tuning job's training jobs; the objective is the first metric.
+EVALUATION_KEY = "txt2img_evaluation"
+OWN_KEYS = (BASE_KEY, NAME_KEY, INFERENCE_CODE_KEY, EVALUATION_KEY)
 MASTER_PORT = "29500"
+# The channel holding the metric networks a tuning job's evaluation needs, and each one's name in it.
+METRICS_CHANNEL = "metrics"
+METRIC_WEIGHT_NAMES = {"inception": "inception.pt", "clip": "clip", "dino": "dino"}
+
+
+def job_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The trainer's environment: a home in /tmp (the built-in catalog is all the container needs),
+    and TXT2IMG_<NETWORK>_PATH for each metric network in the metrics channel."""
+    found = {"TXT2IMG_HOME": environment.get("TXT2IMG_HOME", "/tmp/txt2img-home")}
+    channel = environment.get(f"SM_CHANNEL_{METRICS_CHANNEL.upper()}")
+    for extractor, name in METRIC_WEIGHT_NAMES.items():
+        if channel and os.path.exists(os.path.join(channel, name)):
+            found[f"TXT2IMG_{extractor.upper()}_PATH"] = os.path.join(channel, name)
+    return {**environment, **found}
 
 
 def torchrun_command(environment: dict[str, str]) -> list[str]:
@@ -51,6 +70,9 @@ def torchrun_command(environment: dict[str, str]) -> list[str]:
         "inference_code": (
             os.path.join(source_dir, given[INFERENCE_CODE_KEY]) if given.get(INFERENCE_CODE_KEY) else None
         ),
+        "evaluation": _decoded(given.get(EVALUATION_KEY)),
+        # Uploaded as the job's output.tar.gz: the report, grid and images, not part of the model.
+        "evaluation_dir": os.path.join(environment.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"), "evaluation"),
     }
     if len(hosts) == 1:
         rendezvous = ["--standalone", "--nnodes=1"]  # a free local port, no host name to resolve
@@ -74,9 +96,13 @@ def torchrun_command(environment: dict[str, str]) -> list[str]:
     ]
 
 
+def _decoded(value):
+    """A JSON hyperparameter as the toolkit hands it over: already decoded, or still a string."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def main() -> int:
-    # The built-in catalog is all the container needs; its user catalog and caches stay in /tmp.
-    environment = {**os.environ, "TXT2IMG_HOME": os.environ.get("TXT2IMG_HOME", "/tmp/txt2img-home")}
+    environment = job_environment(dict(os.environ))
     return subprocess.call(torchrun_command(environment), env=environment)
 
 

@@ -339,6 +339,20 @@ MUTATIONS = [
         (Select("tests/test_sagemaker_trainer_job.py", "packed_source_alone"),),
     ),
     Mutation(
+        "a remote tuning job's training jobs never evaluate their model",
+        "jumpstart/sagemaker_entry.py",
+        '        "evaluation": _decoded(given.get(EVALUATION_KEY)),\n',
+        '        "evaluation": None,\n',
+        (Select("tests/test_sagemaker_trainer_job.py", "prints_the_metrics"),),
+    ),
+    Mutation(
+        "a remote tuning job minimises an objective that should grow",
+        "jumpstart/remote.py",
+        '                    "Type": METRIC_DIRECTIONS[objective].capitalize(),\n',
+        '                    "Type": "Minimize",\n',
+        (Select("tests/test_sagemaker_trainer_job.py", "evaluates_each_job"),),
+    ),
+    Mutation(
         "the service ignores guidance_scale",
         "serving/generation_queue.py",
         "                guidance_scale=head.request.guidance_scale,",

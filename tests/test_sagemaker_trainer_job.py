@@ -318,3 +318,255 @@ def test_cli_runs_our_trainer_and_deploys_its_result_on_the_hugging_face_contain
         "CreateEndpointConfig",
         "CreateEndpoint",
     ]
+
+
+# --- txt2img tune --remote --trainer txt2img ------------------------------------------------------
+
+
+def _metric_networks(folder: Path) -> tuple[Path, Path]:
+    """A TorchScript stand-in for Inception and a tiny CLIP folder, as a user keeps them locally."""
+    import torch
+    from test_evaluation import tiny_clip_folder, tiny_inception
+
+    folder.mkdir()
+    inception = folder / "inception-2015-12-05.pt"
+    torch.jit.script(tiny_inception()).save(str(inception))
+    return inception, tiny_clip_folder(folder / "clip")
+
+
+def _best_training_job(session, hyperparameters: dict[str, str]) -> None:
+    """moto names every tuning job's best training job "FakeTrainingJobName"; make it exist, as
+    SageMaker's would, with the tuning job's static hyperparameters."""
+    session.client("sagemaker").create_training_job(
+        TrainingJobName="FakeTrainingJobName",
+        AlgorithmSpecification={"TrainingImage": HF_TRAINING_IMAGE, "TrainingInputMode": "File"},
+        RoleArn=ROLE,
+        HyperParameters=hyperparameters,
+        OutputDataConfig={"S3OutputPath": "s3://my-txt2img/tuned"},
+        ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600},
+    )
+
+
+def _tuning_job(session) -> dict:
+    sagemaker = session.client("sagemaker")
+    [summary] = sagemaker.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    return sagemaker.describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=summary["HyperParameterTuningJobName"]
+    )
+
+
+def _keys(session, prefix: str) -> list[str]:
+    listed = session.client("s3").list_objects_v2(Bucket="my-txt2img", Prefix=prefix).get("Contents", [])
+    return sorted(item["Key"].removeprefix(prefix) for item in listed)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tuning_runs_our_trainer_evaluates_each_job_and_registers_the_best(bucket, two_subjects, tmp_path):
+    from training.evaluation import EvaluationSettings
+    from training.metrics import MetricWeights
+
+    inception, clip = _metric_networks(tmp_path / "networks")
+    evaluation = EvaluationSettings(
+        metrics=["fid_score", "clip_t", "instance_loss"],
+        prompts_per_subject=2,
+        inference_steps=3,
+        weights=MetricWeights(inception=str(inception), clip=str(clip), dino=None),
+    )
+    _best_training_job(bucket, {"txt2img_inference_code": "inference_code"})
+    from jumpstart.remote import launch_remote_tuning
+
+    entry = launch_remote_tuning(
+        str(two_subjects),
+        "tiny-sd",
+        "tuned-toys",
+        Hyperparameters(method="lora", max_steps=100),
+        {"learning_rate": (1e-6, 1e-4, True), "lora_rank": (2, 16, False)},
+        max_jobs=4,
+        max_parallel_jobs=2,
+        objective="clip_t",
+        trainer="txt2img",
+        evaluation=evaluation,
+        s3_prefix="s3://my-txt2img/w",
+        role=ROLE,
+        poll_seconds=0,
+    )
+
+    tuning = _tuning_job(bucket)
+    job = tuning["HyperParameterTuningJobName"]
+    config = tuning["HyperParameterTuningJobConfig"]
+    # clip_t grows as the images follow their prompts: maximised, where fid_score would be minimised.
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "clip_t"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2}
+    # lora_rank is not one of JumpStart's names; our trainer takes it.
+    assert config["ParameterRanges"]["IntegerParameterRanges"] == [
+        {"Name": "lora_rank", "MinValue": "2", "MaxValue": "16", "ScalingType": "Linear"}
+    ]
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-06", "MaxValue": "0.0001", "ScalingType": "Logarithmic"}
+    ]
+    definition = tuning["TrainingJobDefinition"]
+    algorithm = definition["AlgorithmSpecification"]
+    assert algorithm["TrainingImage"] == HF_TRAINING_IMAGE
+    # The objective first, then the others, each read by its own regex.
+    assert [metric["Name"] for metric in algorithm["MetricDefinitions"]] == ["clip_t", "fid_score", "instance_loss"]
+    static = definition["StaticHyperParameters"]
+    assert static["sagemaker_program"] == "txt2img_train.py"
+    assert (static["txt2img_base"], static["txt2img_name"], static["method"]) == ("tiny-sd", "tuned-toys", "lora")
+    assert "lora_rank" not in static and "learning_rate" not in static  # the tuner sets them per job
+    sent_evaluation = json.loads(static["txt2img_evaluation"])
+    assert sent_evaluation["metrics"] == ["clip_t", "fid_score", "instance_loss"]
+    assert (sent_evaluation["prompts_per_subject"], sent_evaluation["inference_steps"]) == (2, 3)
+    assert "weights" not in sent_evaluation  # the container's own paths are set by its entry point
+    # The networks travel from this machine in the metrics channel, under the names the entry point reads.
+    weights_uri = f"s3://my-txt2img/w/jobs/tuned-toys/{job}/metric-weights/"
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in definition["InputDataConfig"]}
+    assert channels == {"training": f"s3://my-txt2img/w/jobs/tuned-toys/{job}/dataset/", "metrics": weights_uri}
+    local_clip = sorted(f"clip/{path.relative_to(clip).as_posix()}" for path in clip.rglob("*") if path.is_file())
+    assert _keys(bucket, weights_uri.removeprefix("s3://my-txt2img/")) == sorted(["inception.pt", *local_clip])
+
+    assert (entry.id, entry.base, entry.method) == ("tuned-toys", "tiny-sd", "lora")
+    assert entry.metrics == {
+        "clip_t": tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"]
+    }
+    # Registered as our trainer's output: txt2img deploy serves its archive as it is.
+    assert {"txt2img-trainer", "inference-code"} <= set(entry.tags)
+
+
+def test_remote_tuning_refuses_what_cannot_be_computed_before_uploading(bucket, two_subjects, tmp_path, capsys):
+    from jumpstart.remote import launch_remote_tuning
+    from training.evaluation import EvaluationSettings
+    from training.metrics import MetricWeights
+
+    missing = EvaluationSettings(
+        metrics=["fid_score"], weights=MetricWeights(inception=str(tmp_path / "nowhere.pt"), clip=None, dino=None)
+    )
+    refusals = [
+        ({"objective": "fid_score", "evaluation": missing}, "fid_score cannot be computed on SageMaker"),
+        ({"objective": "clip_score"}, "unknown objective 'clip_score'"),
+        ({"ranges": {"mixed_precision": (0, 1, False)}}, "'mixed_precision': it is not a numeric hyperparameter"),
+    ]
+    for options, message in refusals:
+        options = {"objective": "instance_loss", **options}
+        with pytest.raises(SageMakerError, match=message):
+            launch_remote_tuning(
+                str(two_subjects), "tiny-sd", "t", Hyperparameters(), trainer="txt2img", **options, role=ROLE
+            )
+    with pytest.raises(SageMakerError, match="evaluation settings need --trainer txt2img"):
+        launch_remote_tuning(str(two_subjects), JUMPSTART_BASE, "t", Hyperparameters(), evaluation=missing, role=ROLE)
+    assert bucket.client("s3").list_objects_v2(Bucket="my-txt2img").get("Contents") is None
+    assert bucket.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
+
+    from txt2img.cli import main
+
+    tune = ["tune", str(two_subjects), "--base", "tiny-sd", "--name", "t", "--trials", "2"]
+    for arguments, message in [
+        (["--trainer", "txt2img"], "--trainer is for --remote runs"),
+        (["--remote", "--trainer", "txt2img", "--storage", "sqlite:///x.db", "--role", ROLE], "--storage is for local"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(tune + arguments)
+        assert exit_info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert message in line
+
+
+def test_cli_tunes_remotely_with_our_trainer_over_the_local_studys_ranges(bucket, two_subjects, capsys):
+    from txt2img.cli import main
+
+    main(
+        ["tune", str(two_subjects), "--base", "tiny-sd", "--name", "cli-toys", "--trials", "3", "--remote"]
+        + ["--trainer", "txt2img", "--objective", "instance_loss", "--hp", "method=lora", "--steps", "4"]
+        + ["--no-wait", "--s3-prefix", "s3://my-txt2img/cli", "--role", ROLE, "--region", REGION]
+    )
+
+    tuning = _tuning_job(bucket)
+    assert tuning["HyperParameterTuningJobName"] in capsys.readouterr().out
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": "instance_loss"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 3, "MaxParallelTrainingJobs": 3}
+    # No --range: the local study's defaults, learning_rate on a log scale (JumpStart's script: linear).
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-07", "MaxValue": "3e-06", "ScalingType": "Logarithmic"}
+    ]
+    definition = tuning["TrainingJobDefinition"]
+    evaluation = json.loads(definition["StaticHyperParameters"]["txt2img_evaluation"])
+    assert (evaluation["metrics"], evaluation["inference_steps"]) == (["instance_loss"], 4)
+    # instance_loss needs no network: nothing to upload, no metrics channel.
+    assert [channel["ChannelName"] for channel in definition["InputDataConfig"]] == ["training"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_tuning_jobs_training_job_prints_the_metrics_its_definitions_read(bucket, two_subjects, tmp_path):
+    """The container's view of one training job of the tuning job: the source, the metric networks and
+    the hyperparameters exactly as the launcher sent them, run on CPU; SageMaker's regexes then read
+    the objective and the other metrics from its output, equal to its evaluation report."""
+    import re
+
+    from jumpstart.remote import launch_remote_tuning
+    from training.evaluation import EvaluationSettings
+    from training.metrics import MetricWeights
+
+    inception, _ = _metric_networks(tmp_path / "networks")
+    evaluation = EvaluationSettings(
+        metrics=["instance_loss"],
+        prompts_per_subject=1,
+        inference_steps=2,
+        weights=MetricWeights(inception=str(inception), clip=None, dino=None),
+    )
+    launch_remote_tuning(
+        str(two_subjects),
+        "tiny-sd",
+        "toys",
+        Hyperparameters(method="lora", max_steps=2),
+        {"learning_rate": (1e-6, 1e-4, True)},
+        objective="fid_score",
+        trainer="txt2img",
+        evaluation=evaluation,
+        role=ROLE,
+        s3_prefix="s3://my-txt2img/w",
+        wait=False,
+    )
+    definition = _tuning_job(bucket)["TrainingJobDefinition"]
+    channels = {}
+    for channel in definition["InputDataConfig"]:  # what SageMaker copies to /opt/ml/input/data/NAME
+        prefix = channel["DataSource"]["S3DataSource"]["S3Uri"].removeprefix("s3://my-txt2img/")
+        channels[channel["ChannelName"]] = local = tmp_path / "input" / channel["ChannelName"]
+        for key in _keys(bucket, prefix):
+            (local / key).parent.mkdir(parents=True, exist_ok=True)
+            (local / key).write_bytes(_object(bucket, f"s3://my-txt2img/{prefix}{key}"))
+    static = definition["StaticHyperParameters"]
+    source = tmp_path / "code"
+    source.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(_object(bucket, static["sagemaker_submit_directory"]))) as tar:
+        tar.extractall(source, filter="data")
+    output_data, model_dir = tmp_path / "output-data", tmp_path / "model"
+    output_data.mkdir()
+    model_dir.mkdir()
+    environment = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(source),
+        "OMP_NUM_THREADS": "1",
+        "SM_HPS": _toolkit_hps({**static, "learning_rate": "2e-05"}),  # the tuner adds the searched value
+        "SM_CHANNEL_TRAINING": str(channels["training"]),
+        "SM_CHANNEL_METRICS": str(channels["metrics"]),
+        "SM_MODEL_DIR": str(model_dir),
+        "SM_OUTPUT_DATA_DIR": str(output_data),
+        "SM_NUM_GPUS": "0",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TXT2IMG_HOME": str(tmp_path / "home"),
+    }
+
+    done = subprocess.run(
+        [sys.executable, "txt2img_train.py"], cwd=source, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output_data / "evaluation" / "metrics.json").read_text())
+    assert list(report["metrics"]) == ["fid_score", "instance_loss"]
+    for metric in definition["AlgorithmSpecification"]["MetricDefinitions"]:
+        [value] = re.findall(metric["Regex"], done.stdout)
+        assert float(value) == pytest.approx(report["metrics"][metric["Name"]], abs=1e-6), metric["Name"]
+    assert report["metrics"]["fid_score"] > 0  # the packed network scored real images, not nothing
+    # The model is still complete and deployable: evaluating added nothing to it but code/ and fused/.
+    assert {path.name for path in model_dir.iterdir()} >= {"model", "entry.yaml", "code", "fused"}

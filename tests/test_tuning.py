@@ -129,31 +129,32 @@ def test_a_bad_hp_is_one_line_naming_it_in_train_and_tune(tmp_path, command, ext
     assert capsys.readouterr().err == "txt2img: error: --hp batch_size: Input should be greater than or equal to 1\n"
 
 
+STUDY_KEPT_BY_SAGEMAKER = "SageMaker Automatic Model Tuning keeps the study"
+JUMPSTART_EVALUATES = "JumpStart's script evaluates on its own (--trainer txt2img evaluates as a local trial)"
+
+
 @pytest.mark.parametrize(
-    "option",
+    ("option", "reason"),
     [
-        ["--resume"],
-        ["--storage", "sqlite:///x.db"],
-        ["--study-dir", "studies"],
-        ["--keep-top-k", "1"],  # given, even with the default value
-        ["--no-prune"],
-        ["--seed", "0"],
-        ["--prompts", "prompts.txt"],
-        ["--steps", "25"],
-        ["--metric", "dino"],
-        ["--inception-path", "inception.pt"],
+        (["--resume"], STUDY_KEPT_BY_SAGEMAKER),
+        (["--storage", "sqlite:///x.db"], STUDY_KEPT_BY_SAGEMAKER),
+        (["--study-dir", "studies"], STUDY_KEPT_BY_SAGEMAKER),
+        (["--keep-top-k", "1"], STUDY_KEPT_BY_SAGEMAKER),  # given, even with the default value
+        (["--no-prune"], STUDY_KEPT_BY_SAGEMAKER),
+        (["--seed", "0"], JUMPSTART_EVALUATES),
+        (["--prompts", "prompts.txt"], JUMPSTART_EVALUATES),
+        (["--steps", "25"], JUMPSTART_EVALUATES),
+        (["--metric", "dino"], JUMPSTART_EVALUATES),
+        (["--inception-path", "inception.pt"], JUMPSTART_EVALUATES),
     ],
 )
-def test_tune_remote_refuses_local_only_options(option, capsys):
+def test_tune_remote_refuses_local_only_options(option, reason, capsys):
     from txt2img.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["tune", "s3://bucket/dogs/", "--base", "tiny-sd", "--name", "x", "--remote", *option])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
-        f"txt2img: error: {option[0]} is for local runs; "
-        "SageMaker Automatic Model Tuning trains and evaluates with JumpStart's script\n"
-    )
+    assert capsys.readouterr().err == f"txt2img: error: {option[0]} is for local runs; {reason}\n"
 
 
 def test_train_remote_refuses_resume_through_the_same_check(capsys):

@@ -245,6 +245,21 @@ def _log_to_stderr(rank: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _print_metrics(entry, data_dir: Path, hyperparameters, evaluation: dict, output_dir: Path) -> None:
+    """Evaluate the trained model as a local trial is evaluated and print ``name=value`` lines; a
+    missing objective fails the job (SageMaker's tuner then counts it failed, not merely unscored)."""
+    from training.evaluation import EvaluationSettings, evaluate_entry, metric_lines
+
+    settings = EvaluationSettings.model_validate(evaluation)  # the weights from this machine's environment
+    report = evaluate_entry(
+        entry, data_dir, settings, hyperparameters=hyperparameters, output_dir=output_dir, progress=False
+    )
+    objective = settings.metrics[0]
+    if report.metrics.get(objective) is None:
+        raise Txt2ImgError(f"the objective {objective} was not computed: {report.skipped.get(objective)}")
+    print("\n".join(metric_lines(report.metrics)), flush=True)
+
+
 def _worker(payload: str) -> int:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     _log_to_stderr(rank)
@@ -260,16 +275,22 @@ def _worker(payload: str) -> int:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=_COLLECTIVE_TIMEOUT)
     try:
+        hyperparameters = Hyperparameters.model_validate(job["hyperparameters"])
         entry = train(
             Path(job["data_dir"]),
             job["base"],
             job["name"],
-            Hyperparameters.model_validate(job["hyperparameters"]),
+            hyperparameters,
             resume=job["resume"],
             # Set by the SageMaker entry point (jumpstart/sagemaker_entry.py): /opt/ml/model, unregistered.
             output_dir=Path(job["output_dir"]) if job.get("output_dir") else None,
             register=job.get("register", True),
         )
+        if rank == 0 and job.get("evaluation"):
+            # A training job of a SageMaker tuning job: its objective is read from these lines.
+            _print_metrics(
+                entry, Path(job["data_dir"]), hyperparameters, job["evaluation"], Path(job["evaluation_dir"])
+            )
         if rank == 0 and job.get("inference_code"):
             # A SageMaker job (jumpstart/sagemaker_entry.py): make its model.tar.gz deployable as it is.
             from training.servable import add_serving_code

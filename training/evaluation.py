@@ -436,6 +436,31 @@ def evaluate_model(
     progress: bool = True,
 ) -> EvaluationReport:
     """Load catalog model ``model_id`` and the DreamBooth dataset in ``data_dir``, then evaluate as ``settings`` say."""
+    from catalog.store import load_catalog
+
+    return evaluate_entry(
+        load_catalog().get(model_id),
+        Path(data_dir),
+        settings or EvaluationSettings(),
+        output_dir=output_dir,
+        feature_extractors=feature_extractors,
+        progress=progress,
+    )
+
+
+def evaluate_entry(
+    entry,
+    data_dir: Path,
+    settings: EvaluationSettings,
+    *,
+    hyperparameters=None,
+    output_dir: Path | None = None,
+    feature_extractors: dict[str, ImageEmbedder] | None = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Evaluate catalog entry ``entry``, registered or just trained with ``hyperparameters``, on the
+    dataset in ``data_dir``: for ``txt2img evaluate``, each trial of ``txt2img tune`` and each
+    training job of ``txt2img tune --remote --trainer txt2img``."""
     import torch
 
     from catalog.pipelines import load_pipeline
@@ -443,10 +468,8 @@ def evaluate_model(
     from training.dataset import load_dataset
     from training.hyperparameters import Hyperparameters
 
-    settings = settings or EvaluationSettings()
     catalog = load_catalog()
-    entry = catalog.get(model_id)
-    dataset = load_dataset(Path(data_dir), Hyperparameters(), entry.resolution)
+    dataset = load_dataset(Path(data_dir), hyperparameters or Hyperparameters(), entry.resolution)
     pipeline = load_pipeline(entry, catalog, local_files_only=True)
     if torch.cuda.is_available():
         pipeline = pipeline.to("cuda")
@@ -454,7 +477,7 @@ def evaluate_model(
         pipeline,
         dataset.concepts,
         settings,
-        model_id=model_id,
+        model_id=entry.id,
         data_dir=Path(data_dir),
         resolution=entry.resolution,
         output_dir=output_dir,

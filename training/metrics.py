@@ -156,6 +156,17 @@ def _local_model_folder(location: str, extractor: str, repo: str) -> Path:
         ) from error
 
 
+def local_weights(extractor: str, location: str) -> Path:
+    """Where extractor ``location`` is on this machine: Inception's TorchScript file, or CLIP's or
+    DINO's model folder; raises ``MissingWeights`` saying how to provide it. Never downloads."""
+    if extractor == "inception":
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise MissingWeights(f"no Inception weights at {path}; {HOW_TO_PROVIDE['inception']}")
+        return path
+    return _local_model_folder(location, extractor, {"clip": DEFAULT_CLIP_REPO, "dino": DEFAULT_DINO_REPO}[extractor])
+
+
 class InceptionFeatures:
     """Pool features of an Inception-style network that maps uint8 NCHW images to (N, D) features."""
 
@@ -169,14 +180,13 @@ class InceptionFeatures:
         """Load a TorchScript network; one taking ``return_features`` (NVIDIA's) is asked for its pool features."""
         import torch
 
-        path = Path(location).expanduser()
-        remedy = HOW_TO_PROVIDE["inception"]
-        if not path.is_file():
-            raise MissingWeights(f"no Inception weights at {path}; {remedy}")
+        path = local_weights("inception", location)
         try:
             network = torch.jit.load(str(path), map_location=_device()).eval()
         except RuntimeError as error:
-            raise MissingWeights(f"{path} is not a TorchScript network ({error}); {remedy}") from error
+            raise MissingWeights(
+                f"{path} is not a TorchScript network ({error}); {HOW_TO_PROVIDE['inception']}"
+            ) from error
         takes_flag = "return_features" in str(network.forward.schema)
         return cls(network, call_kwargs={"return_features": True} if takes_flag else None)
 
@@ -206,7 +216,7 @@ class ClipFeatures:
     def from_path(cls, location: str) -> ClipFeatures:
         from transformers import CLIPModel, CLIPTokenizer
 
-        folder = _local_model_folder(location, "clip", DEFAULT_CLIP_REPO)
+        folder = local_weights("clip", location)
         try:
             model = CLIPModel.from_pretrained(folder, local_files_only=True).to(_device())
             tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -248,7 +258,7 @@ class DinoFeatures:
     def from_path(cls, location: str) -> DinoFeatures:
         from transformers import AutoModel
 
-        folder = _local_model_folder(location, "dino", DEFAULT_DINO_REPO)
+        folder = local_weights("dino", location)
         try:
             model = AutoModel.from_pretrained(folder, local_files_only=True).to(_device())
         except (OSError, ValueError) as error:

@@ -274,13 +274,9 @@ def _heartbeat(storage, trial_id: int):
 def run_trial(config_json: str, number: int) -> None:
     """Train and evaluate asked trial ``number``, then tell the study; runs in a worker process or in-process."""
     import optuna
-    import torch
 
-    from catalog.pipelines import load_pipeline
-    from catalog.store import load_catalog
-    from training.dataset import load_dataset
     from training.dreambooth import TrainingInterrupted, train
-    from training.evaluation import evaluate_pipeline
+    from training.evaluation import evaluate_entry
     from training.report import CONTACT_SHEET
 
     config = StudyConfig.model_validate_json(config_json)
@@ -311,18 +307,11 @@ def run_trial(config_json: str, number: int) -> None:
                 register=False,
                 on_checkpoint=on_checkpoint,
             )
-            catalog = load_catalog()
-            dataset = load_dataset(Path(config.data_dir), hyperparameters, catalog.get(config.base).resolution)
-            pipeline = load_pipeline(entry, catalog, local_files_only=True)
-            if torch.cuda.is_available():
-                pipeline = pipeline.to("cuda")
-            report = evaluate_pipeline(
-                pipeline,
-                dataset.concepts,
+            report = evaluate_entry(
+                entry,
+                Path(config.data_dir),
                 trial_evaluation(config),
-                model_id=entry.id,
-                data_dir=Path(config.data_dir),
-                resolution=entry.resolution,
+                hyperparameters=hyperparameters,
                 output_dir=folder / "evaluation",
                 progress=False,
             )

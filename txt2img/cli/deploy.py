@@ -30,7 +30,9 @@ def aws_options(function: Callable) -> Callable:
 def remote_job_options(function: Callable) -> Callable:
     """The options of ``train --remote`` / ``tune --remote``, passed on as keyword arguments."""
     decorators = [
-        click.option("--remote", is_flag=True, help="Run on SageMaker (JumpStart training) instead of this machine."),
+        click.option(
+            "--remote", is_flag=True, help="Run on SageMaker (the script --trainer names) instead of this machine."
+        ),
         click.option("--instance-type", help="SageMaker training instance, e.g. ml.g5.2xlarge; default: JumpStart's."),
         click.option("--s3-prefix", help="Where data and results go; default s3://sagemaker-REGION-ACCOUNT/txt2img."),
         click.option(
@@ -39,6 +41,18 @@ def remote_job_options(function: Callable) -> Callable:
         aws_options,
     ]
     return functools.reduce(lambda wrapped, decorator: decorator(wrapped), reversed(decorators), function)
+
+
+def trainer_option(function: Callable) -> Callable:
+    """--trainer: which training script a SageMaker job of ``train``/``tune --remote`` runs."""
+    return click.option(
+        "--trainer",
+        type=click.Choice(["jumpstart", "txt2img"]),
+        default="jumpstart",
+        show_default=True,
+        help="With --remote: JumpStart's training script, or txt2img's own trainer (LoRA, several subjects, "
+        "every GPU of --instance-type under torchrun; tune: any objective, any numeric hyperparameter).",
+    )(function)
 
 
 def run_remote_training(data: str, base: str, name: str, hyperparameters, **remote_options) -> None:

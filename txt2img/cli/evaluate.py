@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from txt2img.cli.deploy import remote_job_options, run_remote_tuning
+from txt2img.cli.deploy import remote_job_options, run_remote_tuning, trainer_option
 from txt2img.cli.options import first_error, parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
 from txt2img.extras import require_extra
@@ -197,13 +197,10 @@ def _print_trials(result) -> None:
 
 
 REMOTE_TUNING_DEFAULT_JOBS = 7  # SageMaker Automatic Model Tuning: JumpStart's max_jobs and max_parallel_jobs
-# What only a local study reads: the study's storage and pruning, and each trial's evaluation.
-LOCAL_TUNING_OPTIONS = (
-    "resume",
-    "storage",
-    "study_dir",
-    "keep_top_k",
-    "no_prune",
+# What only a local study reads: the study's storage and pruning.
+LOCAL_STUDY_OPTIONS = ("resume", "storage", "study_dir", "keep_top_k", "no_prune")
+# How each trial is evaluated: locally, or in each training job of txt2img's trainer on SageMaker.
+EVALUATION_OPTIONS = (
     "seed",
     "metrics",
     "prompts_file",
@@ -254,11 +251,13 @@ LOCAL_TUNING_OPTIONS = (
     "metrics",
     multiple=True,
     help=f"What each trial computes besides the objective, which comes first ({METRICS_HELP}); repeatable. "
-    "Default: all; those whose weights are not on this machine are skipped without generating images.",
+    "Default: all; those whose weights are not on this machine are skipped without generating images. "
+    "With --remote --trainer txt2img: the objective alone by default, and a missing network is refused.",
 )
 @_evaluation_options
 @_weight_options
 @remote_job_options
+@trainer_option
 @click.pass_context
 def tune(
     context: click.Context,
@@ -284,6 +283,7 @@ def tune(
     inception_path: str | None,
     clip_path: str | None,
     dino_path: str | None,
+    trainer: str,
     **remote_options,
 ) -> None:
     """Search DreamBooth hyperparameters of BASE on DATA_DIR with Optuna's TPE and register the best as NAME.
@@ -291,17 +291,23 @@ def tune(
     Each trial trains, is evaluated, and may be pruned at a checkpoint when its loss lags. The
     study lives in a journal file in the study folder (safe for --parallel processes) or in
     --storage; --resume continues it. The report holds a table, objective.png and a grid per trial.
-    With --remote, SageMaker Automatic Model Tuning (Bayesian) runs the trials as JumpStart
-    training jobs instead, minimising fid_score; DATA_DIR may then be an s3:// prefix.
+    With --remote, SageMaker Automatic Model Tuning (Bayesian) runs the trials as training jobs
+    instead: JumpStart's script, minimising fid_score, or with --trainer txt2img this trainer,
+    evaluating each model as a local trial (only the objective unless --metric says more; the
+    networks are uploaded from here). DATA_DIR may then be an s3:// prefix.
     """
     from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir
 
     if remote_options["remote"]:
-        refuse_local_options(
-            context,
-            LOCAL_TUNING_OPTIONS,
-            "SageMaker Automatic Model Tuning trains and evaluates with JumpStart's script",
-        )
+        refuse_local_options(context, LOCAL_STUDY_OPTIONS, "SageMaker Automatic Model Tuning keeps the study")
+        if trainer == "jumpstart":
+            refuse_local_options(
+                context,
+                EVALUATION_OPTIONS,
+                "JumpStart's script evaluates on its own (--trainer txt2img evaluates as a local trial)",
+            )
+    elif trainer != "jumpstart":
+        raise InputError("--trainer is for --remote runs; a local study runs txt2img's trainer")
     try:
         searches = [SearchRange.parse(text) for text in ranges] or list(DEFAULT_RANGES)
     except TuningError as error:
@@ -312,19 +318,34 @@ def tune(
     overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
         raise InputError(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
+    evaluation = _evaluation_settings(
+        # A remote job computes the objective alone unless told more: each metric costs GPU time.
+        metrics or ((objective,) if remote_options["remote"] else ()),
+        prompts_file,
+        inception_path,
+        clip_path,
+        dino_path,
+        prompts_per_subject=prompts_per_subject,
+        images_per_prompt=images_per_prompt,
+        inference_steps=steps,
+        seed=seed,
+    )
     if remote_options["remote"]:
         jobs = trials or REMOTE_TUNING_DEFAULT_JOBS
-        # No --range: the launcher searches JumpStart's own ranges, on JumpStart's linear scale.
-        remote_ranges = {search.name: (search.low, search.high, search.log) for search in searches} if ranges else None
+        # No --range: JumpStart's script searches JumpStart's own ranges, on JumpStart's linear
+        # scale; txt2img's trainer the local study's.
+        remote_ranges = {search.name: (search.low, search.high, search.log) for search in searches}
         run_remote_tuning(
             data_dir,
             base,
             name,
             fixed_hyperparameters,
-            remote_ranges,
+            remote_ranges if ranges or trainer == "txt2img" else None,
             max_jobs=jobs,
             max_parallel_jobs=parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
             objective=objective,
+            trainer=trainer,
+            evaluation=evaluation if trainer == "txt2img" else None,
             **remote_options,
         )
         return
@@ -346,17 +367,7 @@ def tune(
         keep_top_k=keep_top_k,
         prune=not no_prune,
         seed=seed,
-        evaluation=_evaluation_settings(
-            metrics,
-            prompts_file,
-            inception_path,
-            clip_path,
-            dino_path,
-            prompts_per_subject=prompts_per_subject,
-            images_per_prompt=images_per_prompt,
-            inference_steps=steps,
-            seed=seed,
-        ),
+        evaluation=evaluation,
     )
     require_extra("tune")
     from training.dreambooth import TrainingInterrupted

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from txt2img.cli.deploy import remote_job_options, run_remote_training
+from txt2img.cli.deploy import remote_job_options, run_remote_training, trainer_option
 from txt2img.cli.options import parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
 
@@ -57,14 +57,7 @@ def _log_to_stderr() -> None:
     show_default=True,
     help="Train data-parallel in this many processes (torchrun): one per GPU, or CPU processes without one.",
 )
-@click.option(
-    "--trainer",
-    type=click.Choice(["jumpstart", "txt2img"]),
-    default="jumpstart",
-    show_default=True,
-    help="With --remote: JumpStart's training script, or txt2img's own trainer (LoRA, several subjects, "
-    "every GPU of --instance-type under torchrun).",
-)
+@trainer_option
 @click.option(
     "--instance-count",
     type=click.IntRange(min=1),
