@@ -21,13 +21,17 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from catalog.schema import CatalogEntry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
 from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec
 from training.dataset import DATASET_INFO, DreamBoothDataset
-from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters
+from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters, numeric_kind
 from txt2img.errors import InputError
+
+if TYPE_CHECKING:
+    from training.evaluation import EvaluationSettings
 
 # What JumpStart's training script prints when compute_fid is on, and how SageMaker reads it.
 METRIC_DEFINITIONS = {"fid_score": {"Name": "fid_score", "Regex": r"fid_score=([-+]?\d\.?\d*)"}}
@@ -398,17 +402,6 @@ def launch_remote_training(
     )
 
 
-def _numeric_kind(name: str) -> type | None:
-    """``int`` or ``float`` for a numeric hyperparameter (optional or not), else None."""
-    import typing
-
-    field = Hyperparameters.model_fields.get(name)
-    if field is None:
-        return None
-    kinds = {field.annotation, *typing.get_args(field.annotation)}
-    return int if int in kinds else float if float in kinds else None
-
-
 def parameter_ranges(ranges: dict[str, tuple[float, float, bool]], trainer: str = "jumpstart") -> dict[str, list[dict]]:
     """SageMaker's ParameterRanges: integer ranges for integer hyperparameters, else continuous ones.
     JumpStart's script reads only its own names; txt2img's trainer takes any numeric hyperparameter."""
@@ -419,14 +412,16 @@ def parameter_ranges(ranges: dict[str, tuple[float, float, bool]], trainer: str 
                 f"cannot tune '{name}' remotely: JumpStart's script knows {', '.join(JUMPSTART_NAMES)}"
                 " (txt2img's trainer, --trainer txt2img, tunes any numeric hyperparameter)"
             )
-        if _numeric_kind(name) is None:
-            raise SageMakerError(f"cannot tune '{name}': it is not a numeric hyperparameter")
+        try:
+            kind = numeric_kind(name)
+        except ValueError as error:
+            raise SageMakerError(f"cannot tune '{name}': {error}") from None
         if not low < high or (logarithmic and low <= 0):
             raise SageMakerError(
                 f"bad range for {name}: need low < high (and low > 0 for a log scale), got {low}..{high}"
             )
         scaling = "Logarithmic" if logarithmic else "Linear"
-        if _numeric_kind(name) is int:
+        if kind is int:
             kind, bounds = "IntegerParameterRanges", (int(low), int(high))
         else:
             kind, bounds = "ContinuousParameterRanges", (float(low), float(high))
@@ -436,7 +431,7 @@ def parameter_ranges(ranges: dict[str, tuple[float, float, bool]], trainer: str 
     return {kind: listed for kind, listed in found.items() if listed}
 
 
-def _metric_weight_files(evaluation) -> list[tuple[Path, str]]:
+def _metric_weight_files(evaluation: EvaluationSettings) -> list[tuple[Path, str]]:
     """(local file, path in the metrics channel) for every network ``evaluation``'s metrics need,
     found on this machine (never downloaded); raises SageMakerError naming a missing one."""
     from jumpstart.sagemaker_entry import METRIC_WEIGHT_NAMES
@@ -474,7 +469,7 @@ def launch_remote_tuning(
     max_parallel_jobs: int = 7,
     objective: str = "fid_score",
     trainer: str = "jumpstart",
-    evaluation=None,
+    evaluation: EvaluationSettings | None = None,
     instance_type: str | None = None,
     s3_prefix: str | None = None,
     role: str | None = None,

@@ -444,7 +444,10 @@ def test_remote_tuning_refuses_what_cannot_be_computed_before_uploading(bucket, 
     refusals = [
         ({"objective": "fid_score", "evaluation": missing}, "fid_score cannot be computed on SageMaker"),
         ({"objective": "clip_score"}, "unknown objective 'clip_score'"),
-        ({"ranges": {"mixed_precision": (0, 1, False)}}, "'mixed_precision': it is not a numeric hyperparameter"),
+        (
+            {"ranges": {"mixed_precision": (0, 1, False)}},
+            "cannot tune 'mixed_precision': 'mixed_precision' is not numeric",
+        ),
     ]
     for options, message in refusals:
         options = {"objective": "instance_loss", **options}

@@ -127,3 +127,22 @@ class Hyperparameters(BaseModel):
         """JumpStart's hyperparameters as the strings a SageMaker training job receives."""
         data = self.model_dump()
         return {name: str(data[name]) for name in JUMPSTART_NAMES}
+
+
+def numeric_kind(name: str) -> type[int] | type[float]:
+    """``int`` or ``float``, the type of hyperparameter ``name`` (optional or not), for the tuners'
+    search ranges; a ValueError names an unknown or non-numeric one, which cannot be searched."""
+    import typing
+
+    field = Hyperparameters.model_fields.get(name)
+    if field is None:
+        from difflib import get_close_matches
+
+        close = get_close_matches(name, list(Hyperparameters.model_fields), n=1)
+        raise ValueError(f"unknown hyperparameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    kinds = {kind for kind in typing.get_args(field.annotation) or (field.annotation,) if kind is not type(None)}
+    if kinds == {int}:
+        return int
+    if kinds == {float}:
+        return float
+    raise ValueError(f"'{name}' is not numeric; only int and float hyperparameters can be searched")

@@ -17,7 +17,6 @@ import contextlib
 import shutil
 import threading
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.paths import atomic_write_text, txt2img_home
 from training.evaluation import EvaluationSettings
-from training.hyperparameters import Hyperparameters
+from training.hyperparameters import Hyperparameters, numeric_kind
 from training.metrics import METRIC_DIRECTIONS
 from training.tuning_report import (
     SURPLUS_ATTRIBUTE,
@@ -72,7 +71,10 @@ class SearchRange(BaseModel):
         if not separator or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
             raise TuningError(f"expected key=lo:hi or key=lo:hi:log, got '{text}'")
         key = key.strip()
-        integer = _numeric_kind(key)
+        try:
+            integer = numeric_kind(key) is int
+        except ValueError as error:
+            raise TuningError(str(error)) from None
         try:
             low, high = float(parts[0]), float(parts[1])
         except ValueError:
@@ -97,22 +99,6 @@ class SearchRange(BaseModel):
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-
-def _numeric_kind(name: str) -> bool:
-    """Whether hyperparameter ``name`` is an integer (True) or a float (False); anything else is refused."""
-    field = Hyperparameters.model_fields.get(name)
-    if field is None:
-        from difflib import get_close_matches
-
-        close = get_close_matches(name, list(Hyperparameters.model_fields), n=1)
-        raise TuningError(f"unknown hyperparameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    kinds = {kind for kind in typing.get_args(field.annotation) or (field.annotation,) if kind is not type(None)}
-    if kinds == {int}:
-        return True
-    if kinds == {float}:
-        return False
-    raise TuningError(f"'{name}' is not numeric; only int and float hyperparameters can be searched")
 
 
 # SageMaker JumpStart's default tuning ranges for Stable Diffusion fine-tuning.

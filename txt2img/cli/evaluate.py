@@ -318,18 +318,22 @@ def tune(
     overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
         raise InputError(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
-    evaluation = _evaluation_settings(
-        # A remote job computes the objective alone unless told more: each metric costs GPU time.
-        metrics or ((objective,) if remote_options["remote"] else ()),
-        prompts_file,
-        inception_path,
-        clip_path,
-        dino_path,
-        prompts_per_subject=prompts_per_subject,
-        images_per_prompt=images_per_prompt,
-        inference_steps=steps,
-        seed=seed,
-    )
+    # Each trial's evaluation: a local study's, or each job's of txt2img's trainer on SageMaker,
+    # which computes the objective alone unless told more (each metric costs GPU time).
+    # JumpStart's script evaluates on its own.
+    evaluation = None
+    if not remote_options["remote"] or trainer == "txt2img":
+        evaluation = _evaluation_settings(
+            metrics or ((objective,) if remote_options["remote"] else ()),
+            prompts_file,
+            inception_path,
+            clip_path,
+            dino_path,
+            prompts_per_subject=prompts_per_subject,
+            images_per_prompt=images_per_prompt,
+            inference_steps=steps,
+            seed=seed,
+        )
     if remote_options["remote"]:
         jobs = trials or REMOTE_TUNING_DEFAULT_JOBS
         # No --range: JumpStart's script searches JumpStart's own ranges, on JumpStart's linear
@@ -345,7 +349,7 @@ def tune(
             max_parallel_jobs=parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
             objective=objective,
             trainer=trainer,
-            evaluation=evaluation if trainer == "txt2img" else None,
+            evaluation=evaluation,
             **remote_options,
         )
         return
