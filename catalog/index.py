@@ -23,6 +23,8 @@ _CODE_FILES = (CATALOG_DIR / "schema.py", CATALOG_DIR / "index.py")
 class UnknownModelError(InputError, KeyError):
     """A model id that is not in the catalog; carries the closest known ids."""
 
+    http_status = 404
+
     def __init__(self, model_id: str, suggestions: list[str]):
         self.model_id = model_id
         self.suggestions = suggestions
@@ -31,6 +33,9 @@ class UnknownModelError(InputError, KeyError):
     def __str__(self) -> str:
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
         return f"unknown model id '{self.model_id}'.{hint} See `txt2img catalog list`."
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "model": self.model_id, "suggestions": self.suggestions}
 
 
 def suggest_ids(text: str, ids: list[str], limit: int = 3) -> list[str]:

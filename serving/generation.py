@@ -10,17 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from serving.schema import LimitExceeded
-
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
+from serving.schema import SCHEDULER_CLASSES, LimitExceeded
 
 
 @dataclass

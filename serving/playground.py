@@ -2,9 +2,9 @@
 
 The page (serving/playground/: plain HTML, CSS and JS, nothing fetched from the internet) lists the
 catalog, generates with per-step progress, compares models side by side and shows fine-tune runs.
-It sends the same request body as ``POST /images``. The routes that need the running service
-(catalog, generation, runs) are methods of ``Txt2Img`` in serving/service.py; this module holds
-what they compute, the page's static routes, and the middleware that makes ``/`` lead here.
+It sends the same request body as ``POST /images``. This module holds the page's routes (on
+``playground_app``, which the service mounts at ``/``), what they compute, and the middleware that
+makes ``/`` lead here.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from starlette.responses import FileResponse, RedirectResponse
+from fastapi import Depends, FastAPI, Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
+from catalog.paths import txt2img_home
+from serving.engine import Engine, current_engine
 from serving.generation_queue import GenerationQueue, Job
-from serving.http_errors import error_response
+from serving.http_errors import add_error_handlers, error_response
 from serving.images import image_base64
+from serving.json_body import read_json_object
+from serving.schema import SCHEDULER_CLASSES, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ def catalog_listing(query: str, loaded: list[str], default: str) -> dict[str, An
         "default": default,
         "loaded": loaded,
         "models": [{**entry, "loaded": entry["id"] in loaded} for entry in entries],
+        "schedulers": list(SCHEDULER_CLASSES),
     }
 
 
@@ -213,3 +218,44 @@ async def progress_lines(
         "batch_images": result.batch_images,
     }
     yield json.dumps(answer) + "\n"
+
+
+def _not_a_run_file(error: NotARunFile) -> JSONResponse:
+    return JSONResponse({"error": f"no run file '{error}' in TXT2IMG_HOME"}, status_code=404)
+
+
+def _playground_error(error: Exception) -> Response:
+    return _not_a_run_file(error) if isinstance(error, NotARunFile) else error_response(error)
+
+
+add_error_handlers(playground_app, _playground_error, NotARunFile)
+
+
+@playground_app.get("/ui/api/catalog", include_in_schema=False)
+def playground_catalog(q: str = "", engine: Engine = Depends(current_engine)) -> dict:
+    """The catalog for the page, ranked as ``txt2img catalog search q`` ranks it, and the schedulers."""
+    return catalog_listing(q, engine.manager.loaded_ids(), engine.settings.model)
+
+
+@playground_app.post("/ui/api/generate", include_in_schema=False)
+async def playground_generate(request: Request, engine: Engine = Depends(current_engine)) -> Response:
+    """``POST /images`` with progress: NDJSON lines while the job runs, then the images.
+
+    A request refused before it is queued (bad input, a full queue) gets the same error answer as
+    ``/images``; once the stream has begun, an error arrives as its last line."""
+    job = engine.job(GenerationRequest.model_validate(read_json_object(await request.body())))
+    engine.queue.submit(job)
+    lines = progress_lines(engine.queue, job, client_gone=request.is_disconnected)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+@playground_app.get("/ui/api/runs", include_in_schema=False)
+def playground_runs() -> list:
+    """The fine-tunes in TXT2IMG_HOME and the files their training, evaluation and tuning left."""
+    return fine_tune_runs(txt2img_home())
+
+
+@playground_app.get("/ui/files/{path:path}", include_in_schema=False)
+def playground_file(path: str) -> Response:
+    """A run's file, read-only; nothing outside TXT2IMG_HOME's run folders (see run_file)."""
+    return run_file_response(txt2img_home(), path)

@@ -208,9 +208,67 @@ MUTATIONS = [
     Mutation(
         "batched images handed to the wrong requests",
         "serving/generation_queue.py",
-        "GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags)",
-        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(items), job_flags)",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags)",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags)",
         (Select("tests/test_serving.py", "batched"),),
+    ),
+    Mutation(
+        "a failed batch fails every request in it",
+        "serving/generation_queue.py",
+        "            if len(batch) > 1 and not isinstance(error, ModelLoadError):",
+        "            if False:",
+        (Select("tests/test_front_door.py", "failed_batch"),),
+    ),
+    Mutation(
+        "a model that failed to warm up stops the queue",
+        "serving/generation_queue.py",
+        "                self._failed_loads[warm_model] = (self.warm_up_error, time.monotonic())\n"
+        "        else:\n            self.ready.set()\n",
+        "                return\n        else:\n            self.ready.set()\n",
+        (Select("tests/test_faults.py", "cannot_warm"),),
+    ),
+    # --- serving: the front door (one body reader, one type policy, one set of limits) ------------
+    Mutation(
+        "the body reader lets a lone surrogate through",
+        "serving/json_body.py",
+        "        elif isinstance(item, str):\n            _check_text(item, path, what)\n",
+        "        elif isinstance(item, str):\n            pass\n",
+        (Select("tests/test_front_door.py", "surrogate and (invocations or openai or a1111)"),),
+    ),
+    Mutation(
+        "request types coerced, not strict",
+        "serving/schema.py",
+        '    model_config = ConfigDict(extra="forbid", strict=True)\n',
+        '    model_config = ConfigDict(extra="forbid")\n',
+        (Select("tests/test_front_door.py", "strict"),),
+    ),
+    Mutation(
+        "seeds past 2**63 accepted",
+        "serving/schema.py",
+        "        if self.seed is not None and self.seed + self.num_images > SEED_END:",
+        "        if False:",
+        (Select("tests/test_front_door.py", "2_63"),),
+    ),
+    Mutation(
+        "random seeds drawn below 2**63",
+        "serving/schema.py",
+        "random.randrange(RANDOM_SEED_END)",
+        "random.randrange(SEED_END - self.num_images)",
+        (Select("tests/test_front_door.py", "given_back"),),
+    ),
+    Mutation(
+        "no work limit",
+        "serving/schema.py",
+        '        ("work", settings.max_work, work(width, height, request.num_inference_steps, request.num_images)),\n',
+        "",
+        (Select("tests/test_front_door.py", "work_past"),),
+    ),
+    Mutation(
+        "an invocation's work counted per prompt only",
+        "serving/engine.py",
+        "        if total_work > self.settings.max_work:",
+        "        if False:",
+        (Select("tests/test_front_door.py", "every_prompt"),),
     ),
     # --- serving: the JumpStart wire format -------------------------------------------------------
     Mutation(
@@ -320,7 +378,7 @@ MUTATIONS = [
     Mutation(
         "the batch-size histogram observes nothing",
         "serving/generation_queue.py",
-        "            self.metrics.batch_images.observe(len(items))\n",
+        "            self.metrics.batch_images.observe(len(images))\n",
         "            pass\n",
         (Select("tests/test_serving.py", "metrics_count"),),
     ),

@@ -133,6 +133,7 @@ async function refreshModels() {
     const listing = await getJson("/ui/api/catalog");
     catalogModels = listing.models;
     fillModelSelects(listing.default);
+    fillSchedulerSelect(listing.schedulers);
   } catch (error) {
     showError($("#catalog-error"), `Could not reload the catalog: ${error.message}`);
   }
@@ -143,6 +144,15 @@ async function refreshModels() {
 function modelOption(model) {
   const label = `${model.id}${model.source === "finetune" ? " (fine-tune)" : ""}${model.loaded ? " · loaded" : ""}`;
   return element("option", { value: model.id, text: label });
+}
+
+// The schedulers a request may name, as the server lists them (after "model's own").
+function fillSchedulerSelect(schedulers) {
+  const select = $("#gen-scheduler");
+  const chosen = select.value;
+  select.replaceChildren(element("option", { value: "", text: "model's own" }),
+    ...schedulers.map((name) => element("option", { value: name, text: name })));
+  select.value = schedulers.includes(chosen) ? chosen : "";
 }
 
 function fillModelSelects(defaultModel) {
@@ -194,6 +204,7 @@ async function loadCatalog(query) {
     if (!query) {
       catalogModels = listing.models;
       fillModelSelects(listing.default);
+      fillSchedulerSelect(listing.schedulers);
     }
     if (query !== $("#catalog-query").value.trim()) return; // a later search is on its way
     const loaded = listing.loaded.length ? listing.loaded.join(", ") : "none";
