@@ -80,7 +80,7 @@ class ImageRequest(GenerationSettings):
     def _one_image(cls, data: Any) -> Any:
         # Before /images existed, /txt2img took num_images; 1 still works, more points to the new route.
         if isinstance(data, dict) and "num_images" in data:
-            if data["num_images"] != 1:
+            if type(data["num_images"]) is not int or data["num_images"] != 1:  # strict: true is not 1
                 raise ValueError(
                     f"num_images is {data['num_images']}, but POST /txt2img answers with one image; "
                     "POST /images takes the same body and answers with num_images base64 images"
