@@ -1,5 +1,6 @@
 """Encoding generated PIL images for HTTP answers: the one encoder of every route (PNG, JPEG or WebP bytes,
-and base64 strings). JumpStart's wire format keeps its own, since the SageMaker archive carries it alone."""
+and base64 strings). The SageMaker archive carries it beside serving/invocations.py, so it imports
+nothing but the standard library and PIL."""
 
 from __future__ import annotations
 

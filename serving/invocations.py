@@ -3,9 +3,10 @@
 This one module speaks the format for both servers that speak it: the local ``POST /invocations``
 route (serving/sagemaker_api.py) and the ``code/inference.py`` that ``txt2img deploy`` packs into a
 model archive for the Hugging Face inference container (jumpstart/inference_script.py). The packer
-copies this file and the body reader it uses (serving/json_body.py) into the archive as
-``code/serving/``, so both must import nothing but the standard library (numpy inside the function
-that makes RGB arrays): no other txt2img module, no pydantic.
+copies this file, the body reader and the image encoder it uses (serving/json_body.py,
+serving/images.py) into the archive as ``code/serving/``, so they must import nothing but the
+standard library, PIL and numpy (inside the function that makes RGB arrays): no other txt2img
+module, no pydantic.
 
 The contract, from JumpStart's txt2img spec (``predictor_specs``) and its example notebook:
 
@@ -25,13 +26,12 @@ The contract, from JumpStart's txt2img spec (``predictor_specs``) and its exampl
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import random
 from dataclasses import dataclass
 
+from serving.images import image_base64
 from serving.json_body import BodyError, json_type, read_json, utf8_text
 
 JSON_CONTENT = "application/json"
@@ -259,9 +259,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
 def encode_image(image, accept_type: str):
     """A PIL image as the accept type wants it: a base64 JPEG string, or nested lists of RGB values."""
     if accept_type == JPEG_ACCEPT:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+        return image_base64(image, "jpeg", quality=JPEG_QUALITY)
     import numpy as np
 
     return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()

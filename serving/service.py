@@ -1,6 +1,7 @@
-"""The BentoML service: ``POST /txt2img`` (one image) and ``POST /images`` (several), and the protocols
-mounted beside them, each a module that owns its routes, request models and exception handler:
+"""The BentoML service: the worker's engine, and every protocol's routes wired onto it. Each protocol is
+a module that owns its routes, request models and error answers:
 
+* serving/txt2img_api.py: ``POST /txt2img`` (one image) and ``POST /images`` (several), BentoML APIs;
 * serving/sagemaker_api.py: SageMaker's ``/ping`` and JumpStart's ``/invocations``, and ``GET /models``;
 * serving/openai_images.py: OpenAI's Images API under ``/v1``;
 * serving/a1111.py: AUTOMATIC1111's API under ``/sdapi/v1``;
@@ -23,23 +24,21 @@ from typing import Any
 
 import bentoml
 from PIL import Image
-from starlette.responses import JSONResponse
 
+from serving import txt2img_api
 from serving.a1111 import a1111_app
 from serving.device import serving_gpu_count, serving_worker_count
 from serving.engine import Engine
-from serving.generation_queue import GenerationResult
 from serving.guard import BearerTokenAuth, RequestBodyLimit
-from serving.http_errors import JSONErrorBodies, error_response, log_client_errors_as_one_line
+from serving.http_errors import JSONErrorBodies, log_client_errors_as_one_line
 from serving.image_files import share_image_folder
-from serving.images import image_base64
 from serving.metrics import own_prometheus_dir
 from serving.model_store import bento_models_to_pack
 from serving.openai_images import openai_app
 from serving.openapi import OpenAPI30Docs
 from serving.playground import PlaygroundHome, playground_app
 from serving.sagemaker_api import sagemaker_app
-from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest
+from serving.schema import GeneratedImages, GenerationRequest, ImageRequest
 from serving.settings import ServingSettings
 
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
@@ -74,49 +73,15 @@ class Txt2Img:
         return self.engine.queue.ready.is_set()
 
     @bentoml.api(route="/txt2img", input_spec=ImageRequest)
-    async def txt2img(self, ctx: bentoml.Context, **settings: Any) -> Image.Image:
+    async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> Image.Image:
         """One image, answered as PNG or JPEG (the request's format) with headers X-Seed and X-Batch-Images,
         and X-NSFW-Content-Detected (true: the image is black) when the safety checker is on."""
-        request = GenerationRequest(**settings)
-        try:
-            [result] = await self.engine.generate([request], ctx.request.is_disconnected)
-        except Exception as error:
-            return self._error_response(error, ctx)
-        ctx.response.headers["X-Seed"] = str(result.seeds[0])
-        ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
-        if result.nsfw_content_detected is not None:  # the safety checker is on
-            ctx.response.headers["X-NSFW-Content-Detected"] = str(result.nsfw_content_detected[0]).lower()
-        image = result.images[0].convert("RGB")
-        image.format = request.format.upper()  # BentoML encodes a returned image in its own format
-        return image
+        return await txt2img_api.one_image(self.engine, ctx, fields)
 
     @bentoml.api(route="/images", input_spec=GenerationRequest)
-    async def images(self, ctx: bentoml.Context, **settings: Any) -> GeneratedImages:
+    async def images(self, ctx: bentoml.Context, **fields: Any) -> GeneratedImages:
         """num_images images as base64 PNG or JPEG in JSON, each with its seed, and header X-Batch-Images."""
-        request = GenerationRequest(**settings)
-        try:
-            [result] = await self.engine.generate([request], ctx.request.is_disconnected)
-        except Exception as error:
-            return self._error_response(error, ctx)
-        ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
-        return generated_images(request, result)
-
-    @staticmethod
-    def _error_response(error: Exception, ctx: bentoml.Context) -> JSONResponse:
-        """BentoML's own routes cannot take an exception handler: they answer through this."""
-        response = error_response(error)
-        ctx.response.status_code = response.status_code  # BentoML gives the answer the context's status
-        return response
-
-
-def generated_images(request: GenerationRequest, result: GenerationResult) -> GeneratedImages:
-    """``POST /images``'s answer: every image in seed order, encoded in the request's format."""
-    flags = result.nsfw_content_detected or [None] * len(result.images)
-    images = [
-        GeneratedImage(seed=seed, image=image_base64(image, request.format), nsfw_content_detected=flag)
-        for seed, image, flag in zip(result.seeds, result.images, flags)
-    ]
-    return GeneratedImages(format=request.format, images=images)
+        return await txt2img_api.several_images(self.engine, ctx, fields)
 
 
 # The first added is the outermost: auth refuses a stranger before a byte of the body is read.

@@ -24,8 +24,8 @@ import pytest
 from aws_fixtures import copy_spec, jumpstart_specs  # noqa: F401 - the spec fixture
 from PIL import Image
 
+from jumpstart.package import WIRE_MODULES
 from serving import invocations as wire
-from serving import json_body
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JSON = "application/json"
@@ -324,7 +324,8 @@ def test_seeded_images_are_the_same_on_both_servers(seeded):
 
 
 def test_the_archive_holds_the_wire_modules_as_they_are_and_they_import_no_other_txt2img_code(packed):
-    packed_files = {"invocations.py": wire.__file__, "json_body.py": json_body.__file__}
+    packed_files = {Path(module.__file__).name: module.__file__ for module in WIRE_MODULES}
+    assert {"invocations.py", "json_body.py", "images.py"} <= set(packed_files)
     for name, source in packed_files.items():
         packed_module = packed.code_dir / "serving" / name
         assert packed_module.read_bytes() == Path(source).read_bytes()
