@@ -51,7 +51,7 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="What is wrong, for a person to read.")
     detail: list[dict[str, Any]] | None = Field(None, description="Validation errors, one per field.")
-    field: str | None = Field(None, description="The field that broke a configured limit.")
+    field: str | None = Field(None, description="The field at fault: one that broke a limit, or holds bad text.")
     limit: int | None = Field(None, description="That limit.")
     value: int | None = Field(None, description="The value the request asked for.")
     model: str | None = Field(None, description="The unknown, or not downloadable, model id.")
@@ -105,7 +105,8 @@ def _validation_answer(error: ValidationError) -> ErrorAnswer:
 
 def _wire_answer(error: BodyError | InvocationError) -> ErrorAnswer:
     """The standard-library errors of the wire format (serving/json_body.py, serving/invocations.py)."""
-    return ErrorAnswer(error.status, {"error": str(error)})
+    field = getattr(error, "field", None)
+    return ErrorAnswer(error.status, {"error": str(error)} | ({"field": field} if field else {}))
 
 
 def _carried_answer(error: Txt2ImgError) -> ErrorAnswer:

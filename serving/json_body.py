@@ -28,9 +28,14 @@ MAX_NUMBER_CHARS = 40
 
 
 class BodyError(ValueError):
-    """A body that is not JSON this server reads; the message names the problem."""
+    """A body that is not JSON this server reads; the message names the problem, ``field`` the place in the
+    body at fault where there is one (``"negative_prompt"``, ``"loras[0].model"``)."""
 
     status = 400
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
 
 
 def text_problem(text: str) -> str | None:
@@ -131,4 +136,4 @@ def _check_values(value: Any, what: str) -> None:
 def _check_text(text: str, path: str, what: str) -> None:
     problem = text_problem(text)
     if problem:
-        raise BodyError(f"'{path or what}' {problem}; send valid Unicode text")
+        raise BodyError(f"'{path or what}' {problem}; send valid Unicode text", path or None)

@@ -203,7 +203,7 @@ def openai_error_response(error: Exception) -> JSONResponse:
     elif isinstance(error, ValidationError):
         code = "invalid_value"
     elif isinstance(error, BodyError):
-        code = "invalid_json"
+        param, code = error.field, "invalid_json"
     else:
         code = ERROR_CODES.get(answer.status)
     return openai_error(answer.status, message, param, code, answer.headers)
