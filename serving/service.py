@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any
 
 import bentoml
@@ -23,7 +24,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from catalog.paths import txt2img_home
+from catalog.paths import NotAFolder, txt2img_home
 from serving import a1111, openai_images
 from serving.device import serving_gpu_count, serving_worker_count
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
@@ -62,6 +63,10 @@ from serving.playground import (
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 
+try:
+    txt2img_home()  # a home that cannot be a folder stops `bentoml serve` here, in one line, before any worker starts
+except NotAFolder as error:
+    sys.exit(f"txt2img: error: {error}")
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
 
@@ -328,8 +333,9 @@ class Txt2Img:
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
     @playground_app.get("/ui/api/runs", include_in_schema=False)
-    def playground_runs(self) -> list:
-        """The fine-tunes in TXT2IMG_HOME and the files their training, evaluation and tuning left."""
+    def playground_runs(self) -> dict:
+        """The fine-tunes in TXT2IMG_HOME, the files their training, evaluation and tuning left, and the
+        catalog files left out."""
         return fine_tune_runs(txt2img_home())
 
     @playground_app.get("/ui/files/{path:path}", include_in_schema=False)
