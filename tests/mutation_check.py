@@ -213,8 +213,8 @@ MUTATIONS = [
     Mutation(
         "generate ignores the server's limits",
         "txt2img/cli/generate.py",
-        "    if limits:\n        check_server_limits(",
-        "    if False:\n        check_server_limits(",
+        "    if limits:\n        _check_server_limits(",
+        "    if False:\n        _check_server_limits(",
         (Select("tests/test_generate.py", "servers_limits_hold and args1"),),
     ),
     Mutation(

@@ -114,15 +114,17 @@ def _settings():
         raise InputError(f"TXT2IMG_{field.upper()}: {message}") from None
 
 
-def check_server_limits(request, settings, width: int, height: int) -> None:
+def _check_server_limits(request, settings, width: int, height: int) -> None:
     """``serving.schema.check_limits``, refused in one line that says which setting lifts it."""
     from serving.schema import LimitExceeded, check_limits
 
     try:
         check_limits(request, settings, width, height)
     except LimitExceeded as error:
-        what = f"{width}x{height} is {error.value} pixels, above the limit of {error.limit}"
-        reason = what if error.field == "width*height" else str(error)
+        if error.field == "width*height":  # name the size as it was asked for, the model's own side included
+            reason = f"{width}x{height} is {error.value} pixels, above the limit of {error.limit}"
+        else:
+            reason = str(error)
         setting = LIMIT_SETTINGS.get(error.field, "its TXT2IMG_MAX_* setting")
         raise InputError(f"{reason}: raise {setting} or pass --no-limits") from None
 
@@ -140,7 +142,7 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
         raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
     width, height = request.width or entry.resolution, request.height or entry.resolution
     if limits:
-        check_server_limits(request, settings, width, height)
+        _check_server_limits(request, settings, width, height)
     progress.loading(request.model)
     pipeline = manager.pipeline_for(entry)
     checker = _safety_checker(settings, manager.device, manager.load_dtype) if settings.safety_checker else None
