@@ -179,3 +179,15 @@ def test_running_out_of_memory_without_limits_is_one_line_naming_the_size(run):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("txt2img: error: out of memory") and result.stderr.count("\n") == 1, result.stderr
     assert "99999992x64" in result.stderr
+
+
+def test_out_of_memory_is_told_apart_on_every_device():
+    import torch
+
+    from serving.generation import is_out_of_memory
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes.")
+    assert all(is_out_of_memory(error) for error in (cuda, cpu, MemoryError()))
+    assert not is_out_of_memory(RuntimeError("expected all tensors to be on the same device"))
+    assert not is_out_of_memory(ValueError("can't allocate memory"))
