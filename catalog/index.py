@@ -138,12 +138,31 @@ def load_index(user_dir: Path | None = None) -> CatalogIndex:
 
     from catalog.store import load_catalog
 
-    catalog = load_catalog(user_dir)
-    entries = [entry.summary() for entry in catalog]
-    origins = {entry.id: str(catalog.origin(entry.id)) for entry in catalog}
+    index = _index_of(load_catalog(user_dir))
     try:
-        payload = {"fingerprint": fingerprint, "entries": entries, "origins": origins}
+        payload = {"fingerprint": fingerprint, "entries": index.entries, "origins": index.origins}
         atomic_write_text(cache, json.dumps(payload, ensure_ascii=False))
     except OSError:
         pass  # a read-only home still gets correct, just slower, answers
-    return CatalogIndex(entries, origins)
+    return index
+
+
+def load_index_skipping_bad_files(user_dir: Path | None = None) -> tuple[CatalogIndex, list]:
+    """The index of every entry that loads, and the ``catalog.store.Problem`` of each user file left out.
+
+    For the server's views, which list what is good and name what is not, as ``GET /models`` does
+    (``catalog.store.load_catalog_skipping_bad_files``); a catalog with problems is not cached.
+    """
+    from catalog.store import CatalogError, load_catalog_skipping_bad_files
+
+    try:
+        return load_index(user_dir), []
+    except CatalogError:
+        catalog, problems = load_catalog_skipping_bad_files(user_dir)
+        return _index_of(catalog), problems
+
+
+def _index_of(catalog) -> CatalogIndex:
+    """The index of a loaded ``catalog.store.Catalog``."""
+    entries = [entry.summary() for entry in catalog]
+    return CatalogIndex(entries, {entry.id: str(catalog.origin(entry.id)) for entry in catalog})

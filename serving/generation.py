@@ -90,3 +90,13 @@ def generate_images(
             callback_on_step_end=after_step,
         )
     return output.images
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device ran out of memory: torch's OutOfMemoryError (CUDA, MPS),
+    Python's MemoryError, or the RuntimeError torch's CPU allocator raises."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)

@@ -134,6 +134,15 @@ def describe_errors(errors: list[dict]) -> list[dict]:
     return [{"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]} for item in errors]
 
 
+# The setting behind each limit check_limits holds a request to, by the field it names.
+LIMIT_SETTINGS = {
+    "num_inference_steps": "TXT2IMG_MAX_STEPS",
+    "num_images": "TXT2IMG_MAX_IMAGES",
+    "width*height": "TXT2IMG_MAX_PIXELS",
+    "prompt": "TXT2IMG_MAX_PROMPT_LENGTH",
+    "negative_prompt": "TXT2IMG_MAX_PROMPT_LENGTH",
+    "work": "TXT2IMG_MAX_WORK",
+}
 # What a limit's field means, where its name alone does not say.
 LIMIT_NOTES = {"work": " (work is width x height x steps x images; TXT2IMG_MAX_WORK sets the limit)"}
 

@@ -20,11 +20,13 @@ found there first, and ``bentoml build`` packs those env ``TXT2IMG_BENTO_MODELS`
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import bentoml
 from PIL import Image
 
+from catalog.paths import NotAFolder, txt2img_home
 from serving import txt2img_api
 from serving.a1111 import a1111_app
 from serving.device import serving_gpu_count, serving_worker_count
@@ -41,6 +43,10 @@ from serving.sagemaker_api import sagemaker_app
 from serving.schema import GeneratedImages, GenerationRequest, ImageRequest
 from serving.settings import ServingSettings
 
+try:
+    txt2img_home()  # a home that cannot be a folder stops `bentoml serve` here, in one line, before any worker starts
+except NotAFolder as error:
+    sys.exit(f"txt2img: error: {error}")
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
 

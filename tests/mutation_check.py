@@ -173,6 +173,57 @@ MUTATIONS = [
         "    yield\n    return\n    try:\n        yield\n    except FileExistsError:",
         (Select("tests/test_disk_full.py"),),
     ),
+    Mutation(
+        "a TXT2IMG_HOME that is a file is taken as a folder",
+        "catalog/paths.py",
+        '        return require_folder(Path(configured).expanduser(), "TXT2IMG_HOME")\n',
+        "        return Path(configured).expanduser()\n",
+        (Select("tests/test_home_and_outputs.py", "home_that_is_a_file_is_one_line and validate"),),
+    ),
+    Mutation(
+        "the server's catalog views fail on one bad user catalog file",
+        "catalog/index.py",
+        "        return load_index(user_dir), []\n    except CatalogError:\n",
+        "        return load_index(user_dir), []\n    except ZeroDivisionError:\n",
+        (Select("tests/test_playground_home.py", "runs_read_no_report"),),
+    ),
+    # --- serving: the playground ------------------------------------------------------------------
+    Mutation(
+        "the runs view reads reports through links leading out of home",
+        "serving/playground.py",
+        'report = json.loads(run_file(home, f"{folder}/metrics.json").read_text(encoding="utf-8"))',
+        'report = json.loads((home / folder / "metrics.json").read_text(encoding="utf-8"))',
+        (Select("tests/test_playground_home.py", "runs_read_no_report"),),
+    ),
+    Mutation(
+        "a run file link is served whatever type it leads to",
+        "serving/playground.py",
+        "    if RUN_FILE_TYPES.get(path.suffix.lower()) != RUN_FILE_TYPES[Path(relative).suffix.lower()]:\n",
+        "    if False:\n",
+        (Select("tests/test_playground_home.py", "run_file_refuses"),),
+    ),
+    # --- the generate command ---------------------------------------------------------------------
+    Mutation(
+        "generate makes every image in one pipeline call",
+        "txt2img/cli/generate.py",
+        "    batch_size = settings.max_batch_size",
+        "    batch_size = len(seeds)",
+        (Select("tests/test_generate.py", "max_batch_size_at_a_time"),),
+    ),
+    Mutation(
+        "generate ignores the server's limits",
+        "txt2img/cli/generate.py",
+        "    if limits:\n        _check_server_limits(",
+        "    if False:\n        _check_server_limits(",
+        (Select("tests/test_generate.py", "servers_limits_hold and args1"),),
+    ),
+    Mutation(
+        "generate writes under a file it was not told about",
+        "txt2img/cli/generate.py",
+        '    require_folder(output.parent, "output folder")\n',
+        "",
+        (Select("tests/test_home_and_outputs.py", "writing_under_a_file and generate"),),
+    ),
     # --- serving: the manager ---------------------------------------------------------------------
     Mutation(
         "manager ignores its byte budget",

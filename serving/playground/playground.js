@@ -48,6 +48,12 @@ function showError(target, message) {
   target.hidden = !message;
 }
 
+// Catalog files the server left out (GET /models' catalog_problems): said, while every good entry is listed.
+function showCatalogProblems(target, problems) {
+  const lines = problems.map((problem) => `${problem.file}${problem.field ? ` (${problem.field})` : ""}: ${problem.message}`);
+  showError(target, lines.length ? `Catalog files left out: ${lines.join("; ")}` : "");
+}
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const randomSeed = () => Math.floor(Math.random() * MAX_SEED);
 
@@ -210,6 +216,7 @@ async function loadCatalog(query) {
     const loaded = listing.loaded.length ? listing.loaded.join(", ") : "none";
     status.textContent = `${listing.models.length} model(s)${query ? ` matching “${query}”` : ""}. Loaded now: ${loaded}.`;
     $("#catalog-list").replaceChildren(...listing.models.map(modelCard));
+    showCatalogProblems($("#catalog-error"), listing.catalog_problems);
   } catch (error) {
     status.textContent = "";
     showError($("#catalog-error"), `Could not load the catalog: ${error.message}`);
@@ -474,7 +481,8 @@ function runCard(run) {
 async function loadRuns() {
   showError($("#runs-error"), "");
   try {
-    const runs = await getJson("/ui/api/runs");
+    const { runs, catalog_problems: problems } = await getJson("/ui/api/runs");
+    showCatalogProblems($("#runs-error"), problems);
     const list = $("#runs-list");
     if (!runs.length) list.replaceChildren(element("li", { class: "status", text: "No fine-tunes in this home yet: see `txt2img train`." }));
     else list.replaceChildren(...runs.map(runCard));
