@@ -22,6 +22,7 @@ import pytest
 from bentoml_server import running_server
 from chromium_browser import launched_chromium
 from PIL import Image
+from playwright.sync_api import expect
 
 ALLOWED_HOST = "txt2img.lan"
 TIMEOUT_MS = 120_000
@@ -359,6 +360,18 @@ def test_a_seed_the_page_cannot_send_exactly_is_refused_with_the_rule(page, brow
     assert not sent
     seed_field.fill("9007199254740991")  # the largest is fine
     assert seed_field.evaluate("input => input.validity.valid")
+
+
+def test_images_whose_seeds_would_run_past_the_exact_range_are_refused(page, browser_safety_server):
+    page.goto(f"{browser_safety_server}/ui")
+    page.get_by_role("button", name="Generate", exact=True).first.click()
+    view = page.locator("#view-generate")
+    view.get_by_label("Prompt", exact=True).fill("a lighthouse")
+    view.get_by_label("Seed", exact=True).fill("9007199254740990")
+    view.get_by_label("Images").fill("3")
+    view.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gen-error")).to_contain_text("3 images from seed 9007199254740990 run past")
+    assert page.locator("#gen-gallery .result").count() == 0
 
 
 def test_swagger_ui_works_under_its_policy_which_keeps_it_from_calling_google(chromium, client, browser_safety_server):

@@ -314,9 +314,10 @@ async function onGenerate(event) {
   const settings = formSettings();
   // A blank seed is drawn here, not by the server, so the seeds shown are those that made the images.
   settings.seed ??= randomSeed();
-  const lastSeed = settings.seed + (settings.num_images || 1) - 1; // image i uses seed + i
-  showError($("#gen-error"), Number.isSafeInteger(lastSeed) ? "" : `The last image's seed would be ${lastSeed}, but ${SEED_RULE}.`);
-  if (!Number.isSafeInteger(lastSeed)) return;
+  const count = settings.num_images || 1;
+  const exact = settings.seed <= Number.MAX_SAFE_INTEGER - (count - 1); // image i uses seed + i
+  showError($("#gen-error"), exact ? "" : `${count} images from seed ${settings.seed} run past the largest seed: ${SEED_RULE}.`);
+  if (!exact) return;
   const submit = $("#gen-submit");
   const progress = reportProgress("gen");
   submit.disabled = true;
