@@ -374,13 +374,14 @@ def test_images_whose_seeds_would_run_past_the_exact_range_are_refused(page, bro
     assert page.locator("#gen-gallery .result").count() == 0
 
 
-def test_swagger_ui_works_under_its_policy_which_keeps_it_from_calling_google(chromium, client, browser_safety_server):
+def test_swagger_ui_works_under_its_policy_which_keeps_it_from_calling_home(chromium, client, browser_safety_server):
     docs = client.get("/docs")
     assert "script-src" not in docs.headers["content-security-policy"]  # default-src 'self': its own files only
     assert docs.headers["x-frame-options"] == "DENY"
     with watched_page(chromium, browser_safety_server) as watched:
         watched.page.goto(f"{browser_safety_server}/docs")
-        watched.page.locator("#swagger-ui section.swagger-ui").wait_for()  # drawn by its scripts, which ran
-    # BentoML's page would load Google Tag Manager: the policy blocks its inline loader, and nothing else.
-    assert not watched.foreign
-    assert len(watched.violations) == 1 and "inline script" in watched.violations[0], watched.violations
+        watched.page.locator(".swagger-ui .opblock").first.wait_for()  # it read /docs.json and drew the operations
+    # BentoML's page would load Google Tag Manager (an inline loader) and its description's badges from the
+    # internet: the policy blocks those, and nothing else.
+    assert any("inline script" in violation for violation in watched.violations), watched.violations
+    assert all("inline script" in violation or "img-src" in violation for violation in watched.violations)
