@@ -339,6 +339,13 @@ MUTATIONS = [
         (Select("tests/test_browser_safety.py", "security_headers"),),
     ),
     Mutation(
+        "the playground draws random seeds below 2**63, past what a JavaScript number holds exactly",
+        "serving/playground/playground.js",
+        "const RANDOM_SEEDS = 2 ** 32;",
+        "const RANDOM_SEEDS = 2 ** 63;",
+        (Select("tests/test_browser_safety.py", "reuse_this_seed"),),
+    ),
+    Mutation(
         "every serving worker takes the first GPU",
         "serving/device.py",
         "gpu = 0 if worker_index is None else (worker_index - 1) % torch.cuda.device_count()",

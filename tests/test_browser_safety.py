@@ -332,7 +332,8 @@ def test_reuse_this_seed_gives_the_same_image_bytes(page, browser_safety_server)
     assert seed_field.input_value() == ""  # a random seed
     view.get_by_role("button", name="Generate").click()
     results = page.locator("#gen-gallery .result")  # the newest first
-    results.first.locator("img").wait_for()
+    page.locator("#gen-gallery .result, #gen-error:not([hidden])").first.wait_for()
+    expect(page.locator("#gen-error")).to_be_hidden()
     seed = results.first.get_attribute("data-seed")
 
     results.first.get_by_role("button", name="Reuse this seed").click()
