@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<3' || echo 'torch==2.13.0')
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
-# `bentoml serve` binds every interface (0.0.0.0) even though its log says localhost;
-# `make serve HOST=127.0.0.1` keeps the server on this machine. PORT picks another port.
-HOST ?=
+# `make serve` keeps the server on this machine (127.0.0.1), as AUTOMATIC1111 and ComfyUI do; plain
+# `bentoml serve` binds every interface (0.0.0.0). `make serve HOST=0.0.0.0` shares it (A1111's --listen):
+# see docs/security.md for what else sharing needs. PORT picks another port.
+HOST ?= 127.0.0.1
 PORT ?=
 
 .PHONY: install serve test mutate lint format clean

@@ -11,7 +11,8 @@ module, no pydantic.
 The contract, from JumpStart's txt2img spec (``predictor_specs``) and its example notebook:
 
 * Content types: ``application/json``, an object with the keys in PARAMETER_NAMES, or
-  ``application/x-text``, whose body is the prompt. Without a Content-Type the body is JSON.
+  ``application/x-text``, whose body is the prompt. Without a Content-Type the body is JSON (the
+  container's rule; the local server requires a Content-Type, see serving/guard.py).
 * Accept types: ``application/json;jpeg`` gives base64 JPEGs. It is the spec's default, so no
   Accept, ``*/*`` and ``application/*`` get it too. ``application/json`` and
   ``application/json;verbose`` give H x W x 3 arrays of RGB values.
@@ -156,16 +157,28 @@ def negotiate_accept(accept: str | None) -> str:
     raise NotAcceptable(f"unsupported accept type '{accept}'; use one of: {', '.join(ACCEPT_TYPES)}")
 
 
-def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
-    """Check a request body against the contract; raises InvocationError naming the first problem."""
-    media_type, parameters = _split_media_type(content_type or JSON_CONTENT)
-    if media_type not in CONTENT_TYPES:
-        raise UnsupportedContentType(
-            f"unsupported content type '{content_type}'; use one of: {', '.join(CONTENT_TYPES)}"
-        )
+def unsupported_content_type(content_type: str, accepted: tuple[str, ...] = CONTENT_TYPES) -> str | None:
+    """Why a body of ``content_type`` is refused where the media types ``accepted`` are taken, UTF-8 only;
+    None when it is taken. The local server refuses bodies on every route with these words
+    (serving/guard.py), so both servers say the same to the same request."""
+    media_type, parameters = _split_media_type(content_type)
+    if media_type not in accepted:
+        return f"unsupported content type '{content_type}'; use one of: {', '.join(accepted)}"
     charsets = {parameter.split("=", 1)[1].strip('"') for parameter in parameters if parameter.startswith("charset=")}
     if charsets - {"utf-8", "utf8"}:
-        raise UnsupportedContentType(f"unsupported charset in content type '{content_type}'; send UTF-8")
+        return f"unsupported charset in content type '{content_type}'; send UTF-8"
+    return None
+
+
+def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
+    """Check a request body against the contract; raises InvocationError naming the first problem.
+    Without a content type the body is JSON, as SageMaker's container reads it (the local server
+    requires one: serving/guard.py)."""
+    content_type = content_type or JSON_CONTENT
+    problem = unsupported_content_type(content_type)
+    if problem is not None:
+        raise UnsupportedContentType(problem)
+    media_type, _ = _split_media_type(content_type)
     what = f"the {media_type} body"
     try:
         if media_type == TEXT_CONTENT:

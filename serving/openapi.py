@@ -57,6 +57,7 @@ def declare_error_answers(document: dict, routes: list[str]) -> dict:
     for route in routes:
         responses = document["paths"][route]["post"]["responses"]
         for status, description in GENERATION_ERRORS.items():
+            responses.pop(status, None)  # BentoML's own, keyed by number: both keys would be "400" in JSON
             responses[str(status)] = {"description": description, "content": error_body}
     return document
 

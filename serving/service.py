@@ -31,7 +31,7 @@ from serving import txt2img_api
 from serving.a1111 import a1111_app
 from serving.device import serving_gpu_count, serving_worker_count
 from serving.engine import Engine
-from serving.guard import BearerTokenAuth, RequestBodyLimit
+from serving.guard import BearerTokenAuth, ContentTypeGuard, HostOriginGuard, RequestBodyLimit, SecurityHeaders
 from serving.http_errors import JSONErrorBodies, log_client_errors_as_one_line
 from serving.image_files import share_image_folder
 from serving.metrics import own_prometheus_dir
@@ -91,7 +91,10 @@ class Txt2Img:
 
 
 # The first added is the outermost: auth refuses a stranger before a byte of the body is read.
+Txt2Img.add_asgi_middleware(SecurityHeaders)  # CSP, nosniff, no framing: /ui, /docs, served images (refusals too)
 Txt2Img.add_asgi_middleware(BearerTokenAuth)  # TXT2IMG_API_TOKEN, on every route but the health checks
+Txt2Img.add_asgi_middleware(HostOriginGuard)  # without a token: loopback or TXT2IMG_ALLOWED_HOSTS, own Origin
+Txt2Img.add_asgi_middleware(ContentTypeGuard)  # 415 for a body of a type its route does not take
 Txt2Img.add_asgi_middleware(RequestBodyLimit)  # TXT2IMG_MAX_BODY_BYTES, on every route
 # What `bentoml build` packs into the Bento; empty unless TXT2IMG_BENTO_MODELS names stored models.
 Txt2Img.models.extend(bento_models_to_pack())

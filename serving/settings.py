@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServingSettings(BaseSettings):
@@ -41,6 +41,11 @@ class ServingSettings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="Bearer token every route but the health checks requires; unset: no auth."
     )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Without api_token, the Host names (comma-separated, no port; * for any) a request may name "
+        "besides loopback ones, and whose Origin a request may come from; the rest get 403 (docs/security.md).",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body; beyond it the answer is 413.")
 
     safety_checker: bool = Field(
@@ -71,3 +76,11 @@ class ServingSettings(BaseSettings):
         "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
     )
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``"a.example, B.example"`` -> ``("a.example", "b.example")``: host names compare case-insensitively."""
+        if isinstance(value, str):
+            return tuple(name.strip().lower() for name in value.split(",") if name.strip())
+        return value

@@ -209,7 +209,6 @@ GOOD = {
     ),
     "guidance-off": (payload(guidance_scale=1, negative_prompt="blurry", eta=0.5), JSON, JPEG),
     "charset": (payload(), "application/json; charset=utf-8", JPEG),
-    "no-content-type": (payload(), None, JPEG),
 }
 
 

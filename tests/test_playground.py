@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from bentoml_server import running_server
+from chromium_browser import launched_chromium
 from openapi_spec_validator import validate
 from PIL import Image
 from playwright.sync_api import expect
@@ -30,18 +31,6 @@ from serving.playground import NotARunFile, run_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO_ROOT / "tests" / "output" / "playground"
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download another and fails offline
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    # Without these Chromium keeps calling home, which floods a closed network.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CONTACT_SHEET_SIZE = (96, 64)
 HYPERPARAMETERS = {"max_steps": 400, "learning_rate": 5e-06, "with_prior_preservation": True}
 METRICS = {"clip_i": 0.81, "clip_t": 0.29, "dino": 0.62}
@@ -98,14 +87,8 @@ def server(playground_home) -> str:
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("the playground tests need Debian's chromium: apt-get install chromium (.ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture()

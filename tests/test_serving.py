@@ -273,7 +273,7 @@ def test_unknown_model_gets_suggestions(client):
 
 @pytest.mark.parametrize(
     ("content", "content_type"),
-    [(b'{"prompt": "a cat",', "application/json"), (b"\xff\xfe", "application/json"), (b"a cat", "text/plain")],
+    [(b'{"prompt": "a cat",', "application/json"), (b"\xff\xfe", "application/json")],
 )
 def test_malformed_txt2img_bodies_get_400(client, content, content_type):
     response = client.post("/txt2img", content=content, headers={"content-type": content_type})
@@ -399,7 +399,7 @@ def test_full_queue_answers_429_and_a_disconnected_client_stops_its_generation(s
     host, port = server.removeprefix("http://").split(":")
     hanging = socket.create_connection((host, int(port)))
     hanging.sendall(
-        b"POST /txt2img HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

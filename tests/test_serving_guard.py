@@ -143,6 +143,13 @@ def test_an_openai_url_answer_is_fetched_without_the_token(client):
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
+def test_with_a_token_any_host_and_origin_are_answered(client):
+    """A browser never sends the token of its own accord, so the Host and Origin rules are off (docs/security.md)."""
+    headers = {**AUTH, "Host": "evil.example", "Origin": "https://evil.example"}
+    assert client.get("/models", headers=headers).status_code == 200
+    assert client.get("/models", headers={"Host": "evil.example"}).status_code == 401
+
+
 @pytest.mark.parametrize("path", ["/ping", "/readyz", "/livez", "/healthz"])
 def test_health_checks_stay_open(client, path):
     assert client.get(path).status_code == 200

@@ -6,7 +6,10 @@
 const HISTORY_KEY = "txt2img.history";
 const HISTORY_LIMIT = 30;
 const HISTORY_IMAGE_LIMIT = 150000; // characters of data URL kept per image; bigger ones keep settings only
-const MAX_SEED = 2 ** 31; // the server takes up to 2**63; a dice roll this size is plenty and exact in JS
+const RANDOM_SEEDS = 2 ** 32; // random seeds are drawn below 2**32, as AUTOMATIC1111 draws them
+// The server takes seeds up to 2**63, but a JavaScript number holds integers exactly only up to this one:
+// the page accepts no larger seed, so every seed it sends, shows and puts back is the one that made the image.
+const SEED_RULE = `a seed is a whole number from 0 to ${Number.MAX_SAFE_INTEGER}`;
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -55,7 +58,21 @@ function showCatalogProblems(target, problems) {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const randomSeed = () => Math.floor(Math.random() * MAX_SEED);
+const randomSeed = () => Math.floor(Math.random() * RANDOM_SEEDS);
+
+// Whether a seed field holds a seed the page can send exactly (or nothing); if not, the field says why
+// and the browser keeps its form from being sent.
+function checkSeed(input) {
+  const text = input.value.trim();
+  const valid = !input.validity.badInput && (text === "" || (/^\d+$/.test(text) && Number.isSafeInteger(Number(text))));
+  input.setCustomValidity(valid ? "" : `Seed: ${SEED_RULE}.`);
+  return valid;
+}
+
+function setSeed(input, seed) {
+  input.value = seed;
+  checkSeed(input);
+}
 
 // ---- talking to the server ----
 
@@ -266,6 +283,7 @@ function applySettings(settings) {
   for (const name of ["model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "scheduler", "seed"]) {
     if (form.elements[name]) form.elements[name].value = settings[name] ?? "";
   }
+  checkSeed(form.elements.seed); // a history entry of an older page may hold a seed this one cannot send
   form.elements.num_images.value = 1;
 }
 
@@ -287,7 +305,7 @@ function resultCard(image, format, settings) {
     ]),
     element("div", { class: "buttons" },
       element("a", { class: "button", href: source, download: name, text: "Download" }),
-      element("button", { type: "button", text: "Reuse this seed", onclick: () => { $("#gen-seed").value = image.seed; $("#gen-seed").focus(); } })));
+      element("button", { type: "button", text: "Reuse this seed", onclick: () => { setSeed($("#gen-seed"), image.seed); $("#gen-seed").focus(); } })));
 }
 
 function reportProgress(prefix) {
@@ -312,9 +330,14 @@ function reportProgress(prefix) {
 async function onGenerate(event) {
   event.preventDefault();
   const settings = formSettings();
+  // A blank seed is drawn here, not by the server, so the seeds shown are those that made the images.
+  settings.seed ??= randomSeed();
+  const count = settings.num_images || 1;
+  const exact = settings.seed <= Number.MAX_SAFE_INTEGER - (count - 1); // image i uses seed + i
+  showError($("#gen-error"), exact ? "" : `${count} images from seed ${settings.seed} run past the largest seed: ${SEED_RULE}.`);
+  if (!exact) return;
   const submit = $("#gen-submit");
   const progress = reportProgress("gen");
-  showError($("#gen-error"), "");
   submit.disabled = true;
   progress.onStep(0, settings.num_inference_steps || 1);
   try {
@@ -505,8 +528,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#catalog-search").addEventListener("submit", (event) => { event.preventDefault(); loadCatalog($("#catalog-query").value.trim()); });
   $("#generate-form").addEventListener("submit", onGenerate);
   $("#compare-form").addEventListener("submit", onCompare);
-  $("#gen-dice").addEventListener("click", () => { $("#gen-seed").value = randomSeed(); });
-  $("#cmp-dice").addEventListener("click", () => { $("#cmp-seed").value = randomSeed(); });
+  $("#gen-dice").addEventListener("click", () => setSeed($("#gen-seed"), randomSeed()));
+  $("#cmp-dice").addEventListener("click", () => setSeed($("#cmp-seed"), randomSeed()));
+  for (const input of [$("#gen-seed"), $("#cmp-seed")]) input.addEventListener("input", () => checkSeed(input));
   $("#history-clear").addEventListener("click", () => { localStorage.removeItem(HISTORY_KEY); renderHistory(); });
   renderHistory();
   loadCatalog("");
