@@ -27,9 +27,11 @@ from txt2img.errors import Txt2ImgError
 # What each error status of /txt2img and /images means, for their OpenAPI answers.
 GENERATION_ERRORS = {
     400: "Not a valid request: malformed JSON, a wrong or unknown field, or a configured limit broken.",
-    403: "The model is not in the HF cache and TXT2IMG_ALLOW_DOWNLOADS forbids requests to download it.",
+    403: "The model is not in the HF cache and TXT2IMG_ALLOW_DOWNLOADS forbids requests to download it; "
+    "or, without TXT2IMG_API_TOKEN, a Host or Origin that is not loopback or in TXT2IMG_ALLOWED_HOSTS.",
     404: "The model is not a catalog id; suggestions lists close ones.",
     413: "The body is larger than TXT2IMG_MAX_BODY_BYTES.",
+    415: "The Content-Type is not application/json, or its charset is not UTF-8.",
     429: "The queue is full; the Retry-After header says when to try again.",
     503: "The model cannot be loaded now, e.g. missing from the local Hugging Face cache.",
     504: "Not finished within TXT2IMG_REQUEST_TIMEOUT_S, queue time included.",
