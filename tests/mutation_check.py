@@ -136,6 +136,13 @@ MUTATIONS = [
     ),
     # --- catalog ----------------------------------------------------------------------------------
     Mutation(
+        "catalog list folds model ids in its table",
+        "txt2img/cli/catalog.py",
+        '    table.add_column("id", style="bold cyan", no_wrap=True)\n',
+        '    table.add_column("id", style="bold cyan", overflow="fold")\n',
+        (Select("tests/test_catalog_cli.py", "keeps_every_id_whole"),),
+    ),
+    Mutation(
         "catalog write in place, not atomic",
         "catalog/paths.py",
         "        temporary = _write_temporary(path, data)\n        try:\n            os.replace(temporary, path)\n",

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE = "offline"
 REASONS = {"gpu", "download", "aws", "container", "postgres", "long-running", "placeholder"}
@@ -21,6 +23,7 @@ EXECUTED_LANGUAGES = ("bash", "python")
 ALIASES = {"sh", "shell", "console", "zsh", "py", "python3", "pycon"}
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 EXAMPLE_TIMEOUT_S = 600
+README_MAX_LINES = 150
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,26 @@ def test_the_marker_check_refuses_what_would_hide_an_example(tmp_path):
     assert "write ```bash" in problems[2] and "names no language" in problems[3]
 
 
-def test_offline_examples_run_as_written(docs_server):
+def test_the_readme_stays_a_page_a_newcomer_reads_in_five_minutes():
+    lines = len((REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move internals to docs/ or CONTRIBUTING.md"
+
+
+def test_the_docs_keep_their_runnable_examples():
+    assert len(offline_examples()) >= 10, "the docs have lost their runnable examples"
+
+
+# One test per page, in reading order: each page has the test timeout to itself, and a page may use
+# what an earlier one made (the README's toy-photos/ and red-toy).
+@pytest.mark.parametrize(
+    "page", sorted({example.page for example in offline_examples()}, key=doc_pages().index), ids=lambda page: page.name
+)
+def test_offline_examples_run_as_written(docs_server, page):
     url, home, workdir = docs_server
-    examples = offline_examples()
-    assert len(examples) >= 10, "the docs have lost their runnable examples"
     env = example_env(home)
-    for example in examples:
+    for example in offline_examples():
+        if example.page != page:
+            continue
         result = run_example(example, url, env, workdir)
         assert result.returncode == 0, (
             f"{example.where} failed ({result.returncode}):\n{example.code}\n"
