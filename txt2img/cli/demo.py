@@ -12,8 +12,6 @@ import click
 
 from txt2img.errors import InputError
 
-SUBJECT_NAMES = ("red", "blue", "green", "purple")
-
 
 @click.group("demo")
 def app() -> None:
@@ -21,7 +19,7 @@ def app() -> None:
 
     \b
     txt2img demo photos toy-photos
-    txt2img train toy-photos --base tiny-sd --name red-toy --hp max_steps=40 --hp learning_rate=2e-3
+    txt2img train toy-photos --base tiny-sd --name red-toy --hp max_steps=10 --hp learning_rate=2e-3
     """
 
 
@@ -31,8 +29,9 @@ def app() -> None:
     "--subject",
     "subjects",
     multiple=True,
-    type=click.Choice(SUBJECT_NAMES),
-    help="A toy to draw (repeatable; default red). Several make a `concepts` dataset, one folder each.",
+    metavar="COLOUR",
+    help="A toy to draw: red, blue, green or purple (repeatable; default red). "
+    "Several make a `concepts` dataset, one folder each.",
 )
 @click.option("--images", type=click.IntRange(min=3, max=100), default=4, show_default=True, help="Photos per toy.")
 @click.option("--size", type=click.IntRange(min=8, max=1024), default=64, show_default=True, help="Photo side, px.")
@@ -42,8 +41,11 @@ def photos(directory: Path, subjects: tuple[str, ...], images: int, size: int) -
     Each toy is one shape and colour at several places and sizes; its instance prompt is
     "a photo of sks <colour> toy" and its class prompt "a photo of a toy".
     """
-    from training.demo_dataset import write_demo_dataset
+    from training.demo_dataset import SUBJECTS, write_demo_dataset
 
+    unknown = [subject for subject in subjects if subject not in SUBJECTS]
+    if unknown:
+        raise InputError(f"--subject {unknown[0]!r} is not one of {', '.join(SUBJECTS)}")
     if directory.exists() and any(directory.iterdir()):
         raise InputError(f"{directory} is not empty; name a new or empty folder")
     subjects = tuple(dict.fromkeys(subjects)) or ("red",)
