@@ -89,9 +89,17 @@ def aimed_at(code: str, url: str) -> str:
 
 
 def example_env(home: Path) -> dict[str, str]:
-    """A newcomer's shell after ``source .venv/bin/activate``, with this checkout first and no network."""
+    """A newcomer's shell after ``source .venv/bin/activate``, with this checkout first and no network.
+
+    curl reads ``$CURL_HOME/.curlrc``: there it fails on an HTTP error status, as a reader would
+    notice one, instead of writing the error into the example's output file and exiting 0.
+    """
+    curl_home = home / "curl"
+    curl_home.mkdir(exist_ok=True)
+    (curl_home / ".curlrc").write_text("fail-with-body\nshow-error\nsilent\n", encoding="utf-8")
     env = {name: value for name, value in os.environ.items() if not name.startswith("TXT2IMG_")}
     return {
+        "CURL_HOME": str(curl_home),
         **env,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         "PYTHONPATH": str(REPO_ROOT),
@@ -155,6 +163,18 @@ def test_offline_examples_run_as_written(docs_server, page):
             f"{example.where} failed ({result.returncode}):\n{example.code}\n"
             f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}"
         )
+
+
+def test_an_example_that_drifted_from_the_server_fails(docs_server):
+    """The run is strict enough to fail: a curl whose answer is an HTTP error fails, though curl alone exits 0."""
+    url, home, workdir = docs_server
+    code = (
+        "curl -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
+        """-d '{"prompt": "a cube", "model": "tiny-sdd"}' -o drifted.json\n"""
+    )
+    result = run_example(Example(REPO_ROOT / "README.md", 0, "bash", RUNNABLE, code), url, example_env(home), workdir)
+    assert result.returncode != 0 and "404" in result.stderr
+    assert "Did you mean: tiny-sd" in (workdir / "drifted.json").read_text(encoding="utf-8")
 
 
 def test_tune_help_says_trials_is_required(run_cli):
