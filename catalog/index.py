@@ -23,6 +23,8 @@ _CODE_FILES = (CATALOG_DIR / "schema.py", CATALOG_DIR / "index.py")
 class UnknownModelError(InputError, KeyError):
     """A model id that is not in the catalog; carries the closest known ids."""
 
+    http_status = 404
+
     def __init__(self, model_id: str, suggestions: list[str]):
         self.model_id = model_id
         self.suggestions = suggestions
@@ -31,6 +33,9 @@ class UnknownModelError(InputError, KeyError):
     def __str__(self) -> str:
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
         return f"unknown model id '{self.model_id}'.{hint} See `txt2img catalog list`."
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "model": self.model_id, "suggestions": self.suggestions}
 
 
 def suggest_ids(text: str, ids: list[str], limit: int = 3) -> list[str]:
@@ -133,12 +138,31 @@ def load_index(user_dir: Path | None = None) -> CatalogIndex:
 
     from catalog.store import load_catalog
 
-    catalog = load_catalog(user_dir)
-    entries = [entry.summary() for entry in catalog]
-    origins = {entry.id: str(catalog.origin(entry.id)) for entry in catalog}
+    index = _index_of(load_catalog(user_dir))
     try:
-        payload = {"fingerprint": fingerprint, "entries": entries, "origins": origins}
+        payload = {"fingerprint": fingerprint, "entries": index.entries, "origins": index.origins}
         atomic_write_text(cache, json.dumps(payload, ensure_ascii=False))
     except OSError:
         pass  # a read-only home still gets correct, just slower, answers
-    return CatalogIndex(entries, origins)
+    return index
+
+
+def load_index_skipping_bad_files(user_dir: Path | None = None) -> tuple[CatalogIndex, list]:
+    """The index of every entry that loads, and the ``catalog.store.Problem`` of each user file left out.
+
+    For the server's views, which list what is good and name what is not, as ``GET /models`` does
+    (``catalog.store.load_catalog_skipping_bad_files``); a catalog with problems is not cached.
+    """
+    from catalog.store import CatalogError, load_catalog_skipping_bad_files
+
+    try:
+        return load_index(user_dir), []
+    except CatalogError:
+        catalog, problems = load_catalog_skipping_bad_files(user_dir)
+        return _index_of(catalog), problems
+
+
+def _index_of(catalog) -> CatalogIndex:
+    """The index of a loaded ``catalog.store.Catalog``."""
+    entries = [entry.summary() for entry in catalog]
+    return CatalogIndex(entries, {entry.id: str(catalog.origin(entry.id)) for entry in catalog})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from txt2img.errors import Txt2ImgError
+from txt2img.errors import InputError, Txt2ImgError
 
 BUILTIN_CATALOG = Path(__file__).with_name("models.yaml")
 ENTRY_SUFFIX = ".yaml"
@@ -37,14 +38,39 @@ def writing(what: Path) -> Iterator[None]:
         raise
 
 
+class NotAFolder(InputError):
+    """A path that must be a folder, or become one, is a file or lies under one."""
+
+
+def require_folder(folder: Path, what: str) -> Path:
+    """``folder``, once it is sure that it is a folder or can become one; else NotAFolder names ``what``
+    and the file in the way, so a command refuses before any work instead of failing at its first write."""
+    for candidate in (folder, *folder.parents):
+        try:
+            is_folder = stat.S_ISDIR(candidate.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet: what stands above it decides
+        except OSError as error:
+            raise NotAFolder(f"{what} {folder}: {(error.strerror or str(error)).lower()}") from None
+        if is_folder:
+            return folder
+        if candidate == folder:
+            raise NotAFolder(f"{what} {folder} is a file, not a folder")
+        raise NotAFolder(f"{what} {folder} is under {candidate}, a file")
+    return folder
+
+
 def txt2img_home() -> Path:
-    """The user's txt2img data directory: env ``TXT2IMG_HOME`` or the platform's data dir."""
+    """The user's txt2img data directory: env ``TXT2IMG_HOME`` or the platform's data dir.
+
+    Every reader and writer of the home comes here, so a home that cannot be a folder is refused
+    (NotAFolder) by each of them in the same words."""
     configured = os.environ.get("TXT2IMG_HOME")
     if configured:
-        return Path(configured).expanduser()
+        return require_folder(Path(configured).expanduser(), "TXT2IMG_HOME")
     from platformdirs import user_data_dir
 
-    return Path(user_data_dir("txt2img", appauthor=False))
+    return require_folder(Path(user_data_dir("txt2img", appauthor=False)), "txt2img's data folder")
 
 
 def user_catalog_dir() -> Path:

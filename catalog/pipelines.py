@@ -23,7 +23,12 @@ EXPORT_MANIFEST = "txt2img.yaml"
 
 
 class ModelLoadError(InputError, RuntimeError):
-    """A catalog model cannot be turned into a pipeline; the message says why and what to do."""
+    """A catalog model cannot be turned into a pipeline; the message says why and what to do.
+
+    A server answers 503: the model may load later (once fetched, or once memory frees up)."""
+
+    http_status = 503
+    retry_after_s = 60
 
 
 def lora_weights_file(entry: CatalogEntry) -> Path:

@@ -1,8 +1,9 @@
 """Packing a catalog model that lives on this machine into a SageMaker ``model.tar.gz``.
 
 The archive holds the exported diffusers folder at its root and, under ``code/``, the container's
-entry point ``inference.py``, the wire format it imports (``serving/invocations.py``, copied as is,
-so the endpoint and the local ``/invocations`` route answer alike) and the pip requirements the
+entry point ``inference.py``, the wire format it imports (``serving/invocations.py`` with its body
+reader and image encoder, WIRE_MODULES, copied as they are, so the endpoint and the local
+``/invocations`` route answer alike) and the pip requirements the
 Hugging Face container installs first.
 """
 
@@ -13,6 +14,10 @@ import tarfile
 from pathlib import Path
 
 from jumpstart.errors import SageMakerError
+from serving import images, invocations, json_body
+
+# The wire format and what it imports, copied as they are into the archive's code/serving/.
+WIRE_MODULES = (invocations, json_body, images)
 
 # What code/inference.py needs beyond the Hugging Face inference container's own packages.
 CONTAINER_REQUIREMENTS = ("diffusers>=0.31,<1", "accelerate>=0.34", "safetensors>=0.4")
@@ -22,7 +27,6 @@ WIRE_PACKAGE_INIT = '"""JumpStart\'s text-to-image wire format, copied from txt2
 def write_inference_code(code_dir: Path) -> None:
     """Fill ``code_dir`` with inference.py, the wire format it imports, and requirements.txt."""
     from jumpstart import inference_script
-    from serving import invocations
 
     code_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(inference_script.__file__, code_dir / "inference.py")
@@ -30,7 +34,8 @@ def write_inference_code(code_dir: Path) -> None:
     wire_package = code_dir / "serving"
     wire_package.mkdir()
     (wire_package / "__init__.py").write_text(WIRE_PACKAGE_INIT, encoding="utf-8")
-    shutil.copyfile(invocations.__file__, wire_package / "invocations.py")
+    for module in WIRE_MODULES:
+        shutil.copyfile(module.__file__, wire_package / Path(module.__file__).name)
     (code_dir / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n", encoding="utf-8")
 
 

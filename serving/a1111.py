@@ -10,25 +10,29 @@ module knows each of them: mapped fields are honoured, the others are accepted a
 (NEUTRAL, and every hires-fix field while ``enable_hr`` is false) and refused with 422 naming the
 field otherwise (``restore_faces: true``, a ``script_name``, a ControlNet unit, ...). A field this
 module does not know is accepted only when empty (null, false, "", [] or {}).
+
+The routes live on ``a1111_app``, which the service mounts at ``/sdapi/v1``; the service's own
+/docs.json documents them.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import random
 import time
 from typing import Any
 
-from PIL import PngImagePlugin
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from catalog.schema import CatalogEntry
+from serving.engine import Engine, current_engine
 from serving.generation_queue import CallProgress, GenerationResult
-from serving.http_errors import GENERATION_ERRORS, error_answer
-from serving.schema import GenerationRequest
+from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
+from serving.images import image_base64
+from serving.json_body import read_json_object
+from serving.schema import GenerationRequest, Text
 
 # A1111's sampler names, each with our scheduler and A1111's aliases for it.
 SAMPLERS: dict[str, tuple[str, list[str]]] = {
@@ -124,10 +128,11 @@ class A1111RequestError(ValueError):
 class Txt2ImgRequest(BaseModel):
     """The fields of A1111's txt2img request that map onto GenerationRequest, with A1111's defaults."""
 
-    model_config = ConfigDict(extra="ignore")  # every other field is checked by unmapped_field_problem
+    # Every other field is checked by unmapped_field_problem; strict, as every route's types are.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    prompt: str = ""
-    negative_prompt: str | None = ""
+    prompt: Text = ""
+    negative_prompt: Text | None = ""
     width: int = 512
     height: int = 512
     steps: int = 50
@@ -135,8 +140,8 @@ class Txt2ImgRequest(BaseModel):
     seed: int = -1
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
-    sampler_name: str | None = None
-    sampler_index: str | None = DEFAULT_SAMPLER
+    sampler_name: Text | None = None
+    sampler_index: Text | None = DEFAULT_SAMPLER
     override_settings: dict[str, Any] | None = None
     alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
@@ -179,19 +184,9 @@ def alwayson_script_problem(script: Any) -> str | None:
     return "always-on scripts (ControlNet, ADetailer, ...) are not supported"
 
 
-def json_object(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise A1111RequestError("body", "not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise A1111RequestError("body", "must be a JSON object")
-    return payload
-
-
 def parse_txt2img(body: bytes) -> tuple[Txt2ImgRequest, dict[str, Any]]:
     """The mapped request and the payload as sent; raises A1111RequestError for a field it cannot honour."""
-    payload = json_object(body)
+    payload = read_json_object(body)
     mapped = Txt2ImgRequest.model_fields
     for name, value in payload.items():
         if name not in mapped:
@@ -246,14 +241,6 @@ def infotext(generation: GenerationRequest, sampler: str, seed: int, model: str)
     return "\n".join(lines)
 
 
-def png_base64(image, text: str) -> str:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def txt2img_response(
     request: Txt2ImgRequest,
     payload: dict[str, Any],
@@ -287,7 +274,11 @@ def txt2img_response(
         "infotexts": texts,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
     }
-    images = [png_base64(image, text) for image, text in zip(result.images, texts)] if request.send_images else []
+    images = (
+        [image_base64(image, "png", png_text={"parameters": text}) for image, text in zip(result.images, texts)]
+        if request.send_images
+        else []
+    )
     parameters = {**request.model_dump(), **payload, "sampler_name": sampler}
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
@@ -325,7 +316,7 @@ def a1111_error_response(error: Exception) -> JSONResponse:
         status = 422 if answer.status == 400 else answer.status
         headers = answer.headers
     body = {"error": type(error).__name__, "detail": message, "body": "", "errors": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 def sd_model(entry: CatalogEntry) -> dict[str, Any]:
@@ -358,7 +349,7 @@ def check_options_unchanged(body: bytes, default_model: str) -> None:
     A client picks a model per request with ``override_settings.sd_model_checkpoint`` instead.
     """
     current = options(default_model)
-    for name, value in json_object(body).items():
+    for name, value in read_json_object(body).items():
         if name == "sd_model_checkpoint" and checkpoint_id(str(value)) == default_model:
             continue
         if current.get(name, ANY) != value:
@@ -394,3 +385,70 @@ def progress(running: CallProgress | None, waiting: int) -> dict[str, Any]:
         "textinfo": None,
         "current_task": None,
     }
+
+
+# The route reads its body with the one reader, to answer every error in A1111's format; this states it.
+A1111_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": Txt2ImgRequest.model_json_schema()}},
+}
+
+# The service's own /docs.json documents these routes; the app serves no documents of its own.
+a1111_app = FastAPI(title="txt2img AUTOMATIC1111 API", docs_url=None, redoc_url=None, openapi_url=None)
+add_error_handlers(a1111_app, a1111_error_response, A1111RequestError)
+
+
+@a1111_app.post(
+    "/txt2img",
+    openapi_extra={"requestBody": A1111_REQUEST_BODY},
+    responses=a1111_error_answers(422, 403, 404, 413, 429, 503, 504),
+)
+async def a1111_txt2img(request: Request, engine: Engine = Depends(current_engine)) -> Response:
+    """AUTOMATIC1111's txt2img; errors in A1111's shape."""
+    a1111_request, payload = parse_txt2img(await request.body())
+    generation = generation_request(a1111_request)
+    [result] = await engine.generate([generation], request.is_disconnected)
+    model = generation.model or engine.settings.model
+    return JSONResponse(txt2img_response(a1111_request, payload, generation, result, model))
+
+
+@a1111_app.get("/sd-models")
+def a1111_sd_models(engine: Engine = Depends(current_engine)) -> list:
+    """The catalog, fine-tunes included, as A1111 checkpoints."""
+    return [sd_model(entry) for entry in engine.manager.catalog]
+
+
+@a1111_app.get("/samplers")
+def a1111_samplers() -> list:
+    """Our schedulers under A1111's sampler names."""
+    return samplers()
+
+
+@a1111_app.get("/schedulers")
+def a1111_schedulers() -> list:
+    """A1111's noise schedules: only "automatic", each sampler's own."""
+    return [{"name": "automatic", "label": "Automatic", "aliases": None}]
+
+
+@a1111_app.get("/options")
+def a1111_options(engine: Engine = Depends(current_engine)) -> dict:
+    """The settings A1111 clients read; sd_model_checkpoint is the server's default model."""
+    return options(engine.settings.model)
+
+
+@a1111_app.post("/options", responses=a1111_error_answers(422))
+async def a1111_set_options(request: Request, engine: Engine = Depends(current_engine)) -> None:
+    """Accepted only when it changes nothing; a request picks its model with override_settings."""
+    check_options_unchanged(await request.body(), engine.settings.model)
+
+
+@a1111_app.get("/progress")
+def a1111_progress(engine: Engine = Depends(current_engine)) -> dict:
+    """The running pipeline call: progress 0..1, steps and an ETA in seconds."""
+    return progress(engine.queue.running(), engine.queue.depth())
+
+
+@a1111_app.get("/scripts")
+def a1111_scripts() -> dict:
+    """No scripts or extensions here; clients ask before sending their arguments."""
+    return {"txt2img": [], "img2img": []}

@@ -10,17 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from serving.schema import LimitExceeded
-
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
+from serving.schema import SCHEDULER_CLASSES, LimitExceeded
 
 
 @dataclass
@@ -100,3 +90,13 @@ def generate_images(
             callback_on_step_end=after_step,
         )
     return output.images
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device ran out of memory: torch's OutOfMemoryError (CUDA, MPS),
+    Python's MemoryError, or the RuntimeError torch's CPU allocator raises."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)

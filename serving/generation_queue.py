@@ -5,6 +5,10 @@ can share its pipeline call (same model, size, steps, guidance and scheduler) up
 ``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
 client left or whose time ran out is dropped from the queue, and a running call stops at the
 next denoising step once all of its requests have given up.
+
+One request cannot break the others: when a batched call fails, each of its requests runs again
+alone, so only the guilty one fails. A model that fails to load (the warm-up's included) is
+refused at once for RETRY_LOAD_AFTER_S, with the reason, while every other model is served.
 """
 
 from __future__ import annotations
@@ -19,32 +23,44 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.safety import SafetyChecker
 from serving.schema import GenerationRequest, LimitExceeded
 from serving.settings import ServingSettings
+from txt2img.errors import Txt2ImgError
 
 logger = logging.getLogger(__name__)
 
 WARM_UP_STEPS = 2
+RETRY_LOAD_AFTER_S = 60  # a model that failed to load is refused at once for this long, then tried again
 
 
-class QueueFull(Exception):
-    """The queue holds ``max_queue`` requests already; ``retry_after`` is a guess in seconds."""
+class QueueFull(Txt2ImgError):
+    """The queue holds ``max_queue`` requests already; ``retry_after_s`` is a guess in seconds."""
 
-    def __init__(self, retry_after: int):
-        self.retry_after = retry_after
-        super().__init__(f"the generation queue is full; retry in about {retry_after} s")
+    http_status = 429
+
+    def __init__(self, retry_after_s: int):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the generation queue is full; retry in about {retry_after_s} s")
 
 
-class GenerationTimeout(Exception):
+class GenerationTimeout(Txt2ImgError):
     """A request did not finish within ``request_timeout_s``."""
 
+    http_status = 504
 
-class ClientGone(Exception):
+    def __str__(self) -> str:
+        return f"generation timed out: {self.args[0]}"
+
+
+class ClientGone(Txt2ImgError):
     """The client disconnected before its images were ready."""
+
+    http_status = 499  # nginx's code; nobody reads it, but logs show why the request ended
 
 
 @dataclass
@@ -114,6 +130,9 @@ class GenerationQueue:
         self.metrics = metrics
         self.ready = threading.Event()
         self.warm_up_error: str | None = None
+        self._unavailable: str | None = None  # why nothing can be served (the safety checker did not load)
+        self._failed_loads: dict[str, tuple[str, float]] = {}  # model id -> (reason, when)
+        self._warm_model: str | None = None
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
         self._seconds_per_image = 1.0
@@ -123,8 +142,17 @@ class GenerationQueue:
 
     def start(self, warm_model: str) -> None:
         """Start the generation thread; it warms ``warm_model`` before taking requests."""
+        self._warm_model = warm_model
         self._thread = threading.Thread(target=self._run, args=(warm_model,), name="txt2img-generation", daemon=True)
         self._thread.start()
+
+    def check_loadable(self, model_id: str) -> None:
+        """Raise ModelLoadError, with the reason, for a model that failed to load within RETRY_LOAD_AFTER_S."""
+        if self._unavailable is not None:
+            raise ModelLoadError(self._unavailable)
+        failed = self._failed_loads.get(model_id)
+        if failed is not None and time.monotonic() - failed[1] < RETRY_LOAD_AFTER_S:
+            raise ModelLoadError(failed[0])
 
     def submit(self, job: Job) -> Future:
         with self._condition:
@@ -168,17 +196,22 @@ class GenerationQueue:
 
     def _run(self, warm_model: str) -> None:
         try:
+            self._load_safety_checker()
             self._warm_up(warm_model)
-        except Exception as error:  # the service keeps answering /readyz with 503 and says why
+        except Exception as error:  # /readyz and /ping answer 503 saying why; the queue serves what it can
             logger.exception("warm-up of %s failed", warm_model)
             self.warm_up_error = f"warm-up of '{warm_model}' failed: {error}"
-            return
-        self.ready.set()
+            if self.settings.safety_checker and self.safety_checker is None:  # never serve unchecked images
+                self._unavailable = f"the safety checker did not load: {error}"
+            else:
+                self._failed_loads[warm_model] = (self.warm_up_error, time.monotonic())
+        else:
+            self.ready.set()
         while True:
             batch = self._next_batch()
             self._run_batch(batch)
 
-    def _warm_up(self, model_id: str) -> None:
+    def _load_safety_checker(self) -> None:
         if self.settings.safety_checker:
             self.safety_checker = SafetyChecker.load(
                 self.settings.safety_checker_repo,
@@ -187,6 +220,8 @@ class GenerationQueue:
                 local_files_only=self.settings.local_files_only,
             )
             logger.info("safety checker loaded from %s", self.settings.safety_checker_repo)
+
+    def _warm_up(self, model_id: str) -> None:
         entry = self.manager.entry(model_id)
         pipeline = self.manager.pipeline_for(entry)
         size = entry.resolution
@@ -208,6 +243,8 @@ class GenerationQueue:
                 while not self._pending:
                     self._condition.wait()
                 head = self._pending.popleft()
+                if self._refuse_unloadable(head):
+                    continue
                 if not head.gave_up():
                     break
                 head.future.cancel()  # its waiter has already answered the client
@@ -228,7 +265,32 @@ class GenerationQueue:
             self._report_depth()
         return batch
 
+    def _refuse_unloadable(self, job: Job) -> bool:
+        """Fail a job queued before its model's load failed (it would fail the same way); True when done so."""
+        try:
+            self.check_loadable(job.entry.id)
+        except ModelLoadError as error:
+            job.future.set_exception(error)
+            return True
+        return False
+
     def _run_batch(self, batch: list[Job]) -> None:
+        """Run one pipeline call for ``batch`` and hand each job its images; a failed call of several
+        requests runs each of them again alone, so that only the request at fault fails."""
+        try:
+            images, flags, steps_done = self._call(batch)
+        except Exception as error:
+            if len(batch) > 1 and not isinstance(error, ModelLoadError):  # a load fails alike for all
+                logger.warning("a batch of %d requests failed (%s); running each alone", len(batch), error)
+                for job in batch:
+                    self._run_batch([job])
+                return
+            self._fail(batch, error)
+            return
+        self._deliver(batch, images, flags, steps_done)
+
+    def _call(self, batch: list[Job]) -> tuple[list, list[bool] | None, int]:
+        """One pipeline call for every image of ``batch``: the images, the safety flags, and the steps run."""
         head = batch[0]
         items = [
             BatchItem(job.request.prompt, job.request.negative_prompt, seed) for job in batch for seed in job.seeds
@@ -260,34 +322,47 @@ class GenerationQueue:
             flags = None
             if self.safety_checker is not None:  # here, so that every route gets checked images
                 images, flags = self.safety_checker.check(images)
-        except Exception as error:  # every waiting request hears about it; the thread lives on
-            if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
-                logger.exception("generation failed for %s", head.entry.id)
-            for job in batch:
-                job.future.set_exception(error)
-            return
         finally:
             self._running = None
             if self.metrics is not None:
                 self.metrics.running_images.set(0)
         elapsed = time.monotonic() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(items)
-        if progress.steps_done < head.request.num_inference_steps:
+        return images, flags, progress.steps_done
+
+    def _fail(self, batch: list[Job], error: Exception) -> None:
+        """Every request of a failed call hears why; a failed load is remembered (check_loadable)."""
+        head = batch[0]
+        if isinstance(error, ModelLoadError) and not isinstance(error, DownloadsForbidden):
+            self._failed_loads[head.entry.id] = (str(error), time.monotonic())
+        if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
+            logger.error("generation failed for %s", head.entry.id, exc_info=error)
+        for job in batch:
+            job.future.set_exception(error)
+
+    def _deliver(self, batch: list[Job], images: list, flags: list[bool] | None, steps_done: int) -> None:
+        """Count the call, then hand each job its images (in seed order) and safety flags."""
+        head = batch[0]
+        if head.entry.id == self._warm_model and not self.ready.is_set() and self._unavailable is None:
+            self.warm_up_error = None  # the default model loaded after all (fetched since, or memory freed)
+            self._failed_loads.pop(head.entry.id, None)
+            self.ready.set()
+        if steps_done < head.request.num_inference_steps:
             logger.info(
                 "stopped after %d of %d steps: every request in the batch gave up",
-                progress.steps_done,
+                steps_done,
                 head.request.num_inference_steps,
             )
             if self.metrics is not None:
                 self.metrics.interrupted.inc()
         # Counted before any answer goes out, so a client that has its images finds them in /metrics.
         if self.metrics is not None:
-            self.metrics.batch_images.observe(len(items))
+            self.metrics.batch_images.observe(len(images))
             for job in batch:
                 self.metrics.generation_seconds.labels(job.entry.id).observe(time.monotonic() - job.arrived)
         offset = 0
         for job in batch:
             count = len(job.seeds)
             job_flags = flags[offset : offset + count] if flags is not None else None
-            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags))
+            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags))
             offset += count

@@ -1,25 +1,28 @@
 """Turning what can go wrong with a request into an HTTP status and a JSON body that names the problem,
-and logging a client's mistake as what it is: one INFO line."""
+and logging a client's mistake as what it is: one INFO line.
+
+Exceptions carry their HTTP status (``Txt2ImgError.http_status``, as they carry exit codes for the
+CLI); ERROR_ANSWERS is the one table from exception type to answer, read by every protocol. Each
+protocol's exception handler (serving/jumpstart_routes.py, openai_images.py, a1111.py,
+playground.py) keeps the status and headers and reshapes the body into its own error format.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import JSONResponse
 
-from catalog.index import UnknownModelError
-from catalog.pipelines import ModelLoadError
-from serving.generation_queue import ClientGone, GenerationTimeout, QueueFull
 from serving.invocations import InvocationError
-from serving.manager import DownloadsForbidden
-from serving.schema import LimitExceeded, describe_errors, describe_validation_error
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs show why the request ended
+from serving.json_body import BodyError
+from serving.schema import describe_errors, describe_validation_error
+from txt2img.errors import Txt2ImgError
 
 # What each error status of /txt2img and /images means, for their OpenAPI answers.
 GENERATION_ERRORS = {
@@ -48,19 +51,22 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="What is wrong, for a person to read.")
     detail: list[dict[str, Any]] | None = Field(None, description="Validation errors, one per field.")
-    field: str | None = Field(None, description="The field that broke a configured limit.")
+    field: str | None = Field(None, description="The field at fault: one that broke a limit, or holds bad text.")
     limit: int | None = Field(None, description="That limit.")
     value: int | None = Field(None, description="The value the request asked for.")
     model: str | None = Field(None, description="The unknown, or not downloadable, model id.")
     suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
 
 
-def validation_error_body(error) -> dict:
-    """pydantic's errors as JSON: which field, and what is wrong with it."""
-    return _invalid_request(describe_validation_error(error))
+class ErrorJSONResponse(JSONResponse):
+    """A JSON error answer written in ASCII: whatever text an error echoes, its answer can be encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def _invalid_request(detail: list[dict]) -> dict:
+def invalid_request(detail: list[dict]) -> dict:
+    """The body of a 400 for validation errors: a summary a person reads, and one item per field."""
     summary = "; ".join(f"{item['field'] or 'body'}: {item['message']}" for item in detail)
     return {"error": f"invalid request: {summary}", "detail": detail}
 
@@ -69,7 +75,7 @@ def _invalid_request(detail: list[dict]) -> dict:
 class ErrorAnswer:
     """What the service answers for an exception: status, JSON body and headers.
 
-    Our routes send it as it is; the OpenAI and A1111 adapters keep the status and headers and
+    Our routes send it as it is; the OpenAI and A1111 handlers keep the status and headers and
     reshape the body into their own error format.
     """
 
@@ -82,43 +88,54 @@ class ErrorAnswer:
         body = self.body
         if "limit" in body:
             name = names.get(body["field"], body["field"])
-            return name, f"{name} is {body['value']}, above the limit of {body['limit']}"
+            return name, body["error"].replace(body["field"], name, 1)
         if "detail" in body:
             fields = [names.get(item["field"], item["field"]) for item in body["detail"]]
             problems = [f"{name or 'body'}: {item['message']}" for name, item in zip(fields, body["detail"])]
             return fields[0] or None, f"invalid request: {'; '.join(problems)}"
         return None, body["error"]
 
+    def response(self) -> JSONResponse:
+        return ErrorJSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def _validation_answer(error: ValidationError) -> ErrorAnswer:
+    return ErrorAnswer(400, invalid_request(describe_validation_error(error)))
+
+
+def _wire_answer(error: BodyError | InvocationError) -> ErrorAnswer:
+    """The standard-library errors of the wire format (serving/json_body.py, serving/invocations.py)."""
+    field = getattr(error, "field", None)
+    return ErrorAnswer(error.status, {"error": str(error)} | ({"field": field} if field else {}))
+
+
+def _carried_answer(error: Txt2ImgError) -> ErrorAnswer:
+    """Any of our own errors: the status it carries, its JSON (``as_json`` where it adds fields), Retry-After."""
+    body = error.as_json() if hasattr(error, "as_json") else {"error": str(error)}
+    retry_after = getattr(error, "retry_after_s", None)
+    return ErrorAnswer(error.http_status, body, {"Retry-After": str(retry_after)} if retry_after else {})
+
+
+# The one table from exception type to answer; a type's nearest listed ancestor answers for it.
+ERROR_ANSWERS: dict[type[Exception], Callable[[Any], ErrorAnswer]] = {
+    ValidationError: _validation_answer,
+    BodyError: _wire_answer,
+    InvocationError: _wire_answer,
+    Txt2ImgError: _carried_answer,
+}
+
 
 def error_answer(error: Exception) -> ErrorAnswer:
     """The answer for an exception raised while serving a request; unexpected ones re-raise."""
-    from pydantic import ValidationError
-
-    if isinstance(error, ValidationError):
-        return ErrorAnswer(400, validation_error_body(error))
-    if isinstance(error, InvocationError):  # /invocations: JumpStart's wire format names the status
-        return ErrorAnswer(error.status, error.as_json())
-    if isinstance(error, LimitExceeded):
-        return ErrorAnswer(400, error.as_json())
-    if isinstance(error, UnknownModelError):
-        return ErrorAnswer(404, {"error": str(error), "model": error.model_id, "suggestions": error.suggestions})
-    if isinstance(error, QueueFull):
-        return ErrorAnswer(429, {"error": str(error)}, {"Retry-After": str(error.retry_after)})
-    if isinstance(error, GenerationTimeout):
-        return ErrorAnswer(504, {"error": f"generation timed out: {error}"})
-    if isinstance(error, ClientGone):
-        return ErrorAnswer(CLIENT_CLOSED_REQUEST, {"error": str(error)})
-    if isinstance(error, DownloadsForbidden):  # retrying will not help, unlike a failed load
-        return ErrorAnswer(403, {"error": str(error), "model": error.model_id})
-    if isinstance(error, ModelLoadError):
-        return ErrorAnswer(503, {"error": str(error)}, {"Retry-After": "60"})
+    for kind in type(error).__mro__:
+        if kind in ERROR_ANSWERS:
+            return ERROR_ANSWERS[kind](error)
     raise error
 
 
 def error_response(error: Exception) -> JSONResponse:
     """The response for an exception raised while serving a request; unexpected ones re-raise."""
-    answer = error_answer(error)
-    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+    return error_answer(error).response()
 
 
 class ClientErrorsAsOneLine(logging.Filter):
@@ -135,7 +152,7 @@ class ClientErrorsAsOneLine(logging.Filter):
 
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ValidationError):
-            reason = validation_error_body(error)["error"]
+            reason = invalid_request(describe_validation_error(error))["error"]
         elif isinstance(error, BentoMLException) and error.error_code < 500:
             reason = f"{error.error_code.value} {error}"
         else:
@@ -219,5 +236,16 @@ def _readable_error_body(start: dict, raw: bytes) -> bytes | None:
     detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, list) and detail and all(isinstance(item, dict) and "loc" in item for item in detail):
         # BentoML's refusal: pydantic's raw items, whose "loc" starts at the body.
-        return json.dumps(_invalid_request(describe_errors(detail))).encode()
+        return json.dumps(invalid_request(describe_errors(detail))).encode()
     return None
+
+
+def add_error_handlers(app, render: Callable[[Exception], Any], *extra: type[Exception]) -> None:
+    """Answer every exception type of ERROR_ANSWERS, and ``extra`` ones, raised by ``app``'s routes with
+    ``render(error)``: each protocol's one exception handler, in its own error format."""
+
+    async def handle(request, error: Exception):
+        return render(error)
+
+    for kind in (*ERROR_ANSWERS, *extra):
+        app.add_exception_handler(kind, handle)

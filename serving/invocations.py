@@ -1,11 +1,12 @@
 """SageMaker JumpStart's text-to-image wire format: requests parsed and checked, answers and errors rendered.
 
 This one module speaks the format for both servers that speak it: the local ``POST /invocations``
-route (serving/service.py) and the ``code/inference.py`` that ``txt2img deploy`` packs into a
+route (serving/sagemaker_api.py) and the ``code/inference.py`` that ``txt2img deploy`` packs into a
 model archive for the Hugging Face inference container (jumpstart/inference_script.py). The packer
-copies this file into the archive as ``code/serving/invocations.py``, so it must import nothing but
-the standard library, plus numpy inside the function that makes RGB arrays: no txt2img module,
-no pydantic.
+copies this file, the body reader and the image encoder it uses (serving/json_body.py,
+serving/images.py) into the archive as ``code/serving/``, so they must import nothing but the
+standard library, PIL and numpy (inside the function that makes RGB arrays): no other txt2img
+module, no pydantic.
 
 The contract, from JumpStart's txt2img spec (``predictor_specs``) and its example notebook:
 
@@ -25,13 +26,13 @@ The contract, from JumpStart's txt2img spec (``predictor_specs``) and its exampl
 
 from __future__ import annotations
 
-import base64
-import codecs
-import io
 import json
 import math
 import random
 from dataclasses import dataclass
+
+from serving.images import image_base64
+from serving.json_body import BodyError, json_type, read_json, utf8_text
 
 JSON_CONTENT = "application/json"
 TEXT_CONTENT = "application/x-text"
@@ -68,6 +69,7 @@ PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 7.5
 SEED_END = 2**63  # image seeds stay below it: torch takes them, and so does the local server
+RANDOM_SEED_END = 2**32  # random first seeds, as the local server draws them
 JPEG_QUALITY = 90
 
 
@@ -127,7 +129,7 @@ class Invocation:
             negatives = self.negative_prompt
         else:
             negatives = [self.negative_prompt] * len(prompts)
-        first = self.seed if self.seed is not None else random.randrange(SEED_END - self.image_count)
+        first = self.seed if self.seed is not None else random.randrange(RANDOM_SEED_END)
         pairs = [pair for pair in zip(prompts, negatives) for _ in range(self.num_images_per_prompt)]
         return [WantedImage(prompt, negative, first + k) for k, (prompt, negative) in enumerate(pairs)]
 
@@ -164,46 +166,22 @@ def parse_request(body: bytes | str, content_type: str | None) -> Invocation:
     charsets = {parameter.split("=", 1)[1].strip('"') for parameter in parameters if parameter.startswith("charset=")}
     if charsets - {"utf-8", "utf8"}:
         raise UnsupportedContentType(f"unsupported charset in content type '{content_type}'; send UTF-8")
-    text = _utf8_text(body, media_type)
-    if media_type == TEXT_CONTENT:
-        if not text:
-            raise InvocationError("the application/x-text body is empty; it must be the prompt")
-        return _invocation({"prompt": text}, one_image=True)
+    what = f"the {media_type} body"
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvocationError(f"the body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvocationError("the JSON body is nested too deeply") from None
-    except ValueError:  # Python refuses to read integers of thousands of digits
-        raise InvocationError("the JSON body holds a number with too many digits") from None
+        if media_type == TEXT_CONTENT:
+            text = utf8_text(body, what)
+            if not text:
+                raise InvocationError("the application/x-text body is empty; it must be the prompt")
+            return _invocation({"prompt": text}, one_image=True)
+        payload = read_json(body, what)
+    except BodyError as error:  # the reader's refusals, answered in this format
+        raise InvocationError(str(error)) from None
     if not isinstance(payload, dict):
-        raise InvocationError(f"the JSON body must be an object, not {_json_type(payload)}")
+        raise InvocationError(f"the JSON body must be an object, not {json_type(payload)}")
     unknown = sorted(set(payload) - set(PARAMETER_NAMES))
     if unknown:
         raise InvocationError(f"unknown parameter(s) {unknown}; allowed: {list(PARAMETER_NAMES)}")
     return _invocation(payload, one_image=False)
-
-
-def _utf8_text(body: bytes | str, media_type: str) -> str:
-    """The body as text. Both content types are UTF-8, as the Hugging Face container reads JSON."""
-    if not isinstance(body, str):
-        if body.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32's marks start the same
-            raise InvocationError(
-                f"the {media_type} body is UTF-16 or UTF-32 (it starts with a byte order mark); send UTF-8"
-            )
-        try:
-            body = body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvocationError(f"the {media_type} body is not UTF-8: {error}") from None
-    if "\x00" in body:  # valid UTF-8, but what UTF-16 or UTF-32 text without a byte order mark looks like
-        raise InvocationError(f"the {media_type} body holds NUL characters, as UTF-16 or UTF-32 text does; send UTF-8")
-    return body
-
-
-def _json_type(value) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def _is_int(value) -> bool:
@@ -281,9 +259,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
 def encode_image(image, accept_type: str):
     """A PIL image as the accept type wants it: a base64 JPEG string, or nested lists of RGB values."""
     if accept_type == JPEG_ACCEPT:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+        return image_base64(image, "jpeg", quality=JPEG_QUALITY)
     import numpy as np
 
     return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()

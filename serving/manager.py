@@ -45,7 +45,12 @@ class LoadedBase:
 
 
 class DownloadsForbidden(ModelLoadError):
-    """A request asks for a Hub model missing from the HF cache, and TXT2IMG_ALLOW_DOWNLOADS is off."""
+    """A request asks for a Hub model missing from the HF cache, and TXT2IMG_ALLOW_DOWNLOADS is off.
+
+    403 and no Retry-After: unlike a failed load, asking again will not help."""
+
+    http_status = 403
+    retry_after_s = None
 
     def __init__(self, entry: CatalogEntry):
         self.model_id = entry.id
@@ -53,6 +58,9 @@ class DownloadsForbidden(ModelLoadError):
             f"model '{entry.id}' ({entry.hf_repo}) is not in this server's Hugging Face cache, and "
             "TXT2IMG_ALLOW_DOWNLOADS is off, so a request cannot download it; ask the operator to fetch it"
         )
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "model": self.model_id}
 
 
 def in_hf_cache(repo: str) -> bool:

@@ -1,5 +1,8 @@
 """OpenAI's Images API: ``POST /v1/images/generations`` and ``GET /v1/models``, as a thin adapter.
 
+The routes live on ``openai_app``, which the service mounts at ``/v1``; the service's own /docs.json
+documents them.
+
 A request becomes one GenerationRequest (``n`` images) for the service's one queue, so limits,
 batching and metrics are those of every other route; the images come back in OpenAI's answer
 shape, and errors in OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
@@ -18,20 +21,23 @@ shape, and errors in OpenAI's ``{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from catalog.schema import CatalogEntry
+from serving.engine import Engine, current_engine
 from serving.generation_queue import GenerationResult
-from serving.http_errors import GENERATION_ERRORS, error_answer
-from serving.schema import GenerationRequest, SchedulerName
+from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
+from serving.images import image_bytes
+from serving.json_body import BodyError, read_json_object
+from serving.schema import GenerationRequest, SchedulerName, Text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")
@@ -65,10 +71,10 @@ class OpenAIRequestError(ValueError):
 class ImageGenerationRequest(BaseModel):
     """The body of ``POST /v1/images/generations`` that this server acts on."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
-    model: str | None = Field(None, description="Catalog id; defaults to the server's TXT2IMG_MODEL.")
+    prompt: Text
+    model: Text | None = Field(None, description="Catalog id; defaults to the server's TXT2IMG_MODEL.")
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description="'WIDTHxHEIGHT' in pixels, or 'auto' for the model's native size.")
     response_format: Literal["b64_json", "url"] = "b64_json"
@@ -78,20 +84,15 @@ class ImageGenerationRequest(BaseModel):
     safety_identifier: str | None = Field(None, description="Accepted and not used.")
     # Ours, sent through the OpenAI SDK's extra_body.
     seed: int | None = None
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     scheduler: SchedulerName | None = None
 
 
 def parse_image_request(body: bytes) -> ImageGenerationRequest:
-    """The request in ``body``; raises OpenAIRequestError or ValidationError naming the field at fault."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise OpenAIRequestError("the request body is not valid JSON", None, "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise OpenAIRequestError("the request body must be a JSON object", None, "invalid_json")
+    """The request in ``body``; raises BodyError, OpenAIRequestError or ValidationError naming the problem."""
+    payload = read_json_object(body)
     for name, value in payload.items():
         if name in NEUTRAL_VALUES:
             neutral = NEUTRAL_VALUES[name]
@@ -112,10 +113,10 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"512x384"`` -> ``(512, 384)``; None or ``"auto"`` -> the model's native size."""
     if size is None or size == "auto":
         return None, None
-    match = SIZE_PATTERN.match(size)
+    match = SIZE_PATTERN.fullmatch(size)
     if not match or int(match[1]) % 8 or int(match[2]) % 8 or not int(match[1]) or not int(match[2]):
         raise OpenAIRequestError(
-            f"Invalid value for 'size': '{size}'. Use 'WIDTHxHEIGHT' in pixels, both multiples of 8 "
+            f"Invalid value for 'size': {size!r}. Use 'WIDTHxHEIGHT' in pixels, both multiples of 8 "
             "(e.g. '512x512'), or 'auto' for the model's native size.",
             "size",
         )
@@ -142,13 +143,6 @@ def generation_request(request: ImageGenerationRequest) -> GenerationRequest:
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
 
 
-def encode_image(image, output_format: str, compression: int | None) -> bytes:
-    buffer = io.BytesIO()
-    quality = {} if compression is None or output_format == "png" else {"quality": compression}
-    image.convert("RGB").save(buffer, format=output_format.upper(), **quality)
-    return buffer.getvalue()
-
-
 def images_response(
     request: ImageGenerationRequest, result: GenerationResult, file_url: Callable[[bytes, str], str]
 ) -> dict[str, Any]:
@@ -159,7 +153,8 @@ def images_response(
     """
     data = []
     for seed, image in zip(result.seeds, result.images):
-        encoded = encode_image(image, request.output_format, request.output_compression)
+        quality = request.output_compression if request.output_format != "png" else None
+        encoded = image_bytes(image, request.output_format, quality)
         if request.response_format == "url":
             data.append({"url": file_url(encoded, request.output_format), "seed": seed})
         else:
@@ -194,7 +189,7 @@ def openai_error_answers(*statuses: int) -> dict[int, dict[str, Any]]:
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
     error_type = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 def openai_error_response(error: Exception) -> JSONResponse:
@@ -207,6 +202,8 @@ def openai_error_response(error: Exception) -> JSONResponse:
         code = "limit_exceeded"
     elif isinstance(error, ValidationError):
         code = "invalid_value"
+    elif isinstance(error, BodyError):
+        param, code = error.field, "invalid_json"
     else:
         code = ERROR_CODES.get(answer.status)
     return openai_error(answer.status, message, param, code, answer.headers)
@@ -220,3 +217,52 @@ def model_object(entry: CatalogEntry) -> dict[str, Any]:
 def model_list(entries: list[CatalogEntry]) -> dict[str, Any]:
     """``GET /v1/models``: the catalog in OpenAI's list format; ``owned_by`` is the entry's source."""
     return {"object": "list", "data": [model_object(entry) for entry in entries]}
+
+
+# The route reads its body with the one reader, to answer every error in OpenAI's format; this states it.
+OPENAI_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+}
+
+# The service's own /docs.json documents these routes; the app serves no documents of its own.
+openai_app = FastAPI(title="txt2img OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)
+add_error_handlers(openai_app, openai_error_response, OpenAIRequestError)
+
+
+@openai_app.post(
+    "/images/generations",
+    openapi_extra={"requestBody": OPENAI_REQUEST_BODY},
+    responses=openai_error_answers(400, 403, 404, 413, 429, 503, 504),
+)
+async def openai_generations(request: Request, engine: Engine = Depends(current_engine)) -> Response:
+    """OpenAI's image generation; errors in OpenAI's shape."""
+    openai_request = parse_image_request(await request.body())
+    [result] = await engine.generate([generation_request(openai_request)], request.is_disconnected)
+
+    def file_url(data: bytes, image_format: str) -> str:
+        return str(request.url_for("openai_image_file", name=engine.image_files.add(data, image_format)))
+
+    return JSONResponse(images_response(openai_request, result, file_url))
+
+
+@openai_app.get("/images/files/{name}", name="openai_image_file", responses=openai_error_answers(404))
+def openai_image_file(name: str, engine: Engine = Depends(current_engine)) -> Response:
+    """An image of a response_format "url" answer, kept for an hour (serving/image_files.py).
+
+    A plain ``def``: FastAPI runs it in a thread, so reading the file never blocks the event loop."""
+    stored = engine.image_files.get(name)
+    if stored is None:
+        return openai_error(404, f"no image {json.dumps(name)[:80]}: its link expired or never existed")
+    return Response(stored.data, media_type=stored.media_type)
+
+
+@openai_app.get("/models")
+def openai_models(engine: Engine = Depends(current_engine)) -> dict:
+    """The catalog in OpenAI's list format."""
+    return model_list(list(engine.manager.catalog))
+
+
+@openai_app.get("/models/{model_id}", responses=openai_error_answers(404))
+def openai_model(model_id: str, engine: Engine = Depends(current_engine)) -> dict:
+    return model_object(engine.manager.entry(model_id))

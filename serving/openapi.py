@@ -13,6 +13,10 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serving.guard import OPEN_PATHS
+from serving.http_errors import GENERATION_ERRORS, ErrorBody
+from serving.settings import ServingSettings
+
 NULL = {"type": "null"}
 
 
@@ -48,8 +52,6 @@ def declare_error_answers(document: dict, routes: list[str]) -> dict:
     BentoML declares 400, 404 and 500 for every API with bodies whose ``detail`` is a string; ours
     (and BentoML's own validation answer) carry a list there, and a route can also answer 429, 503, 504.
     """
-    from serving.http_errors import GENERATION_ERRORS, ErrorBody
-
     document["components"]["schemas"]["ErrorBody"] = ErrorBody.model_json_schema()
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for route in routes:
@@ -61,8 +63,6 @@ def declare_error_answers(document: dict, routes: list[str]) -> dict:
 
 def declare_bearer_auth(document: dict) -> dict:
     """The document with TXT2IMG_API_TOKEN's bearer auth, and its 401, on every operation but the health checks."""
-    from serving.guard import OPEN_PATHS
-
     document["components"].setdefault("securitySchemes", {})["bearer"] = {
         "type": "http",
         "scheme": "bearer",
@@ -86,8 +86,6 @@ class OpenAPI30Docs:
     answers (and bearer auth, when TXT2IMG_API_TOKEN is set) declared as they are and the whole made valid 3.0."""
 
     def __init__(self, app, service) -> None:
-        from serving.settings import ServingSettings
-
         self.app = app
         self.service = service
         self.bearer_auth = ServingSettings().api_token is not None

@@ -2,9 +2,9 @@
 
 The page (serving/playground/: plain HTML, CSS and JS, nothing fetched from the internet) lists the
 catalog, generates with per-step progress, compares models side by side and shows fine-tune runs.
-It sends the same request body as ``POST /images``. The routes that need the running service
-(catalog, generation, runs) are methods of ``Txt2Img`` in serving/service.py; this module holds
-what they compute, the page's static routes, and the middleware that makes ``/`` lead here.
+It sends the same request body as ``POST /images``. This module holds the page's routes (on
+``playground_app``, which the service mounts at ``/``), what they compute, and the middleware that
+makes ``/`` lead here.
 """
 
 from __future__ import annotations
@@ -16,13 +16,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from starlette.responses import FileResponse, RedirectResponse
+from fastapi import Depends, FastAPI, Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
+from catalog.index import load_index_skipping_bad_files
+from catalog.paths import txt2img_home
+from serving.engine import Engine, current_engine
 from serving.generation_queue import GenerationQueue, Job
-from serving.http_errors import error_response
+from serving.http_errors import add_error_handlers, error_response
 from serving.images import image_base64
+from serving.json_body import read_json_object
+from serving.schema import SCHEDULER_CLASSES, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +66,9 @@ class PlaygroundHome:
 
 def catalog_listing(query: str, loaded: list[str], default: str) -> dict[str, Any]:
     """Catalog entries for the page: ranked by ``txt2img catalog search``'s own ranking when there
-    is a query, else every entry with the fine-tunes first; each says whether it is loaded now."""
-    from catalog.index import load_index
-
-    index = load_index()
+    is a query, else every entry with the fine-tunes first; each says whether it is loaded now. A user
+    catalog file that does not load is left out and named in ``catalog_problems``, as ``GET /models`` does."""
+    index, problems = load_index_skipping_bad_files()
     if query.strip():
         entries = index.search(query)
     else:
@@ -73,26 +77,48 @@ def catalog_listing(query: str, loaded: list[str], default: str) -> dict[str, An
         "default": default,
         "loaded": loaded,
         "models": [{**entry, "loaded": entry["id"] in loaded} for entry in entries],
+        "catalog_problems": [problem.as_json() for problem in problems],
+        "schedulers": list(SCHEDULER_CLASSES),
     }
 
 
-def _files(home: Path, pattern: str) -> list[str]:
-    return sorted(path.relative_to(home).as_posix() for path in home.glob(pattern) if path.is_file())
+def _folder_names(home: Path, folder: str) -> list[str]:
+    """The names in ``home``'s run folder ``folder``, sorted; none when it is missing or leads out of home."""
+    path = home / folder
+    try:
+        if not path.resolve().is_relative_to(home.resolve() / folder.split("/")[0]):
+            return []  # a link leading out of home: not even listed
+        return sorted(child.name for child in path.iterdir())
+    except OSError:
+        return []
+
+
+def _files(home: Path, folder: str, suffix: str) -> list[str]:
+    """The run files ending in ``suffix`` in ``folder``, as paths relative to ``home``."""
+    found = (f"{folder}/{name}" for name in _folder_names(home, folder) if name.endswith(suffix))
+    return [relative for relative in found if _file(home, relative)]
 
 
 def _file(home: Path, relative: str) -> str | None:
-    return relative if (home / relative).is_file() else None
+    """``relative`` when it names a run file the page may fetch (``run_file``), else None."""
+    try:
+        run_file(home, relative)
+    except NotARunFile:
+        return None
+    return relative
 
 
 def _evaluations(home: Path, model_id: str) -> list[dict[str, Any]]:
     """Every ``txt2img evaluate`` report of a model, newest first (their folders are UTC time stamps)."""
     evaluations = []
-    for report_path in sorted((home / "evaluations" / model_id).glob("*/metrics.json"), reverse=True):
+    models_evaluations = f"evaluations/{model_id}"
+    for stamp in reversed(_folder_names(home, models_evaluations)):
+        folder = f"{models_evaluations}/{stamp}"
         try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # a report being written or damaged is left out, not an error for the whole page
-        folder = report_path.parent.relative_to(home).as_posix()
+            # Read through run_file, as the page would fetch it: never through a link leading out of home.
+            report = json.loads(run_file(home, f"{folder}/metrics.json").read_text(encoding="utf-8"))
+        except (NotARunFile, OSError, ValueError):
+            continue  # a report being written, damaged or out of reach is left out, not an error for the page
         evaluations.append(
             {
                 "created": report.get("created"),
@@ -116,13 +142,13 @@ def _tuning(home: Path, tuning: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**tuning, "trials": trials, "objective_plot": _file(home, f"{study}/report/objective.png")}
 
 
-def fine_tune_runs(home: Path) -> list[dict[str, Any]]:
-    """Each fine-tune in the catalog with the files its training, evaluations and tuning left in ``home``,
-    as paths relative to ``home`` (the page reads them through ``GET /ui/files/<path>``)."""
-    from catalog.index import load_index
-
+def fine_tune_runs(home: Path) -> dict[str, Any]:
+    """Each fine-tune in ``home``'s catalog with the files its training, evaluations and tuning left in
+    ``home``, as paths relative to ``home`` (the page reads them through ``GET /ui/files/<path>``), and
+    the catalog files left out, as ``catalog_listing`` names them."""
+    index, problems = load_index_skipping_bad_files(home / "catalog")
     runs = []
-    for entry in load_index().entries:
+    for entry in index.entries:
         if entry["source"] != "finetune":
             continue
         run = f"models/{entry['id']}"  # training/dreambooth.py's default_output_dir
@@ -131,12 +157,12 @@ def fine_tune_runs(home: Path) -> list[dict[str, Any]]:
                 "model": entry,
                 "contact_sheet": _file(home, f"{run}/contact_sheet.png"),
                 "loss_curve": _file(home, f"{run}/loss_curve.png"),
-                "validation": _files(home, f"{run}/validation/*.png"),
+                "validation": _files(home, f"{run}/validation", ".png"),
                 "evaluations": _evaluations(home, entry["id"]),
                 "tuning": _tuning(home, entry.get("tuning")),
             }
         )
-    return runs
+    return {"runs": runs, "catalog_problems": [problem.as_json() for problem in problems]}
 
 
 class NotARunFile(Exception):
@@ -145,7 +171,8 @@ class NotARunFile(Exception):
 
 def run_file(home: Path, relative: str) -> Path:
     """The file ``relative`` names under one of ``home``'s RUN_FOLDERS, symlinks resolved; raises
-    NotARunFile for anything else (``..``, absolute paths, backslashes, a link leading out)."""
+    NotARunFile for anything else (``..``, absolute paths, backslashes, a link leading out, a link to
+    a file of another type, a name the file system refuses)."""
     parts = relative.split("/")
     if (
         relative.startswith("/")
@@ -157,10 +184,16 @@ def run_file(home: Path, relative: str) -> Path:
     ):
         raise NotARunFile(relative)
     root = home.resolve()
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+        is_file = path.is_file()
+    except OSError:  # a name too long for the file system, a loop of links
+        raise NotARunFile(relative) from None
     # resolve() follows every link, so a link anywhere in the path that leads out of home ends up outside.
-    if not path.is_relative_to(root / parts[0]) or not path.is_file():
+    if not path.is_relative_to(root / parts[0]) or not is_file:
         raise NotARunFile(relative)
+    if RUN_FILE_TYPES.get(path.suffix.lower()) != RUN_FILE_TYPES[Path(relative).suffix.lower()]:
+        raise NotARunFile(relative)  # served as what its name says, never as what a link leads to
     return path
 
 
@@ -213,3 +246,44 @@ async def progress_lines(
         "batch_images": result.batch_images,
     }
     yield json.dumps(answer) + "\n"
+
+
+def _not_a_run_file(error: NotARunFile) -> JSONResponse:
+    return JSONResponse({"error": f"no run file '{error}' in TXT2IMG_HOME"}, status_code=404)
+
+
+def _playground_error(error: Exception) -> Response:
+    return _not_a_run_file(error) if isinstance(error, NotARunFile) else error_response(error)
+
+
+add_error_handlers(playground_app, _playground_error, NotARunFile)
+
+
+@playground_app.get("/ui/api/catalog", include_in_schema=False)
+def playground_catalog(q: str = "", engine: Engine = Depends(current_engine)) -> dict:
+    """The catalog for the page, ranked as ``txt2img catalog search q`` ranks it, and the schedulers."""
+    return catalog_listing(q, engine.manager.loaded_ids(), engine.settings.model)
+
+
+@playground_app.post("/ui/api/generate", include_in_schema=False)
+async def playground_generate(request: Request, engine: Engine = Depends(current_engine)) -> Response:
+    """``POST /images`` with progress: NDJSON lines while the job runs, then the images.
+
+    A request refused before it is queued (bad input, a full queue) gets the same error answer as
+    ``/images``; once the stream has begun, an error arrives as its last line."""
+    job = engine.job(GenerationRequest.model_validate(read_json_object(await request.body())))
+    engine.queue.submit(job)
+    lines = progress_lines(engine.queue, job, client_gone=request.is_disconnected)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+@playground_app.get("/ui/api/runs", include_in_schema=False)
+def playground_runs() -> dict:
+    """The fine-tunes in TXT2IMG_HOME and the files their training, evaluation and tuning left."""
+    return fine_tune_runs(txt2img_home())
+
+
+@playground_app.get("/ui/files/{path:path}", include_in_schema=False)
+def playground_file(path: str) -> Response:
+    """A run's file, read-only; nothing outside TXT2IMG_HOME's run folders (see run_file)."""
+    return run_file_response(txt2img_home(), path)

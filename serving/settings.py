@@ -64,4 +64,10 @@ class ServingSettings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64, description="Largest width x height a request may ask for.")
     max_steps: int = Field(150, ge=1, description="Most denoising steps a request may ask for.")
     max_images: int = Field(8, ge=1, description="Most images one request may ask for.")
+    max_work: int = Field(
+        1024 * 1024 * 50 * 4,
+        ge=1,
+        description="Most work one request may ask for, as width x height x steps x images; the default "
+        "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
+    )
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")

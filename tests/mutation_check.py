@@ -180,6 +180,57 @@ MUTATIONS = [
         "    yield\n    return\n    try:\n        yield\n    except FileExistsError:",
         (Select("tests/test_disk_full.py"),),
     ),
+    Mutation(
+        "a TXT2IMG_HOME that is a file is taken as a folder",
+        "catalog/paths.py",
+        '        return require_folder(Path(configured).expanduser(), "TXT2IMG_HOME")\n',
+        "        return Path(configured).expanduser()\n",
+        (Select("tests/test_home_and_outputs.py", "home_that_is_a_file_is_one_line and validate"),),
+    ),
+    Mutation(
+        "the server's catalog views fail on one bad user catalog file",
+        "catalog/index.py",
+        "        return load_index(user_dir), []\n    except CatalogError:\n",
+        "        return load_index(user_dir), []\n    except ZeroDivisionError:\n",
+        (Select("tests/test_playground_home.py", "runs_read_no_report"),),
+    ),
+    # --- serving: the playground ------------------------------------------------------------------
+    Mutation(
+        "the runs view reads reports through links leading out of home",
+        "serving/playground.py",
+        'report = json.loads(run_file(home, f"{folder}/metrics.json").read_text(encoding="utf-8"))',
+        'report = json.loads((home / folder / "metrics.json").read_text(encoding="utf-8"))',
+        (Select("tests/test_playground_home.py", "runs_read_no_report"),),
+    ),
+    Mutation(
+        "a run file link is served whatever type it leads to",
+        "serving/playground.py",
+        "    if RUN_FILE_TYPES.get(path.suffix.lower()) != RUN_FILE_TYPES[Path(relative).suffix.lower()]:\n",
+        "    if False:\n",
+        (Select("tests/test_playground_home.py", "run_file_refuses"),),
+    ),
+    # --- the generate command ---------------------------------------------------------------------
+    Mutation(
+        "generate makes every image in one pipeline call",
+        "txt2img/cli/generate.py",
+        "    batch_size = settings.max_batch_size",
+        "    batch_size = len(seeds)",
+        (Select("tests/test_generate.py", "max_batch_size_at_a_time"),),
+    ),
+    Mutation(
+        "generate ignores the server's limits",
+        "txt2img/cli/generate.py",
+        "    if limits:\n        _check_server_limits(",
+        "    if False:\n        _check_server_limits(",
+        (Select("tests/test_generate.py", "servers_limits_hold and args1"),),
+    ),
+    Mutation(
+        "generate writes under a file it was not told about",
+        "txt2img/cli/generate.py",
+        '    require_folder(output.parent, "output folder")\n',
+        "",
+        (Select("tests/test_home_and_outputs.py", "writing_under_a_file and generate"),),
+    ),
     # --- serving: the manager ---------------------------------------------------------------------
     Mutation(
         "manager ignores its byte budget",
@@ -215,9 +266,67 @@ MUTATIONS = [
     Mutation(
         "batched images handed to the wrong requests",
         "serving/generation_queue.py",
-        "GenerationResult(images[offset : offset + count], job.seeds, len(items), job_flags)",
-        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(items), job_flags)",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags)",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags)",
         (Select("tests/test_serving.py", "batched"),),
+    ),
+    Mutation(
+        "a failed batch fails every request in it",
+        "serving/generation_queue.py",
+        "            if len(batch) > 1 and not isinstance(error, ModelLoadError):",
+        "            if False:",
+        (Select("tests/test_front_door.py", "failed_batch"),),
+    ),
+    Mutation(
+        "a model that failed to warm up stops the queue",
+        "serving/generation_queue.py",
+        "                self._failed_loads[warm_model] = (self.warm_up_error, time.monotonic())\n"
+        "        else:\n            self.ready.set()\n",
+        "                return\n        else:\n            self.ready.set()\n",
+        (Select("tests/test_faults.py", "cannot_warm"),),
+    ),
+    # --- serving: the front door (one body reader, one type policy, one set of limits) ------------
+    Mutation(
+        "the body reader lets a lone surrogate through",
+        "serving/json_body.py",
+        "        elif isinstance(item, str):\n            _check_text(item, path, what)\n",
+        "        elif isinstance(item, str):\n            pass\n",
+        (Select("tests/test_front_door.py", "surrogate and (invocations or openai or a1111)"),),
+    ),
+    Mutation(
+        "request types coerced, not strict",
+        "serving/schema.py",
+        '    model_config = ConfigDict(extra="forbid", strict=True)\n',
+        '    model_config = ConfigDict(extra="forbid")\n',
+        (Select("tests/test_front_door.py", "strict"),),
+    ),
+    Mutation(
+        "seeds past 2**63 accepted",
+        "serving/schema.py",
+        "        if self.seed is not None and self.seed + self.num_images > SEED_END:",
+        "        if False:",
+        (Select("tests/test_front_door.py", "2_63"),),
+    ),
+    Mutation(
+        "random seeds drawn below 2**63",
+        "serving/schema.py",
+        "random.randrange(RANDOM_SEED_END)",
+        "random.randrange(SEED_END - self.num_images)",
+        (Select("tests/test_front_door.py", "given_back"),),
+    ),
+    Mutation(
+        "no work limit",
+        "serving/schema.py",
+        '        ("work", settings.max_work, work(width, height, request.num_inference_steps, request.num_images)),\n',
+        "",
+        (Select("tests/test_front_door.py", "work_past"),),
+    ),
+    Mutation(
+        "an invocation's work counted per prompt only",
+        "serving/engine.py",
+        "        if total_work > self.settings.max_work:",
+        "        if False:",
+        (Select("tests/test_front_door.py", "every_prompt"),),
     ),
     # --- serving: the JumpStart wire format -------------------------------------------------------
     Mutation(
@@ -327,7 +436,7 @@ MUTATIONS = [
     Mutation(
         "the batch-size histogram observes nothing",
         "serving/generation_queue.py",
-        "            self.metrics.batch_images.observe(len(items))\n",
+        "            self.metrics.batch_images.observe(len(images))\n",
         "            pass\n",
         (Select("tests/test_serving.py", "metrics_count"),),
     ),

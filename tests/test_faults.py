@@ -88,7 +88,8 @@ def test_every_scheduler_runs_one_to_three_steps(own_scheduler, one_torch_thread
     from diffusers import PNDMScheduler
 
     from catalog.tiny_sd import build_tiny_sd_pipeline
-    from serving.generation import SCHEDULER_CLASSES, BatchItem, generate_images
+    from serving.generation import BatchItem, generate_images
+    from serving.schema import SCHEDULER_CLASSES
 
     pipeline = build_tiny_sd_pipeline()
     if own_scheduler == "Stable Diffusion's PNDM":
@@ -222,10 +223,12 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(ser
     assert metric(client, "txt2img_batch_images_count") == served + 1
 
 
-def test_a_default_model_that_cannot_warm_keeps_ping_and_readyz_at_503_naming_why(tmp_path):
+def test_a_default_model_that_cannot_warm_keeps_ping_and_readyz_at_503_naming_why_and_others_still_serve(tmp_path):
     model = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"  # a Hub model not in the (empty) cache
     hub_offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    with server_process(tmp_path, env=hub_offline, ready_path="/livez", model=model) as (url, _):
+    # A short timeout: a queue that stopped serving after the failed warm-up would answer 504 within it.
+    settings = {"model": model, "request_timeout_s": "60", "torch_threads": "1"}
+    with server_process(tmp_path, env=hub_offline, ready_path="/livez", **settings) as (url, _):
         deadline = time.monotonic() + 120
         while "warm-up" not in (ping := httpx.get(f"{url}/ping", timeout=10)).text:
             assert ping.status_code == 503 and ping.json() == {"error": "warming up"}
@@ -236,3 +239,8 @@ def test_a_default_model_that_cannot_warm_keeps_ping_and_readyz_at_503_naming_wh
         assert "stabilityai/stable-diffusion-2-1-base" in ping.json()["error"]
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
         assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+        # The queue keeps serving the models that load; the failed one is refused at once, saying why.
+        assert httpx.post(f"{url}/txt2img", json={**FAST, "model": "tiny-sd"}, timeout=120).status_code == 200
+        refused = httpx.post(f"{url}/images", json={**FAST, "model": model}, timeout=120)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "60"
+        assert refused.json()["error"].startswith(f"warm-up of '{model}' failed: cannot load model")

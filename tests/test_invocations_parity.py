@@ -24,6 +24,7 @@ import pytest
 from aws_fixtures import copy_spec, jumpstart_specs  # noqa: F401 - the spec fixture
 from PIL import Image
 
+from jumpstart.package import WIRE_MODULES
 from serving import invocations as wire
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -322,17 +323,24 @@ def test_seeded_images_are_the_same_on_both_servers(seeded):
         assert_same_images(here, there)
 
 
-def test_the_archive_holds_the_wire_module_as_is_and_it_imports_no_txt2img_code(packed):
-    packed_wire = packed.code_dir / "serving" / "invocations.py"
-    assert packed_wire.read_bytes() == Path(wire.__file__).read_bytes()
-    imported = set()
-    for node in ast.walk(ast.parse(packed_wire.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
-    # What the Hugging Face inference container surely has: the standard library, numpy and PIL.
-    assert imported - set(sys.stdlib_module_names) <= {"numpy", "PIL"}
+def test_the_archive_holds_the_wire_modules_as_they_are_and_they_import_no_other_txt2img_code(packed):
+    packed_files = {Path(module.__file__).name: module.__file__ for module in WIRE_MODULES}
+    assert {"invocations.py", "json_body.py", "images.py"} <= set(packed_files)
+    for name, source in packed_files.items():
+        packed_module = packed.code_dir / "serving" / name
+        assert packed_module.read_bytes() == Path(source).read_bytes()
+        imported = set()
+        for node in ast.walk(ast.parse(packed_module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        ours = {module for module in imported if module.split(".")[0] == "serving"}
+        # Only each other, among txt2img's modules: both lie in the archive's code/serving/.
+        assert ours <= {f"serving.{Path(other).stem}" for other in packed_files}
+        # What the Hugging Face inference container surely has: the standard library, numpy and PIL.
+        outside = {module.split(".")[0] for module in imported - ours}
+        assert outside - set(sys.stdlib_module_names) <= {"numpy", "PIL"}
 
 
 # Issue #10: defects of the wire format, one test each
@@ -389,13 +397,19 @@ def test_bodies_that_are_not_utf8_are_refused_naming_the_problem(local, packed, 
 
 
 NOT_FINITE = {
-    "nan-guidance": b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": NaN}',
-    "infinite-guidance": b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": 1e999}',
+    "nan-guidance": (
+        b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": NaN}',
+        "NaN is not JSON: numbers must be finite",
+    ),
+    "infinite-guidance": (
+        b'{"prompt": "a cat", "num_inference_steps": 1, "guidance_scale": 1e999}',
+        "the number 1e999 is beyond the range of a float",
+    ),
 }
 
 
-@pytest.mark.parametrize("body", NOT_FINITE.values(), ids=NOT_FINITE.keys())
-def test_numbers_that_are_not_finite_are_refused_alike(local, packed, body):
+@pytest.mark.parametrize("body, message", NOT_FINITE.values(), ids=NOT_FINITE.keys())
+def test_numbers_that_are_not_finite_are_refused_alike(local, packed, body, message):
     here, there = local(body), packed.invoke(body)
     assert (here.status, there.status) == (400, 400), there.body[:300]
-    assert here.json() == there.json() == {"error": "'guidance_scale' must be a finite number"}
+    assert here.json() == there.json() == {"error": message}

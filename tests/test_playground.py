@@ -336,7 +336,7 @@ def raw_get(server: str, target: str) -> tuple[int, bytes]:
 def test_runs_route_serves_run_files(server):
     status, body = raw_get(server, f"/ui/files/models/{FULL_ID}/contact_sheet.png")
     assert status == 200 and Image.open(io.BytesIO(body)).size == CONTACT_SHEET_SIZE
-    runs = httpx.get(f"{server}/ui/api/runs").json()
+    runs = httpx.get(f"{server}/ui/api/runs").json()["runs"]
     full = next(run for run in runs if run["model"]["id"] == FULL_ID)
     assert full["contact_sheet"] == f"models/{FULL_ID}/contact_sheet.png"
     assert {run["model"]["id"] for run in runs} == {FULL_ID, LORA_ID, OTHER_FULL_ID}

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from serving.a1111 import A1111RequestError, generation_request, parse_txt2img, progress
 from serving.generation_queue import CallProgress
 from serving.image_files import ImageFiles
+from serving.json_body import BodyError
 from serving.openai_images import OpenAIRequestError, openai_error_response, parse_image_request
 from serving.openai_images import generation_request as openai_generation_request
 from serving.schema import LimitExceeded
@@ -139,7 +140,7 @@ def test_openai_body_maps_onto_one_request():
     ],
 )
 def test_openai_refusals_name_the_param(body, param):
-    with pytest.raises((OpenAIRequestError, ValidationError)) as raised:
+    with pytest.raises((OpenAIRequestError, ValidationError, BodyError)) as raised:
         parse_image_request(body)
     answer = json.loads(openai_error_response(raised.value).body)
     assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"

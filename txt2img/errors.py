@@ -1,8 +1,9 @@
-"""The one error base class of txt2img, and the exit codes the command line maps errors to.
+"""The one error base class of txt2img, and the exit codes and HTTP statuses errors map to.
 
 Every expected failure (bad input, a missing model, an AWS refusal, an interrupted run) raises a
-subclass of ``Txt2ImgError``; the ``txt2img`` command catches it once and prints one line.
-Library callers catch ``Txt2ImgError`` to handle all of them.
+subclass of ``Txt2ImgError``; the ``txt2img`` command catches it once and prints one line, and the
+server answers it with its ``http_status`` (serving/http_errors.py). Library callers catch
+``Txt2ImgError`` to handle all of them.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ EXIT_INTERRUPTED = 130
 
 
 class Txt2ImgError(Exception):
-    """An expected failure whose message is meant for the user; ``exit_code`` is what the CLI exits with."""
+    """An expected failure whose message is meant for the user; ``exit_code`` is what the CLI exits with,
+    ``http_status`` what the server answers with."""
 
     exit_code = EXIT_FAILED
+    http_status = 500
 
 
 class InputError(Txt2ImgError):
     """The user asked for something that cannot be done as asked: a wrong option, id, file or value."""
 
     exit_code = EXIT_BAD_INPUT
+    http_status = 400
 
 
 class Interrupted(Txt2ImgError):

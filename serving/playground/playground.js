@@ -48,6 +48,12 @@ function showError(target, message) {
   target.hidden = !message;
 }
 
+// Catalog files the server left out (GET /models' catalog_problems): said, while every good entry is listed.
+function showCatalogProblems(target, problems) {
+  const lines = problems.map((problem) => `${problem.file}${problem.field ? ` (${problem.field})` : ""}: ${problem.message}`);
+  showError(target, lines.length ? `Catalog files left out: ${lines.join("; ")}` : "");
+}
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const randomSeed = () => Math.floor(Math.random() * MAX_SEED);
 
@@ -133,6 +139,7 @@ async function refreshModels() {
     const listing = await getJson("/ui/api/catalog");
     catalogModels = listing.models;
     fillModelSelects(listing.default);
+    fillSchedulerSelect(listing.schedulers);
   } catch (error) {
     showError($("#catalog-error"), `Could not reload the catalog: ${error.message}`);
   }
@@ -143,6 +150,15 @@ async function refreshModels() {
 function modelOption(model) {
   const label = `${model.id}${model.source === "finetune" ? " (fine-tune)" : ""}${model.loaded ? " · loaded" : ""}`;
   return element("option", { value: model.id, text: label });
+}
+
+// The schedulers a request may name, as the server lists them (after "model's own").
+function fillSchedulerSelect(schedulers) {
+  const select = $("#gen-scheduler");
+  const chosen = select.value;
+  select.replaceChildren(element("option", { value: "", text: "model's own" }),
+    ...schedulers.map((name) => element("option", { value: name, text: name })));
+  select.value = schedulers.includes(chosen) ? chosen : "";
 }
 
 function fillModelSelects(defaultModel) {
@@ -194,11 +210,13 @@ async function loadCatalog(query) {
     if (!query) {
       catalogModels = listing.models;
       fillModelSelects(listing.default);
+      fillSchedulerSelect(listing.schedulers);
     }
     if (query !== $("#catalog-query").value.trim()) return; // a later search is on its way
     const loaded = listing.loaded.length ? listing.loaded.join(", ") : "none";
     status.textContent = `${listing.models.length} model(s)${query ? ` matching “${query}”` : ""}. Loaded now: ${loaded}.`;
     $("#catalog-list").replaceChildren(...listing.models.map(modelCard));
+    showCatalogProblems($("#catalog-error"), listing.catalog_problems);
   } catch (error) {
     status.textContent = "";
     showError($("#catalog-error"), `Could not load the catalog: ${error.message}`);
@@ -463,7 +481,8 @@ function runCard(run) {
 async function loadRuns() {
   showError($("#runs-error"), "");
   try {
-    const runs = await getJson("/ui/api/runs");
+    const { runs, catalog_problems: problems } = await getJson("/ui/api/runs");
+    showCatalogProblems($("#runs-error"), problems);
     const list = $("#runs-list");
     if (!runs.length) list.replaceChildren(element("li", { class: "status", text: "No fine-tunes in this home yet: see `txt2img train`." }));
     else list.replaceChildren(...runs.map(runCard));

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from catalog.paths import require_folder
 from txt2img.errors import InputError
 
 
@@ -194,6 +195,8 @@ def remove_model(model_id: str) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def json_schema(output: Path | None) -> None:
     """Print the JSON Schema of a catalog YAML file, for editors' completion and checks."""
+    if output:
+        require_folder(output.parent, "output folder")
     from catalog.schema import CatalogEntry, CatalogFile
 
     schema = CatalogFile.model_json_schema()
@@ -221,6 +224,7 @@ def export(model_id: str, directory: Path, allow_download: bool) -> None:
     Works for any catalog model: tiny-sd, Hub repos (from the HF cache) and fine-tunes,
     with a LoRA fused into its base. DIRECTORY must be new or empty.
     """
+    require_folder(directory, "export folder")
     from catalog.store import load_catalog
 
     catalog = load_catalog()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from catalog.paths import require_folder
 from txt2img.errors import InputError
 from txt2img.extras import require_extra
 
@@ -230,6 +231,7 @@ def list_command(region: str | None, as_json: bool) -> None:
 @click.option("--region", help="AWS region of the endpoint; default: where txt2img recorded it.")
 def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, region: str | None, **parameters) -> None:
     """Generate images from PROMPT on endpoint NAME and write them as JPEG files."""
+    require_folder(output_dir, "output folder")
     from jumpstart.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
     from jumpstart.errors import aws_context
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from catalog.paths import require_folder
 from txt2img.cli.deploy import remote_job_options, run_remote_tuning, trainer_option
 from txt2img.cli.options import first_error, parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
@@ -152,6 +153,8 @@ def evaluate(
     A metric whose network weights are not on this machine is shown as skipped, with how to
     provide them; that is said before anything runs, and no image is generated for it.
     """
+    if output:
+        require_folder(output, "output folder")
     from training.evaluation import evaluate_model, plan_metrics
 
     settings = _evaluation_settings(
@@ -298,6 +301,8 @@ def tune(
     evaluating each model as a local trial (only the objective unless --metric says more; the
     networks are uploaded from here). DATA_DIR may then be an s3:// prefix.
     """
+    if study_dir:
+        require_folder(study_dir, "study folder")
     from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir
 
     if remote_options["remote"]:

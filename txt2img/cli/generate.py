@@ -1,4 +1,8 @@
-"""``txt2img generate``: generate images from a catalog model in this process, without a server."""
+"""``txt2img generate``: generate images from a catalog model in this process, without a server.
+
+It holds the server's limits (``TXT2IMG_MAX_*``, serving/settings.py) unless ``--no-limits`` lifts
+them, and makes the images ``TXT2IMG_MAX_BATCH_SIZE`` at a time, writing each batch as it is made.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ from pathlib import Path
 
 import click
 
+from catalog.paths import require_folder
 from txt2img.errors import InputError
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-
-
+OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "negative_prompt": "--negative"}
+# The setting behind each field ``serving.schema.check_limits`` names.
 def output_paths(output: Path, count: int) -> list[Path]:
     """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
     if count == 1:
@@ -37,12 +42,16 @@ def output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--guidance", type=float, help="Guidance scale.  [default: 7.5]")
 @click.option("--scheduler", help="ddim, pndm, euler, euler-a, dpm++, unipc or lms.  [default: the model's own]")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
-def generate(model_id, prompt, output, seed, steps, width, height, negative, guidance, scheduler, num_images):
-    """Generate images from catalog model MODEL_ID locally, with a progress bar."""
-    from pydantic import ValidationError
-
-    from serving.schema import GenerationRequest, describe_validation_error
-
+@click.option(
+    "--no-limits",
+    is_flag=True,
+    help="Lift the server's limits on steps, images, pixels and prompt length (TXT2IMG_MAX_*) for this run.",
+)
+def generate(
+    model_id, prompt, output, seed, steps, width, height, negative, guidance, scheduler, num_images, no_limits
+):
+    """Generate images from catalog model MODEL_ID locally, TXT2IMG_MAX_BATCH_SIZE at a time, each
+    written as soon as it is made; progress (images done of all) goes to stderr."""
     image_format = FORMATS_BY_SUFFIX.get(output.suffix.lower())
     if image_format is None:
         raise InputError(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
@@ -59,83 +68,182 @@ def generate(model_id, prompt, output, seed, steps, width, height, negative, gui
         "num_images": num_images,
         "format": image_format,
     }
+    request = _request({name: value for name, value in options.items() if value is not None})
+    require_folder(output.parent, "output folder")
+    with ImageProgress(request.num_images) as progress:
+        _run(request, output, progress, limits=not no_limits)
+
+
+def _request(options: dict):
+    """The GenerationRequest of these options; a refused value is one line naming its option."""
+    from pydantic import ValidationError
+
+    from serving.schema import GenerationRequest, describe_validation_error
+
     try:
-        request = GenerationRequest(**{name: value for name, value in options.items() if value is not None})
+        return GenerationRequest(**options)
     except ValidationError as error:
-        names = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "negative_prompt": "--negative"}
         problems = [
-            f"{names.get(p['field'], '--' + p['field'].replace('_', '-'))}: {p['message']}"
+            f"{OPTION_NAMES.get(p['field'], '--' + p['field'].replace('_', '-'))}: {p['message']}"
             for p in describe_validation_error(error)
         ]
         raise InputError("; ".join(problems)) from None
+
+
+def _settings():
+    """The server's settings (TXT2IMG_*), a bad value refused in one line."""
+    from pydantic import ValidationError
+
+    from serving.settings import ServingSettings
+    from txt2img.cli.options import first_error
+
+    try:
+        return ServingSettings()
+    except ValidationError as error:
+        field, _, message = first_error(error).partition(": ")
+        raise InputError(f"TXT2IMG_{field.upper()}: {message}") from None
+
+
+def _check_server_limits(request, settings, width: int, height: int) -> None:
+    """``serving.schema.check_limits``, refused in one line that says which setting lifts it."""
+    from serving.schema import LIMIT_SETTINGS, LimitExceeded, check_limits
+
+    try:
+        check_limits(request, settings, width, height)
+    except LimitExceeded as error:
+        if error.field == "width*height":  # name the size as it was asked for, the model's own side included
+            reason = f"{width}x{height} is {error.value} pixels, above the limit of {error.limit}"
+        else:
+            reason = str(error)
+        setting = LIMIT_SETTINGS.get(error.field, "its TXT2IMG_MAX_* setting")
+        raise InputError(f"{reason}: raise {setting} or pass --no-limits") from None
+
+
+def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
+    """Load the model, then generate and write the images batch by batch."""
+    from catalog.store import CatalogError
+    from serving.manager import PipelineManager
+
+    settings = _settings()
+    try:
+        manager = PipelineManager(settings)
+        entry = manager.entry(request.model)
+    except CatalogError as error:
+        raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
+    width, height = request.width or entry.resolution, request.height or entry.resolution
+    if limits:
+        _check_server_limits(request, settings, width, height)
+    progress.loading(request.model)
+    pipeline = manager.pipeline_for(entry)
+    checker = _safety_checker(settings, manager.device, manager.load_dtype) if settings.safety_checker else None
+    seeds = request.image_seeds()
+    paths = output_paths(output, len(seeds))
+    batch_size = settings.max_batch_size  # memory is that of one batch, however many images are asked for
+    for start in range(0, len(seeds), batch_size):
+        batch = seeds[start : start + batch_size]
+        progress.generating(manager.device, request.num_inference_steps)
+        images = _generate_batch(pipeline, request, batch, width, height, progress)
+        images, flags = checker.check(images) if checker else (images, [False] * len(images))
+        _write(images, paths[start : start + len(batch)], batch, flags, request.format)
+        progress.images_done(start + len(batch))
+
+
+def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int, progress: ImageProgress) -> list:
+    """One pipeline call (serving.generation's, as the server makes it); running out of memory is one line."""
+    from serving.generation import BatchItem, generate_images, is_out_of_memory
+    from serving.schema import LimitExceeded
+
+    try:
+        return generate_images(
+            pipeline,
+            [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
+            width=width,
+            height=height,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            scheduler=request.scheduler,
+            on_step=progress.step,
+        )
+    except LimitExceeded as error:
+        raise InputError(str(error).replace("num_inference_steps", "--steps")) from None
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        kept = f" ({progress.done} of {progress.total} written, and kept)" if progress.done else ""
+        raise InputError(
+            f"out of memory making {len(seeds)} image(s) of {width}x{height}{kept}: "
+            "ask for a smaller size, or fewer images at a time with TXT2IMG_MAX_BATCH_SIZE"
+        ) from None
+
+
+def _write(images: list, paths: list[Path], seeds: list[int], flags: list[bool], image_format: str) -> None:
     from catalog.paths import atomic_write_bytes
     from serving.images import image_bytes
 
-    images, seeds, flags = _run(request)
-    paths = output_paths(output, len(images))
-    for image, path, image_seed, flagged in zip(images, paths, seeds, flags):
+    for image, path, seed, flagged in zip(images, paths, seeds, flags):
         atomic_write_bytes(path, image_bytes(image, image_format))
-        click.echo(f"{path}  (seed {image_seed})" + ("  flagged by the safety checker: black" if flagged else ""))
+        click.echo(f"{path}  (seed {seed})" + ("  flagged by the safety checker: black" if flagged else ""))
 
 
-def _run(request):
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from catalog.store import CatalogError
-    from serving.generation import BatchItem, generate_images
-    from serving.manager import PipelineManager
-    from serving.schema import LimitExceeded
-    from serving.settings import ServingSettings
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        transient=True,
-    ) as progress:
-        loading = progress.add_task(f"loading {request.model}", total=None)
-        settings = ServingSettings()
-        try:
-            manager = PipelineManager(settings)
-            entry = manager.entry(request.model)
-            pipeline = manager.pipeline_for(entry)
-        except CatalogError as error:
-            raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
-        progress.remove_task(loading)
-        steps = progress.add_task(f"generating on {manager.device}", total=request.num_inference_steps)
-        seeds = request.image_seeds()
-        size = entry.resolution
-        try:
-            images = generate_images(
-                pipeline,
-                [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
-                width=request.width or size,
-                height=request.height or size,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                scheduler=request.scheduler,
-                on_step=lambda done: progress.update(steps, completed=done),
-            )
-        except LimitExceeded as error:
-            raise InputError(str(error).replace("num_inference_steps", "--steps")) from None
-    if not settings.safety_checker:
-        return images, seeds, [False] * len(images)
-    images, flags = _safety_checked(images, settings, manager.device, manager.load_dtype)
-    return images, seeds, flags
-
-
-def _safety_checked(images, settings, device, dtype):
-    """TXT2IMG_SAFETY_CHECKER, as the server applies it: flagged images black, and which they are."""
+def _safety_checker(settings, device, dtype):
+    """TXT2IMG_SAFETY_CHECKER's checker, as the server loads it: it blacks out the images it flags."""
     from serving.safety import SafetyChecker
 
     try:
-        checker = SafetyChecker.load(
+        return SafetyChecker.load(
             settings.safety_checker_repo, device=device, dtype=dtype, local_files_only=settings.local_files_only
         )
     except OSError as error:
         raise InputError(
             f"TXT2IMG_SAFETY_CHECKER is on, but no safety checker loads from {settings.safety_checker_repo}: {error}"
         ) from None
-    return checker.check(images)
+
+
+class ImageProgress:
+    """Progress on stderr: on a terminal a live bar of images done of all and of the running batch's
+    steps; elsewhere (a log, a pipe) one line per batch, ``generated 16/100 images``."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.total = total
+        self.done = 0
+        self.console = Console(stderr=True)
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.task = self.bar.add_task("starting", total=None)
+        self.images = None
+
+    def __enter__(self) -> ImageProgress:
+        if self.console.is_terminal:  # elsewhere a live bar prints only its last frame, or a blank line
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.console.is_terminal:
+            self.bar.stop()
+
+    def loading(self, model_id: str) -> None:
+        self.bar.update(self.task, description=f"loading {model_id}", total=None, completed=0)
+
+    def generating(self, device: str, steps: int) -> None:
+        if self.images is None:
+            self.images = self.bar.add_task("images", total=self.total)
+        self.bar.update(self.task, description=f"steps on {device}", total=steps, completed=0)
+
+    def step(self, done: int) -> None:
+        self.bar.update(self.task, completed=done)
+
+    def images_done(self, done: int) -> None:
+        self.done = done
+        self.bar.update(self.images, completed=done)
+        if not self.console.is_terminal:
+            self.console.print(f"generated {done}/{self.total} images", soft_wrap=True)
