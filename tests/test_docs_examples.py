@@ -40,8 +40,8 @@ class Example:
 
 
 def doc_pages() -> list[Path]:
-    """The README, then every page of docs/ by name: the order a newcomer reads them, and the test runs them."""
-    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    """README.md, CONTRIBUTING.md, then every page of docs/ by name: the order the test runs them in."""
+    return [REPO_ROOT / "README.md", REPO_ROOT / "CONTRIBUTING.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 
 def fenced_blocks(page: Path) -> list[Example]:
@@ -126,6 +126,11 @@ def test_every_shell_and_python_block_is_marked():
         if (problem := marking_problem(example))
     ]
     assert problems == []
+
+
+def test_contributing_states_the_convention_this_test_holds():
+    contributing = (REPO_ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    assert [marker for marker in [RUNNABLE, *sorted(REASONS)] if f"`{marker}`" not in contributing] == []
 
 
 def test_the_marker_check_refuses_what_would_hide_an_example(tmp_path):
