@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,14 @@ def server(server_home):
     hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
     with running_server(server_home, env=hub_offline, **settings) as url:
         yield url
+
+
+# tests/test_docs_examples.py: the docs' reader, one temporary home and working folder, and one server
+# sharing that home, so that a model the README trains is served by name.
+@pytest.fixture(scope="module")
+def docs_server(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
+    home = tmp_path_factory.mktemp("docs-home")
+    workdir = tmp_path_factory.mktemp("docs-workdir")
+    hub_offline = {"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1"}
+    with running_server(home, env=hub_offline, torch_threads="1", local_files_only="1") as url:
+        yield url, home, workdir

@@ -136,6 +136,20 @@ MUTATIONS = [
     ),
     # --- catalog ----------------------------------------------------------------------------------
     Mutation(
+        "catalog list folds model ids in its table",
+        "txt2img/cli/catalog.py",
+        '    table.add_column("id", style="bold cyan", no_wrap=True)\n',
+        '    table.add_column("id", style="bold cyan", overflow="fold")\n',
+        (Select("tests/test_catalog_cli.py", "keeps_every_id_whole"),),
+    ),
+    Mutation(
+        "demo photos writes over a folder that holds files",
+        "txt2img/cli/demo.py",
+        "    if directory.exists() and any(directory.iterdir()):\n",
+        "    if False:\n",
+        (Select("tests/test_demo_cli.py", "refused_in_one_line"),),
+    ),
+    Mutation(
         "catalog write in place, not atomic",
         "catalog/paths.py",
         "        temporary = _write_temporary(path, data)\n        try:\n            os.replace(temporary, path)\n",

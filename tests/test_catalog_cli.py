@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 from test_catalog_store import finetune_entry
 
@@ -33,6 +34,22 @@ def test_list_filters(run_cli):
 def test_list_table_for_people(run_cli):
     result = run_cli("catalog", "list", "--tag", "demo", check_rc=0)
     assert "tiny-sd" in result.stdout and "1 model(s)" in result.stdout
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_list_table_keeps_every_id_whole(cli_env, columns):
+    """The id is what a user copies into the next command: no terminal width may split it."""
+    ids = [entry["id"] for entry in json.loads(_cli(cli_env, "catalog", "list", "--json").stdout)]
+    table = _cli({**cli_env, "COLUMNS": columns}, "catalog", "list").stdout
+    cells = {cell.strip() for line in table.splitlines() for cell in line.split("│")}
+    assert [model_id for model_id in ids if model_id not in cells] == []
+    assert max(len(line) for line in table.splitlines()) <= int(columns)
+
+
+def _cli(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "txt2img", *args], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
 
 
 def test_show_prints_one_object_including_fine_tune_fields(run_cli):

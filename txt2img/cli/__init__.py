@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from txt2img.cli import bento_model, catalog, deploy, evaluate, generate, train
+from txt2img.cli import bento_model, catalog, demo, deploy, evaluate, generate, train
 from txt2img.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Txt2ImgError
 
 
@@ -50,6 +50,7 @@ app.add_command(evaluate.tune)
 app.add_command(deploy.deploy)
 app.add_command(deploy.endpoints)
 app.add_command(bento_model.app)
+app.add_command(demo.app)
 
 
 def main(argv: list[str] | None = None) -> None:

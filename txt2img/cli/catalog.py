@@ -37,12 +37,37 @@ def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+# The widest the table's other six columns and the borders need beside the id column.
+OTHER_COLUMNS_WIDTH = 100
+
+
+def _origin(entry) -> str:
+    origin = entry["hf_repo"] or (f"{entry['method']} of {entry['base']}" if "base" in entry else entry["source"])
+    if "alias_of" in entry:
+        origin += f" (alias of {entry['alias_of']})"
+    return origin
+
+
 def _print_table(entries, title: str) -> None:
+    """A table where the terminal is wide enough for whole ids beside the rest, else one block per model.
+
+    Ids are never broken: they are what the user copies into the next command.
+    """
     from rich.console import Console
+
+    console = Console()
+    id_width = max((len(entry["id"]) for entry in entries), default=2)
+    if console.width >= id_width + OTHER_COLUMNS_WIDTH:
+        console.print(_wide_table(entries, title))
+    else:
+        _print_blocks(console, entries, title)
+
+
+def _wide_table(entries, title: str):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("id", style="bold cyan", overflow="fold")
+    table.add_column("id", style="bold cyan", no_wrap=True)
     table.add_column("family")
     table.add_column("px", justify="right")
     table.add_column("tags", overflow="fold")
@@ -50,9 +75,6 @@ def _print_table(entries, title: str) -> None:
     table.add_column("local\ntrain", justify="center")
     table.add_column("source / base", overflow="fold")
     for entry in entries:
-        origin = entry["hf_repo"] or (f"{entry['method']} of {entry['base']}" if "base" in entry else entry["source"])
-        if "alias_of" in entry:
-            origin += f" (alias of {entry['alias_of']})"
         table.add_row(
             entry["id"],
             entry["family"],
@@ -60,9 +82,27 @@ def _print_table(entries, title: str) -> None:
             ", ".join(entry["tags"]),
             "yes" if entry["fine_tunable"] else "",
             "yes" if entry["locally_trainable"] else "",
-            origin,
+            _origin(entry),
         )
-    Console().print(table)
+    return table
+
+
+def _print_blocks(console, entries, title: str) -> None:
+    """For a narrow terminal: each id whole on its own line, its details indented below."""
+    from rich.markup import escape
+    from rich.padding import Padding
+    from rich.text import Text
+
+    console.print(title, highlight=False)
+    for entry in entries:
+        # soft_wrap: an id wider than the terminal is left to the terminal to wrap, never split by rich.
+        console.print(f"[bold cyan]{escape(entry['id'])}[/]", soft_wrap=True)
+        details = [entry["family"], f"{entry['resolution']} px"]
+        details += [f"tags: {', '.join(entry['tags'])}"] if entry["tags"] else []
+        details += ["JumpStart fine-tune"] if entry["fine_tunable"] else []
+        details += ["local train"] if entry["locally_trainable"] else []
+        details.append(_origin(entry))
+        console.print(Padding(Text(" · ".join(details)), (0, 0, 0, 2), expand=False))
 
 
 @app.command("list")

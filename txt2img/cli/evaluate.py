@@ -221,7 +221,9 @@ EVALUATION_OPTIONS = (
 @click.option("--base", required=True, help="Catalog id of the model to fine-tune.")
 @click.option("--name", required=True, help="Catalog id the best trial is registered as.")
 @click.option(
-    "--trials", type=click.IntRange(min=1), help="Trials to finish (completed or pruned); with --remote default 7."
+    "--trials",
+    type=click.IntRange(min=1),
+    help="Required: trials to finish (completed or pruned). Optional with --remote (default 7).",
 )
 @click.option("--parallel", type=click.IntRange(min=1), help="Trials at once (processes); default 1, with --remote 7.")
 @click.option("--objective", default="fid_score", show_default=True, help=f"Metric to optimise: {METRICS_HELP}.")
