@@ -61,9 +61,12 @@ from serving.playground import (
 )
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
+from serving.slow_clients import close_connections_without_a_head
+from serving.worker_lifetime import die_with_server
 
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
+close_connections_without_a_head()  # before BentoML starts uvicorn in a worker (serving/slow_clients.py)
 
 # The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
 # infer it; this states it for the OpenAPI document.
@@ -117,6 +120,7 @@ SERVER_WORKERS = serving_worker_count(SERVER_SETTINGS)
 class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
+        die_with_server()  # so that a killed server leaves no worker holding its port
         self.settings = ServingSettings()
         self.worker_index = bentoml.server_context.worker_index  # 1, 2, ...: which GPU is this worker's
         self.manager = PipelineManager(self.settings, worker_index=self.worker_index, stored=stored_models())
@@ -234,7 +238,7 @@ class Txt2Img:
         return JSONResponse(openai_images.images_response(openai_request, result, file_url))
 
     @openai_app.get("/images/files/{name}", name="openai_image_file", responses=openai_images.openai_error_answers(404))
-    async def openai_image_file(self, name: str) -> Response:
+    def openai_image_file(self, name: str) -> Response:
         """An image of a response_format "url" answer, kept for an hour (serving/image_files.py)."""
         stored = self.image_files.get(name)
         if stored is None:

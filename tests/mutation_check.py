@@ -318,6 +318,20 @@ MUTATIONS = [
         (Select("tests/test_serving_workers.py", "own_gpu"),),
     ),
     Mutation(
+        "a server's workers outlive it",
+        "serving/worker_lifetime.py",
+        "    if bentoml.server_context.worker_index is None:\n",
+        "    if True:\n",
+        (Select("tests/test_worker_lifetime.py", "sigkilled"),),
+    ),
+    Mutation(
+        "fetching an image link scans the whole image folder",
+        "serving/image_files.py",
+        "        if not _IMAGE_NAME.fullmatch(name):\n            return None\n        try:",
+        "        self.sweep()\n        if not _IMAGE_NAME.fullmatch(name):\n            return None\n        try:",
+        (Select("tests/test_worker_lifetime.py", "only_their_own_file"),),
+    ),
+    Mutation(
         "the batch-size histogram observes nothing",
         "serving/generation_queue.py",
         "            self.metrics.batch_images.observe(len(items))\n",
