@@ -332,6 +332,20 @@ MUTATIONS = [
         (Select("tests/test_worker_lifetime.py", "only_their_own_file"),),
     ),
     Mutation(
+        "a new server removes image folders that live workers use",
+        "serving/image_files.py",
+        "            remove_if_unused(folder)\n",
+        "            shutil.rmtree(folder, ignore_errors=True)\n",
+        (Select("tests/test_worker_lifetime.py", "new_server"),),
+    ),
+    Mutation(
+        "a connection that never finishes its request head stays open",
+        "serving/slow_clients.py",
+        '    uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{HeaderTimeoutProtocol.__name__}"\n',
+        "    pass\n",
+        (Select("tests/test_worker_lifetime.py", "never_finishes_its_head"),),
+    ),
+    Mutation(
         "the batch-size histogram observes nothing",
         "serving/generation_queue.py",
         "            self.metrics.batch_images.observe(len(items))\n",
