@@ -62,10 +62,11 @@ from serving.playground import (
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest, ImageRequest, check_limits
 from serving.settings import ServingSettings
 from serving.slow_clients import close_connections_without_a_head
-from serving.worker_lifetime import die_with_server
+from serving.worker_lifetime import tie_workers_to_server
 
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
+tie_workers_to_server()  # so that a killed server leaves no worker holding its port (serving/worker_lifetime.py)
 close_connections_without_a_head()  # before BentoML starts uvicorn in a worker (serving/slow_clients.py)
 
 # The route reads its body by hand (two content types, JumpStart's error answers), so FastAPI cannot
@@ -120,7 +121,6 @@ SERVER_WORKERS = serving_worker_count(SERVER_SETTINGS)
 class Txt2Img:
     def __init__(self) -> None:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
-        die_with_server()  # so that a killed server leaves no worker holding its port
         self.settings = ServingSettings()
         self.worker_index = bentoml.server_context.worker_index  # 1, 2, ...: which GPU is this worker's
         self.manager = PipelineManager(self.settings, worker_index=self.worker_index, stored=stored_models())

@@ -5,6 +5,7 @@ its own file, and a client that never finishes its request's head is cut off (is
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from bentoml_server import free_port, server_process, worker_processes
 from serving import image_files
 from serving.image_files import LOCK_NAME, ImageFiles
 from serving.slow_clients import HEADER_TIMEOUT_S
+from serving.worker_lifetime import SERVER_PID_ENV
 
 PARTIAL_HEAD = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # the blank line that would end it never comes
 
@@ -51,6 +53,24 @@ def test_workers_die_within_seconds_of_a_sigkilled_server_and_free_its_port(tmp_
     assert port_is_free(port)
     with server_process(tmp_path / "second", port=port, torch_threads="1") as (url, _):
         assert url.endswith(f":{port}")
+
+
+def start_worker_of(server_pid: int) -> subprocess.Popen:
+    """A process that sets itself up as worker 1 of the server ``server_pid`` would be, then waits."""
+    code = (
+        "import time, bentoml; from serving.worker_lifetime import tie_workers_to_server; "
+        "bentoml.server_context.worker_index = 1; tie_workers_to_server(); print(1, flush=True); time.sleep(120)"
+    )
+    environment = {**os.environ, SERVER_PID_ENV: str(server_pid)}
+    return subprocess.Popen([sys.executable, "-c", code], env=environment, stdout=subprocess.PIPE)
+
+
+def test_a_worker_whose_server_died_before_it_started_watching_dies_at_once():
+    worker = start_worker_of(2**22 + 1)  # above Linux's largest pid: a server long gone
+    try:
+        assert worker.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        worker.kill()
 
 
 # Nothing a live worker uses is deleted
@@ -180,6 +200,19 @@ def wait_for_close(connection: socket.socket) -> bytes:
     return received
 
 
+def read_response(connection: socket.socket) -> bytes:
+    """One whole answer (head and a Content-Length body), however the server split it into packets."""
+    connection.settimeout(30)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536)
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def test_a_connection_that_never_finishes_its_head_is_closed(server):
     with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as connection:
         connection.sendall(PARTIAL_HEAD)
@@ -189,8 +222,7 @@ def test_a_connection_that_never_finishes_its_head_is_closed(server):
 def test_a_kept_alive_connection_that_never_finishes_its_next_head_is_closed(server):
     with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as connection:
         connection.sendall(PARTIAL_HEAD + b"\r\n")
-        connection.settimeout(30)
-        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        assert read_response(connection).startswith(b"HTTP/1.1 200")
         time.sleep(1)
         connection.sendall(PARTIAL_HEAD)  # keeps uvicorn's own keep-alive timer off
         assert wait_for_close(connection) == b""
