@@ -42,6 +42,8 @@ from serving.playground import PlaygroundHome, playground_app
 from serving.sagemaker_api import sagemaker_app
 from serving.schema import GeneratedImages, GenerationRequest, ImageRequest
 from serving.settings import ServingSettings
+from serving.slow_clients import close_connections_without_a_head
+from serving.worker_lifetime import tie_workers_to_server
 
 try:
     txt2img_home()  # a home that cannot be a folder stops `bentoml serve` here, in one line, before any worker starts
@@ -49,6 +51,8 @@ except NotAFolder as error:
     sys.exit(f"txt2img: error: {error}")
 own_prometheus_dir()  # so that a second server beside this one cannot wipe its metrics (serving/metrics.py)
 share_image_folder()  # so that any worker can serve an OpenAI "url" image that another one made
+tie_workers_to_server()  # so that a killed server leaves no worker holding its port (serving/worker_lifetime.py)
+close_connections_without_a_head()  # before BentoML starts uvicorn in a worker (serving/slow_clients.py)
 
 # ``bentoml serve`` reads the worker count from the decorator when it imports this module, before
 # any worker starts, so both counts are settled here. BentoML shows every worker the first

@@ -46,10 +46,11 @@ def server_process(
     bento: str | None = None,
     cwd: Path = REPO_ROOT,
     ready_path: str = "/readyz",
+    port: int | None = None,
     **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``bentoml serve`` from the repository root on a free port; yields (URL, process) once ``ready_path``
-    (``/readyz``: the default model is warm; ``/livez``: the server answers) is 200.
+    """``bentoml serve`` from the repository root on ``port`` (default: a free one); yields (URL, process)
+    once ``ready_path`` (``/readyz``: the default model is warm; ``/livez``: the server answers) is 200.
 
     With ``bento`` (a built Bento's tag) it serves that Bento instead, from folder ``cwd``.
 
@@ -70,7 +71,7 @@ def server_process(
     }
     log_path = log_path or Path(home) / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{port or free_port()}"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
@@ -91,6 +92,12 @@ def server_process(
             yield url, process
         finally:
             _stop(process)
+
+
+def worker_processes(server: subprocess.Popen) -> list[psutil.Process]:
+    """The server's workers (BentoML's service workers among its descendants)."""
+    children = psutil.Process(server.pid).children(recursive=True)
+    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
 
 
 def wait_until_ready(

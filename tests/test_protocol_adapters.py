@@ -158,11 +158,12 @@ def test_openai_limit_errors_use_openai_names():
 
 
 def test_image_files_drop_images_past_their_time_or_beyond_the_byte_bound(monkeypatch, tmp_path):
-    files = ImageFiles(tmp_path, ttl_s=60, max_bytes=10)
+    files = ImageFiles(tmp_path, ttl_s=60, max_bytes=10, sweep_interval_s=None)
     first = files.add(b"12345", "png")
     second = files.add(b"67890", "png")
     assert files.get(first).data == b"12345" and files.get(second).media_type == "image/png"
-    third = files.add(b"abc", "jpeg")  # 13 bytes in all: the oldest goes
+    third = files.add(b"abc", "jpeg")  # 13 bytes in all: the oldest goes at the next sweep
+    files.sweep()
     assert files.get(first) is None and files.get(third).media_type == "image/jpeg"
     later = time.time_ns() + 61 * 10**9
     monkeypatch.setattr(time, "time_ns", lambda: later)

@@ -15,6 +15,8 @@ from txt2img.errors import InputError
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "negative_prompt": "--negative"}
+
+
 # The setting behind each field ``serving.schema.check_limits`` names.
 def output_paths(output: Path, count: int) -> list[Path]:
     """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
