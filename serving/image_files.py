@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.metrics import process_alive
+
 IMAGE_TTL_S = 3600
 IMAGE_STORE_BYTES = 256 * 2**20
 SWEEP_INTERVAL_S = 30
@@ -82,8 +84,6 @@ def share_image_folder() -> None:
     """
     import bentoml
 
-    from serving.metrics import _alive
-
     if bentoml.server_context.worker_index is not None:
         return
     prefix = f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
@@ -91,7 +91,7 @@ def share_image_folder() -> None:
         pid = folder.name.removeprefix(prefix).split("-")[0]
         if (folder / LOCK_NAME).exists():
             remove_if_unused(folder)
-        elif pid.isdigit() and not _alive(int(pid)):  # made before folders were locked
+        elif pid.isdigit() and not process_alive(int(pid)):  # made before folders were locked
             shutil.rmtree(folder, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))  # a new folder of this user's only
     atexit.register(remove_if_unused, folder, use_folder(folder))

@@ -24,7 +24,7 @@ PROMETHEUS_DIRS = "txt2img-prometheus"  # under BENTOML_HOME, one folder per ser
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +52,7 @@ def own_prometheus_dir() -> None:
     if root.is_dir():
         for folder in root.iterdir():
             name, _, pid = folder.name.rpartition("-")
-            if name == host and pid.isdigit() and not _alive(int(pid)):
+            if name == host and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
     directory = root / f"{host}-{os.getpid()}"
     BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
@@ -74,7 +74,7 @@ def forget_dead_workers() -> None:
         return
     pids = {int(match.group(1)) for name in os.listdir(directory) if (match := _LIVE_GAUGE_FILE.fullmatch(name))}
     for pid in pids - {os.getpid()}:
-        if not _alive(pid):
+        if not process_alive(pid):
             prometheus_client.multiprocess.mark_process_dead(pid, directory)
 
 

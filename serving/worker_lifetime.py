@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from serving.metrics import _alive
+from serving.metrics import process_alive
 
 SERVER_PID_ENV = "TXT2IMG_SERVER_PID"  # set by the serving process, read by its workers
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -39,7 +39,7 @@ def tie_workers_to_server() -> None:
         os.environ[SERVER_PID_ENV] = str(os.getpid())
         return
     server_pid = int(os.environ.get(SERVER_PID_ENV) or os.getppid())
-    if server_pid != os.getppid() and _alive(server_pid):  # started by another process than the one named
+    if server_pid != os.getppid() and process_alive(server_pid):  # started by another process than the one named
         server_pid = os.getppid()
     if sys.platform == "linux":
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
