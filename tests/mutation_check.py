@@ -117,6 +117,13 @@ MUTATIONS = [
         "while len(running) < 1 and _claimed(study) < config.trials:",
         (Select("tests/test_tuning_parallel.py"),),
     ),
+    Mutation(
+        "a resumed study's sampler starts over from the bare seed",
+        "training/tuning.py",
+        "    seed = int(numpy.random.SeedSequence([config.seed, number]).generate_state(1)[0])\n",
+        "    seed = config.seed\n",
+        (Select("tests/test_tuning.py", "never_repeats"),),
+    ),
     # --- evaluation -------------------------------------------------------------------------------
     Mutation(
         "frechet_distance returns 0",
