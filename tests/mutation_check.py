@@ -95,6 +95,13 @@ MUTATIONS = [
         (Select("tests/test_train.py", "resume"),),
     ),
     Mutation(
+        "--resume takes other hyperparameters than the run's",
+        "training/dreambooth.py",
+        "        if resume:\n            _check_resumed_hyperparameters(name, output_dir, hp)\n",
+        "",
+        (Select("tests/test_name_claims.py", "resume_registers"),),
+    ),
+    Mutation(
         "prior-preservation loss weight 0",
         "training/dreambooth.py",
         "loss = loss + hp.prior_loss_weight * errors[batch.num_instance :].mean()",
