@@ -227,6 +227,32 @@ def test_catalog_remove_frees_the_name_and_its_run_folder(txt2img_home, tmp_path
     assert load_catalog().get("reused").hyperparameters["max_steps"] == 1
 
 
+def test_catalog_remove_deletes_a_tuned_models_study_folder_only_in_its_default_place(txt2img_home, run_cli):
+    run_folder, study = txt2img_home / "models" / "tuned", txt2img_home / "studies" / "tuned"
+    for folder in (run_folder / "model", study, txt2img_home / "elsewhere"):
+        folder.mkdir(parents=True)
+    for name, storage in (("tuned", study / "journal.log"), ("other", txt2img_home / "elsewhere" / "journal.log")):
+        storage.touch()
+        write_entry(
+            CatalogEntry(
+                id=name,
+                source="finetune",
+                family="tiny",
+                resolution=64,
+                base="tiny-sd",
+                method="full",
+                artifact=str(run_folder / "model") if name == "tuned" else "/w",
+                tuning={"study": name, "storage": str(storage)},
+            )
+        )
+
+    removed = run_cli("catalog", "remove", "tuned", "--yes", check_rc=0)
+    assert removed.stdout == f"removed tuned and deleted {run_folder}, {study}\n"
+    assert not run_folder.exists() and not study.exists()
+    run_cli("catalog", "remove", "other", "--yes", check_rc=0)
+    assert (txt2img_home / "elsewhere" / "journal.log").is_file()  # a study in another place is the user's
+
+
 def test_catalog_remove_refuses_a_name_a_run_holds(txt2img_home, tmp_path, run_cli):
     entry = CatalogEntry(
         id="held", source="finetune", family="tiny", resolution=64, base="tiny-sd", method="full", artifact="/w"

@@ -153,10 +153,9 @@ def remove_model(model_id: str, yes: bool) -> None:
     _confirm_removal(model_id, folders, yes)
     remove_model(model_id, folders)
     artifact = entry.get("artifact")
-    if folders:
-        click.echo(f"removed {model_id} and deleted {', '.join(map(str, folders))}")
-    else:
-        click.echo(f"removed {model_id}" + (f"; its weights remain at {artifact}" if artifact else ""))
+    deleted = f" and deleted {', '.join(map(str, folders))}" if folders else ""
+    kept = artifact and not any(Path(artifact).is_relative_to(folder) for folder in folders)
+    click.echo(f"removed {model_id}{deleted}" + (f"; its weights remain at {artifact}" if kept else ""))
 
 
 def _folders_of(model_id: str, entry: dict) -> list[Path]:
