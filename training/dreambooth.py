@@ -90,7 +90,9 @@ def _check_name(catalog: Catalog, name: str, register: bool) -> None:
 def _check_output_dir(output_dir: Path, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingSetupError(f"{output_dir} exists and is not a directory")
-    if not resume and output_dir.is_dir() and any(output_dir.iterdir()):
+    # A run killed before its first checkpoint leaves only its hyperparameters: nothing to resume.
+    started = output_dir.is_dir() and any(path.name != RUN_HYPERPARAMETERS for path in output_dir.iterdir())
+    if not resume and started:
         raise TrainingSetupError(
             f"{output_dir} already holds a run; pass --resume to continue it, or pick another --name"
         )
