@@ -2,10 +2,15 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Where no CUDA GPU is present, take torch's CPU build (on this project's machines it lies on
-# disk); elsewhere the normal wheel. Override TORCH_SPEC / TORCH_INDEX_URL to choose another.
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<3' || echo 'torch==2.13.0')
-TORCH_INDEX_URL ?=
+# Where no CUDA GPU is present (no nvidia-smi), take torch's CPU build from PyTorch's CPU wheel
+# index: PyPI's Linux wheel is the CUDA build, several GB. Where that index cannot be reached
+# (within TORCH_INDEX_TIMEOUT seconds, no retry), torch comes from the default index. See
+# docs/install.md. Override TORCH_SPEC / TORCH_INDEX_URL to choose another (TORCH_INDEX_URL= : none).
+HAS_NVIDIA_SMI := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA_SMI),torch>=2.4$(,)<3,torch==2.13.0)
+TORCH_INDEX_URL ?= $(if $(HAS_NVIDIA_SMI),,https://download.pytorch.org/whl/cpu)
+TORCH_INDEX_TIMEOUT ?= 10
+, := ,
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # `make serve` keeps the server on this machine (127.0.0.1), as AUTOMATIC1111 and ComfyUI do; plain
 # `bentoml serve` binds every interface (0.0.0.0). `make serve HOST=0.0.0.0` shares it (A1111's --listen):
@@ -18,7 +23,10 @@ PORT ?=
 $(BIN)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(if $(TORCH_INDEX_URL),$(PIP) install --no-deps --index-url $(TORCH_INDEX_URL) \
+		--timeout $(TORCH_INDEX_TIMEOUT) --retries 0 "$(TORCH_SPEC)" \
+		|| echo "torch: not found at $(TORCH_INDEX_URL); installing torch from the default index")
+	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev]"
 	touch $@
 

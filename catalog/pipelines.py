@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from catalog.notices import drop_torchvision_fallback_notices
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog
@@ -66,6 +67,7 @@ def load_base_pipeline(
     """
     if weights is None and entry.method == "lora":
         raise ModelLoadError(f"model '{entry.id}' is a LoRA adapter; load its base '{entry.base}' first")
+    drop_torchvision_fallback_notices()  # diffusers imports the pipeline's class while loading it
     if weights is None and entry.source == "builtin":
         pipeline = build_tiny_sd_pipeline()
         return pipeline if torch_dtype is None else pipeline.to(dtype=torch_dtype)

@@ -271,6 +271,11 @@ class NameInUse(InputError):
     """Another process holds the claim on a model name."""
 
 
+def claim_file(model_id: str, user_dir: Path | None = None) -> Path:
+    """The file whose lock is the claim on ``model_id`` (see claim_name)."""
+    return (user_catalog_dir() if user_dir is None else user_dir) / f".{model_id}.claim"
+
+
 @contextmanager
 def claim_name(model_id: str, user_dir: Path | None = None, wait: bool = False) -> Iterator[None]:
     """Hold ``model_id`` for this process while it creates that model; a second claim fails at once
@@ -281,23 +286,36 @@ def claim_name(model_id: str, user_dir: Path | None = None, wait: bool = False) 
     """
     import fcntl
 
-    directory = user_catalog_dir() if user_dir is None else user_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".{model_id}.claim", "a+", encoding="utf-8") as claim:
+    path = claim_file(model_id, user_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        claim = open(path, "a+", encoding="utf-8")  # closed on each way out below
         try:
             fcntl.flock(claim, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             claim.seek(0)
             holder = claim.read().strip() or "unknown"
+            claim.close()
             raise NameInUse(
                 f"model '{model_id}' is being created by another run (pid {holder}); "
                 "wait for it to finish or pick another --name"
             ) from None
+        if _is_still_at(claim, path):
+            break
+        claim.close()  # remove_model deleted the file while this process waited for its lock
+    with claim:
         claim.seek(0)
         claim.truncate()
         claim.write(str(os.getpid()))
         claim.flush()
         yield
+
+
+def _is_still_at(opened, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(opened.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def remove_entry(model_id: str, user_dir: Path | None = None) -> None:
@@ -306,3 +324,17 @@ def remove_entry(model_id: str, user_dir: Path | None = None) -> None:
     if not path.exists():
         raise UnknownModelError(model_id, suggest_ids(model_id, load_catalog(user_dir).ids()))
     path.unlink()
+
+
+def remove_model(model_id: str, folders: Iterable[Path] = (), user_dir: Path | None = None) -> None:
+    """Free the name ``model_id``: delete ``folders`` (its run's), its entry and its claim file.
+
+    It holds the name's claim meanwhile, so a run creating this model now keeps it (NameInUse).
+    """
+    import shutil
+
+    with claim_name(model_id, user_dir):
+        for folder in folders:
+            shutil.rmtree(folder)
+        remove_entry(model_id, user_dir)
+        claim_file(model_id, user_dir).unlink()

@@ -25,6 +25,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from catalog.notices import drop_torchvision_fallback_notices
+
 TINY_SD_ID = "tiny-sd"
 TINY_SD_RESOLUTION = 64
 _WEIGHT_SEED = 0
@@ -168,6 +170,7 @@ def build_tiny_sd_components() -> dict:
 
 def build_tiny_sd_pipeline():
     """A ready ``StableDiffusionPipeline`` for ``tiny-sd`` on the CPU, in fp32."""
+    drop_torchvision_fallback_notices()
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(**build_tiny_sd_components(), requires_safety_checker=False)

@@ -95,6 +95,13 @@ MUTATIONS = [
         (Select("tests/test_train.py", "resume"),),
     ),
     Mutation(
+        "--resume takes other hyperparameters than the run's",
+        "training/dreambooth.py",
+        "        if resume:\n            _check_resumed_hyperparameters(name, output_dir, hp)\n",
+        "",
+        (Select("tests/test_name_claims.py", "resume_registers"),),
+    ),
+    Mutation(
         "prior-preservation loss weight 0",
         "training/dreambooth.py",
         "loss = loss + hp.prior_loss_weight * errors[batch.num_instance :].mean()",
@@ -116,6 +123,13 @@ MUTATIONS = [
         "while len(running) < config.parallel and _claimed(study) < config.trials:",
         "while len(running) < 1 and _claimed(study) < config.trials:",
         (Select("tests/test_tuning_parallel.py"),),
+    ),
+    Mutation(
+        "a resumed study's sampler starts over from the bare seed",
+        "training/tuning.py",
+        "    seed = int(numpy.random.SeedSequence([config.seed, number]).generate_state(1)[0])\n",
+        "    seed = config.seed\n",
+        (Select("tests/test_tuning.py", "never_repeats"),),
     ),
     # --- evaluation -------------------------------------------------------------------------------
     Mutation(

@@ -119,7 +119,7 @@ def test_catalog_commands_do_not_import_heavy_libraries(cli_env):
 
 def test_remove_deletes_only_user_fine_tunes(run_cli):
     write_entry(finetune_entry())
-    result = run_cli("catalog", "remove", "my-dog", check_rc=0)
+    result = run_cli("catalog", "remove", "my-dog", "--yes", check_rc=0)
     assert "removed my-dog; its weights remain at /tmp/nowhere" in result.stdout
     assert run_cli("catalog", "show", "my-dog").returncode == 2
     refused = run_cli("catalog", "remove", "tiny-sd")

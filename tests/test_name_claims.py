@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from catalog.pipelines import export_model
-from catalog.store import NameInUse, claim_name, load_catalog, validate_path
+from catalog.schema import CatalogEntry
+from catalog.store import NameInUse, claim_name, load_catalog, validate_path, write_entry
 from training.demo_dataset import write_demo_dataset
 from training.dreambooth import FINISHED_ENTRY, default_output_dir, train
 from training.hyperparameters import Hyperparameters
@@ -180,13 +181,128 @@ def test_resume_registers_a_run_killed_between_saving_and_registering(txt2img_ho
     weights = sorted((default_output_dir("saved") / "model").rglob("*.safetensors"))
     before = {path: path.stat().st_mtime_ns for path in weights}
 
-    result = run_cli("train", str(data), "--base", "tiny-sd", "--name", "saved", "--hp", "max_steps=3", "--resume")
+    resume = ("train", str(data), "--base", "tiny-sd", "--name", "saved", "--resume", "--hp", "max_steps=3")
+
+    # --resume continues the run as it was started: other values (here learning_rate left at its
+    # default, and more steps) are refused, each named, and nothing is registered.
+    changed = run_cli(*resume[:-1], "max_steps=4")
+    assert changed.returncode == 2, changed.stderr
+    assert changed.stderr == (
+        "txt2img: error: cannot resume 'saved' with other hyperparameters than its run: "
+        "learning_rate 0.001 (the run's) vs 2e-06 (given), max_steps 3 (the run's) vs 4 (given); "
+        "pass the run's values, or train under another --name\n"
+    )
+    assert "saved" not in load_catalog()
+
+    result = run_cli(*resume, "--hp", "learning_rate=1e-3")
 
     assert result.returncode == 0, result.stderr
     assert "registered saved" in result.stdout
     assert "resuming from" not in result.stderr and "starting from step 0" not in result.stderr
     assert {path: path.stat().st_mtime_ns for path in weights} == before  # registered, not trained again
     assert load_catalog().get("saved").metrics == unregistered.metrics
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_catalog_remove_frees_the_name_and_its_run_folder(txt2img_home, tmp_path, run_cli):
+    data = write_demo_dataset(tmp_path / "data")
+    train_reused = ("train", str(data), "--base", "tiny-sd", "--name", "reused", "--hp", "max_steps=1")
+    run_cli(*train_reused, check_rc=0)
+    run_folder = default_output_dir("reused")
+    claim = txt2img_home / "catalog" / ".reused.claim"
+    assert run_folder.is_dir() and claim.is_file()
+
+    refused = run_cli("catalog", "remove", "reused")  # no terminal to ask on, and no --yes
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "txt2img: error: catalog remove deletes reused and its folders; pass --yes to confirm without a terminal\n"
+    )
+    assert "reused" in load_catalog() and run_folder.is_dir()
+
+    removed = run_cli("catalog", "remove", "reused", "--yes", check_rc=0)
+    assert removed.stdout == f"removed reused and deleted {run_folder}\n"
+    assert "reused" not in load_catalog() and not run_folder.exists() and not claim.exists()
+
+    run_cli(*train_reused, check_rc=0)  # the name is free again
+    assert load_catalog().get("reused").hyperparameters["max_steps"] == 1
+
+
+def test_catalog_remove_deletes_a_tuned_models_study_folder_only_in_its_default_place(txt2img_home, run_cli):
+    run_folder, study = txt2img_home / "models" / "tuned", txt2img_home / "studies" / "tuned"
+    for folder in (run_folder / "model", study, txt2img_home / "elsewhere"):
+        folder.mkdir(parents=True)
+    for name, storage in (("tuned", study / "journal.log"), ("other", txt2img_home / "elsewhere" / "journal.log")):
+        storage.touch()
+        write_entry(
+            CatalogEntry(
+                id=name,
+                source="finetune",
+                family="tiny",
+                resolution=64,
+                base="tiny-sd",
+                method="full",
+                artifact=str(run_folder / "model") if name == "tuned" else "/w",
+                tuning={"study": name, "storage": str(storage)},
+            )
+        )
+
+    removed = run_cli("catalog", "remove", "tuned", "--yes", check_rc=0)
+    assert removed.stdout == f"removed tuned and deleted {run_folder}, {study}\n"
+    assert not run_folder.exists() and not study.exists()
+    run_cli("catalog", "remove", "other", "--yes", check_rc=0)
+    assert (txt2img_home / "elsewhere" / "journal.log").is_file()  # a study in another place is the user's
+
+
+def test_catalog_remove_refuses_a_name_a_run_holds(txt2img_home, tmp_path, run_cli):
+    entry = CatalogEntry(
+        id="held", source="finetune", family="tiny", resolution=64, base="tiny-sd", method="full", artifact="/w"
+    )
+    write_entry(entry)
+    holder = _start(HOLD_CLAIM, "held", home=txt2img_home)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        refused = run_cli("catalog", "remove", "held", "--yes")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("txt2img: error: model 'held' is being created by another run")
+    assert load_catalog().get("held") == entry
+
+
+def _remove_on_a_terminal(model_id: str, answer: str, home: Path) -> subprocess.CompletedProcess:
+    """``catalog remove`` with a terminal as its input, on which ``answer`` is typed."""
+    controller, terminal = os.openpty()
+    try:
+        os.write(controller, f"{answer}\n".encode())
+        return subprocess.run(
+            [sys.executable, "-m", "txt2img", "catalog", "remove", model_id],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env=_env(home),
+            timeout=120,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+def test_catalog_remove_asks_on_a_terminal(txt2img_home, tmp_path):
+    entry = CatalogEntry(
+        id="asked", source="finetune", family="tiny", resolution=64, base="tiny-sd", method="full", artifact="/w"
+    )
+    write_entry(entry)
+
+    kept = _remove_on_a_terminal("asked", "n", txt2img_home)
+    assert kept.stdout.startswith("Remove asked from the catalog? [y/N]: "), kept.stdout
+    assert kept.returncode == 130 and load_catalog().get("asked") == entry
+
+    removed = _remove_on_a_terminal("asked", "y", txt2img_home)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.endswith("removed asked; its weights remain at /w\n")
+    assert "asked" not in load_catalog()
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from training.tuning import DEFAULT_RANGES, SearchRange, TuningError
+from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, _ask, _prepare_study
 from txt2img.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +171,26 @@ def test_train_remote_refuses_resume_through_the_same_check(capsys):
 # --- studies ----------------------------------------------------------------------------------------
 
 
+def test_a_resumed_or_shared_study_never_repeats_a_configuration(tmp_path):
+    """Each trial draws from the seed and its own number, so a study reopened by --resume, or by a
+    second process on the same storage, continues the search instead of starting it over."""
+    config = StudyConfig(
+        data_dir=str(tmp_path), base="tiny-sd", name="again", trials=8, study_dir=str(tmp_path / "study")
+    )
+    first = _prepare_study(config, resume=False)
+    for value in (3.0, 2.0, 1.0):
+        first.tell(_ask(first, config), value)
+    resumed = _prepare_study(config, resume=True)
+    joined = _prepare_study(config, resume=True)  # another tune process sharing the study
+    for study in (resumed, joined, resumed, joined):
+        study.tell(_ask(study, config), 1.5)
+
+    trials = resumed.get_trials(deepcopy=False)
+    assert [trial.number for trial in trials] == list(range(7))
+    configurations = [tuple(sorted(trial.params.items())) for trial in trials]
+    assert len(set(configurations)) == len(configurations), configurations
+
+
 def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, txt2img_home):
     import optuna
 
@@ -234,6 +254,9 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     assert [t.number for t in failed] == [1]
     retry = next(t for t in complete if t.user_attrs.get("retry_of") == 1)
     assert retry.params == failed[0].params
+    # Apart from that retry, each trial has its own configuration: the resumed sampler went on.
+    fresh = [tuple(sorted(t.params.items())) for t in trials if "retry_of" not in t.user_attrs]
+    assert len(set(fresh)) == len(fresh) == 3, fresh
     best = min(complete, key=lambda t: t.value)
 
     catalog = load_catalog()

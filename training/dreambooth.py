@@ -9,6 +9,7 @@ draws validation images and a loss curve, and registers the fine-tune in the use
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -25,6 +26,7 @@ import yaml
 from catalog.paths import atomic_write_text, follow_umask, staging_directory, txt2img_home, writing
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import Catalog, claim_name, entry_yaml, load_catalog, write_entry
+from training.checkpoints import list_checkpoints
 from training.dataset import DreamBoothDataset, load_dataset
 from training.distributed import World, current_world
 from training.hyperparameters import Hyperparameters
@@ -37,7 +39,10 @@ CHECKPOINT_DIR = "checkpoints"
 # The entry of a finished run, written before its model is moved into place: a run killed
 # between saving and registering is registered by --resume instead of trained again.
 FINISHED_ENTRY = "entry.yaml"
-# Hyperparameters that change what the checkpointed weights mean; the others may change on resume.
+# The hyperparameters a run started with: --resume continues that run, so only with these.
+RUN_HYPERPARAMETERS = "hyperparameters.json"
+# Hyperparameters that change what the checkpointed weights mean; each checkpoint records them too,
+# so that it is never loaded into a model of another shape.
 _RESUME_INVARIANTS = ("method", "lora_rank", "train_text_encoder", "resolution")
 
 
@@ -85,9 +90,31 @@ def _check_name(catalog: Catalog, name: str, register: bool) -> None:
 def _check_output_dir(output_dir: Path, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingSetupError(f"{output_dir} exists and is not a directory")
-    if not resume and output_dir.is_dir() and any(output_dir.iterdir()):
+    # A run killed before its first checkpoint leaves only its hyperparameters: nothing to resume.
+    started = output_dir.is_dir() and any(path.name != RUN_HYPERPARAMETERS for path in output_dir.iterdir())
+    if not resume and started:
         raise TrainingSetupError(
             f"{output_dir} already holds a run; pass --resume to continue it, or pick another --name"
+        )
+
+
+def _check_resumed_hyperparameters(name: str, output_dir: Path, hp: Hyperparameters) -> None:
+    """Refuse to resume a run with hyperparameters other than its own, naming each difference."""
+    record = output_dir / RUN_HYPERPARAMETERS
+    kept = (output_dir / MODEL_DIR).is_dir() or list_checkpoints(output_dir / CHECKPOINT_DIR)
+    if not (kept and record.is_file()):
+        return  # nothing of the run to continue: it starts from step 0 with the values given now
+    started = json.loads(record.read_text(encoding="utf-8"))
+    given = hp.model_dump(mode="json")
+    changed = [
+        f"{key} {started.get(key)} (the run's) vs {given.get(key)} (given)"
+        for key in sorted(started.keys() | given.keys())
+        if started.get(key) != given.get(key)
+    ]
+    if changed:
+        raise TrainingSetupError(
+            f"cannot resume '{name}' with other hyperparameters than its run: {', '.join(changed)}; "
+            "pass the run's values, or train under another --name"
         )
 
 
@@ -276,6 +303,8 @@ def _remove_leftovers(output_dir: Path) -> None:
     """
     if not (output_dir / MODEL_DIR).is_dir():
         (output_dir / FINISHED_ENTRY).unlink(missing_ok=True)
+        if not list_checkpoints(output_dir / CHECKPOINT_DIR):
+            (output_dir / RUN_HYPERPARAMETERS).unlink(missing_ok=True)
     for folder in (output_dir / CHECKPOINT_DIR, output_dir):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
@@ -309,6 +338,8 @@ def _train(
             claim.take()
             _check_name(load_catalog(), name, register)  # again: another run may have registered it meanwhile
         _check_output_dir(output_dir, resume)
+        if resume:
+            _check_resumed_hyperparameters(name, output_dir, hp)
     finished = resume and (output_dir / MODEL_DIR).is_dir() and (output_dir / FINISHED_ENTRY).is_file()
     if world.from_main(finished):
         entry = _finished_run(output_dir, base, dataset.fingerprint, world)
@@ -328,6 +359,7 @@ def _train(
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     if world.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / RUN_HYPERPARAMETERS, hp.model_dump_json(indent=2) + "\n")
         remove_stale_staging(checkpoint_dir)
     logger.info("loading base model %s on %s", base, precision.device)
     pipeline = load_pipeline(base_entry, catalog)

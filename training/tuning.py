@@ -205,9 +205,22 @@ def _load_study(config: StudyConfig, storage=None):
     return optuna.load_study(
         study_name=config.name,
         storage=storage or open_storage(config),
-        sampler=optuna.samplers.TPESampler(seed=config.seed, constant_liar=True),
         pruner=_pruner(config),
     )
+
+
+def _trial_sampler(config: StudyConfig, number: int):
+    """TPE seeded from the study's seed and the trial's number.
+
+    A sampler seeded once per process would restart its random sequence in every process that
+    opens the study (``--resume``, or a second ``tune`` sharing it) and repeat the first trials'
+    values; the trial number is unique in the study, so each trial draws its own.
+    """
+    import numpy
+    import optuna
+
+    seed = int(numpy.random.SeedSequence([config.seed, number]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def trial_dir(config: StudyConfig, number: int) -> Path:
@@ -377,7 +390,6 @@ def _prepare_study(config: StudyConfig, resume: bool):
             study_name=config.name,
             storage=storage,
             direction=config.direction,
-            sampler=optuna.samplers.TPESampler(seed=config.seed, constant_liar=True),
             pruner=_pruner(config),
         )
         study.set_user_attr(CONFIG_ATTRIBUTE, config.search_signature())
@@ -420,6 +432,8 @@ def _ask(study, config: StudyConfig) -> int | None:
 
     with _quiet_experimental():
         trial = study.ask()
+    # The sampler draws when a value is suggested, so this trial's own sampler decides its values.
+    study.sampler = _trial_sampler(config, trial.number)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     ahead = [other for other in study.get_trials(deepcopy=False, states=counted) if other.number < trial.number]
     if len(ahead) >= config.trials:

@@ -7,6 +7,7 @@ except ``export``, which loads the model it writes.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -179,16 +180,46 @@ def validate(path: Path | None) -> None:
 
 @app.command("remove")
 @click.argument("model_id")
-def remove_model(model_id: str) -> None:
-    """Remove fine-tune MODEL_ID from your catalog (its weights stay on disk)."""
-    from catalog.store import remove_entry
+@click.option("--yes", is_flag=True, help="Remove without asking.")
+def remove_model(model_id: str, yes: bool) -> None:
+    """Remove fine-tune MODEL_ID and free its name: its entry, its run folder in $TXT2IMG_HOME/models
+    and, for a tuned model, its study folder. Weights registered from elsewhere stay on disk."""
+    from catalog.store import remove_model
 
     index = _index()
     if model_id in index.origins and index.get(model_id)["source"] != "finetune":
         raise InputError(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
-    remove_entry(model_id)
-    artifact = index.get(model_id).get("artifact")
-    click.echo(f"removed {model_id}" + (f"; its weights remain at {artifact}" if artifact else ""))
+    entry = index.get(model_id)
+    folders = _folders_of(model_id, entry)
+    _confirm_removal(model_id, folders, yes)
+    remove_model(model_id, folders)
+    artifact = entry.get("artifact")
+    deleted = f" and deleted {', '.join(map(str, folders))}" if folders else ""
+    kept = artifact and not any(Path(artifact).is_relative_to(folder) for folder in folders)
+    click.echo(f"removed {model_id}{deleted}" + (f"; its weights remain at {artifact}" if kept else ""))
+
+
+def _folders_of(model_id: str, entry: dict) -> list[Path]:
+    """The folders that hold ``model_id``'s name: its run (``train``, or ``tune``'s best) and its
+    study in the default place; a new run or study of that name would be refused while they exist."""
+    from training.dreambooth import default_output_dir
+    from training.tuning import JOURNAL_FILE_NAME, default_study_dir
+
+    folders = [default_output_dir(model_id)]
+    study = default_study_dir(model_id)
+    if (entry.get("tuning") or {}).get("storage") == str(study / JOURNAL_FILE_NAME):
+        folders.append(study)
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def _confirm_removal(model_id: str, folders: list[Path], yes: bool) -> None:
+    """Ask before deleting; without a terminal to ask on, only --yes confirms."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError(f"catalog remove deletes {model_id} and its folders; pass --yes to confirm without a terminal")
+    deleting = f" and delete {', '.join(map(str, folders))}" if folders else ""
+    click.confirm(f"Remove {model_id} from the catalog{deleting}?", abort=True)
 
 
 @app.command("schema")
