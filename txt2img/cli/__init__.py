@@ -55,7 +55,7 @@ app.add_command(demo.app)
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; click's usage errors become one line and exit code 2, not its usage screen."""
-    # transformers warns about optional image backends on every model load; users can opt back in.
+    # transformers logs notices and progress a command's user cannot act on; users can opt back in.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app.main(args=argv, prog_name="txt2img", standalone_mode=False)
