@@ -68,6 +68,7 @@ def test_two_processes_learn_and_register_one_entry(tmp_path, txt2img_home):
     assert sorted(path.name for path in output.iterdir()) == [
         "contact_sheet.png",
         "entry.yaml",
+        "hyperparameters.json",
         "loss_curve.png",
         "model",
         "validation",
