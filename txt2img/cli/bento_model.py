@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from catalog.store import load_catalog
+from serving.model_store import PACKED_MODELS_ENV, save_to_model_store, stored_models
+
 
 @click.group("bento-model")
 def app() -> None:
@@ -32,9 +35,6 @@ def save(model_id: str, allow_download: bool) -> None:
     """
     from rich.console import Console
 
-    from catalog.store import load_catalog
-    from serving.model_store import PACKED_MODELS_ENV, save_to_model_store
-
     catalog = load_catalog()
     catalog.get(model_id)
     with Console(stderr=True).status(f"saving {model_id} into BentoML's model store ..."):
@@ -46,8 +46,6 @@ def save(model_id: str, allow_download: bool) -> None:
 @app.command("list")
 def list_models() -> None:
     """List the catalog models in BentoML's model store: catalog id, tag and folder (the newest version each)."""
-    from serving.model_store import stored_models
-
     stored = stored_models()
     if not stored:
         click.echo("no catalog model in BentoML's model store; add one with `txt2img bento-model save ID`", err=True)

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
+from catalog.index import load_index
 from catalog.paths import require_folder
+from catalog.pipelines import export_model
+from catalog.schema import CatalogEntry, CatalogFile
+from catalog.store import CatalogError, load_catalog, remove_model, validate_path
+from training.dreambooth import default_output_dir
+from training.tuning import JOURNAL_FILE_NAME, default_study_dir
 from txt2img.errors import InputError
 
 
@@ -22,9 +28,6 @@ def app() -> None:
 
 
 def _index():
-    from catalog.index import load_index
-    from catalog.store import CatalogError
-
     try:
         return load_index()
     except CatalogError as error:
@@ -165,8 +168,6 @@ def validate(path: Path | None) -> None:
 
     PATH is a catalog YAML file or a directory of entry files; without it, the whole merged catalog.
     """
-    from catalog.store import validate_path
-
     if path is not None and not path.exists():
         raise InputError(f"{path} does not exist")
     problems = validate_path(path)
@@ -181,11 +182,9 @@ def validate(path: Path | None) -> None:
 @app.command("remove")
 @click.argument("model_id")
 @click.option("--yes", is_flag=True, help="Remove without asking.")
-def remove_model(model_id: str, yes: bool) -> None:
+def remove_command(model_id: str, yes: bool) -> None:
     """Remove fine-tune MODEL_ID and free its name: its entry, its run folder in $TXT2IMG_HOME/models
     and, for a tuned model, its study folder. Weights registered from elsewhere stay on disk."""
-    from catalog.store import remove_model
-
     index = _index()
     if model_id in index.origins and index.get(model_id)["source"] != "finetune":
         raise InputError(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
@@ -202,9 +201,6 @@ def remove_model(model_id: str, yes: bool) -> None:
 def _folders_of(model_id: str, entry: dict) -> list[Path]:
     """The folders that hold ``model_id``'s name: its run (``train``, or ``tune``'s best) and its
     study in the default place; a new run or study of that name would be refused while they exist."""
-    from training.dreambooth import default_output_dir
-    from training.tuning import JOURNAL_FILE_NAME, default_study_dir
-
     folders = [default_output_dir(model_id)]
     study = default_study_dir(model_id)
     if (entry.get("tuning") or {}).get("storage") == str(study / JOURNAL_FILE_NAME):
@@ -228,7 +224,6 @@ def json_schema(output: Path | None) -> None:
     """Print the JSON Schema of a catalog YAML file, for editors' completion and checks."""
     if output:
         require_folder(output.parent, "output folder")
-    from catalog.schema import CatalogEntry, CatalogFile
 
     schema = CatalogFile.model_json_schema()
     # A user entry file holds one entry at top level; accept both shapes.
@@ -256,15 +251,12 @@ def export(model_id: str, directory: Path, allow_download: bool) -> None:
     with a LoRA fused into its base. DIRECTORY must be new or empty.
     """
     require_folder(directory, "export folder")
-    from catalog.store import load_catalog
 
     catalog = load_catalog()
     catalog.get(model_id)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise InputError(f"{directory} exists and is not an empty directory")
     from rich.console import Console
-
-    from catalog.pipelines import export_model
 
     with Console(stderr=True).status(f"exporting {model_id} ..."):
         written = export_model(model_id, directory, catalog, local_files_only=not allow_download)

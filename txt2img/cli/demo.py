@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from training.demo_dataset import SUBJECTS, write_demo_dataset
 from txt2img.errors import InputError
 
 
@@ -41,8 +42,6 @@ def photos(directory: Path, subjects: tuple[str, ...], images: int, size: int) -
     Each toy is one shape and colour at several places and sizes; its instance prompt is
     "a photo of sks <colour> toy" and its class prompt "a photo of a toy".
     """
-    from training.demo_dataset import SUBJECTS, write_demo_dataset
-
     unknown = [subject for subject in subjects if subject not in SUBJECTS]
     if unknown:
         raise InputError(f"--subject {unknown[0]!r} is not one of {', '.join(SUBJECTS)}")

@@ -14,6 +14,20 @@ from pathlib import Path
 import click
 
 from catalog.paths import require_folder
+from jumpstart.autoscaling import DEFAULT_TARGET_BACKLOG, DEFAULT_TARGET_INVOCATIONS, Scaling
+from jumpstart.deploy import deploy as deploy_model
+from jumpstart.endpoints import (
+    decode_images,
+    delete_endpoint,
+    invoke_endpoint,
+    invoke_url,
+    list_endpoints,
+    request_body,
+    write_images,
+)
+from jumpstart.errors import aws_context
+from jumpstart.records import recorded_region
+from jumpstart.remote import launch_remote_training, launch_remote_tuning
 from txt2img.errors import InputError
 from txt2img.extras import require_extra
 
@@ -62,7 +76,6 @@ def run_remote_training(data: str, base: str, name: str, hyperparameters, **remo
     ``remote_options`` are the keyword arguments ``remote_job_options`` adds, ``remote`` included.
     """
     require_extra("aws")
-    from jumpstart.remote import launch_remote_training
 
     remote_options.pop("remote", None)
     result = launch_remote_training(data, base, name, hyperparameters, **remote_options)
@@ -72,7 +85,6 @@ def run_remote_training(data: str, base: str, name: str, hyperparameters, **remo
 def run_remote_tuning(data: str, base: str, name: str, hyperparameters, ranges=None, **remote_options) -> None:
     """What ``txt2img tune --remote`` does; ``remote_options`` may also hold max_jobs, max_parallel_jobs, objective."""
     require_extra("aws")
-    from jumpstart.remote import launch_remote_tuning
 
     remote_options.pop("remote", None)
     result = launch_remote_tuning(data, base, name, hyperparameters, ranges, **remote_options)
@@ -139,8 +151,6 @@ def deploy(
     if min_instances is not None and not wait:
         raise InputError("autoscaling needs --wait: SageMaker registers an endpoint only once it is InService")
     require_extra("aws")
-    from jumpstart.autoscaling import DEFAULT_TARGET_BACKLOG, DEFAULT_TARGET_INVOCATIONS, Scaling
-    from jumpstart.deploy import deploy as deploy_model
 
     scaling = None
     if min_instances is not None:
@@ -186,7 +196,6 @@ def list_command(region: str | None, as_json: bool) -> None:
     from dataclasses import asdict
 
     require_extra("aws")
-    from jumpstart.endpoints import list_endpoints
 
     found = list_endpoints(region)
     if as_json:
@@ -232,8 +241,6 @@ def list_command(region: str | None, as_json: bool) -> None:
 def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, region: str | None, **parameters) -> None:
     """Generate images from PROMPT on endpoint NAME and write them as JPEG files."""
     require_folder(output_dir, "output folder")
-    from jumpstart.endpoints import decode_images, invoke_endpoint, invoke_url, request_body, write_images
-    from jumpstart.errors import aws_context
 
     for side in ("width", "height"):
         if parameters[side] is not None and parameters[side] % 8:
@@ -243,7 +250,6 @@ def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, re
         answer = invoke_url(url, body)
     else:
         require_extra("aws")
-        from jumpstart.records import recorded_region
 
         answer = invoke_endpoint(aws_context(region or recorded_region(name)), name, body)
     images = decode_images(answer)
@@ -257,7 +263,6 @@ def invoke_command(name: str, prompt: str, output_dir: Path, url: str | None, re
 def delete_command(name: str, region: str | None) -> None:
     """Delete endpoint NAME with its autoscaling, endpoint config and model (stops its billing)."""
     require_extra("aws")
-    from jumpstart.endpoints import delete_endpoint
 
     for deleted in delete_endpoint(name, region):
         click.echo(f"deleted {deleted}")

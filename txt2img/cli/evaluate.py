@@ -10,6 +10,18 @@ from pathlib import Path
 import click
 
 from catalog.paths import require_folder
+from training.dreambooth import TrainingInterrupted
+from training.evaluation import (
+    EvaluationError,
+    EvaluationSettings,
+    evaluate_model,
+    metric_lines,
+    plan_metrics,
+    read_prompts_file,
+)
+from training.metrics import METRIC_DIRECTIONS, MetricWeights
+from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir, trial_evaluation
+from training.tuning import tune as run_study
 from txt2img.cli.deploy import remote_job_options, run_remote_tuning, trainer_option
 from txt2img.cli.options import first_error, parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
@@ -71,9 +83,6 @@ def _evaluation_settings(
     """The evaluation options of either command as one ``EvaluationSettings``; a bad value is one line."""
     from pydantic import ValidationError
 
-    from training.evaluation import EvaluationSettings
-    from training.metrics import MetricWeights
-
     weights = MetricWeights.from_env(inception=inception_path, clip=clip_path, dino=dino_path)
     chosen = {"metrics": list(metrics)} if metrics else {}
     try:
@@ -91,8 +100,6 @@ def _announce_skipped(plan, scope: str) -> None:
 
 
 def _read_prompts(path: Path | None) -> list[str] | None:
-    from training.evaluation import EvaluationError, read_prompts_file
-
     if path is None:
         return None
     try:
@@ -104,9 +111,6 @@ def _read_prompts(path: Path | None) -> list[str] | None:
 def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from training.evaluation import metric_lines
-    from training.metrics import METRIC_DIRECTIONS
 
     table = Table(title=title, title_justify="left")
     table.add_column("metric", style="bold cyan")
@@ -155,7 +159,6 @@ def evaluate(
     """
     if output:
         require_folder(output, "output folder")
-    from training.evaluation import evaluate_model, plan_metrics
 
     settings = _evaluation_settings(
         metrics,
@@ -303,7 +306,6 @@ def tune(
     """
     if study_dir:
         require_folder(study_dir, "study folder")
-    from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir
 
     if remote_options["remote"]:
         refuse_local_options(context, LOCAL_STUDY_OPTIONS, "SageMaker Automatic Model Tuning keeps the study")
@@ -381,10 +383,6 @@ def tune(
         evaluation=evaluation,
     )
     require_extra("tune")
-    from training.dreambooth import TrainingInterrupted
-    from training.evaluation import plan_metrics
-    from training.tuning import trial_evaluation
-    from training.tuning import tune as run_study
 
     plan = plan_metrics(trial_evaluation(config))
     if objective not in plan.skipped:  # otherwise the study refuses to start, saying why

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import click
 
-from catalog.paths import require_folder
+from catalog.paths import atomic_write_bytes, require_folder
+from catalog.store import CatalogError
+from serving.generation import BatchItem, generate_images, is_out_of_memory
+from serving.images import image_bytes
+from serving.manager import PipelineManager
+from serving.safety import SafetyChecker
+from serving.schema import LIMIT_SETTINGS, GenerationRequest, LimitExceeded, check_limits, describe_validation_error
+from serving.settings import ServingSettings
+from txt2img.cli.options import first_error
 from txt2img.errors import InputError
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
@@ -80,8 +88,6 @@ def _request(options: dict):
     """The GenerationRequest of these options; a refused value is one line naming its option."""
     from pydantic import ValidationError
 
-    from serving.schema import GenerationRequest, describe_validation_error
-
     try:
         return GenerationRequest(**options)
     except ValidationError as error:
@@ -96,9 +102,6 @@ def _settings():
     """The server's settings (TXT2IMG_*), a bad value refused in one line."""
     from pydantic import ValidationError
 
-    from serving.settings import ServingSettings
-    from txt2img.cli.options import first_error
-
     try:
         return ServingSettings()
     except ValidationError as error:
@@ -108,8 +111,6 @@ def _settings():
 
 def _check_server_limits(request, settings, width: int, height: int) -> None:
     """``serving.schema.check_limits``, refused in one line that says which setting lifts it."""
-    from serving.schema import LIMIT_SETTINGS, LimitExceeded, check_limits
-
     try:
         check_limits(request, settings, width, height)
     except LimitExceeded as error:
@@ -123,9 +124,6 @@ def _check_server_limits(request, settings, width: int, height: int) -> None:
 
 def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
     """Load the model, then generate and write the images batch by batch."""
-    from catalog.store import CatalogError
-    from serving.manager import PipelineManager
-
     settings = _settings()
     try:
         manager = PipelineManager(settings)
@@ -152,9 +150,6 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
 
 def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int, progress: ImageProgress) -> list:
     """One pipeline call (serving.generation's, as the server makes it); running out of memory is one line."""
-    from serving.generation import BatchItem, generate_images, is_out_of_memory
-    from serving.schema import LimitExceeded
-
     try:
         return generate_images(
             pipeline,
@@ -179,9 +174,6 @@ def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int
 
 
 def _write(images: list, paths: list[Path], seeds: list[int], flags: list[bool], image_format: str) -> None:
-    from catalog.paths import atomic_write_bytes
-    from serving.images import image_bytes
-
     for image, path, seed, flagged in zip(images, paths, seeds, flags):
         atomic_write_bytes(path, image_bytes(image, image_format))
         click.echo(f"{path}  (seed {seed})" + ("  flagged by the safety checker: black" if flagged else ""))
@@ -189,8 +181,6 @@ def _write(images: list, paths: list[Path], seeds: list[int], flags: list[bool],
 
 def _safety_checker(settings, device, dtype):
     """TXT2IMG_SAFETY_CHECKER's checker, as the server loads it: it blacks out the images it flags."""
-    from serving.safety import SafetyChecker
-
     try:
         return SafetyChecker.load(
             settings.safety_checker_repo, device=device, dtype=dtype, local_files_only=settings.local_files_only

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
+from training.hyperparameters import Hyperparameters
 from txt2img.errors import InputError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
-
-    from training.hyperparameters import Hyperparameters
 
 
 def first_error(error: ValidationError) -> str:
@@ -31,8 +30,6 @@ def first_error(error: ValidationError) -> str:
 def parse_hyperparameters(pairs: tuple[str, ...]) -> Hyperparameters:
     """The ``--hp KEY=VALUE`` pairs as hyperparameters; a bad pair is one line naming its key."""
     from pydantic import ValidationError
-
-    from training.hyperparameters import Hyperparameters
 
     try:
         return Hyperparameters.from_pairs(list(pairs))

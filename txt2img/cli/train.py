@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from training.distributed import launch_training
+from training.dreambooth import TrainingInterrupted, train
 from txt2img.cli.deploy import remote_job_options, run_remote_training, trainer_option
 from txt2img.cli.options import parse_hyperparameters, refuse_local_options
 from txt2img.errors import InputError, Interrupted
@@ -102,12 +104,9 @@ def train_command(
     if data_dir.startswith("s3://"):
         raise InputError(f"{data_dir} is on S3: add --remote to train on SageMaker, or download it first")
     if processes > 1:
-        from training.distributed import launch_training
-
         launch_training(processes, Path(data_dir), base, name, hyperparameters, resume=resume)
         return
     _log_to_stderr()
-    from training.dreambooth import TrainingInterrupted, train
 
     try:
         entry = train(Path(data_dir), base, name, hyperparameters, resume=resume)
