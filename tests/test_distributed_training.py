@@ -126,3 +126,46 @@ def test_a_killed_process_stops_the_run_and_resume_completes_it(tmp_path, txt2im
     entry = load_catalog().get("lora-pair")
     assert entry.method == "lora" and Path(entry.artifact, LORA_WEIGHT_NAME).is_file()
     assert _red_loss(load_pipeline(entry, load_catalog()), data) < 0.97 * base_loss
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_ranks_die_with_a_killed_launcher_and_resume_then_works(tmp_path, txt2img_home):
+    """kill -9 of the launcher's whole process group, as a job scheduler or the OOM killer does: the
+    ranks (torchrun puts them in sessions of their own) must die too and free the name for --resume."""
+    data = write_demo_dataset(tmp_path / "data")
+    options = ["--processes", "2", "--hp", "max_steps=40", "--hp", "checkpointing_steps=2"]
+    options += ["--hp", "learning_rate=2e-3", "--hp", f"validation_prompts={RED}"]
+    checkpoints = txt2img_home / "models" / "orphans" / "checkpoints"
+    command = [sys.executable, "-m", "txt2img", "train", str(data), "--base", "tiny-sd", "--name", "orphans"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(txt2img_home), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [*command, *options], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir())):
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    ranks = [_worker_of_rank(launcher, rank) for rank in (0, 1)]
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.communicate()
+
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in ranks if not _gone(pid)]
+    for pid in survivors:  # do not leave them training after the test
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "ranks outlived their launcher"
+    assert not list((txt2img_home / "catalog").glob("*.yaml")), "ranks outlived their launcher and registered"
+
+    code, stdout, stderr = _finish(_start(data, txt2img_home, "orphans", *options, "--resume"))
+    assert code == 0, stderr
+    assert "resuming from" in stderr and stdout.count("registered orphans") == 1
