@@ -4,6 +4,11 @@
 dataset, precision), then: generates class images for prior preservation, encodes the
 images and prompts once, runs the optimisation loop with checkpoints, saves the model,
 draws validation images and a loss curve, and registers the fine-tune in the user catalog.
+
+The loop runs on Hugging Face ``accelerate``, in phases a reader can follow one at a time:
+``_setup`` (checks and the name's claim), ``_load_base``, ``_prepare_data``,
+``_prepare_optimisation`` (``Accelerator.prepare``: DDP across processes), ``_resume``,
+``_optimise`` (``_optimizer_step`` and ``_micro_batch_loss``, checkpoints) and ``_finish``.
 """
 
 from __future__ import annotations
