@@ -73,6 +73,9 @@ def save_checkpoint(accelerator: Any, directory: Path, step: int, state: dict[st
         for _, old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if not is_main and accelerator.is_local_main_process:
+        # Another machine of a multi-node job (SageMaker): its ranks wrote a local copy nobody publishes.
+        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
