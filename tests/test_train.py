@@ -272,3 +272,13 @@ def test_bf16_trains_on_the_cpu_and_fp16_is_refused_there(tmp_path):
     with pytest.raises(TrainingSetupError, match=r"^mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU$"):
         train(data, "tiny-sd", "fp16-toy", Hyperparameters(max_steps=4, mixed_precision="fp16", **FAST), progress=False)
     assert not (Path(os.environ["TXT2IMG_HOME"]) / "models" / "fp16-toy").exists()
+
+
+def test_a_checkpoint_of_the_trainer_before_accelerate_is_refused_in_one_line(tmp_path):
+    data = write_demo_dataset(tmp_path / "data")
+    old = Path(os.environ["TXT2IMG_HOME"]) / "models" / "old-run" / "checkpoints" / "checkpoint-3"
+    old.mkdir(parents=True)
+    (old / "trainable.safetensors").write_bytes(b"")  # the files it wrote: no training_state.json
+    (old / "training_state.pt").write_bytes(b"")
+    with pytest.raises(TrainingSetupError, match=r"^cannot resume from .*checkpoint-3: an older txt2img wrote it; "):
+        train(data, "tiny-sd", "old-run", Hyperparameters(max_steps=4, **FAST), resume=True, progress=False)

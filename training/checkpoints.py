@@ -90,9 +90,13 @@ def _publish(staging: Path, final: Path, state: dict[str, Any]) -> None:
     _fsync(final.parent)
 
 
-def load_checkpoint_state(path: Path) -> dict[str, Any]:
-    """The run's own state saved in a checkpoint folder (``Accelerator.load_state`` reads the rest)."""
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+def load_checkpoint_state(path: Path) -> dict[str, Any] | None:
+    """The run's own state saved in a checkpoint folder (``Accelerator.load_state`` reads the rest);
+    None for a checkpoint of txt2img's trainer before it ran on accelerate, which it cannot continue."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return json.loads(state_file.read_text(encoding="utf-8"))
 
 
 def remove_stale_staging(directory: Path) -> None:

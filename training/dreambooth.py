@@ -519,6 +519,10 @@ def _resume(run: _Run) -> None:
             logger.info("no checkpoint in %s; starting from step 0", run.checkpoint_dir)
         return
     state = load_checkpoint_state(checkpoint)
+    if state is None:
+        raise TrainingSetupError(
+            f"cannot resume from {checkpoint}: an older txt2img wrote it; train again without --resume"
+        )
     processes = state.get("processes", 1)
     if processes != accelerator.num_processes:
         # Each process's random stream is part of the state: a different count cannot continue it.
