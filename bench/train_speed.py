@@ -6,6 +6,7 @@ Steps/s counts only the optimisation loop: ours reports it as the ``steps_per_se
 the reference's is read from its tqdm bar.
 
     python bench/train_speed.py [--steps 60] [--method full|lora]
+    python bench/train_speed.py --processes 2     # 1 process and 2 (gloo on the CPU), and their ratio
     python bench/train_speed.py --reference /path/to/train_dreambooth.py --reference-python /venv/bin/python
 
 The reference script needs torchvision (so, usually, its own virtualenv); fetch it from the
@@ -41,13 +42,16 @@ def _run(command: list[str], env: dict[str, str]) -> tuple[str, float]:
     return output, usage.ru_maxrss / 1024 / 1024  # ru_maxrss is in KiB on Linux
 
 
-def run_ours(data: Path, home: Path, steps: int, method: str) -> tuple[float, float]:
+def run_ours(data: Path, home: Path, steps: int, method: str, processes: int = 1) -> tuple[float, float]:
+    """Steps/s of the loop and peak RSS in GB; with several processes wait4 reports the largest one's."""
     command = [
         sys.executable, "-m", "txt2img", "train", str(data), "--base", "tiny-sd", "--name", "bench",
         "--method", method, "--hp", f"max_steps={steps}", "--hp", f"learning_rate={LEARNING_RATE}",
         "--hp", f"checkpointing_steps={steps + 1}", "--hp", f"validation_prompts={PROMPT}",
+        "--processes", str(processes),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(home)}
+    # One torch thread per process: more on a small shared machine only spin against each other.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TXT2IMG_HOME": str(home), "OMP_NUM_THREADS": "1"}
     output, rss = _run(command, env)
     return float(re.search(r"steps_per_second=([\d.]+)", output).group(1)), rss
 
@@ -69,10 +73,23 @@ def run_reference(script: Path, python: str, data: Path, model: Path, out: Path,
     return (float(value) if unit == "it/s" else 1 / float(value)), rss
 
 
+def compare_processes(data: Path, root: Path, args: argparse.Namespace, one_rate: float, one_rss: float) -> None:
+    """The same run in ``args.processes`` processes: each step then takes that many batches."""
+    rate, rss = run_ours(data, root / "home-processes", args.steps, args.method, args.processes)
+    # Batch 1, no accumulation: one example per process per step.
+    print(f"1 process: {one_rate:.2f} steps/s, {one_rate:.2f} examples/s, peak RSS {one_rss:.2f} GB")
+    print(
+        f"{args.processes} processes: {rate:.2f} steps/s, {rate * args.processes:.2f} examples/s, "
+        f"peak RSS of the largest process {rss:.2f} GB"
+    )
+    print(f"ratio ({args.processes} processes / 1): examples/s {rate * args.processes / one_rate:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--processes", type=int, default=1, help="also train data-parallel in this many")
     parser.add_argument("--reference", type=Path, help="path to diffusers' train_dreambooth.py")
     parser.add_argument("--reference-python", default=sys.executable, help="python of a venv with torchvision")
     args = parser.parse_args()
@@ -86,6 +103,8 @@ def main() -> None:
         data = write_demo_dataset(root / "data")
         ours_rate, ours_rss = run_ours(data, root / "home", args.steps, args.method)
         print(f"txt2img train ({args.method}): {ours_rate:.2f} steps/s, peak RSS {ours_rss:.2f} GB")
+        if args.processes > 1:
+            compare_processes(data, root, args, ours_rate, ours_rss)
         if args.reference is None:
             return
         model = root / "tiny-sd"

@@ -76,22 +76,23 @@ MUTATIONS = [
     Mutation(
         "optimizer step is a no-op",
         "training/dreambooth.py",
-        "                else:\n                    optimizer.step()\n",
-        "                else:\n                    pass\n",
+        "            run.optimizer.step()\n",
+        "",
         (Select("tests/test_train.py", "full_finetune"),),
     ),
     Mutation(
         "resume without the RNG state",
         "training/dreambooth.py",
-        "            generator.set_state(state[",
-        "            (lambda _: None)(state[",
+        "    accelerator.load_state(str(checkpoint), strict=False)",
+        "    accelerator.load_state(str(checkpoint), strict=False)\n"
+        '    __import__("accelerate").utils.set_seed(request.hp.seed, device_specific=True)',
         (Select("tests/test_train.py", "resume"),),
     ),
     Mutation(
         "resume without the optimizer state",
         "training/dreambooth.py",
-        '            optimizer.load_state_dict(state["optimizer"])\n',
-        "",
+        "    accelerator.load_state(str(checkpoint), strict=False)",
+        "    accelerator.load_state(str(checkpoint), strict=False)\n    run.optimizer.optimizer.state.clear()",
         (Select("tests/test_train.py", "resume"),),
     ),
     Mutation(
@@ -111,10 +112,10 @@ MUTATIONS = [
     Mutation(
         "training ignores captions",
         "training/dreambooth.py",
-        "                        embeddings = text_embeddings(batch.prompts)\n",
-        "                        embeddings = encode_prompts(\n"
-        '                            pipeline.tokenizer, pipeline.text_encoder, [""] * len(batch.prompts)\n'
-        "                        )\n",
+        "            embeddings = torch.stack([run.prompt_cache[prompt] for prompt in batch.prompts])\n",
+        "            embeddings = encode_prompts(\n"
+        '                run.pipeline.tokenizer, run.pipeline.text_encoder, [""] * len(batch.prompts)\n'
+        "            )\n",
         (Select("tests/test_train.py", "caption"),),
     ),
     Mutation(
@@ -527,9 +528,23 @@ MUTATIONS = [
     Mutation(
         "every training process saves and registers the model",
         "training/dreambooth.py",
-        "        if not world.is_main:\n            return entry\n        atomic_write_text(output_dir / FINISHED_",
-        "        atomic_write_text(output_dir / FINISHED_",
+        "    if not run.accelerator.is_main_process:\n        return entry\n    atomic_write_text(request.output_dir",
+        "    atomic_write_text(request.output_dir",
         (Select("tests/test_distributed_training.py", "register_one_entry"),),
+    ),
+    Mutation(
+        "the last training process registers the model, not rank 0",
+        "training/dreambooth.py",
+        "    if not run.accelerator.is_main_process:\n        return entry\n",
+        "    if run.accelerator.process_index != run.accelerator.num_processes - 1:\n        return entry\n",
+        (Select("tests/test_distributed_training.py", "only_rank_0_registers"),),
+    ),
+    Mutation(
+        "gradients never synchronised across processes (no_sync everywhere)",
+        "training/dreambooth.py",
+        "        with accelerator.accumulate(*run.models.values()):\n",
+        "        with accelerator.no_sync(unet):\n",
+        (Select("tests/test_distributed_training.py", "same_weights"),),
     ),
     Mutation(
         "a SageMaker run of our trainer leaves no inference code",

@@ -22,7 +22,7 @@ from training.checkpoints import latest_checkpoint
 from training.class_images import ensure_class_images
 from training.dataset import load_dataset
 from training.demo_dataset import write_demo_dataset
-from training.dreambooth import train
+from training.dreambooth import TrainingSetupError, train
 from training.hyperparameters import Hyperparameters
 from training.losses import denoising_loss
 
@@ -195,7 +195,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> Non
 _KILLED_AFTER_STEP_6 = """
 import os, signal, sys
 from pathlib import Path
-from training.dreambooth import train
+from training.dreambooth import TrainingSetupError, train
 from training.hyperparameters import Hyperparameters
 
 def kill_at_step_6(step, metrics):
@@ -258,3 +258,27 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 2 <= step < 5000 and checkpoint == checkpoints / f"checkpoint-{step}"
     assert latest_checkpoint(checkpoints) == checkpoint
     assert not (home / "catalog" / "stopped.yaml").exists()
+
+
+def test_bf16_trains_on_the_cpu_and_fp16_is_refused_there(tmp_path):
+    """accelerate's mixed precision: bf16 autocasts on the CPU too; fp16 needs CUDA's loss scaling."""
+    data = write_demo_dataset(tmp_path / "data")
+    entry = train(
+        data, "tiny-sd", "bf16-toy", Hyperparameters(max_steps=4, mixed_precision="bf16", **FAST), progress=False
+    )
+    assert entry.hyperparameters["mixed_precision"] == "bf16" and 0 < entry.metrics["final_loss"] < 10
+    assert load_catalog().get("bf16-toy") == entry
+
+    with pytest.raises(TrainingSetupError, match=r"^mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU$"):
+        train(data, "tiny-sd", "fp16-toy", Hyperparameters(max_steps=4, mixed_precision="fp16", **FAST), progress=False)
+    assert not (Path(os.environ["TXT2IMG_HOME"]) / "models" / "fp16-toy").exists()
+
+
+def test_a_checkpoint_of_the_trainer_before_accelerate_is_refused_in_one_line(tmp_path):
+    data = write_demo_dataset(tmp_path / "data")
+    old = Path(os.environ["TXT2IMG_HOME"]) / "models" / "old-run" / "checkpoints" / "checkpoint-3"
+    old.mkdir(parents=True)
+    (old / "trainable.safetensors").write_bytes(b"")  # the files it wrote: no training_state.json
+    (old / "training_state.pt").write_bytes(b"")
+    with pytest.raises(TrainingSetupError, match=r"^cannot resume from .*checkpoint-3: an older txt2img wrote it; "):
+        train(data, "tiny-sd", "old-run", Hyperparameters(max_steps=4, **FAST), resume=True, progress=False)

@@ -1,24 +1,26 @@
 """Training checkpoints: written atomically every N steps, found again by ``--resume``.
 
-A checkpoint is a folder ``checkpoint-<step>/`` holding ``trainable.safetensors`` (the weights
-being trained) and ``training_state.pt`` (optimizer, lr scheduler, step, RNG, loss history).
-It is assembled under a temporary name and renamed into place, so a kill at any moment leaves
-either a complete checkpoint or none.
+A checkpoint is a folder ``checkpoint-<step>/`` holding what ``Accelerator.save_state`` writes
+(the trained tensors, optimizer, lr scheduler, loss scaler and each process's RNG state) and
+``training_state.json`` (step, loss history, process count and what the run was made with).
+Every process writes its part into a staging folder that rank 0 renames into place once all
+are done, so a kill at any moment leaves either a complete checkpoint or none.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from catalog.paths import follow_umask, staging_directory, writing
+from catalog.paths import follow_umask, writing
 
-WEIGHTS_FILE = "trainable.safetensors"
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_STAGING_PREFIX = ".checkpoint-"
 # Keeping the previous checkpoint too means a corrupt disk write never costs the whole run.
 KEEP_CHECKPOINTS = 2
 
@@ -48,48 +50,57 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def save_checkpoint(directory: Path, step: int, weights: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write ``checkpoint-<step>`` atomically and drop all but the newest few."""
+def save_checkpoint(accelerator: Any, directory: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint-<step>`` atomically (every process takes part) and drop all but the newest few."""
     final = directory / f"checkpoint-{step}"
+    staging = directory / f"{_STAGING_PREFIX}{step}.staging"  # one name every process agrees on
+    is_main = accelerator.is_main_process
     with writing(final):
-        _save_staged(final, weights, state)
-    for _, old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if is_main:
+                _publish(staging, final, state)
+        except BaseException:
+            if is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if is_main:
+        for _, old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if not is_main and accelerator.is_local_main_process:
+        # Another machine of a multi-node job (SageMaker): its ranks wrote a local copy nobody publishes.
+        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _save_staged(final: Path, weights: dict[str, Any], state: dict[str, Any]) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    directory = final.parent
-    staging = staging_directory(directory, final.name)
-    try:
-        save_file({key: value.to("cpu") for key, value in weights.items()}, str(staging / WEIGHTS_FILE))
-        torch.save(state, staging / STATE_FILE)
-        follow_umask(staging)
-        for name in (WEIGHTS_FILE, STATE_FILE):
-            _fsync(staging / name)
-        os.rename(staging, final)
-        _fsync(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _publish(staging: Path, final: Path, state: dict[str, Any]) -> None:
+    """Add the run's own state, make every file durable, then rename the folder into place."""
+    (staging / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    follow_umask(staging)
+    for path in staging.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    os.rename(staging, final)
+    _fsync(final.parent)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The (weights, state) saved in a checkpoint folder."""
-    import torch
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / WEIGHTS_FILE))
-    # weights_only: the state holds tensors, numbers and strings, never code.
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return weights, state
+def load_checkpoint_state(path: Path) -> dict[str, Any] | None:
+    """The run's own state saved in a checkpoint folder (``Accelerator.load_state`` reads the rest);
+    None for a checkpoint of txt2img's trainer before it ran on accelerate, which it cannot continue."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return json.loads(state_file.read_text(encoding="utf-8"))
 
 
 def remove_stale_staging(directory: Path) -> None:
     """Delete half-written checkpoint folders a killed run left behind."""
     if directory.is_dir():
-        for path in directory.glob(".checkpoint-*"):
+        for path in directory.glob(f"{_STAGING_PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Data-parallel DreamBooth: ``txt2img train --processes N`` runs N copies of the trainer under
 torchrun (``torch.distributed.run``), one per GPU (nccl backend) or CPU process (gloo).
 
-Every process holds the whole model and draws its own micro-batches of each optimizer step;
-gradients are averaged across processes before the step, so the copies stay equal and one
-step sees ``batch_size x processes x gradient_accumulation_steps`` examples. Rank 0 alone
+Each worker runs ``training.dreambooth.train``, whose ``Accelerator`` joins the torchrun world:
+every process holds the whole model (DistributedDataParallel, which averages the gradients while
+the backward pass runs) and draws its own micro-batches of each optimizer step, so one step sees
+``batch_size x processes x gradient_accumulation_steps`` examples. Rank 0 alone
 claims the name and writes checkpoints, images and the catalog entry. torchrun's agent
 watches the processes: when one dies, it stops the others and this launcher reports why.
 
@@ -12,134 +13,31 @@ Run as a module, this file is the worker torchrun starts in each process.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from catalog.paths import atomic_write_text
+from training.dreambooth import TrainingInterrupted, train
+from training.hyperparameters import Hyperparameters
 from txt2img.errors import InputError, Interrupted, Txt2ImgError
 
 logger = logging.getLogger("txt2img.training")
 
+# How often a worker checks that its launcher is still alive (the kernel's death signal comes first on Linux).
+_LAUNCHER_POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The key in a worker's error file (torchelastic's reply file) that marks an expected failure.
 _EXIT_CODE_KEY = "txt2img_exit_code"
-# Rank 0 alone generates class images while the others wait: that can take a while on a big model.
-_COLLECTIVE_TIMEOUT = timedelta(hours=2)
 # How long torchrun's agent lets the workers finish their checkpoint after a Ctrl-C.
 _SHUTDOWN_SECONDS = 600
-# Gradients are averaged a few large flat buffers at a time: far fewer calls than one per tensor.
-_BUCKET_ELEMENTS = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the run: ``rank`` of ``size`` processes (a world of one when alone)."""
-
-    rank: int = 0
-    size: int = 1
-    device: Any = None  # where collective tensors live: the rank's GPU for nccl, else the CPU
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Each value summed over all processes."""
-        if self.size == 1:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every process's ``value`` (any picklable object), in rank order."""
-        if self.size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def from_main(self, value: Any) -> Any:
-        """Rank 0's ``value``, on every process."""
-        if self.size == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def copy_from_main(self, parameters: list[Any]) -> None:
-        """Overwrite these tensors with rank 0's (randomly initialised LoRA adapters differ per process)."""
-        if self.size == 1:
-            return
-        import torch.distributed as dist
-
-        for parameter in parameters:
-            dist.broadcast(parameter.data, src=0)
-
-    def average_gradients(self, parameters: list[Any]) -> None:
-        """Replace each gradient with its mean over all processes."""
-        if self.size == 1:
-            return
-        import torch
-        import torch.distributed as dist
-
-        gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
-        bucket: list[Any] = []
-        for index, gradient in enumerate(gradients):
-            bucket.append(gradient)
-            if index + 1 < len(gradients) and sum(g.numel() for g in bucket) < _BUCKET_ELEMENTS:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)  # gloo has no AVG: sum, then divide
-            flat /= self.size
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket = []
-
-    def check_same_weights(self, parameters: list[Any]) -> None:
-        """Refuse to save a model unless every process holds the same weights: rank 0's copy
-        stands for the whole run only if the gradient averaging kept the copies equal."""
-        if self.size == 1:
-            return
-        import torch
-
-        with torch.no_grad():
-            checksum = sum(float(parameter.double().abs().sum()) for parameter in parameters)
-        checksums = self.gather(checksum)
-        if any(abs(value - checksums[0]) > 1e-6 * max(1.0, abs(checksums[0])) for value in checksums):
-            raise RuntimeError(f"the training processes' weights diverged (checksums {checksums})")
-
-
-def current_world() -> World:
-    """The process group this process belongs to, or a world of one."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return World()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 # --- the launcher (the txt2img process) -------------------------------------------------------------
@@ -169,6 +67,7 @@ def launch_training(
             "name": name,
             "hyperparameters": hyperparameters.model_dump(mode="json"),
             "resume": resume,
+            "launcher_pid": os.getpid(),  # the process the workers must not outlive
         }
     )
     # The workers run in sessions of their own, so a Ctrl-C reaches only this process: torchrun's
@@ -232,7 +131,8 @@ def _record(message: str, exit_code: int | None = None) -> None:
     data: dict[str, Any] = {"message": message, "timestamp": int(time.time())}
     if exit_code is not None:
         data[_EXIT_CODE_KEY] = exit_code
-    Path(path).write_text(json.dumps(data), encoding="utf-8")
+    # Atomically: the agent stops the other processes with SIGTERM, maybe mid-write, and reads the file.
+    atomic_write_text(Path(path), json.dumps(data))
 
 
 def _log_to_stderr(rank: int) -> None:
@@ -260,21 +160,37 @@ def _print_metrics(entry, data_dir: Path, hyperparameters, evaluation: dict, out
     print("\n".join(metric_lines(report.metrics)), flush=True)
 
 
+def _die_with_launcher(launcher: int) -> None:
+    """End this worker as soon as the process that started it dies, whatever killed it.
+
+    torchrun starts each worker in a session of its own (so that a Ctrl-C reaches only the agent),
+    which also shields it from a ``kill -9`` of the launcher's process group: without this it would
+    keep training and keep holding the name's claim. The kernel sends SIGKILL when the parent dies
+    (Linux); a thread watching the parent pid covers the moment before that is set, and other kernels.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(_LAUNCHER_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.getppid() != launcher:  # it died before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def _worker(payload: str) -> int:
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    job = json.loads(payload)
+    # The torchrun CLI under SageMaker (jumpstart/sagemaker_entry.py) is the parent it names no pid for.
+    _die_with_launcher(job.get("launcher_pid") or os.getppid())
+    rank = int(os.environ["RANK"])
     _log_to_stderr(rank)
-    import torch
     import torch.distributed as dist
 
-    from training.dreambooth import TrainingInterrupted, train
-    from training.hyperparameters import Hyperparameters
-
-    job = json.loads(payload)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=_COLLECTIVE_TIMEOUT)
-    try:
+    try:  # train() joins the process group through accelerate (nccl on GPUs, gloo on the CPU)
         hyperparameters = Hyperparameters.model_validate(job["hyperparameters"])
         entry = train(
             Path(job["data_dir"]),
@@ -314,7 +230,8 @@ def _worker(payload: str) -> int:
         _record(traceback.format_exc())
         return 1
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank == 0 and job.get("register", True):
         print(f"registered {entry.id} ({entry.method} fine-tune of {entry.base}) at {entry.artifact}", flush=True)
         print(f"try it: txt2img catalog show {entry.id}", flush=True)

@@ -18,6 +18,8 @@ OUT_OF_CLASS_PROMPT = "a photo of a lighthouse on a rocky coast"
 VALIDATION_STEPS = 25
 CONTACT_SHEET = "contact_sheet.png"
 LOSS_CURVE = "loss_curve.png"
+# The numbers behind the picture, one loss per optimizer step: to plot elsewhere or compare runs.
+LOSS_HISTORY = "loss_curve.json"
 VALIDATION_DIR = "validation"
 
 

@@ -35,28 +35,6 @@ class TrainableModels:
         for module in self.modules().values():
             module.train(mode)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The trained tensors only (for LoRA, just the adapters), keyed ``<module>.<parameter>``."""
-        return {
-            f"{prefix}.{name}": parameter.detach().contiguous()
-            for prefix, module in self.modules().items()
-            for name, parameter in module.named_parameters()
-            if parameter.requires_grad
-        }
-
-    def load_state_dict(self, tensors: dict[str, Any]) -> None:
-        """Restore tensors saved by ``state_dict``; refuses a checkpoint of a different setup."""
-        expected = self.state_dict()
-        if set(tensors) != set(expected):
-            missing = sorted(set(expected) - set(tensors))[:3]
-            unexpected = sorted(set(tensors) - set(expected))[:3]
-            raise ValueError(
-                f"checkpoint does not match this run's trainable weights (missing {missing}, unexpected {unexpected})"
-            )
-        for prefix, module in self.modules().items():
-            part = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-            module.load_state_dict(part, strict=False)
-
 
 def _cast(module: Any, dtype: Any) -> Any:
     # diffusers warns on every dtype cast, even a no-op one; skip those.
