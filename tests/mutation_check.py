@@ -98,7 +98,7 @@ MUTATIONS = [
     Mutation(
         "--resume takes other hyperparameters than the run's",
         "training/dreambooth.py",
-        "        if resume:\n            _check_resumed_hyperparameters(name, output_dir, hp)\n",
+        "        if request.resume:\n            _check_resumed_hyperparameters(request.name, output_dir, request.hp)\n",
         "",
         (Select("tests/test_name_claims.py", "resume_registers"),),
     ),
