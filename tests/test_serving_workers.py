@@ -89,7 +89,7 @@ def test_the_shared_image_folder_is_new_and_those_of_killed_servers_go(monkeypat
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def two_worker_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("workers")
     register_finetunes(home)
     with server_process(home, workers="2", torch_threads="1", env={"HF_HUB_OFFLINE": "1"}) as running:
@@ -107,13 +107,13 @@ def answering_workers(url: str, want: int = 2, tries: int = 100) -> dict[int, di
     return seen
 
 
-def worker_processes(server: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(server.pid).children(recursive=True)
+def worker_processes(two_worker_server: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(two_worker_server.pid).children(recursive=True)
     return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
 
 
-def test_requests_reach_both_workers_each_with_its_own_models(server):
-    url, process = server
+def test_requests_reach_both_workers_each_with_its_own_models(two_worker_server):
+    url, process = two_worker_server
     workers = answering_workers(url)
     assert sorted(workers) == [1, 2]
     assert {body["worker"]["pid"] for body in workers.values()} == {worker.pid for worker in worker_processes(process)}
@@ -131,8 +131,8 @@ def test_requests_reach_both_workers_each_with_its_own_models(server):
     assert all(FULL_ID in models for models in loaded.values()), loaded
 
 
-def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(server):
-    url, _ = server
+def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(two_worker_server):
+    url, _ = two_worker_server
     request = {"prompt": "a red cube", "size": "64x64", "num_inference_steps": 2, "response_format": "url", "n": 2}
     links = []
     for _ in range(3):  # each on a new connection, so they are made by either worker
@@ -145,8 +145,8 @@ def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(server):
             assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
 
-def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(server):
-    url, process = server
+def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(two_worker_server):
+    url, process = two_worker_server
     workers = answering_workers(url)
     victim = workers[2]["worker"]["pid"]
     psutil.Process(victim).send_signal(signal.SIGKILL)
