@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from test_catalog_store import finetune_entry
+from catalog_entries import finetune_entry
 
 from catalog.store import write_entry
 
