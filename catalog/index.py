@@ -131,7 +131,7 @@ def load_index(user_dir: Path | None = None) -> CatalogIndex:
     except (OSError, ValueError, KeyError):
         pass  # a missing, stale or damaged cache is simply rebuilt
 
-    from catalog.store import load_catalog
+    from catalog.store import load_catalog  # lazy: catalog.store imports this module at its top
 
     catalog = load_catalog(user_dir)
     entries = [entry.summary() for entry in catalog]

@@ -23,11 +23,26 @@ from typing import Any
 import yaml
 
 from catalog.paths import atomic_write_text, follow_umask, staging_directory, txt2img_home, writing
+from catalog.pipelines import load_pipeline
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import Catalog, claim_name, entry_yaml, load_catalog, write_entry
+from training.batches import BatchPlan, encode_images
+from training.checkpoints import latest_checkpoint, load_checkpoint, remove_stale_staging, save_checkpoint
+from training.class_images import ensure_class_images
 from training.dataset import DreamBoothDataset, load_dataset
 from training.distributed import World, current_world
 from training.hyperparameters import Hyperparameters
+from training.losses import encode_prompts, per_sample_denoising_error, training_noise_scheduler
+from training.report import (
+    CONTACT_SHEET,
+    LOSS_CURVE,
+    VALIDATION_DIR,
+    contact_sheet,
+    generate_validation_images,
+    loss_curve,
+    validation_prompts,
+)
+from training.trainable import prepare_trainable, save_trained_model
 from txt2img.errors import InputError, Interrupted
 
 logger = logging.getLogger("txt2img.training")
@@ -193,8 +208,6 @@ def _progress(enabled: bool):
 
 
 def _save_model_atomically(pipeline: Any, trainable: Any, output_dir: Path) -> Path:
-    from training.trainable import save_trained_model
-
     final = output_dir / MODEL_DIR
     staging = staging_directory(output_dir, MODEL_DIR)
     try:
@@ -317,13 +330,6 @@ def _train(
 
     import torch
     from diffusers.optimization import get_scheduler
-
-    from catalog.pipelines import load_pipeline
-    from training.batches import BatchPlan, encode_images
-    from training.checkpoints import latest_checkpoint, load_checkpoint, remove_stale_staging, save_checkpoint
-    from training.class_images import ensure_class_images
-    from training.losses import encode_prompts, per_sample_denoising_error, training_noise_scheduler
-    from training.trainable import prepare_trainable
 
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     if world.is_main:
@@ -579,16 +585,6 @@ def _register(entry: CatalogEntry, data_dir: Path, register: bool) -> CatalogEnt
 def _write_report(
     pipeline: Any, dataset: DreamBoothDataset, hp: Hyperparameters, output_dir: Path, losses: list[float], bars: Any
 ) -> None:
-    from training.report import (
-        CONTACT_SHEET,
-        LOSS_CURVE,
-        VALIDATION_DIR,
-        contact_sheet,
-        generate_validation_images,
-        loss_curve,
-        validation_prompts,
-    )
-
     loss_curve(losses, output_dir / LOSS_CURVE)
     prompts = validation_prompts(dataset, hp.validation_prompts)
     task = bars.add_task("validation images", total=len(prompts), status="")
@@ -604,7 +600,7 @@ def _write_report(
 
 
 def _evaluate_and_record(entry: CatalogEntry, data_dir: Path) -> CatalogEntry:
-    try:
+    try:  # lazy on purpose: a trainer whose install lacks the evaluation still trains and says so
         from training.evaluation import evaluate_model
     except ImportError:
         logger.warning("compute_fid: training.evaluation is not available in this install; evaluation skipped")
