@@ -279,6 +279,13 @@ MUTATIONS = [
         "        error = None\n",
         (Select("tests/test_serving_openapi.py", "one_info_line"),),
     ),
+    Mutation(
+        "the refusal logger is not the one BentoML logs refusals on",
+        "serving/bentoml_compat.py",
+        'REFUSAL_LOGGER_NAME = "bentoml._internal.server.http_app"\n',
+        'REFUSAL_LOGGER_NAME = "bentoml._internal.server.base_app"\n',
+        (Select("tests/test_bentoml_compat.py", "refusal_logger"),),
+    ),
     # --- SageMaker deploy -------------------------------------------------------------------------
     Mutation(
         "deploy never calls create_endpoint",
