@@ -22,6 +22,10 @@ REFUSAL_LOGGER_NAME = "bentoml._internal.server.http_app"
 SWAGGER_UI_PATH = "/"
 OPENAPI_DOCUMENT_PATH = "/docs.json"
 
+# The module ``bentoml serve`` runs each worker process as (``python -m ...``): what tells a worker
+# apart from the server and its other children, for the tests and benchmarks that watch or kill one.
+WORKER_MODULE = "_bentoml_impl.worker.service"
+
 
 def bentoml_home() -> Path:
     """BentoML's home folder (``BENTOML_HOME`` or its default), as BentoML resolves it.

@@ -91,3 +91,12 @@ def test_check_tag_name_accepts_what_bentoml_accepts(name):
 def test_check_tag_name_refuses_what_bentoml_refuses(name):
     with pytest.raises(ValueError):
         bentoml_compat.check_tag_name(name)
+
+
+def test_the_worker_module_is_the_one_bentoml_serve_starts_workers_with():
+    import importlib.util
+
+    from _bentoml_impl.server.serving import _SERVICE_WORKER_SCRIPT
+
+    assert _SERVICE_WORKER_SCRIPT == bentoml_compat.WORKER_MODULE
+    assert importlib.util.find_spec(bentoml_compat.WORKER_MODULE) is not None

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
-from bentoml_server import server_process, wait_until_ready
+from bentoml_server import server_process, service_workers, wait_until_ready
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 from catalog.paths import BUILTIN_CATALOG
@@ -191,11 +189,6 @@ def test_a_second_server_on_the_same_bentoml_home_leaves_the_first_ones_metrics_
         with httpx.Client(base_url=second_url) as second:
             assert metric(second, "txt2img_batch_images_count") == 1
     assert metric(client, "txt2img_batch_images_count") == served
-
-
-def service_workers(server_process: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(server_process.pid).children(recursive=True)
-    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
 
 
 def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(fault_server, client):

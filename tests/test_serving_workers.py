@@ -7,14 +7,13 @@ against one ``bentoml serve`` with ``TXT2IMG_WORKERS=2``.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 import pytest
-from bentoml_server import server_process
+from bentoml_server import server_process, service_workers
 from serving_finetunes import FULL_ID, register_finetunes
 
 from serving import device
@@ -107,16 +106,11 @@ def answering_workers(url: str, want: int = 2, tries: int = 100) -> dict[int, di
     return seen
 
 
-def worker_processes(two_worker_server: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(two_worker_server.pid).children(recursive=True)
-    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
-
-
 def test_requests_reach_both_workers_each_with_its_own_models(two_worker_server):
     url, process = two_worker_server
     workers = answering_workers(url)
     assert sorted(workers) == [1, 2]
-    assert {body["worker"]["pid"] for body in workers.values()} == {worker.pid for worker in worker_processes(process)}
+    assert {body["worker"]["pid"] for body in workers.values()} == {worker.pid for worker in service_workers(process)}
     assert all(body["worker"]["device"] == "cpu" for body in workers.values())
     # A model that no worker has warmed loads in a worker only when a request for it lands there.
     with ThreadPoolExecutor(4) as pool:
@@ -161,4 +155,4 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(two_worker_se
             break
         assert time.monotonic() < deadline, f"worker 2 was not replaced: {workers}"
         time.sleep(1)
-    assert len(worker_processes(process)) == 2
+    assert len(service_workers(process)) == 2
