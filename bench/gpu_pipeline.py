@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sd21_random import SIZE, build_sd21_base_pipeline  # noqa: E402 - bench/ is on sys.path above
 
+from catalog.schema import CatalogEntry
+from catalog.store import write_entry
+from serving.device import optimize_for_device
+from serving.settings import ServingSettings
+
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -65,9 +70,6 @@ def tuned_pipeline(attention: str, compile_unet: bool):
     """An fp16 pipeline tuned by the service's own code path (serving/device.py)."""
     import torch
 
-    from serving.device import optimize_for_device
-    from serving.settings import ServingSettings
-
     pipeline = build_pipeline(torch.float16)
     optimize_for_device(pipeline, "cuda", ServingSettings(attention=attention, compile=compile_unet))
     return pipeline
@@ -76,9 +78,6 @@ def tuned_pipeline(attention: str, compile_unet: bool):
 def save_served_model(steps: int) -> tuple[str, dict]:
     """The fp16 model saved as a local full fine-tune in a fresh txt2img home: (home, request payload)."""
     import torch
-
-    from catalog.schema import CatalogEntry
-    from catalog.store import write_entry
 
     home = tempfile.mkdtemp(prefix="txt2img-gpu-bench-")
     folder = Path(home) / "sd21-base-random"

@@ -31,6 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from catalog.schema import CatalogEntry
+from catalog.store import load_catalog, write_entry
+from training.demo_dataset import write_demo_dataset
+from training.dreambooth import train
+from training.hyperparameters import Hyperparameters
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "sd21-base-random"
 BASE_ID = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
@@ -52,9 +58,6 @@ TIERS: dict[str, tuple[dict[str, object], float | None]] = {
 
 
 def register(folder: Path) -> None:
-    from catalog.schema import CatalogEntry
-    from catalog.store import write_entry
-
     write_entry(
         CatalogEntry(
             id=MODEL_ID,
@@ -72,9 +75,6 @@ def register(folder: Path) -> None:
 def run_tier(name: str, data: Path, steps: int) -> dict[str, float]:
     """Child-process body: train one tier and report its peak GPU memory."""
     import torch
-
-    from training.dreambooth import train
-    from training.hyperparameters import Hyperparameters
 
     overrides, _ = TIERS[name]
     hyperparameters = Hyperparameters(
@@ -94,8 +94,6 @@ def train_with_cli(
 ) -> dict[str, float]:
     """Train ``base`` through ``txt2img train --processes P``, the product's data-parallel path,
     in the scratch home of ``TXT2IMG_HOME``; return the throughput its catalog entry records."""
-    from catalog.store import load_catalog
-    from training.hyperparameters import Hyperparameters
 
     # One validation image (the trainer always draws some): it is outside the timed loop, but costs time.
     settings = {"max_steps": steps, "checkpointing_steps": steps + 1, "validation_prompts": "a photo of sks toy"}
@@ -186,7 +184,6 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_training.py needs a CUDA GPU")
-    from training.demo_dataset import write_demo_dataset
 
     # Decided before the model is built (minutes), so --only-scaling on one GPU stops at once.
     processes = args.processes or torch.cuda.device_count()

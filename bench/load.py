@@ -21,6 +21,8 @@ import httpx
 import psutil
 from serving_common import HEIGHT, TORCH_THREADS, WIDTH, run_in_own_session, running_server
 
+from serving.bentoml_compat import WORKER_MODULE
+
 CHECKPOINTS = (100,)  # RSS is also read when ready and at the end
 
 
@@ -28,7 +30,7 @@ def worker_rss(home: str) -> int:
     """Resident bytes of the BentoML worker of the server whose TXT2IMG_HOME is ``home``."""
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if "_bentoml_impl.worker.service" in " ".join(process.info["cmdline"] or []):
+            if WORKER_MODULE in " ".join(process.info["cmdline"] or []):
                 if process.environ().get("TXT2IMG_HOME") == home:
                     return process.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):

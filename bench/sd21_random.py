@@ -9,6 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from catalog.tiny_sd import stable_diffusion_scheduler, write_tiny_tokenizer_files
+
 SIZE = 512
 
 
@@ -17,8 +19,6 @@ def build_sd21_base_pipeline():
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from catalog.tiny_sd import stable_diffusion_scheduler, write_tiny_tokenizer_files
 
     # The real tokenizer is a Hub download; a byte-level one yields ids inside the same vocabulary.
     with tempfile.TemporaryDirectory() as folder:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from catalog.tiny_sd import build_tiny_sd_pipeline
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the launcher the tests use, so both start the server alike
 import bentoml_server  # noqa: E402
@@ -46,8 +48,6 @@ def running_server(home: str | None = None, **settings: str):
 def in_process_pipeline():
     """tiny-sd as a plain diffusers pipeline, the way a script without any server would run it."""
     import torch
-
-    from catalog.tiny_sd import build_tiny_sd_pipeline
 
     torch.set_num_threads(TORCH_THREADS)
     pipeline = build_tiny_sd_pipeline()

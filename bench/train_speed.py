@@ -23,6 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from catalog.tiny_sd import build_tiny_sd_pipeline
+from training.demo_dataset import write_demo_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks red toy"
 # JumpStart's defaults, made explicit for both trainers.
@@ -95,8 +98,6 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from catalog.tiny_sd import build_tiny_sd_pipeline
-    from training.demo_dataset import write_demo_dataset
 
     with tempfile.TemporaryDirectory(prefix="txt2img-train-bench-") as scratch:
         root = Path(scratch)

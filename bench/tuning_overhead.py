@@ -30,6 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import training.dreambooth
+import training.evaluation
+from training.demo_dataset import write_demo_dataset
+from training.evaluation import EvaluationSettings, evaluate_model
+from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, tune
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +64,6 @@ class StandInFeatures:
 
 def baseline_seconds(model_id: str, data: Path, output: Path) -> tuple[float, int]:
     """Seconds and images of the old per-trial evaluation: the paper's prompts, generated whatever the metrics."""
-    from training.evaluation import EvaluationSettings, evaluate_model
 
     settings = EvaluationSettings(metrics=["fid_score"])
     started = time.monotonic()
@@ -81,18 +86,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import training.dreambooth
-    import training.evaluation
-    import training.report
-    from training.demo_dataset import write_demo_dataset
-    from training.evaluation import EvaluationSettings
-    from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, tune
 
     train_calls: list[float] = []
     validation: list[float] = []
     evaluation: list[float] = []
     timed(training.dreambooth, "train", train_calls)
-    timed(training.report, "generate_validation_images", validation)
+    timed(training.dreambooth, "generate_validation_images", validation)  # the name the trainer calls
     timed(training.evaluation, "evaluate_pipeline", evaluation)
 
     data = write_demo_dataset(scratch / "data")

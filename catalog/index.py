@@ -136,7 +136,7 @@ def load_index(user_dir: Path | None = None) -> CatalogIndex:
     except (OSError, ValueError, KeyError):
         pass  # a missing, stale or damaged cache is simply rebuilt
 
-    from catalog.store import load_catalog
+    from catalog.store import load_catalog  # lazy: catalog.store imports this module at its top
 
     index = _index_of(load_catalog(user_dir))
     try:

@@ -22,11 +22,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from catalog.schema import CatalogEntry
-from jumpstart.autoscaling import Scaling
+from catalog.index import UnknownModelError
+from catalog.schema import CatalogEntry, Endpoint
+from catalog.store import load_catalog
+from jumpstart.autoscaling import Scaling, register_autoscaling, remove_autoscaling
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors, explain_client_error
 from jumpstart.inference_script import SAFETY_CHECKER_ENV
-from jumpstart.specs import HuggingFaceContainer
+from jumpstart.package import build_model_archive
+from jumpstart.polling import ENDPOINT, WaitFailed, wait_for
+from jumpstart.records import forget_endpoint, record_endpoint
+from jumpstart.remote import INFERENCE_CODE_TAG, TXT2IMG_TRAINER_TAG
+from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_files
+from jumpstart.specs import HuggingFaceContainer, hosting_spec
 
 VARIANT_NAME = "AllTraffic"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -88,7 +95,6 @@ class DeploymentPlan:
     def async_inference_config(self) -> dict | None:
         if self.async_output is None:
             return None
-        from jumpstart.s3 import join_s3
 
         return {
             "OutputConfig": {
@@ -125,9 +131,6 @@ def plan_deployment(
     safety_checker: bool = False,
 ) -> DeploymentPlan:
     """Decide container, artifact, environment and names for ``model_id``; creates nothing."""
-    from catalog.index import UnknownModelError
-    from catalog.store import load_catalog
-    from jumpstart.specs import hosting_spec
 
     catalog = load_catalog()
     try:
@@ -179,8 +182,6 @@ def plan_deployment(
 
     s3_artifact = entry.source == "finetune" and (entry.artifact or "").startswith("s3://")
     if s3_artifact:
-        from jumpstart.remote import TXT2IMG_TRAINER_TAG
-
         if TXT2IMG_TRAINER_TAG in entry.tags:  # the job put code/inference.py into its model.tar.gz
             return on_inference_container(_trainer_artifact(entry, safety_checker))
     if safety_checker and (entry.source == "jumpstart" or s3_artifact):
@@ -204,7 +205,6 @@ def plan_deployment(
 
 def _trainer_artifact(entry: CatalogEntry, safety_checker: bool) -> str:
     """The model.tar.gz of a SageMaker job of txt2img's trainer, if it can be served as it is."""
-    from jumpstart.remote import INFERENCE_CODE_TAG
 
     if INFERENCE_CODE_TAG not in entry.tags:
         # Jobs packed before training.servable: the archive holds the model but no code/inference.py.
@@ -298,7 +298,6 @@ def create_endpoint(context: AwsContext, plan: DeploymentPlan) -> None:
 
 def wait_for_endpoint(context: AwsContext, plan: DeploymentPlan, poll_seconds: float = POLL_SECONDS) -> str:
     """Poll until the endpoint is InService; a failed endpoint is removed with its config and model."""
-    from jumpstart.polling import ENDPOINT, WaitFailed, wait_for
 
     sagemaker = context.client("sagemaker")
     name = plan.endpoint_name
@@ -337,10 +336,6 @@ def deploy(
 ) -> DeployResult:
     """Deploy ``model_id``, record the endpoint in the catalog, autoscale it when ``scaling`` is
     given (which needs ``wait``: only an InService variant can be registered), and return where it runs."""
-    from catalog.schema import Endpoint
-    from jumpstart.polling import WaitFailed
-    from jumpstart.records import forget_endpoint, record_endpoint
-    from jumpstart.s3 import split_s3_uri
 
     if s3_prefix is not None:
         split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
@@ -393,8 +388,6 @@ def deploy(
 
 def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
     """Register the endpoint for autoscaling; if that fails, remove the endpoint as a failed start is."""
-    from jumpstart.autoscaling import register_autoscaling, remove_autoscaling
-    from jumpstart.records import forget_endpoint
 
     name = plan.endpoint_name
     try:
@@ -410,9 +403,6 @@ def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
 
 
 def _upload_local_model(context: AwsContext, plan: DeploymentPlan, s3_prefix: str | None) -> None:
-    from jumpstart.package import build_model_archive
-    from jumpstart.s3 import default_s3_prefix, join_s3, upload_files
-
     prefix = s3_prefix or default_s3_prefix(context)
     plan.model_data = join_s3(prefix, "models", plan.endpoint_name, "model.tar.gz")
     with tempfile.TemporaryDirectory(prefix="txt2img-deploy-") as workdir:

@@ -12,7 +12,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from jumpstart.autoscaling import remove_autoscaling, resource_id, scaling_ranges
+from jumpstart.deploy import remove_resources
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
+from jumpstart.polling import ASYNC_ANSWER, wait_for
+from jumpstart.records import forget_endpoint, recorded_endpoints, recorded_region
+from jumpstart.s3 import join_s3, split_s3_uri
 
 CONTENT_TYPE = "application/json"
 ACCEPT = "application/json;jpeg"
@@ -54,8 +59,6 @@ def _instance_counts(sagemaker, name: str) -> tuple[int | None, int | None, list
 def list_endpoints(region: str | None = None) -> list[EndpointInfo]:
     """Every endpoint in the region plus every recorded one elsewhere, with its catalog model,
     instance counts and autoscaling range."""
-    from jumpstart.autoscaling import resource_id, scaling_ranges
-    from jumpstart.records import recorded_endpoints
 
     context = aws_context(region)
     records = recorded_endpoints()
@@ -194,9 +197,6 @@ def invoke_endpoint(context: AwsContext, name: str, body: dict) -> bytes:
 def _invoke_async(context: AwsContext, runtime, name: str, payload: bytes, output_prefix: str) -> bytes:
     from botocore.exceptions import ClientError
 
-    from jumpstart.polling import ASYNC_ANSWER, wait_for
-    from jumpstart.s3 import join_s3, split_s3_uri
-
     s3 = context.client("s3")
     # Requests go beside the results: <--output>/requests/ next to <--output>/output/.
     input_uri = join_s3(output_prefix.rstrip("/").rsplit("/", 1)[0], "requests", f"{uuid.uuid4().hex}.json")
@@ -246,10 +246,6 @@ def delete_endpoint(name: str, region: str | None = None) -> list[str]:
     """Delete the endpoint's autoscaling, the endpoint, its endpoint config and its models, and forget
     it; returns what was deleted."""
     from botocore.exceptions import ClientError
-
-    from jumpstart.autoscaling import remove_autoscaling
-    from jumpstart.deploy import remove_resources
-    from jumpstart.records import forget_endpoint, recorded_region
 
     context = aws_context(region or recorded_region(name))
     sagemaker = context.client("sagemaker")

@@ -13,8 +13,13 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from catalog.pipelines import ModelLoadError, export_model
+from catalog.store import load_catalog
+from jumpstart import inference_script
 from jumpstart.errors import SageMakerError
 from serving import images, invocations, json_body
+from serving.safety import FEATURE_EXTRACTOR_FOLDER, SAFETY_CHECKER_FOLDER, SafetyChecker
+from serving.settings import ServingSettings
 
 # The wire format and what it imports, copied as they are into the archive's code/serving/.
 WIRE_MODULES = (invocations, json_body, images)
@@ -26,7 +31,6 @@ WIRE_PACKAGE_INIT = '"""JumpStart\'s text-to-image wire format, copied from txt2
 
 def write_inference_code(code_dir: Path) -> None:
     """Fill ``code_dir`` with inference.py, the wire format it imports, and requirements.txt."""
-    from jumpstart import inference_script
 
     code_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(inference_script.__file__, code_dir / "inference.py")
@@ -43,8 +47,6 @@ def add_safety_checker(model_dir: Path, location: str) -> None:
     """Make the checker in ``location`` (TXT2IMG_SAFETY_CHECKER_REPO) the exported pipeline's own, as an
     SD 1.x repo holds it: ``safety_checker`` and ``feature_extractor`` folders, named in model_index.json."""
     import json
-
-    from serving.safety import FEATURE_EXTRACTOR_FOLDER, SAFETY_CHECKER_FOLDER, SafetyChecker
 
     index_path = model_dir / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -70,9 +72,6 @@ def build_model_archive(model_id: str, workdir: Path, safety_checker: bool = Fal
     TXT2IMG_SAFETY_CHECKER_REPO if asked; returns the archive path in ``workdir``."""
     from rich.console import Console
 
-    from catalog.pipelines import ModelLoadError, export_model
-    from catalog.store import load_catalog
-
     model_dir = workdir / "model"
     with Console(stderr=True).status(f"exporting {model_id} ..."):
         try:
@@ -80,8 +79,6 @@ def build_model_archive(model_id: str, workdir: Path, safety_checker: bool = Fal
         except ModelLoadError as error:
             raise SageMakerError(str(error)) from error
     if safety_checker:
-        from serving.settings import ServingSettings
-
         add_safety_checker(model_dir, ServingSettings().safety_checker_repo)
     write_inference_code(model_dir / "code")
     archive = workdir / "model.tar.gz"

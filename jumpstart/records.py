@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from catalog.paths import atomic_write_text, txt2img_home
 from catalog.schema import Endpoint
+from catalog.store import load_catalog, write_entry
 
 
 class EndpointRecord(BaseModel):
@@ -48,7 +49,6 @@ def _write_file(records: EndpointRecordsFile) -> None:
 
 def record_endpoint(model_id: str, endpoint: Endpoint) -> None:
     """Remember that ``endpoint`` serves ``model_id``, replacing an older record of the same name."""
-    from catalog.store import load_catalog, write_entry
 
     catalog = load_catalog()
     entry = catalog.get(model_id)
@@ -63,7 +63,6 @@ def record_endpoint(model_id: str, endpoint: Endpoint) -> None:
 
 def recorded_endpoints() -> list[EndpointRecord]:
     """Every recorded endpoint: those on fine-tune entries, then those in endpoints.yaml."""
-    from catalog.store import load_catalog
 
     found = [
         EndpointRecord(model_id=entry.id, endpoint=endpoint)
@@ -76,7 +75,6 @@ def recorded_endpoints() -> list[EndpointRecord]:
 
 def forget_endpoint(name: str) -> list[str]:
     """Drop every record of the endpoint ``name``; returns the model ids it was recorded on."""
-    from catalog.store import load_catalog, write_entry
 
     models = []
     for entry in load_catalog():

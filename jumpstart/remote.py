@@ -23,11 +23,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catalog.schema import CatalogEntry
+from catalog.index import UnknownModelError
+from catalog.schema import ID_PATTERN, CatalogEntry
+from catalog.store import load_catalog, write_entry
 from jumpstart.errors import AwsContext, SageMakerError, aws_context, aws_errors
-from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec
-from training.dataset import DATASET_INFO, DreamBoothDataset
+from jumpstart.polling import TRAINING_JOB, TUNING_JOB, wait_for
+from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_files
+from jumpstart.sagemaker_entry import EVALUATION_KEY, INFERENCE_CODE_KEY, METRIC_WEIGHT_NAMES, METRICS_CHANNEL
+from jumpstart.specs import TRAINING_ENTRY_SCRIPT, TrainingSpec, training_spec
+from jumpstart.trainer_source import (
+    ARCHIVE_NAME,
+    DEFAULT_INSTANCE_TYPE,
+    TRAINING_CONTAINER,
+    build_source_archive,
+    job_hyperparameters,
+)
+from training.dataset import DATASET_INFO, DreamBoothDataset, load_dataset
+from training.dreambooth import trainable_base
+from training.evaluation import EvaluationSettings
 from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters, numeric_kind
+from training.metrics import METRIC_DIRECTIONS, METRIC_EXTRACTOR, MissingWeights, local_weights
 from txt2img.errors import InputError
 
 if TYPE_CHECKING:
@@ -91,7 +106,6 @@ def _load_local_dataset(
     folder: Path, hyperparameters: Hyperparameters, base: CatalogEntry, trainer: str
 ) -> DreamBoothDataset:
     """The local trainer's checks and fingerprint; then what JumpStart's script cannot read."""
-    from training.dataset import load_dataset
 
     dataset = load_dataset(folder, hyperparameters, base.resolution)
     if trainer == "jumpstart" and dataset.multi_concept:
@@ -129,11 +143,6 @@ def prepare_remote_job(
 ) -> RemoteJobSetup:
     """Check the request, resolve the container (JumpStart's spec, or the Hugging Face training
     container for txt2img's trainer), and upload local data (and txt2img's trainer) to S3."""
-    from catalog.index import UnknownModelError
-    from catalog.schema import ID_PATTERN
-    from catalog.store import load_catalog
-    from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_files
-    from jumpstart.specs import training_spec
 
     catalog = load_catalog()
     try:
@@ -145,8 +154,6 @@ def prepare_remote_job(
     if instance_count < 1:
         raise SageMakerError(f"--instance-count must be at least 1, got {instance_count}")
     if trainer == "txt2img":
-        from training.dreambooth import trainable_base
-
         try:
             trainable_base(catalog, base)  # the local trainer's refusals, before anything is uploaded
         except InputError as error:
@@ -199,8 +206,6 @@ def prepare_remote_job(
         chosen_type = instance_type or spec.default_instance_type
         image_uri = spec.image_uri
     else:
-        from jumpstart.trainer_source import DEFAULT_INSTANCE_TYPE, TRAINING_CONTAINER
-
         spec = None
         chosen_type = instance_type or DEFAULT_INSTANCE_TYPE
         image_uri = TRAINING_CONTAINER.image(context.region, chosen_type, "training")
@@ -238,9 +243,6 @@ def _upload_trainer(context: AwsContext, prefix: str) -> str:
     """Pack txt2img's trainer and upload it under ``prefix``; returns the archive's S3 URI."""
     import tempfile
 
-    from jumpstart.s3 import join_s3, upload_files
-    from jumpstart.trainer_source import ARCHIVE_NAME, build_source_archive
-
     uri = join_s3(prefix, ARCHIVE_NAME)
     with tempfile.TemporaryDirectory(prefix="txt2img-trainer-") as workdir:
         upload_files(context, [(build_source_archive(Path(workdir)), uri)], "uploading txt2img's trainer")
@@ -250,8 +252,6 @@ def _upload_trainer(context: AwsContext, prefix: str) -> str:
 def _script_hyperparameters(setup: RemoteJobSetup, hyperparameters: Hyperparameters) -> dict[str, str]:
     """The hyperparameters plus the two that make the container's toolkit run the training script."""
     if setup.trainer == "txt2img":
-        from jumpstart.trainer_source import job_hyperparameters
-
         return job_hyperparameters(hyperparameters, setup.base.id, setup.name, setup.source_uri)
     return {
         **hyperparameters.sagemaker_strings(),
@@ -303,7 +303,6 @@ def register_training_job(
     trainer: str = "jumpstart",
 ) -> CatalogEntry:
     """Add the finished training job's model artifact to the catalog as fine-tune ``name``."""
-    from catalog.store import write_entry
 
     with aws_errors(f"reading training job {job_name}"):
         job = context.client("sagemaker").describe_training_job(TrainingJobName=job_name)
@@ -311,8 +310,6 @@ def register_training_job(
         raise SageMakerError(f"training job {job_name} is {job['TrainingJobStatus']}, not Completed")
     tags = ["sagemaker", "dreambooth"]
     if trainer == "txt2img":
-        from jumpstart.sagemaker_entry import INFERENCE_CODE_KEY
-
         tags.append(TXT2IMG_TRAINER_TAG)
         if job.get("HyperParameters", {}).get(INFERENCE_CODE_KEY):  # its source packed the inference code
             tags.append(INFERENCE_CODE_TAG)
@@ -358,7 +355,6 @@ def launch_remote_training(
     """Run a DreamBooth training job (JumpStart's script, or txt2img's trainer with torchrun over
     ``instance_count`` instances); with ``wait``, register and return the catalog entry of its
     result, otherwise return the training job's name at once."""
-    from jumpstart.polling import TRAINING_JOB, wait_for
 
     setup = prepare_remote_job(
         data,
@@ -434,8 +430,6 @@ def parameter_ranges(ranges: dict[str, tuple[float, float, bool]], trainer: str 
 def _metric_weight_files(evaluation: EvaluationSettings) -> list[tuple[Path, str]]:
     """(local file, path in the metrics channel) for every network ``evaluation``'s metrics need,
     found on this machine (never downloaded); raises SageMakerError naming a missing one."""
-    from jumpstart.sagemaker_entry import METRIC_WEIGHT_NAMES
-    from training.metrics import METRIC_EXTRACTOR, MissingWeights, local_weights
 
     files = []
     for extractor in sorted({METRIC_EXTRACTOR[name] for name in evaluation.metrics if name in METRIC_EXTRACTOR}):
@@ -485,14 +479,8 @@ def launch_remote_tuning(
     the objective alone) as a local trial does, the objective first, so any local objective works in
     its direction; the networks its metrics need are uploaded from this machine.
     """
-    from jumpstart.polling import TUNING_JOB, wait_for
-    from jumpstart.s3 import join_s3, upload_files
-    from training.metrics import METRIC_DIRECTIONS
 
     if trainer == "txt2img":
-        from jumpstart.sagemaker_entry import EVALUATION_KEY, METRICS_CHANNEL
-        from training.evaluation import EvaluationSettings
-
         if objective not in METRIC_DIRECTIONS:
             raise SageMakerError(f"unknown objective '{objective}'; choose one of {', '.join(METRIC_DIRECTIONS)}")
         evaluation = evaluation or EvaluationSettings(metrics=[objective])

@@ -15,6 +15,9 @@ import io
 import tarfile
 from pathlib import Path
 
+from jumpstart import sagemaker_entry
+from jumpstart.package import write_inference_code
+from jumpstart.sagemaker_entry import BASE_KEY, INFERENCE_CODE_DIR, INFERENCE_CODE_KEY, NAME_KEY
 from jumpstart.specs import HuggingFaceContainer
 from training.hyperparameters import Hyperparameters
 
@@ -48,8 +51,6 @@ def container_requirements() -> list[str]:
 def build_source_archive(workdir: Path) -> Path:
     """Pack the trainer's packages, the entry point, requirements.txt and the inference code the
     job adds to its model (``training.servable``) into ``workdir/sourcedir.tar.gz``."""
-    from jumpstart import sagemaker_entry
-    from jumpstart.package import write_inference_code
 
     root = Path(__file__).resolve().parent.parent
     archive = workdir / ARCHIVE_NAME
@@ -76,8 +77,6 @@ def job_hyperparameters(hyperparameters: Hyperparameters, base: str, name: str, 
     """Every trainer hyperparameter as a string (lists as JSON), the base and name, the packed inference
     code's folder, and the two that make the container's toolkit run the entry point from the uploaded source."""
     import json
-
-    from jumpstart.sagemaker_entry import BASE_KEY, INFERENCE_CODE_DIR, INFERENCE_CODE_KEY, NAME_KEY
 
     values = hyperparameters.model_dump(mode="json")
     strings = {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in values.items()}

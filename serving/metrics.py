@@ -18,7 +18,8 @@ import shutil
 import socket
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+
+from serving.bentoml_compat import bentoml_home, set_prometheus_multiproc_dir
 
 PROMETHEUS_DIRS = "txt2img-prometheus"  # under BENTOML_HOME, one folder per server: <host>-<pid>
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
@@ -43,11 +44,10 @@ def own_prometheus_dir() -> None:
     The folder goes when the server exits; those of servers killed before that go when the next one starts.
     """
     import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
 
     if bentoml.server_context.worker_index is not None:
         return
-    root = Path(BentoMLContainer.bentoml_home.get()) / PROMETHEUS_DIRS
+    root = bentoml_home() / PROMETHEUS_DIRS
     host = socket.gethostname()
     if root.is_dir():
         for folder in root.iterdir():
@@ -55,7 +55,7 @@ def own_prometheus_dir() -> None:
             if name == host and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
     directory = root / f"{host}-{os.getpid()}"
-    BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
+    set_prometheus_multiproc_dir(directory)
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 

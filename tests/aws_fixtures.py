@@ -212,9 +212,9 @@ def _drop_empty_describe_fields(monkeypatch) -> None:
         monkeypatch.setattr(responses.SageMakerResponse, name, without_empty)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_network(monkeypatch):
-    """Autouse in every module that imports it: no test may leave the machine."""
+    """No test may leave the machine: a module that talks to (moto's) AWS uses this for all its tests."""
     attempts = forbid_network(monkeypatch)
     yield
     assert not attempts, f"the test tried to reach the network: {attempts}"

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving.bentoml_compat import WORKER_MODULE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -139,3 +141,9 @@ def _stop(process: subprocess.Popen) -> None:
     for leftover in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             leftover.kill()
+
+
+def service_workers(server: subprocess.Popen) -> list[psutil.Process]:
+    """The BentoML worker processes of a running ``bentoml serve``."""
+    children = psutil.Process(server.pid).children(recursive=True)
+    return [child for child in children if WORKER_MODULE in " ".join(child.cmdline())]

@@ -13,6 +13,9 @@ from serving_finetunes import register_finetunes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Fixture modules: their fixtures reach every test module by name, none imports them.
+pytest_plugins = ["aws_fixtures", "postgres_server"]
+
 
 @pytest.fixture(autouse=True)
 def txt2img_home(tmp_path_factory, monkeypatch) -> Path:

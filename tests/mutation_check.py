@@ -98,7 +98,8 @@ MUTATIONS = [
     Mutation(
         "--resume takes other hyperparameters than the run's",
         "training/dreambooth.py",
-        "        if request.resume:\n            _check_resumed_hyperparameters(request.name, output_dir, request.hp)\n",
+        "        if request.resume:\n"
+        "            _check_resumed_hyperparameters(request.name, output_dir, request.hp)\n",
         "",
         (Select("tests/test_name_claims.py", "resume_registers"),),
     ),
@@ -416,6 +417,13 @@ MUTATIONS = [
         "        error = record.exc_info[1] if record.exc_info else None\n",
         "        error = None\n",
         (Select("tests/test_serving_openapi.py", "one_info_line"),),
+    ),
+    Mutation(
+        "the refusal logger is not the one BentoML logs refusals on",
+        "serving/bentoml_compat.py",
+        'REFUSAL_LOGGER_NAME = "bentoml._internal.server.http_app"\n',
+        'REFUSAL_LOGGER_NAME = "bentoml._internal.server.base_app"\n',
+        (Select("tests/test_bentoml_compat.py", "refusal_logger"),),
     ),
     # --- SageMaker deploy -------------------------------------------------------------------------
     Mutation(

@@ -21,6 +21,8 @@ from bentoml_server import REPO_ROOT, server_process
 from PIL import Image
 from serving_finetunes import LORA_ID, register_finetunes
 
+from catalog.store import load_catalog
+from serving.bentoml_compat import check_tag_name
 from serving.model_store import bento_model_name
 
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -29,13 +31,9 @@ SEED = 7
 
 
 def test_store_names_are_valid_tags_for_every_catalog_id():
-    from bentoml._internal.tag import validate_tag_str
-
-    from catalog.store import load_catalog
-
     names = {bento_model_name(entry.id) for entry in load_catalog()}
     for name in names:
-        validate_tag_str(name)  # raises for a name BentoML refuses
+        check_tag_name(name)  # raises for a name BentoML refuses
     assert len(names) == len(load_catalog())  # no two ids share a store name
     assert bento_model_name("tiny-sd") == "txt2img-tiny-sd"
 
@@ -61,7 +59,6 @@ def test_manager_prefers_the_store_and_learns_store_only_fine_tunes(tmp_path):
     import torch
 
     from catalog.pipelines import export_model, exported_entry, load_pipeline
-    from catalog.store import load_catalog
     from catalog.tiny_sd import build_tiny_sd_pipeline
     from serving.model_store import StoredModel
 
@@ -92,7 +89,6 @@ def test_manager_prefers_the_store_and_learns_store_only_fine_tunes(tmp_path):
 
 def test_a_stored_entry_whose_base_is_unknown_is_left_out_and_said(tmp_path):
     from catalog.schema import CatalogEntry
-    from catalog.store import load_catalog
     from serving.model_store import StoredModel, with_stored_entries
 
     orphan = CatalogEntry(
@@ -167,7 +163,6 @@ def test_a_built_bento_serves_a_fine_tune_only_its_store_holds(tmp_path):
 
     # The image is the fine-tune's: the same as its adapter on tiny-sd gives here.
     from catalog.pipelines import load_pipeline
-    from catalog.store import load_catalog
 
     catalog = load_catalog(user_dir=finetunes / "catalog")
     expected = generate(load_pipeline(catalog.get(LORA_ID), catalog))

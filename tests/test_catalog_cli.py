@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from test_catalog_store import finetune_entry
+from catalog_entries import finetune_entry
 
 from catalog.store import write_entry
 

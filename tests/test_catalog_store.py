@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import csv
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import yaml
+from catalog_entries import finetune_entry
 
 from catalog.index import UnknownModelError, load_index
 from catalog.paths import BUILTIN_CATALOG, WriteFailed, atomic_write_text, user_catalog_dir
-from catalog.schema import CatalogEntry
 from catalog.store import CatalogError, load_catalog, remove_entry, validate_path, write_entry
 
 # The research table the catalog was built from.
 JUMPSTART_TSV = Path(__file__).resolve().parent / "fixtures" / "jumpstart_txt2img_models.tsv"
-
-
-def finetune_entry(model_id: str = "my-dog", base: str = "tiny-sd", **overrides) -> CatalogEntry:
-    data = {
-        "id": model_id,
-        "source": "finetune",
-        "family": "tiny",
-        "resolution": 64,
-        "base": base,
-        "method": "lora",
-        "artifact": "/tmp/nowhere",
-        "hyperparameters": {"learning_rate": 1e-4},
-        "dataset_fingerprint": "sha256:abc",
-        "metrics": {"final_loss": 0.1},
-        "created": datetime(2026, 11, 25, tzinfo=timezone.utc),
-    }
-    data.update(overrides)
-    return CatalogEntry.model_validate(data)
 
 
 def test_builtin_catalog_holds_every_jumpstart_id_and_the_demo():

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
-from bentoml_server import server_process, wait_until_ready
+from bentoml_server import server_process, service_workers, wait_until_ready
 from serving_finetunes import FULL_ID, LORA_ID, register_finetunes
 
 from catalog.paths import BUILTIN_CATALOG
@@ -129,7 +127,7 @@ def homes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(homes):
+def fault_server(homes):
     home, bentoml_home = homes
     settings = {"max_steps": "1000", "torch_threads": "1"}  # a long request to kill the worker in
     with server_process(home, bentoml_home=bentoml_home, env={"HF_HUB_OFFLINE": "1"}, **settings) as running:
@@ -137,8 +135,8 @@ def server(homes):
 
 
 @pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server[0], timeout=120) as http:
+def client(fault_server):
+    with httpx.Client(base_url=fault_server[0], timeout=120) as http:
         yield http
 
 
@@ -194,13 +192,8 @@ def test_a_second_server_on_the_same_bentoml_home_leaves_the_first_ones_metrics_
     assert metric(client, "txt2img_batch_images_count") == served
 
 
-def service_workers(server_process: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(server_process.pid).children(recursive=True)
-    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
-
-
-def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(server, client):
-    url, process = server
+def test_a_worker_killed_mid_request_is_replaced_and_the_server_serves_again(fault_server, client):
+    url, process = fault_server
     served = metric(client, "txt2img_batch_images_count")
     [worker] = service_workers(process)
     with ThreadPoolExecutor(1) as pool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import importlib.util
 import io
 import json
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aws_fixtures import copy_spec, jumpstart_specs  # noqa: F401 - the spec fixture
+from aws_fixtures import copy_spec
+from packed_inference import import_packed_inference
 from PIL import Image
 
 from jumpstart.package import WIRE_MODULES
@@ -85,28 +85,6 @@ def container_invoke(inference, model, body: bytes, content_type: str | None, ac
     return Answer(context.request_processor[0].status, toolkit_accept, answer.encode())
 
 
-def import_packed_inference(code_dir: Path):
-    """Import code/inference.py as the container does, with code/ first on sys.path.
-
-    This checkout's ``serving`` package is hidden meanwhile, so the script's
-    ``from serving.invocations import ...`` binds the copy in the archive.
-    """
-    hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "serving"}
-    sys.path.insert(0, str(code_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("packed_inference", code_dir / "inference.py")
-        inference = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(inference)
-        packed_wire = sys.modules["serving.invocations"]
-    finally:
-        sys.path.remove(str(code_dir))
-        for name in [name for name in sys.modules if name.split(".")[0] == "serving"]:
-            del sys.modules[name]
-        sys.modules.update(hidden)
-    assert Path(packed_wire.__file__) == code_dir / "serving" / "invocations.py"
-    return inference
-
-
 @dataclass
 class PackedModel:
     code_dir: Path
@@ -141,7 +119,7 @@ def packed(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local(server):  # noqa: F811 - the fixture imported above
+def local(server):
     import httpx
 
     with httpx.Client(base_url=server, timeout=120) as client:

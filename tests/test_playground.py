@@ -79,7 +79,7 @@ def playground_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(playground_home) -> str:
+def playground_server(playground_home) -> str:
     hub_offline = {"HF_HOME": str(playground_home / "hf"), "HF_HUB_OFFLINE": "1"}
     with running_server(playground_home, env=hub_offline, torch_threads="1", local_files_only="1") as url:
         yield url
@@ -92,15 +92,17 @@ def browser():
 
 
 @pytest.fixture()
-def page(browser, server):
+def page(browser, playground_server):
     """A fresh browser page on the playground, which must not ask for anything but this server."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     foreign, script_errors = [], []
-    page.on("request", lambda request: None if request.url.startswith(server) else foreign.append(request.url))
+    page.on(
+        "request", lambda request: None if request.url.startswith(playground_server) else foreign.append(request.url)
+    )
     page.on("pageerror", lambda error: script_errors.append(str(error)))
-    page.goto(f"{server}/")  # the root leads to the playground
+    page.goto(f"{playground_server}/")  # the root leads to the playground
     yield page
     context.close()
     assert not foreign, f"the page asked for something outside the server: {foreign}"
@@ -119,8 +121,8 @@ def image_size(page, selector: str) -> tuple[int, int]:
 # ---- in the browser ----
 
 
-def test_search_pick_and_generate_shows_an_image_of_the_asked_size_with_its_seed(page, server):
-    assert page.url == f"{server}/ui"
+def test_search_pick_and_generate_shows_an_image_of_the_asked_size_with_its_seed(page, playground_server):
+    assert page.url == f"{playground_server}/ui"
     page.get_by_label("Search models").fill(FULL_ID)
     page.get_by_text(f"matching “{FULL_ID}”").wait_for()
     cards = page.locator("#catalog-list .card h3")
@@ -243,11 +245,11 @@ def test_a_full_queue_says_so_and_retries_then_progress_follows_the_steps(page):
     assert any(re.fullmatch(rf"Denoising: step \d+ of {PROGRESS_STEPS}", text) for text in texts), texts
 
 
-def test_phone_width_and_keyboard(browser, server):
+def test_phone_width_and_keyboard(browser, playground_server):
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(f"{server}/ui")
+    page.goto(f"{playground_server}/ui")
     page.locator("#catalog-list .card").first.wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 375, "no sideways scrolling on a phone"
     screenshot(page, "phone", full_page=False)
@@ -263,30 +265,30 @@ def test_phone_width_and_keyboard(browser, server):
 # ---- over plain HTTP ----
 
 
-def test_root_leads_to_the_playground_and_swagger_stays_at_docs(server):
-    root = httpx.get(f"{server}/", follow_redirects=False)
+def test_root_leads_to_the_playground_and_swagger_stays_at_docs(playground_server):
+    root = httpx.get(f"{playground_server}/", follow_redirects=False)
     assert root.is_redirect and root.headers["location"] == "/ui"
-    docs = httpx.get(f"{server}/docs")
+    docs = httpx.get(f"{playground_server}/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
-    assert httpx.get(f"{server}/static_content/swagger-ui-bundle.js").status_code == 200
-    document = httpx.get(f"{server}/docs.json").json()
+    assert httpx.get(f"{playground_server}/static_content/swagger-ui-bundle.js").status_code == 200
+    document = httpx.get(f"{playground_server}/docs.json").json()
     validate(document)  # still valid OpenAPI 3.0 with the playground's app mounted
     assert "/txt2img" in document["paths"] and not any(path.startswith("/ui") for path in document["paths"])
 
 
-def test_catalog_route_ranks_as_the_cli_does(server, playground_home):
-    listing = httpx.get(f"{server}/ui/api/catalog", params={"q": "tiny sks"}).json()
+def test_catalog_route_ranks_as_the_cli_does(playground_server, playground_home):
+    listing = httpx.get(f"{playground_server}/ui/api/catalog", params={"q": "tiny sks"}).json()
     expected = [entry["id"] for entry in load_index(playground_home / "catalog").search("tiny sks")]
     assert [model["id"] for model in listing["models"]] == expected
-    everything = httpx.get(f"{server}/ui/api/catalog").json()["models"]
+    everything = httpx.get(f"{playground_server}/ui/api/catalog").json()["models"]
     sources = [model["source"] for model in everything]
     assert sources[: sources.count("finetune")] == ["finetune"] * sources.count("finetune")  # fine-tunes first
     assert any(model["id"] == "tiny-sd" and model["loaded"] for model in everything)
 
 
-def test_generate_streams_each_step_then_the_images(server):
+def test_generate_streams_each_step_then_the_images(playground_server):
     body = {"model": "tiny-sd", "prompt": "a red cube", "num_inference_steps": 4, "seed": 3, "num_images": 2}
-    with httpx.stream("POST", f"{server}/ui/api/generate", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{playground_server}/ui/api/generate", json=body, timeout=120) as response:
         assert response.status_code == 200
         lines = [json.loads(line) for line in response.iter_lines() if line]
     steps = [line["step"] for line in lines[:-1]]
@@ -297,16 +299,16 @@ def test_generate_streams_each_step_then_the_images(server):
     assert Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["image"]))).size == (64, 64)
 
 
-def test_generate_refuses_bad_requests_before_streaming(server):
-    too_big = httpx.post(f"{server}/ui/api/generate", json={"prompt": "x", "width": 2048, "height": 2048})
+def test_generate_refuses_bad_requests_before_streaming(playground_server):
+    too_big = httpx.post(f"{playground_server}/ui/api/generate", json={"prompt": "x", "width": 2048, "height": 2048})
     assert too_big.status_code == 400 and too_big.json()["field"] == "width*height"
-    unknown = httpx.post(f"{server}/ui/api/generate", json={"prompt": "x", "model": "tiny-sdd"})
+    unknown = httpx.post(f"{playground_server}/ui/api/generate", json={"prompt": "x", "model": "tiny-sdd"})
     assert unknown.status_code == 404 and "tiny-sd" in unknown.json()["suggestions"]
 
 
-def raw_get(server: str, target: str) -> tuple[int, bytes]:
+def raw_get(playground_server: str, target: str) -> tuple[int, bytes]:
     """GET ``target`` exactly as written: httpx and browsers would remove ``..`` and re-encode first."""
-    address = urlsplit(server)
+    address = urlsplit(playground_server)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
     try:
         connection.request("GET", target)
@@ -316,10 +318,10 @@ def raw_get(server: str, target: str) -> tuple[int, bytes]:
         connection.close()
 
 
-def test_runs_route_serves_run_files(server):
-    status, body = raw_get(server, f"/ui/files/models/{FULL_ID}/contact_sheet.png")
+def test_runs_route_serves_run_files(playground_server):
+    status, body = raw_get(playground_server, f"/ui/files/models/{FULL_ID}/contact_sheet.png")
     assert status == 200 and Image.open(io.BytesIO(body)).size == CONTACT_SHEET_SIZE
-    runs = httpx.get(f"{server}/ui/api/runs").json()["runs"]
+    runs = httpx.get(f"{playground_server}/ui/api/runs").json()["runs"]
     full = next(run for run in runs if run["model"]["id"] == FULL_ID)
     assert full["contact_sheet"] == f"models/{FULL_ID}/contact_sheet.png"
     assert {run["model"]["id"] for run in runs} == {FULL_ID, LORA_ID, OTHER_FULL_ID}
@@ -343,8 +345,8 @@ def test_runs_route_serves_run_files(server):
         f"/ui/files/models/{FULL_ID}/model_index.json/..",
     ],
 )
-def test_runs_route_reads_nothing_outside_the_homes_run_folders(server, target):
-    status, body = raw_get(server, target)
+def test_runs_route_reads_nothing_outside_the_homes_run_folders(playground_server, target):
+    status, body = raw_get(playground_server, target)
     assert 400 <= status < 500, (target, status)
     assert SECRET not in body and b"root:" not in body
 

@@ -23,7 +23,7 @@ STEPS_TO_WATCH = 20  # long enough to watch: seconds on a shared CPU
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def protocols_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("protocols-home")
     register_finetunes(home)
     with running_server(home, torch_threads="1", max_steps="1000") as url:
@@ -31,19 +31,19 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=120) as client:
+def http(protocols_server):
+    with httpx.Client(base_url=protocols_server, timeout=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def openai_client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=120)
+def openai_client(protocols_server):
+    return openai.OpenAI(base_url=f"{protocols_server}/v1", api_key="x", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def webui(server):
-    port = int(server.rsplit(":", 1)[1])
+def webui(protocols_server):
+    port = int(protocols_server.rsplit(":", 1)[1])
     return webuiapi.WebUIApi(host="127.0.0.1", port=port, steps=2)
 
 

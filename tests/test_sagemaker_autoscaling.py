@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from aws_fixtures import FIXTURE_MODEL, ROLE, aws, jumpstart_specs, make_bucket, no_network, sent_requests  # noqa: F401
+from aws_fixtures import FIXTURE_MODEL, ROLE
 
 from jumpstart.autoscaling import DEFAULT_TARGET_INVOCATIONS, SCALE_IN_COOLDOWN_SECONDS, SCALE_OUT_COOLDOWN_SECONDS
 from jumpstart.errors import SageMakerError
 from txt2img.cli import main
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aws_fixtures import (  # noqa: F401 - fixtures
+from aws_fixtures import (
     ACCOUNT,
     CAPTURED_SPECS,
     FIXTURE_MODEL,
@@ -19,17 +19,16 @@ from aws_fixtures import (  # noqa: F401 - fixtures
     HOSTING_GPU_IMAGE,
     REGION,
     ROLE,
-    aws,
     copy_spec,
-    jumpstart_specs,
     make_bucket,
-    no_network,
-    sent_requests,
     write_jumpstart_specs,
 )
 
 from jumpstart.deploy import LOCAL_MODEL_ENVIRONMENT, deploy
 from jumpstart.errors import SageMakerError
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 JUMPSTART_ENVIRONMENT = {
     "SAGEMAKER_PROGRAM": "inference.py",

@@ -11,21 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from aws_fixtures import (  # noqa: F401
-    ACCOUNT,
-    FIXTURE_MODEL,
-    REGION,
-    ROLE,
-    aws,
-    jumpstart_specs,
-    make_bucket,
-    no_network,
-    sent_requests,
-)
+from aws_fixtures import ACCOUNT, FIXTURE_MODEL, REGION, ROLE, make_bucket
 from PIL import Image
 
 from jumpstart.deploy import deploy
 from txt2img.cli import main
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _jpeg(size: tuple[int, int], color: tuple[int, int, int]) -> str:

@@ -13,11 +13,13 @@ import json
 
 import numpy as np
 import pytest
-from aws_fixtures import no_network  # noqa: F401 - autouse
 from PIL import Image
 
 from jumpstart import inference_script as script
 from serving.invocations import InvocationError, NotAcceptable
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

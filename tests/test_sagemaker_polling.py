@@ -4,17 +4,14 @@ and what the commands built on it do when a job fails, times out or is interrupt
 from __future__ import annotations
 
 import pytest
-from aws_fixtures import (  # noqa: F401 - fixtures
-    FIXTURE_MODEL,
-    ROLE,
-    aws,
-    jumpstart_specs,
-    no_network,
-)
+from aws_fixtures import FIXTURE_MODEL, ROLE
 
 from jumpstart.errors import SageMakerError
 from jumpstart.polling import ENDPOINT, TRAINING_JOB, WaitFailed, Waiting, wait_for
 from txt2img.errors import Interrupted
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 JOB = Waiting("Status", succeeded=("Completed",), failed=("Failed", "Stopped"))
 

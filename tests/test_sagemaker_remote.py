@@ -7,19 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from aws_fixtures import (  # noqa: F401 - fixtures
-    ACCOUNT,
-    JUMPSTART_BUCKET,
-    REGION,
-    ROLE,
-    TRAINING_GPU_IMAGE,
-    TRAINING_SCRIPT_KEY,
-    aws,
-    jumpstart_specs,
-    make_bucket,
-    no_network,
-    sent_requests,
-)
+from aws_fixtures import JUMPSTART_BUCKET, REGION, ROLE, TRAINING_GPU_IMAGE, TRAINING_SCRIPT_KEY, make_bucket
 from PIL import Image
 
 from jumpstart.errors import SageMakerError
@@ -27,6 +15,9 @@ from jumpstart.polling import WaitFailed
 from jumpstart.remote import launch_remote_training, launch_remote_tuning
 from training.dataset import DatasetError, load_dataset
 from training.hyperparameters import Hyperparameters
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
 SCRIPT_URI = f"s3://{JUMPSTART_BUCKET}/{TRAINING_SCRIPT_KEY}"

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from aws_fixtures import FIXTURE_MODEL, ROLE, aws, jumpstart_specs, no_network  # noqa: F401 - fixtures
+from aws_fixtures import FIXTURE_MODEL, ROLE
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 BASE = "model-txt2img-stabilityai-stable-diffusion-v2-1-base"
 REMOTE = ["--base", BASE, "--name", "remote-dog", "--remote", "--no-wait"]

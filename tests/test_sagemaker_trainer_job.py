@@ -15,13 +15,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aws_fixtures import REGION, ROLE, aws, jumpstart_specs, make_bucket, no_network, sent_requests  # noqa: F401
+from aws_fixtures import REGION, ROLE, make_bucket
+from packed_inference import import_packed_inference
+from tiny_metric_networks import tiny_clip_folder, tiny_inception
 
 from jumpstart.errors import SageMakerError
 from jumpstart.remote import launch_remote_training
 from jumpstart.sagemaker_entry import torchrun_command
 from training.demo_dataset import write_demo_dataset
 from training.hyperparameters import Hyperparameters
+
+# No test here may leave the machine.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 # sagemaker.core's image_uris for huggingface 4.56.2 / pytorch2.8.0 / py312, training, GPU.
 HF_TRAINING_IMAGE = (
@@ -242,8 +247,6 @@ def test_the_packed_source_alone_trains_a_model_the_inference_script_serves_as_i
     served = tmp_path / "opt-ml-model-served"
     with tarfile.open(archive) as tar:
         tar.extractall(served, filter="data")
-    from test_invocations_parity import import_packed_inference
-
     inference = import_packed_inference(served / "code")
     pipeline = inference.model_fn(str(served))
     body = {"prompt": "a red toy", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 1}
@@ -326,7 +329,6 @@ def test_cli_runs_our_trainer_and_deploys_its_result_on_the_hugging_face_contain
 def _metric_networks(folder: Path) -> tuple[Path, Path]:
     """A TorchScript stand-in for Inception and a tiny CLIP folder, as a user keeps them locally."""
     import torch
-    from test_evaluation import tiny_clip_folder, tiny_inception
 
     folder.mkdir()
     inception = folder / "inception-2015-12-05.pt"

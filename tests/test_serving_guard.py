@@ -56,7 +56,7 @@ def stand_in_hub() -> tuple[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def server(server_home, stand_in_hub):
+def guarded_server(server_home, stand_in_hub):
     settings = {
         "api_token": TOKEN,
         "max_body_bytes": str(MAX_BODY_BYTES),
@@ -73,8 +73,8 @@ def server(server_home, stand_in_hub):
 
 
 @pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server, timeout=60) as http:
+def client(guarded_server):
+    with httpx.Client(base_url=guarded_server, timeout=60) as http:
         yield http
 
 
@@ -120,16 +120,16 @@ def test_the_scheme_is_case_insensitive(client):
     assert client.get("/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
 
 
-def test_endpoints_invoke_url_sends_the_token_from_the_environment(server, monkeypatch):
+def test_endpoints_invoke_url_sends_the_token_from_the_environment(guarded_server, monkeypatch):
     from jumpstart.endpoints import invoke_url
     from jumpstart.errors import SageMakerError
 
     body = {"prompt": "a red cube", "num_inference_steps": 2}
     monkeypatch.delenv("TXT2IMG_API_TOKEN", raising=False)
     with pytest.raises(SageMakerError, match="HTTP 401"):
-        invoke_url(server, body)
+        invoke_url(guarded_server, body)
     monkeypatch.setenv("TXT2IMG_API_TOKEN", TOKEN)
-    assert "generated_images" in json.loads(invoke_url(server, body))
+    assert "generated_images" in json.loads(invoke_url(guarded_server, body))
 
 
 def test_an_openai_url_answer_is_fetched_without_the_token(client):
@@ -189,9 +189,9 @@ def test_a_chunked_body_is_counted_and_cut_off(client, path):
     assert "TXT2IMG_MAX_BODY_BYTES" in response.json()["error"]
 
 
-def test_a_200_mb_body_is_refused_before_it_is_sent(server):
+def test_a_200_mb_body_is_refused_before_it_is_sent(guarded_server):
     """The answer comes after the headers: the 200 MB are never sent, let alone read."""
-    host, port = server.removeprefix("http://").split(":")
+    host, port = guarded_server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         connection.sendall(
             b"POST /txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -205,9 +205,9 @@ def test_a_200_mb_body_is_refused_before_it_is_sent(server):
     assert "TXT2IMG_MAX_BODY_BYTES" in answer
 
 
-def test_a_200_mb_chunked_body_is_cut_off_at_the_limit(server):
+def test_a_200_mb_chunked_body_is_cut_off_at_the_limit(guarded_server):
     """Chunks go out until the server answers, which it does right after the limit, long before 200 MB."""
-    host, port = server.removeprefix("http://").split(":")
+    host, port = guarded_server.removeprefix("http://").split(":")
     chunk = b"%x\r\n%s\r\n" % (2**16, b"x" * 2**16)
     answer = bytearray()
     sent = 0

@@ -10,6 +10,7 @@ from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from pydantic import BaseModel, Field, ValidationError
 
+from serving.bentoml_compat import REFUSAL_LOGGER_NAME
 from serving.http_errors import ClientErrorsAsOneLine
 from serving.openapi import openapi_3_0
 
@@ -56,7 +57,7 @@ def refusal_record(error: Exception) -> logging.LogRecord:
     except type(error):
         exc_info = sys.exc_info()
     return logging.LogRecord(
-        "bentoml._internal.server.http_app",
+        REFUSAL_LOGGER_NAME,
         logging.ERROR,
         __file__,
         1,

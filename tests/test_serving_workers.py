@@ -7,14 +7,13 @@ against one ``bentoml serve`` with ``TXT2IMG_WORKERS=2``.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 import pytest
-from bentoml_server import server_process
+from bentoml_server import server_process, service_workers
 from serving_finetunes import FULL_ID, register_finetunes
 
 from serving import device
@@ -89,7 +88,7 @@ def test_the_shared_image_folder_is_new_and_those_of_killed_servers_go(monkeypat
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def two_worker_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("workers")
     register_finetunes(home)
     with server_process(home, workers="2", torch_threads="1", env={"HF_HUB_OFFLINE": "1"}) as running:
@@ -107,16 +106,11 @@ def answering_workers(url: str, want: int = 2, tries: int = 100) -> dict[int, di
     return seen
 
 
-def worker_processes(server: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(server.pid).children(recursive=True)
-    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
-
-
-def test_requests_reach_both_workers_each_with_its_own_models(server):
-    url, process = server
+def test_requests_reach_both_workers_each_with_its_own_models(two_worker_server):
+    url, process = two_worker_server
     workers = answering_workers(url)
     assert sorted(workers) == [1, 2]
-    assert {body["worker"]["pid"] for body in workers.values()} == {worker.pid for worker in worker_processes(process)}
+    assert {body["worker"]["pid"] for body in workers.values()} == {worker.pid for worker in service_workers(process)}
     assert all(body["worker"]["device"] == "cpu" for body in workers.values())
     # A model that no worker has warmed loads in a worker only when a request for it lands there.
     with ThreadPoolExecutor(4) as pool:
@@ -131,8 +125,8 @@ def test_requests_reach_both_workers_each_with_its_own_models(server):
     assert all(FULL_ID in models for models in loaded.values()), loaded
 
 
-def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(server):
-    url, _ = server
+def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(two_worker_server):
+    url, _ = two_worker_server
     request = {"prompt": "a red cube", "size": "64x64", "num_inference_steps": 2, "response_format": "url", "n": 2}
     links = []
     for _ in range(3):  # each on a new connection, so they are made by either worker
@@ -145,8 +139,8 @@ def test_an_openai_image_link_works_whichever_worker_the_fetch_reaches(server):
             assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
 
-def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(server):
-    url, process = server
+def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(two_worker_server):
+    url, process = two_worker_server
     workers = answering_workers(url)
     victim = workers[2]["worker"]["pid"]
     psutil.Process(victim).send_signal(signal.SIGKILL)
@@ -161,4 +155,4 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(server):
             break
         assert time.monotonic() < deadline, f"worker 2 was not replaced: {workers}"
         time.sleep(1)
-    assert len(worker_processes(process)) == 2
+    assert len(service_workers(process)) == 2

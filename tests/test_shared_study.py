@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from postgres_server import postgresql_url  # noqa: F401 - fixture
 
 from catalog.store import load_catalog
 from training.demo_dataset import write_demo_dataset

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from subject_dataset import write_dataset
+from tiny_metric_networks import tiny_inception
 
 from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, _ask, _prepare_study
 from txt2img.cli import app
@@ -38,20 +40,6 @@ TINY_TRIAL = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_local_metric_weights")
-
-
-def write_dataset(directory: Path, count: int = 3) -> Path:
-    """JumpStart's layout: a few 64 px photos of one subject and dataset_info.json."""
-    from PIL import Image, ImageDraw
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        image = Image.new("RGB", (64, 64), (120, 130, 140))
-        ImageDraw.Draw(image).ellipse((8 + 4 * index, 16, 40 + 4 * index, 48), fill=(220, 40, 40))
-        image.save(directory / f"{index}.png")
-    info = {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of toy"}
-    (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-    return directory
 
 
 def study_trials(study_dir: Path, name: str):
@@ -294,7 +282,6 @@ def test_a_study_on_an_rdb_url_generates_images_only_for_the_metric_that_can_run
     once, for fid_score, after its objective; clip_i, clip_t and dino are skipped without images."""
     import optuna
     import torch
-    from test_evaluation import tiny_inception
 
     from catalog.store import load_catalog
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from test_tuning import write_dataset
+from subject_dataset import write_dataset
 
 from txt2img.cli import app
 

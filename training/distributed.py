@@ -26,7 +26,9 @@ from typing import Any
 
 from catalog.paths import atomic_write_text
 from training.dreambooth import TrainingInterrupted, train
+from training.evaluation import EvaluationSettings, evaluate_entry, metric_lines
 from training.hyperparameters import Hyperparameters
+from training.servable import add_serving_code
 from txt2img.errors import InputError, Interrupted, Txt2ImgError
 
 logger = logging.getLogger("txt2img.training")
@@ -148,8 +150,6 @@ def _log_to_stderr(rank: int) -> None:
 def _print_metrics(entry, data_dir: Path, hyperparameters, evaluation: dict, output_dir: Path) -> None:
     """Evaluate the trained model as a local trial is evaluated and print ``name=value`` lines; a
     missing objective fails the job (SageMaker's tuner then counts it failed, not merely unscored)."""
-    from training.evaluation import EvaluationSettings, evaluate_entry, metric_lines
-
     settings = EvaluationSettings.model_validate(evaluation)  # the weights from this machine's environment
     report = evaluate_entry(
         entry, data_dir, settings, hyperparameters=hyperparameters, output_dir=output_dir, progress=False
@@ -209,8 +209,6 @@ def _worker(payload: str) -> int:
             )
         if rank == 0 and job.get("inference_code"):
             # A SageMaker job (jumpstart/sagemaker_entry.py): make its model.tar.gz deployable as it is.
-            from training.servable import add_serving_code
-
             add_serving_code(entry, Path(job["output_dir"]), Path(job["inference_code"]))
     except TrainingInterrupted as error:
         _record(f"{error}; continue with the same command plus --resume", Interrupted.exit_code)

@@ -21,6 +21,11 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.paths import atomic_write_text, txt2img_home
+from catalog.pipelines import load_pipeline
+from catalog.store import load_catalog
+from training.dataset import load_dataset
+from training.hyperparameters import Hyperparameters
+from training.losses import denoising_loss
 from training.metrics import (
     EXTRACTOR_LOADERS,
     METRIC_DIRECTIONS,
@@ -396,8 +401,6 @@ def _compute(name: str, extractor, pipeline, concepts, jobs, generated, real, re
     import numpy as np
 
     if name == "instance_loss":
-        from training.losses import denoising_loss
-
         losses, counts = [], []
         for concept, images in zip(concepts, real):
             losses.append(denoising_loss(pipeline, images, concept.instance_prompt, resolution=resolution, seed=seed))
@@ -436,7 +439,6 @@ def evaluate_model(
     progress: bool = True,
 ) -> EvaluationReport:
     """Load catalog model ``model_id`` and the DreamBooth dataset in ``data_dir``, then evaluate as ``settings`` say."""
-    from catalog.store import load_catalog
 
     return evaluate_entry(
         load_catalog().get(model_id),
@@ -462,11 +464,6 @@ def evaluate_entry(
     dataset in ``data_dir``: for ``txt2img evaluate``, each trial of ``txt2img tune`` and each
     training job of ``txt2img tune --remote --trainer txt2img``."""
     import torch
-
-    from catalog.pipelines import load_pipeline
-    from catalog.store import load_catalog
-    from training.dataset import load_dataset
-    from training.hyperparameters import Hyperparameters
 
     catalog = load_catalog()
     dataset = load_dataset(Path(data_dir), hyperparameters or Hyperparameters(), entry.resolution)

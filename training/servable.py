@@ -23,7 +23,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from catalog.pipelines import export_entry
 from catalog.schema import CatalogEntry
+from catalog.store import load_catalog
 
 SERVING_CODE_DIR = "code"
 FUSED_DIR = "fused"
@@ -32,9 +34,6 @@ FUSED_DIR = "fused"
 def add_serving_code(entry: CatalogEntry, output_dir: Path, inference_code: Path) -> None:
     """Put the packed inference code (and, for a LoRA, the fused pipeline) next to the run's model."""
     if entry.method == "lora":
-        from catalog.pipelines import export_entry
-        from catalog.store import load_catalog
-
         # The base was downloaded (or built) by this run; nothing new is fetched.
         export_entry(entry, output_dir / FUSED_DIR, load_catalog(), local_files_only=True)
     # Last: an archive with code/ holds everything that code needs.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catalog.pipelines import LORA_WEIGHT_NAME
 from training.hyperparameters import Hyperparameters
 
 # The attention projections diffusers' LoRA loader expects adapters on.
@@ -98,8 +99,6 @@ def save_trained_model(pipeline: Any, trainable: TrainableModels, directory: Pat
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
-
-        from catalog.pipelines import LORA_WEIGHT_NAME
 
         def adapter_tensors(module: Any) -> dict[str, Any]:
             tensors = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))

@@ -23,9 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.paths import atomic_write_text, txt2img_home
-from training.evaluation import EvaluationSettings
+from catalog.store import CatalogError, load_catalog
+from training.dataset import DatasetError, load_dataset
+from training.dreambooth import TrainingInterrupted, train
+from training.evaluation import EvaluationSettings, evaluate_entry, plan_metrics
 from training.hyperparameters import Hyperparameters, numeric_kind
 from training.metrics import METRIC_DIRECTIONS
+from training.report import CONTACT_SHEET
 from training.tuning_report import (
     SURPLUS_ATTRIBUTE,
     TuningResult,
@@ -274,10 +278,6 @@ def run_trial(config_json: str, number: int) -> None:
     """Train and evaluate asked trial ``number``, then tell the study; runs in a worker process or in-process."""
     import optuna
 
-    from training.dreambooth import TrainingInterrupted, train
-    from training.evaluation import evaluate_entry
-    from training.report import CONTACT_SHEET
-
     config = StudyConfig.model_validate_json(config_json)
     storage = open_storage(config)
     study = _load_study(config, storage)
@@ -345,10 +345,6 @@ def _limit_threads(parallel: int) -> None:
 
 def _check_inputs(config: StudyConfig) -> None:
     """Fail before any training if the base, dataset, name or objective cannot work."""
-    from catalog.store import CatalogError, load_catalog
-    from training.dataset import DatasetError, load_dataset
-    from training.evaluation import plan_metrics
-
     if config.objective not in METRIC_DIRECTIONS:
         raise TuningError(f"unknown objective '{config.objective}'; choose from {', '.join(METRIC_DIRECTIONS)}")
     try:
@@ -455,7 +451,6 @@ def _failed(study) -> list:
 
 def _check_failures(study, config: StudyConfig, failed_before: int) -> None:
     """Stop a study whose trials keep failing instead of retrying forever."""
-
     failed = _failed(study)[failed_before:]
     if len(failed) >= config.trials:
         errors = sorted({trial.user_attrs.get("error", "unknown error") for trial in failed})

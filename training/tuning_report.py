@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.paths import atomic_write_text
+from catalog.schema import CatalogEntry
+from catalog.store import claim_name, load_catalog, write_entry
+from training.dreambooth import default_output_dir
 
 if TYPE_CHECKING:
     from training.tuning import StudyConfig
@@ -59,7 +62,6 @@ class TuningResult(BaseModel):
 
 def model_dir(name: str) -> Path:
     """Where the registered best trial's run goes: where ``txt2img train`` would have put it."""
-    from training.dreambooth import default_output_dir
 
     return default_output_dir(name)
 
@@ -122,8 +124,6 @@ def plot_objective(records: list[TrialRecord], config: StudyConfig, path: Path) 
 
 def _register_best(study, best: TrialRecord, records: list[TrialRecord], config: StudyConfig):
     """Copy the best trial's run (weights and training report) to the models folder and register it."""
-    from catalog.schema import CatalogEntry
-    from catalog.store import write_entry
 
     trial = next(trial for trial in study.get_trials(deepcopy=False) if trial.number == best.number)
     entry = CatalogEntry.model_validate(trial.user_attrs["entry"])
@@ -177,7 +177,6 @@ def _register_once(
     Every worker of a shared study ends here with the same best; the name's claim makes them take
     turns, and only a worker that holds the best trial's weights can register them.
     """
-    from catalog.store import claim_name, load_catalog
 
     with claim_name(config.name, wait=True):
         if config.name in load_catalog():
