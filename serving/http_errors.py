@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import JSONResponse
 
+from serving.bentoml_compat import REFUSAL_LOGGER_NAME
 from serving.invocations import InvocationError
 from serving.json_body import BodyError
 from serving.schema import describe_errors, describe_validation_error
@@ -170,7 +171,7 @@ CLIENT_ERRORS_AS_ONE_LINE = ClientErrorsAsOneLine()
 
 def log_client_errors_as_one_line() -> None:
     """Install ClientErrorsAsOneLine on the logger BentoML reports refused requests with (once)."""
-    logging.getLogger("bentoml._internal.server.http_app").addFilter(CLIENT_ERRORS_AS_ONE_LINE)
+    logging.getLogger(REFUSAL_LOGGER_NAME).addFilter(CLIENT_ERRORS_AS_ONE_LINE)
 
 
 class JSONErrorBodies:

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serving.bentoml_compat import OPENAPI_DOCUMENT_PATH, api_routes, openapi_document
 from serving.guard import OPEN_PATHS
 from serving.http_errors import GENERATION_ERRORS, ErrorBody
 from serving.settings import ServingSettings
@@ -93,12 +94,11 @@ class OpenAPI30Docs:
         self.document: dict | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/docs.json":
+        if scope["type"] != "http" or scope["path"] != OPENAPI_DOCUMENT_PATH:
             await self.app(scope, receive, send)
             return
         if self.document is None:  # the routes never change once the service runs
-            routes = [api.route for api in self.service.apis.values()]
-            document = declare_error_answers(self.service.openapi_spec.asdict(), routes)
+            document = declare_error_answers(openapi_document(self.service), api_routes(self.service))
             if self.bearer_auth:
                 document = declare_bearer_auth(document)
             self.document = openapi_3_0(document)

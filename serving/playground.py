@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from catalog.index import load_index_skipping_bad_files
 from catalog.paths import txt2img_home
+from serving.bentoml_compat import SWAGGER_UI_PATH
 from serving.engine import Engine, current_engine
 from serving.generation_queue import GenerationQueue, Job
 from serving.http_errors import add_error_handlers, error_response
@@ -60,7 +61,7 @@ class PlaygroundHome:
             await RedirectResponse("/ui")(scope, receive, send)
             return
         if scope["type"] == "http" and scope["path"] == "/docs":
-            scope = {**scope, "path": "/", "raw_path": b"/"}
+            scope = {**scope, "path": SWAGGER_UI_PATH, "raw_path": SWAGGER_UI_PATH.encode()}
         await self.app(scope, receive, send)
 
 

@@ -38,6 +38,15 @@ def running_server(home: Path, **options) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def offline_server(home: Path, env: dict[str, str] | None = None, **settings: str) -> Iterator[str]:
+    """``running_server`` as most tests want it: one torch thread (the cores are shared), and Hub models
+    only from an empty HF cache of its own, never downloaded."""
+    offline = {"HF_HOME": str(Path(home) / "hf"), "HF_HUB_OFFLINE": "1", **(env or {})}
+    with running_server(home, env=offline, **{"torch_threads": "1", "local_files_only": "1", **settings}) as url:
+        yield url
+
+
+@contextlib.contextmanager
 def server_process(
     home: Path,
     *,
@@ -94,12 +103,6 @@ def server_process(
             yield url, process
         finally:
             _stop(process)
-
-
-def worker_processes(server: subprocess.Popen) -> list[psutil.Process]:
-    """The server's workers (BentoML's service workers among its descendants)."""
-    children = psutil.Process(server.pid).children(recursive=True)
-    return [child for child in children if "_bentoml_impl.worker.service" in " ".join(child.cmdline())]
 
 
 def wait_until_ready(

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bentoml_server import SESSION_MAX_QUEUE, SESSION_REQUEST_TIMEOUT_S, running_server
+from bentoml_server import SESSION_MAX_QUEUE, SESSION_REQUEST_TIMEOUT_S, offline_server
+from chromium_browser import launched_chromium
 from serving_finetunes import register_finetunes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,11 +84,8 @@ def server(server_home):
         "max_steps": "1000",  # long requests for the timeout and disconnect tests
         "max_queue": str(SESSION_MAX_QUEUE),
         "request_timeout_s": str(SESSION_REQUEST_TIMEOUT_S),
-        "torch_threads": "1",  # the test machine's cores are shared
-        "local_files_only": "1",  # Hub models must come from the (empty) HF cache
     }
-    hub_offline = {"HF_HOME": str(server_home / "hf"), "HF_HUB_OFFLINE": "1"}
-    with running_server(server_home, env=hub_offline, **settings) as url:
+    with offline_server(server_home, **settings) as url:
         yield url
 
 
@@ -97,6 +95,12 @@ def server(server_home):
 def docs_server(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
     home = tmp_path_factory.mktemp("docs-home")
     workdir = tmp_path_factory.mktemp("docs-workdir")
-    hub_offline = {"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1"}
-    with running_server(home, env=hub_offline, torch_threads="1", local_files_only="1") as url:
+    with offline_server(home) as url:
         yield url, home, workdir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, for the playground's tests (never a browser Playwright downloads)."""
+    with launched_chromium() as chromium:
+        yield chromium

@@ -1,5 +1,5 @@
 """Browser-safe defaults (issue #20, defect 2), on one real ``bentoml serve`` without a token, as is the default:
-a page on another origin cannot get an image generated (through Debian's chromium, and counted on the
+a page on another origin cannot get an image generated (through Debian's browser, and counted on the
 server), a Host that is not loopback or allowed is refused (DNS rebinding), bodies must have their
 route's content type, and what a browser shows carries its security headers. Also the playground's
 seeds, which must come back exactly (defect 7).
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bentoml_server import running_server
-from chromium_browser import launched_chromium
+from bentoml_server import offline_server
 from PIL import Image
 from playwright.sync_api import expect
 
@@ -53,16 +52,8 @@ def browser_safety_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser_safety_server(browser_safety_home) -> str:
-    hub_offline = {"HF_HOME": str(browser_safety_home / "hf"), "HF_HUB_OFFLINE": "1"}
-    settings = {"torch_threads": "1", "local_files_only": "1", "allowed_hosts": f"{ALLOWED_HOST}, other.lan"}
-    with running_server(browser_safety_home, env=hub_offline, **settings) as url:
+    with offline_server(browser_safety_home, allowed_hosts=f"{ALLOWED_HOST}, other.lan") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with launched_chromium() as browser:
-        yield browser
 
 
 @pytest.fixture()
@@ -86,8 +77,8 @@ class WatchedPage:
 
 
 @contextlib.contextmanager
-def watched_page(chromium, server: str) -> Iterator[WatchedPage]:
-    context = chromium.new_context()
+def watched_page(browser, server: str) -> Iterator[WatchedPage]:
+    context = browser.new_context()
     watched = WatchedPage(context.new_page())
     watched.page.set_default_timeout(TIMEOUT_MS)
     watched.page.on("request", lambda request: request.url.startswith(server) or watched.foreign.append(request.url))
@@ -159,9 +150,9 @@ def other_origin(browser_safety_server) -> str:
     site.shutdown()
 
 
-def test_a_page_on_another_origin_cannot_get_an_image_generated(chromium, client, other_origin, browser_safety_server):
+def test_a_page_on_another_origin_cannot_get_an_image_generated(browser, client, other_origin, browser_safety_server):
     before = images_generated(client)
-    with watched_page(chromium, other_origin) as watched:
+    with watched_page(browser, other_origin) as watched:
         watched.page.goto(other_origin)
         watched.page.wait_for_function("document.title === 'done'")
         results = watched.page.evaluate("window.results")
@@ -307,9 +298,9 @@ def test_the_apis_carry_no_page_policy(client):
 
 
 @pytest.fixture()
-def page(chromium, browser_safety_server):
+def page(browser, browser_safety_server):
     """A browser page that must not break the policy nor ask for anything outside the server."""
-    with watched_page(chromium, browser_safety_server) as watched:
+    with watched_page(browser, browser_safety_server) as watched:
         yield watched.page
     assert not watched.foreign, f"the page asked for something outside the server: {watched.foreign}"
     assert not watched.violations, f"the page broke its Content-Security-Policy: {watched.violations}"
@@ -375,11 +366,11 @@ def test_images_whose_seeds_would_run_past_the_exact_range_are_refused(page, bro
     assert page.locator("#gen-gallery .result").count() == 0
 
 
-def test_swagger_ui_works_under_its_policy_which_keeps_it_from_calling_home(chromium, client, browser_safety_server):
+def test_swagger_ui_works_under_its_policy_which_keeps_it_from_calling_home(browser, client, browser_safety_server):
     docs = client.get("/docs")
     assert "script-src" not in docs.headers["content-security-policy"]  # default-src 'self': its own files only
     assert docs.headers["x-frame-options"] == "DENY"
-    with watched_page(chromium, browser_safety_server) as watched:
+    with watched_page(browser, browser_safety_server) as watched:
         watched.page.goto(f"{browser_safety_server}/docs")
         watched.page.locator(".swagger-ui .opblock").first.wait_for()  # it read /docs.json and drew the operations
     # BentoML's page would load Google Tag Manager (an inline loader) and its description's badges from the

@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from bentoml_server import running_server
-from chromium_browser import launched_chromium
+from bentoml_server import offline_server
 from openapi_spec_validator import validate
 from PIL import Image
 from playwright.sync_api import expect
@@ -80,15 +79,8 @@ def playground_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def playground_server(playground_home) -> str:
-    hub_offline = {"HF_HOME": str(playground_home / "hf"), "HF_HUB_OFFLINE": "1"}
-    with running_server(playground_home, env=hub_offline, torch_threads="1", local_files_only="1") as url:
+    with offline_server(playground_home) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with launched_chromium() as browser:
-        yield browser
 
 
 @pytest.fixture()

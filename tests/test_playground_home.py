@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bentoml_server import running_server
+from bentoml_server import offline_server
 from serving_finetunes import FULL_ID, LORA_ID, OTHER_FULL_ID, register_finetunes
 
 from serving.playground import NotARunFile, fine_tune_runs, run_file
@@ -51,8 +51,7 @@ def troubled_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def troubled_home_server(troubled_home) -> str:
-    hub_offline = {"HF_HOME": str(troubled_home / "hf"), "HF_HUB_OFFLINE": "1"}
-    with running_server(troubled_home, env=hub_offline, torch_threads="1", local_files_only="1") as url:
+    with offline_server(troubled_home) as url:
         yield url
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from bentoml_server import running_server
+from bentoml_server import offline_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
@@ -31,11 +31,8 @@ AUTH = {"Authorization": "Bearer schemathesis-token"}
 def locked_down_server(tmp_path_factory):
     home: Path = tmp_path_factory.mktemp("schemathesis-home")
     limits = {"max_steps": "3", "max_images": "2", "max_pixels": str(64 * 64), "max_prompt_length": "200"}
-    hub_offline = {"HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1"}
     token = AUTH["Authorization"].removeprefix("Bearer ")
-    with running_server(
-        home, env=hub_offline, api_token=token, torch_threads="1", local_files_only="1", **limits
-    ) as url:
+    with offline_server(home, api_token=token, **limits) as url:
         yield url
 
 
@@ -83,9 +80,9 @@ def test_every_operation_of_the_document_answers_as_it_declares(locked_down_serv
     assert not failures, "\n\n".join(failures)
 
 
-def test_the_documents_cover_every_documented_protocol(server):
+def test_the_documents_cover_every_documented_protocol(locked_down_server):
     """Ours, OpenAI's and AUTOMATIC1111's routes in /docs.json, SageMaker's in its own: the runs above miss none."""
-    main = httpx.get(f"{server}/docs.json", headers=AUTH, timeout=30).json()["paths"]
-    sagemaker = httpx.get(f"{server}/sagemaker/openapi.json", headers=AUTH, timeout=30).json()["paths"]
+    main = httpx.get(f"{locked_down_server}/docs.json", headers=AUTH, timeout=30).json()["paths"]
+    sagemaker = httpx.get(f"{locked_down_server}/sagemaker/openapi.json", headers=AUTH, timeout=30).json()["paths"]
     assert {"/txt2img", "/images", "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/options"} <= set(main)
     assert {"/ping", "/invocations", "/models"} <= set(sagemaker)

@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from bentoml_server import free_port, server_process, worker_processes
+from bentoml_server import free_port, server_process, service_workers
 
 from serving import image_files
 from serving.image_files import LOCK_NAME, ImageFiles
@@ -39,7 +39,7 @@ def port_is_free(port: int) -> bool:
 def test_workers_die_within_seconds_of_a_sigkilled_server_and_free_its_port(tmp_path):
     port = free_port()
     with server_process(tmp_path / "first", port=port, workers="2", torch_threads="1") as (_, process):
-        workers = worker_processes(process)
+        workers = service_workers(process)
         assert len(workers) == 2
         try:
             process.send_signal(signal.SIGKILL)
