@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.metrics import process_alive
+from txt2img.processes import process_alive
 
 IMAGE_TTL_S = 3600
 IMAGE_STORE_BYTES = 256 * 2**20

@@ -20,19 +20,10 @@ from dataclasses import dataclass
 from functools import cache
 
 from serving.bentoml_compat import bentoml_home, set_prometheus_multiproc_dir
+from txt2img.processes import process_alive
 
 PROMETHEUS_DIRS = "txt2img-prometheus"  # under BENTOML_HOME, one folder per server: <host>-<pid>
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process, but alive
-        return True
-    return True
 
 
 def own_prometheus_dir() -> None:

@@ -4,26 +4,18 @@
 neither a signal to the server's process group nor the end of the terminal reaches it. A server
 killed with ``kill -9`` stops nothing itself: its workers would go on serving, holding the port, so
 a restart on that port fails. Each worker therefore asks the kernel for SIGKILL when its parent
-dies (Linux's ``PR_SET_PDEATHSIG``), and watches its parent's pid as well (any POSIX system). The
+dies (Linux's ``PR_SET_PDEATHSIG``), and watches its parent's pid as well (txt2img/processes.py). The
 server states its pid in SERVER_PID_ENV, so a worker whose server died while it was still starting
 (before it could ask) knows, because its parent is some other process by then.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import signal
-import sys
-import threading
-import time
 
-from serving.metrics import process_alive
+from txt2img.processes import die_with_parent, process_alive
 
 SERVER_PID_ENV = "TXT2IMG_SERVER_PID"  # set by the serving process, read by its workers
-PARENT_CHECK_INTERVAL_S = 1.0
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def tie_workers_to_server() -> None:
@@ -41,14 +33,4 @@ def tie_workers_to_server() -> None:
     server_pid = int(os.environ.get(SERVER_PID_ENV) or os.getppid())
     if server_pid != os.getppid() and process_alive(server_pid):  # started by another process than the one named
         server_pid = os.getppid()
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    threading.Thread(target=_watch_parent, args=(server_pid,), name="die-with-server", daemon=True).start()
-
-
-def _watch_parent(server_pid: int) -> None:
-    # Once the server is gone this process has been handed to another parent (init or a subreaper).
-    while os.getppid() == server_pid:
-        time.sleep(PARENT_CHECK_INTERVAL_S)
-    os.kill(os.getpid(), signal.SIGKILL)
+    die_with_parent(server_pid)

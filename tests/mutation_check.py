@@ -499,6 +499,13 @@ MUTATIONS = [
         (Select("tests/test_serving_workers.py", "own_gpu"),),
     ),
     Mutation(
+        "training ranks outlive their launcher",
+        "training/distributed.py",
+        '    die_with_parent(job.get("launcher_pid") or os.getppid())\n',
+        "",
+        (Select("tests/test_distributed_training.py", "ranks_die"),),
+    ),
+    Mutation(
         "a server's workers outlive it",
         "serving/worker_lifetime.py",
         "    if bentoml.server_context.worker_index is None:\n",

@@ -1,15 +1,15 @@
 """The package layout's one rule: imports between the top-level packages only point downwards.
 
 catalog is the bottom; serving and training build on it; jumpstart (everything that talks to AWS)
-builds on all three; the txt2img CLI gathers them. ``txt2img.errors`` and ``txt2img.extras`` are
-leaves every package may use.
+builds on all three; the txt2img CLI gathers them. ``txt2img.errors``, ``txt2img.extras`` and
+``txt2img.processes`` are leaves every package may use.
 """
 
 import ast
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LEAVES = {"txt2img.errors", "txt2img.extras"}
+LEAVES = {"txt2img.errors", "txt2img.extras", "txt2img.processes"}
 ALLOWED = {
     "catalog": set(),
     "serving": {"catalog"},

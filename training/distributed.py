@@ -13,13 +13,11 @@ Run as a module, this file is the worker torchrun starts in each process.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,10 @@ from training.evaluation import EvaluationSettings, evaluate_entry, metric_lines
 from training.hyperparameters import Hyperparameters
 from training.servable import add_serving_code
 from txt2img.errors import InputError, Interrupted, Txt2ImgError
+from txt2img.processes import die_with_parent
 
 logger = logging.getLogger("txt2img.training")
 
-# How often a worker checks that its launcher is still alive (the kernel's death signal comes first on Linux).
-_LAUNCHER_POLL_SECONDS = 1.0
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The key in a worker's error file (torchelastic's reply file) that marks an expected failure.
 _EXIT_CODE_KEY = "txt2img_exit_code"
 # How long torchrun's agent lets the workers finish their checkpoint after a Ctrl-C.
@@ -160,32 +156,12 @@ def _print_metrics(entry, data_dir: Path, hyperparameters, evaluation: dict, out
     print("\n".join(metric_lines(report.metrics)), flush=True)
 
 
-def _die_with_launcher(launcher: int) -> None:
-    """End this worker as soon as the process that started it dies, whatever killed it.
-
-    torchrun starts each worker in a session of its own (so that a Ctrl-C reaches only the agent),
-    which also shields it from a ``kill -9`` of the launcher's process group: without this it would
-    keep training and keep holding the name's claim. The kernel sends SIGKILL when the parent dies
-    (Linux); a thread watching the parent pid covers the moment before that is set, and other kernels.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    def watch() -> None:
-        while os.getppid() == launcher:
-            time.sleep(_LAUNCHER_POLL_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    if os.getppid() != launcher:  # it died before the kernel was told
-        os.kill(os.getpid(), signal.SIGKILL)
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
-
-
 def _worker(payload: str) -> int:
     job = json.loads(payload)
-    # The torchrun CLI under SageMaker (jumpstart/sagemaker_entry.py) is the parent it names no pid for.
-    _die_with_launcher(job.get("launcher_pid") or os.getppid())
+    # torchrun starts each worker in a session of its own (so that a Ctrl-C reaches only the agent), which
+    # also shields it from a kill -9 of the launcher's group. The torchrun CLI under SageMaker
+    # (jumpstart/sagemaker_entry.py) is the parent it names no pid for.
+    die_with_parent(job.get("launcher_pid") or os.getppid())
     rank = int(os.environ["RANK"])
     _log_to_stderr(rank)
     import torch.distributed as dist
