@@ -70,9 +70,6 @@ OWN_PACKAGES = {"catalog", "serving", "training", "jumpstart", "txt2img"}
 LAZY_OWN_IMPORTS = {
     ("catalog/index.py", "load_index", "catalog.store"): "catalog.store imports catalog.index at its top",
     ("catalog/index.py", "load_index_skipping_bad_files", "catalog.store"): "the same cycle as load_index's",
-    ("training/dreambooth.py", "_evaluate_and_record", "training.evaluation"): (
-        "optional: an install that cannot import the evaluation still trains, and says it skipped it"
-    ),
 }
 # Files of those folders not converted yet.
 NOT_YET_CONVERTED: set[str] = set()

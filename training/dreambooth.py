@@ -42,6 +42,7 @@ from training.checkpoints import (
 )
 from training.class_images import ensure_class_images
 from training.dataset import DreamBoothDataset, load_dataset
+from training.evaluation import evaluate_model
 from training.hyperparameters import Hyperparameters
 from training.losses import encode_prompts, per_sample_denoising_error, training_noise_scheduler
 from training.report import (
@@ -264,7 +265,6 @@ def _progress(enabled: bool):
 
 
 def _save_model_atomically(pipeline: Any, trainable: Any, output_dir: Path) -> Path:
-
     final = output_dir / MODEL_DIR
     staging = staging_directory(output_dir, MODEL_DIR)
     try:
@@ -658,7 +658,6 @@ def _micro_batch_loss(run: _Run, unet: Any, batch: Any):
 
 
 def _write_checkpoint(run: _Run) -> Path:
-
     state = {
         "step": run.step,
         "losses": run.losses,
@@ -759,11 +758,6 @@ def _write_report(
 
 
 def _evaluate_and_record(entry: CatalogEntry, data_dir: Path) -> CatalogEntry:
-    try:
-        from training.evaluation import evaluate_model
-    except ImportError:
-        logger.warning("compute_fid: training.evaluation is not available in this install; evaluation skipped")
-        return entry
     logger.info("compute_fid: evaluating %s", entry.id)
     report = evaluate_model(entry.id, data_dir)
     entry = entry.model_copy(update={"metrics": {**(entry.metrics or {}), **report.metrics}})
