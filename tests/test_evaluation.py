@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tiny_metric_networks import tiny_clip_folder, tiny_inception
+from tiny_metric_networks import (
+    TINY_DINO_MEAN,
+    TINY_DINO_STD,
+    TINY_IMAGE_SIZE,
+    tiny_clip_folder,
+    tiny_dino_folder,
+    tiny_inception,
+)
 
 from training.evaluation import (
     EvaluationSettings,
@@ -47,21 +54,6 @@ def write_dataset(directory: Path, count: int = 3) -> Path:
     info = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
     (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return directory
-
-
-def tiny_dino_folder(folder: Path) -> Path:
-    """A random-weight ViT saved as a model folder, with the normalisation its preprocessor declares."""
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor), encoding="utf-8")
-    return folder
 
 
 # --- the math ---------------------------------------------------------------------------------
@@ -121,6 +113,73 @@ def test_cosine_similarities():
     b = np.array([[3.0, 0.0]])
     assert mean_pairwise_cosine(a, b) == pytest.approx(0.5)
     assert mean_matched_cosine(a, np.array([[2.0, 0.0], [0.0, -1.0]])) == pytest.approx(0.0)
+
+
+# --- preprocessing -----------------------------------------------------------------------------
+
+# OpenAI CLIP's normalisation, which the tiny CLIP's processor keeps.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def hand_written_pixels(images: list[Image.Image], size: int, mean, std):
+    """The preprocessing the metrics used before transformers' processors: short side to ``size``
+    (bicubic), centre crop, scale to [0, 1], normalise. The reference the processors must match."""
+    import torch
+
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def varied_images(size: tuple[int, int], seed: int) -> list[Image.Image]:
+    """Noise in the modes photos come in: RGB, greyscale and RGBA."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, size=(height, width), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 4), dtype=np.uint8)),
+    ]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 48), (48, 96), (37, 100)])
+def test_clip_and_dino_scores_match_the_hand_written_preprocessing(tmp_path, size):
+    """The same images give the same CLIP and DINO embeddings, and so the same clip_i and dino scores,
+    as the resize, crop and normalisation these metrics were first computed with."""
+    import torch
+
+    clip = ClipFeatures.from_path(str(tiny_clip_folder(tmp_path / "clip")))
+    dino = DinoFeatures.from_path(str(tiny_dino_folder(tmp_path / "dino")))
+    generated, real = varied_images(size, seed=3), varied_images((64, 64), seed=4)
+    with torch.no_grad():
+        clip_output = clip.model.get_image_features(
+            pixel_values=hand_written_pixels(generated, TINY_IMAGE_SIZE, CLIP_MEAN, CLIP_STD)
+        )
+        dino_output = dino.model(
+            pixel_values=hand_written_pixels(generated, TINY_IMAGE_SIZE, TINY_DINO_MEAN, TINY_DINO_STD)
+        )
+    clip_reference = getattr(clip_output, "pooler_output", clip_output).double().numpy()
+    dino_reference = dino_output.last_hidden_state[:, 0].double().numpy()
+
+    np.testing.assert_allclose(clip.embed_images(generated), clip_reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dino.embed_images(generated), dino_reference, rtol=1e-4, atol=1e-5)
+    clip_real, dino_real = clip.embed_images(real), dino.embed_images(real)
+    assert mean_pairwise_cosine(clip.embed_images(generated), clip_real) == pytest.approx(
+        mean_pairwise_cosine(clip_reference, clip_real), abs=1e-6
+    )
+    assert mean_pairwise_cosine(dino.embed_images(generated), dino_real) == pytest.approx(
+        mean_pairwise_cosine(dino_reference, dino_real), abs=1e-6
+    )
 
 
 # --- prompts, metric lines, weights --------------------------------------------------------------
