@@ -150,6 +150,16 @@ MUTATIONS = [
         "    cov_b = np.diag(np.diag(np.atleast_2d(np.cov(features_b, rowvar=False))))\n",
         (Select("tests/test_evaluation.py", "frechet or fid"),),
     ),
+    Mutation(
+        "a model folder without its processor config gets default preprocessing",
+        "training/metrics.py",
+        "    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_NAMES):\n"
+        "        raise MissingWeights(\n",
+        "    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_NAMES):\n"
+        "        return processor_class()\n"
+        "        raise MissingWeights(\n",
+        (Select("tests/test_evaluation.py", "without_its_image_processor_config"),),
+    ),
     # --- catalog ----------------------------------------------------------------------------------
     Mutation(
         "catalog list folds model ids in its table",

@@ -31,6 +31,7 @@ from training.metrics import (
     DinoFeatures,
     InceptionFeatures,
     MetricWeights,
+    MissingWeights,
     frechet_distance,
     mean_matched_cosine,
     mean_pairwise_cosine,
@@ -155,11 +156,14 @@ def varied_images(size: tuple[int, int], seed: int) -> list[Image.Image]:
 @pytest.mark.parametrize("size", [(64, 64), (80, 48), (48, 96), (37, 100)])
 def test_clip_and_dino_scores_match_the_hand_written_preprocessing(tmp_path, size):
     """The same images give the same CLIP and DINO embeddings, and so the same clip_i and dino scores,
-    as the resize, crop and normalisation these metrics were first computed with."""
+    as the resize, crop and normalisation these metrics were first computed with. (For sizes whose
+    scaled long side truncates and rounds alike: transformers truncates where that code rounded.)"""
     import torch
 
     clip = ClipFeatures.from_path(str(tiny_clip_folder(tmp_path / "clip")))
     dino = DinoFeatures.from_path(str(tiny_dino_folder(tmp_path / "dino")))
+    # transformers' default (fast) processors need torchvision, which cannot import beside our torch.
+    assert clip.processor.backend == dino.processor.backend == "pil"
     generated, real = varied_images(size, seed=3), varied_images((64, 64), seed=4)
     with torch.no_grad():
         clip_output = clip.model.get_image_features(
@@ -180,6 +184,17 @@ def test_clip_and_dino_scores_match_the_hand_written_preprocessing(tmp_path, siz
     assert mean_pairwise_cosine(dino.embed_images(generated), dino_real) == pytest.approx(
         mean_pairwise_cosine(dino_reference, dino_real), abs=1e-6
     )
+
+
+@pytest.mark.parametrize("extractor", ["clip", "dino"])
+def test_a_model_folder_without_its_image_processor_config_is_refused_by_name(tmp_path, extractor):
+    """No default preprocessing stands in for the checkpoint's own: the metric is skipped, naming the folder."""
+    folder = {"clip": tiny_clip_folder, "dino": tiny_dino_folder}[extractor](tmp_path / extractor)
+    (folder / "preprocessor_config.json").unlink()
+    loader = {"clip": ClipFeatures, "dino": DinoFeatures}[extractor]
+    expected = f"no image processor config .* in the {extractor} model folder {re.escape(str(folder))};"
+    with pytest.raises(MissingWeights, match=expected):
+        loader.from_path(str(folder))
 
 
 # --- prompts, metric lines, weights --------------------------------------------------------------
@@ -224,17 +239,16 @@ def test_metric_weights_come_from_flags_then_env_then_defaults(monkeypatch, txt2
 
 def test_evaluate_with_injected_extractors_computes_every_metric(tmp_path):
     """FID end to end: the injected extractor's features of the real and generated images give the FID."""
-    from transformers import CLIPModel, CLIPTokenizer
-
     data = write_dataset(tmp_path / "data")
-    clip_folder = tiny_clip_folder(tmp_path / "clip")
     inception = InceptionFeatures(tiny_inception(), input_size=32, call_kwargs={"return_features": True})
     extractors = {
         "inception": inception,
-        "clip": ClipFeatures(CLIPModel.from_pretrained(clip_folder), CLIPTokenizer.from_pretrained(clip_folder)),
+        "clip": ClipFeatures.from_path(str(tiny_clip_folder(tmp_path / "clip"))),
         "dino": DinoFeatures.from_path(str(tiny_dino_folder(tmp_path / "dino"))),
     }
-    assert extractors["dino"].mean == (0.5, 0.5, 0.5) and extractors["dino"].std == (0.25, 0.25, 0.25)
+    # The folder's own processor config is read, not a default normalisation.
+    dino_processor = extractors["dino"].processor
+    assert tuple(dino_processor.image_mean) == TINY_DINO_MEAN and tuple(dino_processor.image_std) == TINY_DINO_STD
     report = evaluate_model(
         "tiny-sd",
         data,

@@ -41,9 +41,8 @@ DEFAULT_DINO_REPO = "facebook/dino-vits16"
 INCEPTION_FILE_NAME = "inception-2015-12-05.pt"
 INCEPTION_INPUT_SIZE = 299
 
-# CLIP's and ImageNet's normalisation, used when a model folder has no preprocessor_config.json.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Where a model folder keeps its image processor's settings: transformers' older and newer file names.
+PROCESSOR_CONFIG_NAMES = ("preprocessor_config.json", "processor_config.json")
 
 HOW_TO_PROVIDE = {
     "inception": (
@@ -106,36 +105,26 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pixel_batch(images: list[Image], size: int, mean, std):
-    """Resize the short side to ``size``, centre-crop a square and normalise, as CLIP and ViT expect."""
-    import numpy as np
-    import torch
-    from PIL import Image as PILImage
+def _image_processor(folder: Path, extractor: str, processor_class, **options):
+    """The image processor ``folder`` ships, loaded by ``processor_class`` with ``options``, offline.
 
-    arrays = []
-    for image in images:
-        image = image.convert("RGB")
-        scale = size / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((width, height), PILImage.BICUBIC)
-        left, top = (width - size) // 2, (height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    There is no fallback: scores are comparable only when images are prepared as the checkpoint
+    expects, so a folder without a processor config cannot give this extractor's metrics."""
+    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_NAMES):
+        raise MissingWeights(
+            f"no image processor config ({' or '.join(PROCESSOR_CONFIG_NAMES)}) in the {extractor} model folder "
+            f"{folder}; copy in the one its checkpoint ships"
+        )
+    try:
+        return processor_class.from_pretrained(folder, local_files_only=True, **options)
+    except (OSError, ValueError) as error:
+        raise MissingWeights(f"cannot load the {extractor} image processor from {folder}: {error}") from error
 
 
-def _normalisation(folder: Path | None, fallback_mean, fallback_std):
-    """The image mean and std a model folder's preprocessor_config.json declares."""
-    import json
-
-    config = folder / "preprocessor_config.json" if folder else None
-    if config and config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
-        return tuple(data.get("image_mean", fallback_mean)), tuple(data.get("image_std", fallback_std))
-    return fallback_mean, fallback_std
+def _pixel_values(processor, images: list[Image], device):
+    """The processor's pixel batch; images go in as RGB, as the processors of greyscale or RGBA photos differ."""
+    batch = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    return batch["pixel_values"].to(device)
 
 
 def _local_model_folder(location: str, extractor: str, repo: str) -> Path:
@@ -205,24 +194,26 @@ class InceptionFeatures:
 
 
 class ClipFeatures:
-    """CLIP image and text embeddings from a transformers ``CLIPModel`` and its tokenizer."""
+    """CLIP image and text embeddings from a transformers ``CLIPModel``, its tokenizer and image processor."""
 
-    def __init__(self, model, tokenizer, mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, model, tokenizer, processor):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.mean, self.std = mean, std
+        self.processor = processor
 
     @classmethod
     def from_path(cls, location: str) -> ClipFeatures:
-        from transformers import CLIPModel, CLIPTokenizer
+        from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
         folder = local_weights("clip", location)
+        # The PIL processor: transformers' default (fast) one needs torchvision, which breaks beside our torch.
+        processor = _image_processor(folder, "clip", CLIPImageProcessorPil)
         try:
             model = CLIPModel.from_pretrained(folder, local_files_only=True).to(_device())
             tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as error:
             raise MissingWeights(f"cannot load CLIP from {folder}: {error}") from error
-        return cls(model, tokenizer, *_normalisation(folder, CLIP_MEAN, CLIP_STD))
+        return cls(model, tokenizer, processor)
 
     @staticmethod
     def _embedding(output):
@@ -232,8 +223,7 @@ class ClipFeatures:
     def embed_images(self, images: list[Image]) -> np.ndarray:
         import torch
 
-        size = self.model.config.vision_config.image_size
-        pixels = _pixel_batch(images, size, self.mean, self.std).to(self.model.device)
+        pixels = _pixel_values(self.processor, images, self.model.device)
         with torch.no_grad():
             return self._embedding(self.model.get_image_features(pixel_values=pixels)).double().cpu().numpy()
 
@@ -250,25 +240,28 @@ class ClipFeatures:
 class DinoFeatures:
     """The class-token embedding of a DINO ViT (any transformers vision backbone with a CLS token)."""
 
-    def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, model, processor):
         self.model = model.eval()
-        self.mean, self.std = mean, std
+        self.processor = processor
 
     @classmethod
     def from_path(cls, location: str) -> DinoFeatures:
-        from transformers import AutoModel
+        from transformers import AutoImageProcessor, AutoModel
 
         folder = local_weights("dino", location)
+        # DINO checkpoints ship a ViT (v1) or BiT (v2) processor config, which names the class; the
+        # PIL backend, as the default (fast) one needs torchvision, which breaks beside our torch.
+        processor = _image_processor(folder, "dino", AutoImageProcessor, backend="pil")
         try:
             model = AutoModel.from_pretrained(folder, local_files_only=True).to(_device())
         except (OSError, ValueError) as error:
             raise MissingWeights(f"cannot load DINO from {folder}: {error}") from error
-        return cls(model, *_normalisation(folder, IMAGENET_MEAN, IMAGENET_STD))
+        return cls(model, processor)
 
     def embed_images(self, images: list[Image]) -> np.ndarray:
         import torch
 
-        pixels = _pixel_batch(images, self.model.config.image_size, self.mean, self.std).to(self.model.device)
+        pixels = _pixel_values(self.processor, images, self.model.device)
         with torch.no_grad():
             hidden = self.model(pixel_values=pixels).last_hidden_state
         return hidden[:, 0].double().cpu().numpy()
