@@ -101,61 +101,89 @@ def stable_diffusion_scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_tiny_sd_components() -> dict:
-    """The modules of ``tiny-sd``, identical on every call and leaving the global RNG untouched."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tiny_tokenizer():
+    """A CLIP tokenizer over the tiny character vocabulary."""
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         write_tiny_tokenizer_files(Path(folder))
         # from_pretrained reads both files eagerly (in transformers 4 and 5 alike);
         # model_max_length must be set, or encoding overflows.
-        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
+
+def _tiny_unet():
+    """tiny-sd's UNet, its weights drawn from the seeded global RNG."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(_WEIGHT_SEED)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=TINY_SD_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+
+
+def _tiny_vae():
+    """tiny-sd's VAE, with a small fixed posterior log-variance."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(_WEIGHT_SEED)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=TINY_SD_RESOLUTION,
+        scaling_factor=_LATENT_SCALING_FACTOR,
+    )
+    with torch.no_grad():  # quant_conv's last 4 channels are the posterior's log-variance
+        vae.quant_conv.bias[vae.config.latent_channels :] = _POSTERIOR_LOGVAR
+    return vae
+
+
+def _tiny_text_encoder(tokenizer):
+    """tiny-sd's CLIP text encoder over ``tokenizer``'s vocabulary, with amplified token embeddings."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(_WEIGHT_SEED)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight.mul_(_TOKEN_EMBEDDING_GAIN)
+    return text_encoder
+
+
+def build_tiny_sd_components() -> dict:
+    """The modules of ``tiny-sd``, identical on every call and leaving the global RNG untouched."""
+    import torch
+
+    tokenizer = _tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_WEIGHT_SEED)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=TINY_SD_RESOLUTION // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-        )
-        torch.manual_seed(_WEIGHT_SEED)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=TINY_SD_RESOLUTION,
-            scaling_factor=_LATENT_SCALING_FACTOR,
-        )
-        with torch.no_grad():  # quant_conv's last 4 channels are the posterior's log-variance
-            vae.quant_conv.bias[vae.config.latent_channels :] = _POSTERIOR_LOGVAR
-        torch.manual_seed(_WEIGHT_SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=5,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                layer_norm_eps=1e-5,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        with torch.no_grad():
-            text_encoder.get_input_embeddings().weight.mul_(_TOKEN_EMBEDDING_GAIN)
+        unet, vae, text_encoder = _tiny_unet(), _tiny_vae(), _tiny_text_encoder(tokenizer)
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
