@@ -356,21 +356,9 @@ def evaluate_pipeline(
             continue
         if name in METRIC_EXTRACTOR and not generated:
             # The first image metric that can run generates the images, once, for all of them.
-            jobs = _prompt_jobs(concepts, settings)
-            generated = _generate(
-                pipeline,
-                jobs,
-                settings.images_per_prompt,
-                resolution,
-                settings.inference_steps,
-                settings.seed,
-                output_dir / "images",
-                progress,
+            jobs, generated, grid_path = _generate_for_metrics(
+                pipeline, concepts, settings, resolution, output_dir, progress
             )
-            flat = [image for images in generated for image in images]
-            columns = settings.images_per_prompt if settings.images_per_prompt > 1 else min(5, len(flat))
-            grid_path = output_dir / GRID_FILE_NAME
-            image_grid(flat, columns).save(grid_path)
         extractor = plan.extractors.get(METRIC_EXTRACTOR.get(name, ""))
         try:
             values[name] = _compute(
@@ -394,6 +382,28 @@ def evaluate_pipeline(
     )
     atomic_write_text(output_dir / REPORT_FILE_NAME, report.model_dump_json(indent=2) + "\n")
     return report
+
+
+def _generate_for_metrics(
+    pipeline, concepts: list, settings: EvaluationSettings, resolution: int, output_dir: Path, progress: bool
+) -> tuple[list[PromptImages], list[list[Image]], Path]:
+    """The prompts, their generated images (saved under ``images/``) and the contact sheet of them all."""
+    jobs = _prompt_jobs(concepts, settings)
+    generated = _generate(
+        pipeline,
+        jobs,
+        settings.images_per_prompt,
+        resolution,
+        settings.inference_steps,
+        settings.seed,
+        output_dir / "images",
+        progress,
+    )
+    flat = [image for images in generated for image in images]
+    columns = settings.images_per_prompt if settings.images_per_prompt > 1 else min(5, len(flat))
+    grid_path = output_dir / GRID_FILE_NAME
+    image_grid(flat, columns).save(grid_path)
+    return jobs, generated, grid_path
 
 
 def _compute(name: str, extractor, pipeline, concepts, jobs, generated, real, resolution: int, seed: int) -> float:
