@@ -121,6 +121,18 @@ def default_endpoint_name(stem: str, now: datetime | None = None) -> str:
     return f"{cleaned[: 63 - len(stamp) - 1].rstrip('-')}-{stamp}"
 
 
+@dataclass(frozen=True)
+class _DeploymentRequest:
+    """What the user asked of ``plan_deployment``, for the planner of each container."""
+
+    entry: CatalogEntry
+    region: str
+    instance_type: str | None
+    endpoint_name: str | None
+    async_output: str | None
+    safety_checker: bool
+
+
 def plan_deployment(
     model_id: str,
     region: str,
@@ -137,6 +149,33 @@ def plan_deployment(
         entry = catalog.get(model_id)
     except UnknownModelError as error:
         raise SageMakerError(str(error)) from error
+    _check_names(endpoint_name, async_output)
+    request = _DeploymentRequest(entry, region, instance_type, endpoint_name, async_output, safety_checker)
+    s3_artifact = entry.source == "finetune" and (entry.artifact or "").startswith("s3://")
+    if s3_artifact:
+        if TXT2IMG_TRAINER_TAG in entry.tags:  # the job put code/inference.py into its model.tar.gz
+            return _on_inference_container(request, _trainer_artifact(entry, safety_checker))
+    if safety_checker and (entry.source == "jumpstart" or s3_artifact):
+        raise SageMakerError(
+            f"--safety-checker works for models on this machine, packed with txt2img's inference script; "
+            f"'{entry.id}' runs on JumpStart's container, whose script txt2img cannot change"
+        )
+    if entry.source == "jumpstart":
+        return _on_jumpstart_container(request, entry, None)
+    if s3_artifact:
+        base = catalog.get(entry.base)
+        if base.source != "jumpstart":
+            raise SageMakerError(
+                f"model '{entry.id}' has an S3 artifact but its base '{base.id}' is not a JumpStart model, "
+                "so there is no JumpStart container to run it on"
+            )
+        return _on_jumpstart_container(request, base, entry.artifact)
+    # A model whose weights are on this machine: package, upload, Hugging Face container.
+    return _on_inference_container(request, None)
+
+
+def _check_names(endpoint_name: str | None, async_output: str | None) -> None:
+    """Refuse an endpoint name SageMaker would refuse, and an async output that is not an S3 prefix."""
     if endpoint_name is not None and not ENDPOINT_NAME.match(endpoint_name):
         raise SageMakerError(
             f"invalid endpoint name '{endpoint_name}': up to 63 letters, digits and '-', starting and ending "
@@ -145,62 +184,45 @@ def plan_deployment(
     if async_output is not None and not async_output.startswith("s3://"):
         raise SageMakerError(f"--output must be an s3:// prefix for async results, got '{async_output}'")
 
-    def on_jumpstart_container(base: CatalogEntry, model_data: str | None) -> DeploymentPlan:
-        """``entry`` on the JumpStart container of ``base``, with JumpStart's own artifacts unless ``model_data``."""
-        spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, region, instance_type)
-        name_stem = entry.id if model_data else (spec.resource_name_base or entry.id)
-        return DeploymentPlan(
-            model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(name_stem),
-            instance_type=instance_type or spec.default_instance_type,
-            image_uri=spec.image_uri,
-            model_data=model_data or spec.model_data,
-            environment=spec.environment,
-            network_isolation=spec.network_isolation,
-            async_output=async_output,
-        )
 
-    def on_inference_container(model_data: str | None) -> DeploymentPlan:
-        """``entry`` on the Hugging Face inference container with txt2img's ``code/inference.py``: from the
-        archive ``model_data`` as it is, or (None) exported, packed and uploaded by ``deploy``."""
-        default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
-        chosen_type = instance_type or default_type
-        environment = dict(LOCAL_MODEL_ENVIRONMENT)
-        if safety_checker:  # read by code/inference.py (jumpstart/inference_script.py)
-            environment[SAFETY_CHECKER_ENV] = "on"
-        return DeploymentPlan(
-            model_id=entry.id,
-            endpoint_name=endpoint_name or default_endpoint_name(entry.id),
-            instance_type=chosen_type,
-            image_uri=INFERENCE_CONTAINER.image(region, chosen_type, "inference"),
-            model_data=model_data,
-            environment=environment,
-            async_output=async_output,
-            local_archive=model_data is None,
-            safety_checker=safety_checker,
-        )
+def _on_jumpstart_container(request: _DeploymentRequest, base: CatalogEntry, model_data: str | None) -> DeploymentPlan:
+    """The request's model on the JumpStart container of ``base``, with JumpStart's own artifacts unless
+    ``model_data``."""
+    entry, instance_type = request.entry, request.instance_type
+    spec = hosting_spec(base.jumpstart.model_id if base.jumpstart else base.id, request.region, instance_type)
+    name_stem = entry.id if model_data else (spec.resource_name_base or entry.id)
+    return DeploymentPlan(
+        model_id=entry.id,
+        endpoint_name=request.endpoint_name or default_endpoint_name(name_stem),
+        instance_type=instance_type or spec.default_instance_type,
+        image_uri=spec.image_uri,
+        model_data=model_data or spec.model_data,
+        environment=spec.environment,
+        network_isolation=spec.network_isolation,
+        async_output=request.async_output,
+    )
 
-    s3_artifact = entry.source == "finetune" and (entry.artifact or "").startswith("s3://")
-    if s3_artifact:
-        if TXT2IMG_TRAINER_TAG in entry.tags:  # the job put code/inference.py into its model.tar.gz
-            return on_inference_container(_trainer_artifact(entry, safety_checker))
-    if safety_checker and (entry.source == "jumpstart" or s3_artifact):
-        raise SageMakerError(
-            f"--safety-checker works for models on this machine, packed with txt2img's inference script; "
-            f"'{entry.id}' runs on JumpStart's container, whose script txt2img cannot change"
-        )
-    if entry.source == "jumpstart":
-        return on_jumpstart_container(entry, None)
-    if s3_artifact:
-        base = catalog.get(entry.base)
-        if base.source != "jumpstart":
-            raise SageMakerError(
-                f"model '{entry.id}' has an S3 artifact but its base '{base.id}' is not a JumpStart model, "
-                "so there is no JumpStart container to run it on"
-            )
-        return on_jumpstart_container(base, entry.artifact)
-    # A model whose weights are on this machine: package, upload, Hugging Face container.
-    return on_inference_container(None)
+
+def _on_inference_container(request: _DeploymentRequest, model_data: str | None) -> DeploymentPlan:
+    """The request's model on the Hugging Face inference container with txt2img's ``code/inference.py``:
+    from the archive ``model_data`` as it is, or (None) exported, packed and uploaded by ``deploy``."""
+    entry = request.entry
+    default_type = DEFAULT_CPU_INSTANCE_TYPE if entry.family == "tiny" else DEFAULT_LOCAL_INSTANCE_TYPE
+    chosen_type = request.instance_type or default_type
+    environment = dict(LOCAL_MODEL_ENVIRONMENT)
+    if request.safety_checker:  # read by code/inference.py (jumpstart/inference_script.py)
+        environment[SAFETY_CHECKER_ENV] = "on"
+    return DeploymentPlan(
+        model_id=entry.id,
+        endpoint_name=request.endpoint_name or default_endpoint_name(entry.id),
+        instance_type=chosen_type,
+        image_uri=INFERENCE_CONTAINER.image(request.region, chosen_type, "inference"),
+        model_data=model_data,
+        environment=environment,
+        async_output=request.async_output,
+        local_archive=model_data is None,
+        safety_checker=request.safety_checker,
+    )
 
 
 def _trainer_artifact(entry: CatalogEntry, safety_checker: bool) -> str:
@@ -337,13 +359,7 @@ def deploy(
     """Deploy ``model_id``, record the endpoint in the catalog, autoscale it when ``scaling`` is
     given (which needs ``wait``: only an InService variant can be registered), and return where it runs."""
 
-    if s3_prefix is not None:
-        split_s3_uri(s3_prefix)  # a malformed prefix fails here, before anything is created
-    if scaling is not None:
-        if scaling.is_async != (async_output is not None):
-            raise SageMakerError("Scaling.is_async must say whether the endpoint is async (async_output given)")
-        if not wait:
-            raise SageMakerError("autoscaling needs --wait: SageMaker registers a variant only once it is InService")
+    _check_deploy_options(s3_prefix, scaling, async_output, wait)
     context = aws_context(region, role, need_role=True)
     plan = plan_deployment(
         model_id,
@@ -367,15 +383,7 @@ def deploy(
             created=datetime.now(timezone.utc),
         ),
     )
-    status = "Creating"
-    if wait:
-        try:
-            status = wait_for_endpoint(context, plan, poll_seconds)
-        except WaitFailed:  # the endpoint was removed; on a timeout or Ctrl-C it is still there
-            forget_endpoint(plan.endpoint_name)
-            raise
-        if scaling is not None:
-            _autoscale(context, plan)
+    status = _wait_and_autoscale(context, plan, poll_seconds) if wait else "Creating"
     return DeployResult(
         model_id=plan.model_id,
         endpoint_name=plan.endpoint_name,
@@ -384,6 +392,29 @@ def deploy(
         status=status,
         is_async=plan.async_output is not None,
     )
+
+
+def _check_deploy_options(s3_prefix: str | None, scaling: Scaling | None, async_output: str | None, wait: bool) -> None:
+    """Refuse options that cannot work together, before anything is created."""
+    if s3_prefix is not None:
+        split_s3_uri(s3_prefix)  # a malformed prefix fails here
+    if scaling is not None:
+        if scaling.is_async != (async_output is not None):
+            raise SageMakerError("Scaling.is_async must say whether the endpoint is async (async_output given)")
+        if not wait:
+            raise SageMakerError("autoscaling needs --wait: SageMaker registers a variant only once it is InService")
+
+
+def _wait_and_autoscale(context: AwsContext, plan: DeploymentPlan, poll_seconds: float) -> str:
+    """Wait for the endpoint, forgetting it if it failed, then autoscale it if ``plan.scaling`` asks; its status."""
+    try:
+        status = wait_for_endpoint(context, plan, poll_seconds)
+    except WaitFailed:  # the endpoint was removed; on a timeout or Ctrl-C it is still there
+        forget_endpoint(plan.endpoint_name)
+        raise
+    if plan.scaling is not None:
+        _autoscale(context, plan)
+    return status
 
 
 def _autoscale(context: AwsContext, plan: DeploymentPlan) -> None:
