@@ -132,7 +132,7 @@ def service_images_per_second(home: str, payload: dict, workers: int, concurrenc
             return images / (time.perf_counter() - started)
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,21 +147,25 @@ def main() -> None:
         help="also serve with 1 worker and with this many (one per GPU), 2 clients per worker; default: every GPU",
     )
     parser.add_argument("--only-workers", action="store_true", help="just the 1-worker against N-worker comparison")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu_pipeline.py needs a CUDA GPU")
-    if args.workers > 1 or args.only_workers:
-        home, payload = save_served_model(args.steps)
-        concurrency = 2 * args.workers
-        images = 4 * concurrency
-        print(f"serving throughput, concurrency {concurrency}, {images} images per setup", flush=True)
-        rates = {}
-        for workers in sorted({1, args.workers}):
-            rates[workers] = service_images_per_second(home, payload, workers, concurrency, images)
-            print(f"  {workers} worker(s): {rates[workers]:.3f} images/s", flush=True)
-        print(f"  {args.workers} workers / 1 worker = {rates[args.workers] / rates[1]:.3f}\n", flush=True)
-        if args.only_workers:
-            return
+    return parser.parse_args()
+
+
+def compare_workers(steps: int, workers: int) -> None:
+    """Print the service's images/s with 1 worker and with ``workers``, 2 clients per worker, and their ratio."""
+    home, payload = save_served_model(steps)
+    concurrency = 2 * workers
+    images = 4 * concurrency
+    print(f"serving throughput, concurrency {concurrency}, {images} images per setup", flush=True)
+    rates = {}
+    for count in sorted({1, workers}):
+        rates[count] = service_images_per_second(home, payload, count, concurrency, images)
+        print(f"  {count} worker(s): {rates[count]:.3f} images/s", flush=True)
+    print(f"  {workers} workers / 1 worker = {rates[workers] / rates[1]:.3f}\n", flush=True)
+
+
+def measure_setups(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Time each setup, printing its row as it is measured: (setup, "it/s | s/image | first call")."""
+    import torch
 
     rows: list[tuple[str, str]] = []
 
@@ -195,15 +199,33 @@ def main() -> None:
     if not args.skip_service:
         home, payload = save_served_model(args.steps)
         record("service over HTTP (fp16 + SDPA), concurrency 1", lambda: time_service(home, payload, args.images))
+    return rows
+
+
+def print_table(rows: list[tuple[str, str]], steps: int) -> None:
+    import torch
 
     print(
         f"\n{torch.cuda.get_device_name(0)}, SD 2.1-base architecture (random weights), "
-        f"{SIZE}x{SIZE}, {args.steps} steps, batch 1, torch {torch.__version__}\n"
+        f"{SIZE}x{SIZE}, {steps} steps, batch 1, torch {torch.__version__}\n"
     )
     print("| setup | it/s | s/image | first call, s |")
     print("| --- | --- | --- | --- |")
     for name, values in rows:
         print(f"| {name} | {values} |")
+
+
+def main() -> None:
+    import torch
+
+    args = parse_arguments()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_pipeline.py needs a CUDA GPU")
+    if args.workers > 1 or args.only_workers:
+        compare_workers(args.steps, args.workers)
+        if args.only_workers:
+            return
+    print_table(measure_setups(args), args.steps)
 
 
 if __name__ == "__main__":
