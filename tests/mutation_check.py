@@ -695,7 +695,7 @@ def verdict(run: Run) -> str:
     return "error"  # 3 internal error, 4 usage error, 5 no test selected
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="names", action="append", default=[], help="mutations whose name holds this")
     parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
@@ -704,7 +704,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-timeout", type=float, default=BASELINE_TIMEOUT_S, help="seconds for the baseline")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
     parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
-    options = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def baseline_passes(root: Path, mutations: list[Mutation], timeout: float) -> bool:
+    """Run every selected test on the unchanged copy; False (with the output on stderr) when any fails."""
+    selections = [select for mutation in mutations for select in mutation.tests]
+    print(f"baseline: the selected tests on the unchanged copy in {root} ...", flush=True)
+    baseline = run_pytest(root, pytest_arguments(selections), timeout, stop_at_first=False)
+    print(f"baseline: {baseline.summary or 'no summary'} ({baseline.seconds:.0f} s)", flush=True)
+    if baseline.returncode == 0:
+        return True
+    if baseline.returncode is None:
+        print(f"the baseline timed out after {timeout:.0f} s", file=sys.stderr)
+    print(baseline.output[-6000:], file=sys.stderr)
+    print("the unchanged tests do not pass, so no mutation result would mean anything", file=sys.stderr)
+    return False
+
+
+def run_mutation(root: Path, mutation: Mutation, options: argparse.Namespace, width: int) -> str:
+    """Apply ``mutation`` to the copy, run its tests, put the file back, print its row; returns its verdict."""
+    path = root / mutation.file
+    original = path.read_text(encoding="utf-8")
+    path.write_text(original.replace(mutation.original, mutation.replacement, 1), encoding="utf-8")
+    try:
+        run = run_pytest(root, pytest_arguments(list(mutation.tests)), options.timeout, stop_at_first=True)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    result = verdict(run)
+    detail = run.summary or (f"timed out after {options.timeout:.0f} s" if run.returncode is None else "")
+    if result == "error":
+        detail += f" [pytest exit status {run.returncode}: the selection is broken]"
+    print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)
+    if options.output:
+        print(*run.output.splitlines()[-40:], sep="\n    ", flush=True)
+    return result
+
+
+def report_results(results: dict[str, int], seconds: float) -> int:
+    """Print the tally; the exit status: 2 on a broken selection, 1 when any survived or timed out, else 0."""
+    line = f"{results['caught']} caught, {results['survived']} survived"
+    for other in ("timeout", "error"):
+        if results[other]:
+            line += f", {results[other]} {'timed out' if other == 'timeout' else 'errors'}"
+    print(f"{line} ({seconds / 60:.1f} min in all)")
+    if results["error"]:
+        return 2
+    return 1 if results["survived"] or results["timeout"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the copy and the running tests are cleaned up
 
     mutations = [m for m in MUTATIONS if not options.names or any(n in m.name for n in options.names)]
@@ -725,44 +775,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="txt2img-mutate-"))
     try:
         copy_tree(root)
-        if not options.no_baseline:
-            selections = [select for mutation in mutations for select in mutation.tests]
-            print(f"baseline: the selected tests on the unchanged copy in {root} ...", flush=True)
-            baseline = run_pytest(root, pytest_arguments(selections), options.baseline_timeout, stop_at_first=False)
-            print(f"baseline: {baseline.summary or 'no summary'} ({baseline.seconds:.0f} s)", flush=True)
-            if baseline.returncode != 0:
-                if baseline.returncode is None:
-                    print(f"the baseline timed out after {options.baseline_timeout:.0f} s", file=sys.stderr)
-                print(baseline.output[-6000:], file=sys.stderr)
-                print("the unchanged tests do not pass, so no mutation result would mean anything", file=sys.stderr)
-                return 2
+        if not options.no_baseline and not baseline_passes(root, mutations, options.baseline_timeout):
+            return 2
         results: dict[str, int] = {"caught": 0, "survived": 0, "timeout": 0, "error": 0}
         print(f"{'mutation':<{width}}  {'result':<8}  {'time':>6}  tests")
         for mutation in mutations:
-            path = root / mutation.file
-            original = path.read_text(encoding="utf-8")
-            path.write_text(original.replace(mutation.original, mutation.replacement, 1), encoding="utf-8")
-            try:
-                run = run_pytest(root, pytest_arguments(list(mutation.tests)), options.timeout, stop_at_first=True)
-            finally:
-                path.write_text(original, encoding="utf-8")
-            result = verdict(run)
-            results[result] += 1
-            detail = run.summary or (f"timed out after {options.timeout:.0f} s" if run.returncode is None else "")
-            if result == "error":
-                detail += f" [pytest exit status {run.returncode}: the selection is broken]"
-            print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)
-            if options.output:
-                print(*run.output.splitlines()[-40:], sep="\n    ", flush=True)
-        total = time.monotonic() - started
-        line = f"{results['caught']} caught, {results['survived']} survived"
-        for other in ("timeout", "error"):
-            if results[other]:
-                line += f", {results[other]} {'timed out' if other == 'timeout' else 'errors'}"
-        print(f"{line} ({total / 60:.1f} min in all)")
-        if results["error"]:
-            return 2
-        return 1 if results["survived"] or results["timeout"] else 0
+            results[run_mutation(root, mutation, options, width)] += 1
+        return report_results(results, time.monotonic() - started)
     finally:
         if options.keep:
             print(f"the copy is kept in {root}")
