@@ -48,16 +48,27 @@ def _variants(scope: str) -> dict:
     }
 
 
-def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool) -> dict:
-    """A JumpStart txt2img spec with the fields the SDK reads, shaped like the real fixture."""
-    prefix = "stabilityai-txt2img" if model_id.startswith("model-") else "huggingface-txt2img"
-    spec = {
-        "model_id": model_id,
-        "url": f"https://huggingface.co/{hf_repo}",
-        "version": version,
-        "min_sdk_version": "2.189.0",
-        "training_supported": fine_tunable,
-        "incremental_training_supported": False,
+# The inference container's variables as JumpStart's specs list them: (name, type, default, required_for_model_class).
+INFERENCE_ENVIRONMENT = (
+    ("SAGEMAKER_PROGRAM", "text", "inference.py", True),
+    ("SAGEMAKER_SUBMIT_DIRECTORY", "text", "/opt/ml/model/code", False),
+    ("ENDPOINT_SERVER_TIMEOUT", "int", 3600, True),
+    ("MODEL_CACHE_ROOT", "text", "/opt/ml/model", True),
+    ("SAGEMAKER_ENV", "text", "1", True),
+    ("SAGEMAKER_MODEL_SERVER_WORKERS", "int", 1, True),
+)
+
+
+def _inference_environment() -> list[dict]:
+    return [
+        {"name": name, "type": kind, "default": default, "scope": "container", "required_for_model_class": required}
+        for name, kind, default, required in INFERENCE_ENVIRONMENT
+    ]
+
+
+def _hosting_fields(model_id: str, prefix: str) -> dict:
+    """Where the inference container, script and artifacts are, and how the endpoint is called."""
+    return {
         "hosting_ecr_specs": {
             "framework": "huggingface",
             "framework_version": "1.10.2",
@@ -69,6 +80,33 @@ def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool
         "hosting_prepacked_artifact_key": f"{prefix}/{model_id}/artifacts/inference-prepack/v1.0.0/",
         "hosting_prepacked_artifact_version": "1.0.0",
         "hosting_use_script_uri": False,
+    }
+
+
+def _training_fields(model_id: str, hosting_ecr_specs: dict) -> dict:
+    """What a fine-tunable model's spec adds: the training container, script, artifact and instances."""
+    return dict(
+        training_ecr_specs=dict(hosting_ecr_specs),
+        training_artifact_key=f"stabilityai-training/train-{model_id}.tar.gz",
+        training_script_key=TRAINING_SCRIPT_KEY,
+        hyperparameters=[{"name": "max_steps", "type": "text", "default": "None", "scope": "algorithm"}],
+        default_training_instance_type="ml.g5.2xlarge",
+        supported_training_instance_types=["ml.g4dn.2xlarge", "ml.g5.2xlarge", "ml.p3.2xlarge"],
+        training_instance_type_variants=_variants("training"),
+    )
+
+
+def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool) -> dict:
+    """A JumpStart txt2img spec with the fields the SDK reads, shaped like the real fixture."""
+    prefix = "stabilityai-txt2img" if model_id.startswith("model-") else "huggingface-txt2img"
+    spec = {
+        "model_id": model_id,
+        "url": f"https://huggingface.co/{hf_repo}",
+        "version": version,
+        "min_sdk_version": "2.189.0",
+        "training_supported": fine_tunable,
+        "incremental_training_supported": False,
+        **_hosting_fields(model_id, prefix),
         "inference_vulnerable": False,
         "inference_dependencies": [],
         "inference_vulnerabilities": [],
@@ -76,50 +114,7 @@ def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool
         "training_dependencies": [],
         "training_vulnerabilities": [],
         "deprecated": False,
-        "inference_environment_variables": [
-            {
-                "name": "SAGEMAKER_PROGRAM",
-                "type": "text",
-                "default": "inference.py",
-                "scope": "container",
-                "required_for_model_class": True,
-            },
-            {
-                "name": "SAGEMAKER_SUBMIT_DIRECTORY",
-                "type": "text",
-                "default": "/opt/ml/model/code",
-                "scope": "container",
-                "required_for_model_class": False,
-            },
-            {
-                "name": "ENDPOINT_SERVER_TIMEOUT",
-                "type": "int",
-                "default": 3600,
-                "scope": "container",
-                "required_for_model_class": True,
-            },
-            {
-                "name": "MODEL_CACHE_ROOT",
-                "type": "text",
-                "default": "/opt/ml/model",
-                "scope": "container",
-                "required_for_model_class": True,
-            },
-            {
-                "name": "SAGEMAKER_ENV",
-                "type": "text",
-                "default": "1",
-                "scope": "container",
-                "required_for_model_class": True,
-            },
-            {
-                "name": "SAGEMAKER_MODEL_SERVER_WORKERS",
-                "type": "int",
-                "default": 1,
-                "scope": "container",
-                "required_for_model_class": True,
-            },
-        ],
+        "inference_environment_variables": _inference_environment(),
         "metrics": [],
         "default_inference_instance_type": "ml.p3.2xlarge",
         "supported_inference_instance_types": ["ml.p3.2xlarge", "ml.g4dn.xlarge", "ml.g4dn.2xlarge"],
@@ -138,15 +133,7 @@ def generated_spec(model_id: str, version: str, hf_repo: str, fine_tunable: bool
         "hosting_artifact_compression_type": "None",
     }
     if fine_tunable:
-        spec.update(
-            training_ecr_specs=dict(spec["hosting_ecr_specs"]),
-            training_artifact_key=f"stabilityai-training/train-{model_id}.tar.gz",
-            training_script_key=TRAINING_SCRIPT_KEY,
-            hyperparameters=[{"name": "max_steps", "type": "text", "default": "None", "scope": "algorithm"}],
-            default_training_instance_type="ml.g5.2xlarge",
-            supported_training_instance_types=["ml.g4dn.2xlarge", "ml.g5.2xlarge", "ml.p3.2xlarge"],
-            training_instance_type_variants=_variants("training"),
-        )
+        spec.update(_training_fields(model_id, spec["hosting_ecr_specs"]))
     return spec
 
 
