@@ -28,10 +28,12 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import training.dreambooth
 import training.evaluation
+import training.tuning
 from training.demo_dataset import write_demo_dataset
 from training.evaluation import EvaluationSettings, evaluate_model
 from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, tune
@@ -73,12 +75,29 @@ def baseline_seconds(model_id: str, data: Path, output: Path) -> tuple[float, in
     return time.monotonic() - started, sum(len(job.images) for job in report.generations)
 
 
-def main() -> None:
+@dataclass
+class PhaseTimes:
+    """Wall times of each call, in call order: the trainer's ``train``, its validation images, the evaluation."""
+
+    train_calls: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+    evaluation: list[float] = field(default_factory=list)
+
+    def instrument(self) -> None:
+        timed(training.tuning, "train", self.train_calls)  # the name each trial calls
+        timed(training.dreambooth, "generate_validation_images", self.validation)  # the name the trainer calls
+        timed(training.evaluation, "evaluate_pipeline", self.evaluation)
+
+
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--range", dest="ranges", action="append", default=[], metavar="KEY=LO:HI[:log]")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def isolated_scratch() -> Path:
+    """A scratch folder that is txt2img's home and the HF cache, and one torch thread."""
     sys.path.insert(0, str(REPO))
     scratch = Path(tempfile.mkdtemp(prefix="txt2img-tuning-bench-"))
     os.environ["TXT2IMG_HOME"] = str(scratch / "home")
@@ -86,16 +105,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    return scratch
 
-    train_calls: list[float] = []
-    validation: list[float] = []
-    evaluation: list[float] = []
-    timed(training.dreambooth, "train", train_calls)
-    timed(training.dreambooth, "generate_validation_images", validation)  # the name the trainer calls
-    timed(training.evaluation, "evaluate_pipeline", evaluation)
 
-    data = write_demo_dataset(scratch / "data")
-    config = StudyConfig(
+def study_config(args: argparse.Namespace, data: Path, scratch: Path) -> StudyConfig:
+    return StudyConfig(
         data_dir=str(data),
         base="tiny-sd",
         name="bench",
@@ -106,21 +120,18 @@ def main() -> None:
         prune=False,  # every trial runs to its end, so each has one training, validation and evaluation
         evaluation=EvaluationSettings(),
     )
-    load_before = os.getloadavg()[0]
-    started = time.monotonic()
-    result = tune(config, progress=False)
-    study_seconds = time.monotonic() - started
 
+
+def frozen_trials(study_dir: Path) -> dict:
+    """Optuna's record of each trial of the study in ``study_dir``, by number."""
     import optuna
 
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(scratch / "study" / "journal.log"))
-    )
-    frozen = {trial.number: trial for trial in optuna.load_study(study_name="bench", storage=storage).get_trials()}
-    print(
-        f"tiny-sd, objective instance_loss, {args.trials} trials, torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
-    )
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
+    return {trial.number: trial for trial in optuna.load_study(study_name="bench", storage=storage).get_trials()}
+
+
+def print_trials(result, frozen: dict, times: PhaseTimes, study_seconds: float) -> list[tuple[float, float]]:
+    """Print each trial's row, the study's time and the ratios; returns each trial's (overhead, training) seconds."""
     print("trial  max_steps  training  validation  evaluation   trial  overhead ratio  tuner only")
     ratios, tuner_ratios, overheads = [], [], []
     for index, record in enumerate(result.trials):
@@ -128,10 +139,10 @@ def main() -> None:
         trial_seconds = frozen[record.number].duration.total_seconds()
         overheads.append((trial_seconds - training_seconds, training_seconds))
         ratios.append((trial_seconds - training_seconds) / training_seconds)
-        tuner_ratios.append((trial_seconds - train_calls[index]) / training_seconds)
+        tuner_ratios.append((trial_seconds - times.train_calls[index]) / training_seconds)
         print(
             f"{record.number:5d}  {record.params.get('max_steps', '-'):>9}  {training_seconds:7.1f}s"
-            f"  {validation[index]:9.1f}s  {evaluation[index]:9.1f}s  {trial_seconds:5.1f}s"
+            f"  {times.validation[index]:9.1f}s  {times.evaluation[index]:9.1f}s  {trial_seconds:5.1f}s"
             f"  {ratios[-1]:14.2f}  {tuner_ratios[-1]:10.2f}"
         )
     print(f"study: {study_seconds:.1f}s in all (registration and report included)")
@@ -139,14 +150,38 @@ def main() -> None:
         f"overhead ratio: max {max(ratios):.2f}, mean {sum(ratios) / len(ratios):.2f} (target <= 1.0); "
         f"tuner only: max {max(tuner_ratios):.2f}, mean {sum(tuner_ratios) / len(tuner_ratios):.2f}"
     )
+    return overheads
 
-    seconds, images = baseline_seconds(result.name, data, scratch / "baseline")
+
+def print_baseline(model_id: str, data: Path, output: Path, overheads: list[tuple[float, float]]) -> None:
+    seconds, images = baseline_seconds(model_id, data, output)
     old = [(overhead + seconds) / training for overhead, training in overheads]
     print(
         f"baseline: evaluating on the paper's prompts ({images} images at 25 steps, model load included) "
         f"took {seconds:.1f}s; with it in every trial the overhead ratio would be max {max(old):.2f}, "
         f"mean {sum(old) / len(old):.2f}"
     )
+
+
+def main() -> None:
+    args = parse_arguments()
+    scratch = isolated_scratch()
+    import torch
+
+    times = PhaseTimes()
+    times.instrument()
+    data = write_demo_dataset(scratch / "data")
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    result = tune(study_config(args, data, scratch), progress=False)
+    study_seconds = time.monotonic() - started
+
+    print(
+        f"tiny-sd, objective instance_loss, {args.trials} trials, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
+    )
+    overheads = print_trials(result, frozen_trials(scratch / "study"), times, study_seconds)
+    print_baseline(result.name, data, scratch / "baseline", overheads)
 
 
 if __name__ == "__main__":
