@@ -196,16 +196,8 @@ def test_parallel_workers_on_the_journal_lose_no_trial(tmp_path, txt2img_home):
     assert all("metrics" in t.user_attrs for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
 
 
-def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_home):
-    """Three instance_loss trials; the process is killed during the second, and --resume finishes the study."""
-    import optuna
-
-    from catalog.pipelines import load_pipeline
-    from catalog.store import load_catalog
-
-    data = write_dataset(tmp_path / "data")
-    study_dir = txt2img_home / "studies" / "tuned"
-    command = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "3", "--no-prune", *TINY_TRIAL]
+def kill_during_the_second_trial(command: list[str], study_dir: Path) -> None:
+    """Run ``txt2img`` ``command`` in a process and SIGKILL it once trial 0 is done and trial 1 has begun."""
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "txt2img", *command],
@@ -217,13 +209,39 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
-            if (study_dir / "trials" / "0001").is_dir():  # trial 0 is done and trial 1 has begun
+            if (study_dir / "trials" / "0001").is_dir():
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the study ended before it could be killed"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+def assert_best_is_registered_alone(catalog, best, trials: list, home: Path) -> None:
+    """The best trial is the catalog entry ``tuned``, with the study's record; no trial is registered."""
+    entry = catalog.get("tuned")
+    assert entry.source == "finetune" and entry.base == "tiny-sd" and "tuned" in entry.tags
+    assert entry.tuning["best_trial"] == best.number and entry.tuning["objective"] == "instance_loss"
+    assert [t["number"] for t in entry.tuning["trials"]] == [t.number for t in trials]
+    assert next(t for t in entry.tuning["trials"] if t["number"] == best.number)["params"] == best.params
+    assert entry.metrics["instance_loss"] == pytest.approx(best.value)
+    assert entry.hyperparameters["max_steps"] == best.params["max_steps"]
+    assert Path(entry.artifact) == home / "models" / "tuned" / "model"
+    assert not any(name.startswith("tuned-trial") for name in catalog.ids())
+
+
+def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_home):
+    """Three instance_loss trials; the process is killed during the second, and --resume finishes the study."""
+    import optuna
+
+    from catalog.pipelines import load_pipeline
+    from catalog.store import load_catalog
+
+    data = write_dataset(tmp_path / "data")
+    study_dir = txt2img_home / "studies" / "tuned"
+    command = ["tune", str(data), "--base", "tiny-sd", "--name", "tuned", "--trials", "3", "--no-prune", *TINY_TRIAL]
+    kill_during_the_second_trial(command, study_dir)
     before = study_trials(study_dir, "tuned")
     assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
 
@@ -246,17 +264,8 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     fresh = [tuple(sorted(t.params.items())) for t in trials if "retry_of" not in t.user_attrs]
     assert len(set(fresh)) == len(fresh) == 3, fresh
     best = min(complete, key=lambda t: t.value)
-
     catalog = load_catalog()
-    entry = catalog.get("tuned")
-    assert entry.source == "finetune" and entry.base == "tiny-sd" and "tuned" in entry.tags
-    assert entry.tuning["best_trial"] == best.number and entry.tuning["objective"] == "instance_loss"
-    assert [t["number"] for t in entry.tuning["trials"]] == [t.number for t in trials]
-    assert next(t for t in entry.tuning["trials"] if t["number"] == best.number)["params"] == best.params
-    assert entry.metrics["instance_loss"] == pytest.approx(best.value)
-    assert entry.hyperparameters["max_steps"] == best.params["max_steps"]
-    assert Path(entry.artifact) == txt2img_home / "models" / "tuned" / "model"
-    assert not any(name.startswith("tuned-trial") for name in catalog.ids())  # trials are not registered
+    assert_best_is_registered_alone(catalog, best, trials, txt2img_home)
 
     # Only the best's weights survive (in the models folder); every trial keeps its contact sheet
     # of validation images. No image metric has weights here, so no evaluation image was made.
@@ -272,7 +281,7 @@ def test_a_killed_study_resumes_and_registers_a_servable_best(tmp_path, txt2img_
     assert report["best"]["number"] == best.number and len(report["trials"]) == 4
     assert (study_dir / "report" / "objective.png").stat().st_size > 1000
 
-    pipeline = load_pipeline(entry, catalog)
+    pipeline = load_pipeline(catalog.get("tuned"), catalog)
     image = pipeline("a sks toy", num_inference_steps=1, height=64, width=64).images[0]
     assert image.size == (64, 64)
 
