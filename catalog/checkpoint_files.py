@@ -120,7 +120,7 @@ def _family_of_width(tensors: dict[str, TensorInfo], path: Path, families: dict[
         for name, info in tensors.items()
         if name.startswith(UNET_PREFIX) and name.endswith("attn2.to_k.weight") and info.shape
     }
-    if len(widths) == 1 and (width := widths.pop()) in families:
+    if len(widths) == 1 and (width := next(iter(widths))) in families:
         return families[width]
     found = ", ".join(map(str, sorted(widths))) or "none"
     expected = ", ".join(f"{width} ({family})" for width, family in families.items())

@@ -69,7 +69,7 @@ class ImportRequest:
 
 
 def fetch_command(repo: str) -> str:
-    return f"hf download {repo} --include '*.json' '*.txt'"
+    return f"hf download {repo} --include '*.json' --include '*.txt' --include '*.model'"
 
 
 def config_folder(config: str, local_files_only: bool) -> Path:
