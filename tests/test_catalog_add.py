@@ -7,15 +7,20 @@ whose tensors do not even exist on disk.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import shutil
 import struct
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from a1111_checkpoint import write_a1111_checkpoint
+from bentoml_server import offline_server
+from PIL import Image
 
 from catalog.checkpoint_files import ImportRefused, detect_family, read_header
 from catalog.imports import ImportRequest, describe_source
@@ -148,6 +153,35 @@ def test_a1111_checkpoint_added_generates_tiny_sds_image(tmp_path, run_cli, cli_
     assert _png(run_cli, tmp_path, "civitai-tiny", "a photo of a red dog") == _png(
         run_cli, tmp_path, "tiny-sd", "a photo of a red dog"
     )
+
+
+def test_an_added_checkpoint_serves_tiny_sds_images_on_the_native_and_a1111_routes(tmp_path, run_cli, txt2img_home):
+    pipeline = build_tiny_sd_pipeline()
+    pipeline.save_pretrained(tmp_path / "config", safe_serialization=True)
+    checkpoint = write_a1111_checkpoint(pipeline, tmp_path / "served.safetensors")
+    run_cli("catalog", "add", str(checkpoint), "--name", "served", "--config", str(tmp_path / "config"), check_rc=0)
+
+    def native(http, model) -> bytes:
+        body = {"prompt": "a green boat", "model": model, "seed": 5, "num_inference_steps": 2}
+        response = http.post("/txt2img", json=body)
+        assert response.status_code == 200, response.text[:300]
+        return response.content
+
+    def a1111(http, model) -> bytes:
+        """The pixels: AUTOMATIC1111's PNGs carry their parameters, the model's name among them.
+
+        DDIM, tiny-sd's own scheduler: another one built from the built-in tiny-sd's config takes its
+        own defaults for the settings tiny-sd leaves unset (``_use_default_values``), where a config
+        read from a folder states DDIM's, so any loaded copy of tiny-sd differs there."""
+        body = {"prompt": "a green boat", "seed": 5, "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM"}
+        body["override_settings"] = {"sd_model_checkpoint": model}
+        response = http.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text[:300]
+        return Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).tobytes()
+
+    with offline_server(txt2img_home) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for route in (native, a1111):
+            assert route(http, "served") == route(http, "tiny-sd"), route.__name__
 
 
 def test_a_linked_folder_is_recorded_in_place_and_loads_as_tiny_sd(tmp_path, run_cli, txt2img_home):
