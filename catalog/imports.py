@@ -53,6 +53,8 @@ FAMILY_BASES = {
 SAME_WEIGHTS = {"sd2": {"sd2", "sd2-base"}, "sd2-base": {"sd2", "sd2-base"}}
 # What diffusers' from_single_file reads from a config repo (loaders/single_file.py).
 CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
+COPIED_CONFIG_DIR = "config"  # beside a copied single file: the configuration of a local --config folder
 PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 CLIP_WIDTH_FAMILIES = {768: "sd1", 32: "tiny"}
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -230,7 +232,7 @@ def import_model(request: ImportRequest, user_dir: Path | None = None) -> Catalo
         if request.destination.exists():
             raise ImportRefused(f"{request.destination} already exists; pick another --name or remove that folder")
         if "hf_repo" not in fields:
-            fields |= _stored_weights(Path(fields["imported_from"]), request)
+            fields |= _stored_weights(fields, request)
         entry = CatalogEntry(id=request.name, source="imported", **fields)
         try:
             write_entry(entry, user_dir)
@@ -240,13 +242,17 @@ def import_model(request: ImportRequest, user_dir: Path | None = None) -> Catalo
     return entry
 
 
-def _stored_weights(source: Path, request: ImportRequest) -> dict[str, Any]:
-    """Copy ``source`` into the destination (or, linked, leave it); returns artifact, link and a file's sha256."""
-    fields: dict[str, Any] = {"link": request.link}
+def _stored_weights(fields: dict[str, Any], request: ImportRequest) -> dict[str, Any]:
+    """Copy the source into the destination (or, linked, leave it); returns artifact, link, a file's sha256
+    and, for a copied file configured from a local folder, the copy of that configuration."""
+    source = Path(fields["imported_from"])
+    stored: dict[str, Any] = {"link": request.link}
     if source.is_file():
-        fields["sha256"] = sha256_of(source)
+        stored["sha256"] = sha256_of(source)
     if request.link:
-        return fields | {"artifact": str(source)}
+        return stored | {"artifact": str(source)}
+    config = Path(fields.get("config") or "")
+    local_config = source.is_file() and config.is_absolute() and config.is_dir()
     staging = staging_directory(request.destination.parent, request.destination.name)
     try:
         with writing(request.destination):
@@ -254,10 +260,23 @@ def _stored_weights(source: Path, request: ImportRequest) -> dict[str, Any]:
                 shutil.copyfile(source, staging / source.name)
             else:
                 shutil.copytree(source, staging, dirs_exist_ok=True)
+            if local_config:
+                _copy_configuration(config, staging / COPIED_CONFIG_DIR)
             follow_umask(staging)
             staging.rename(request.destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if local_config:  # a copy needs nothing outside TXT2IMG_HOME, not even the folder it was configured from
+        stored["config"] = str(request.destination / COPIED_CONFIG_DIR)
     artifact = request.destination / source.name if source.is_file() else request.destination
-    return fields | {"artifact": str(artifact)}
+    return stored | {"artifact": str(artifact)}
+
+
+def _copy_configuration(folder: Path, target: Path) -> None:
+    """The files of ``folder`` that configure a pipeline (what CONFIG_PATTERNS fetches from a repo)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in CONFIG_SUFFIXES:
+            copied = target / path.relative_to(folder)
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copied)

@@ -145,10 +145,12 @@ def test_a1111_checkpoint_added_generates_tiny_sds_image(tmp_path, run_cli, cli_
     entry = _entry(txt2img_home, "civitai-tiny")
     copy = txt2img_home / "models" / "civitai-tiny" / checkpoint.name
     assert entry["source"] == "imported" and entry["family"] == "tiny" and entry["resolution"] == 64
-    assert entry["imported_from"] == str(checkpoint) and entry["config"] == str(config)
+    assert entry["imported_from"] == str(checkpoint) and entry["config"] == str(copy.parent / "config")
     assert entry["link"] is False and entry["artifact"] == str(copy)
     assert entry["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert copy.read_bytes() == checkpoint.read_bytes()
+    shutil.rmtree(config)  # a copy needs neither the file nor the folder it was configured from
+    checkpoint.unlink()
 
     assert _png(run_cli, tmp_path, "civitai-tiny", "a photo of a red dog") == _png(
         run_cli, tmp_path, "tiny-sd", "a photo of a red dog"

@@ -208,7 +208,12 @@ def add_command(source: str, name: str, link: bool, family: str | None, config: 
     request = ImportRequest(
         source=source, name=name, destination=default_output_dir(name), link=link, family=family, config=config
     )
-    entry = import_model(request)
+    from rich.console import Console
+
+    with Console(stderr=True).status(
+        f"adding {name} from {source} (hashing and copying a large file takes a while) ..."
+    ):
+        entry = import_model(request)
     where = entry.hf_repo or entry.artifact
     click.echo(f"added {entry.id} ({entry.family}, {entry.resolution} px) from {where}")
 
