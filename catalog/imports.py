@@ -147,11 +147,15 @@ def _chosen_family(found: str, request: ImportRequest, what: str) -> str:
 def describe_source(request: ImportRequest) -> dict[str, Any]:
     """The entry fields SOURCE gives (family, resolution, where it lives), read before anything is written."""
     path = Path(request.source).expanduser()
-    if path.is_dir():
-        return _describe_folder(path.resolve(), request)
     if path.is_file():
         return _describe_file(path.resolve(), request)
+    if request.config is not None:
+        raise ImportRefused("--config is for a single-file checkpoint; a folder or Hub repo has its own configuration")
+    if path.is_dir():
+        return _describe_folder(path.resolve(), request)
     if HUB_REPO_ID.match(request.source) and not request.source.endswith(".safetensors"):
+        if request.link:
+            raise ImportRefused("--link is for local files and folders; a Hub repo stays in the HF cache")
         return _describe_hub_repo(request)
     raise ImportRefused(f"{request.source} is not a file, a folder nor a Hub repo id (owner/name)")
 

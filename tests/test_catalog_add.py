@@ -230,6 +230,10 @@ def test_a_hub_repo_is_recorded_and_offline_use_is_refused_clearly(tmp_path, run
     refused = run_cli("catalog", "add", "someone/their-model", "--name", "theirs")
     _one_line_refusal(refused, "pass --family", "hf download someone/their-model --include '*.json'")
 
+    linked = run_cli("catalog", "add", "someone/their-model", "--name", "theirs", "--family", "sd1", "--link")
+    _one_line_refusal(linked, "--link is for local files and folders")
+    configured = run_cli("catalog", "add", "someone/their-model", "--name", "theirs", "--config", str(tmp_path))
+    _one_line_refusal(configured, "--config is for a single-file checkpoint")
     run_cli("catalog", "add", "someone/their-model", "--name", "theirs", "--family", "sd1", check_rc=0)
     entry = _entry(txt2img_home, "theirs")
     assert (entry["hf_repo"], entry["family"], entry["resolution"]) == ("someone/their-model", "sd1", 512)
