@@ -6,12 +6,15 @@ that every part loads a model the same way: safetensors only, Hub repos through 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from catalog.checkpoint_files import ImportRefused
+from catalog.imports import config_folder
 from catalog.notices import drop_torchvision_fallback_notices
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import CatalogEntry
@@ -76,11 +79,13 @@ def load_base_pipeline(
 
     if weights is not None:
         location = str(weights)
-    elif entry.source == "finetune":
+    elif entry.artifact is not None:
         location = str(_require_local_artifact(entry))
     else:
         location = entry.hf_repo
     try:
+        if weights is None and entry.config is not None:
+            return _load_single_file(entry, torch_dtype, local_files_only, **from_pretrained_kwargs)
         return DiffusionPipeline.from_pretrained(
             location,
             torch_dtype=torch_dtype,
@@ -96,6 +101,26 @@ def load_base_pipeline(
         )
         reason = str(error).strip().rstrip(".")
         raise ModelLoadError(f"cannot load model '{entry.id}' from {location}: {reason}.{hint}") from error
+
+
+def _load_single_file(entry: CatalogEntry, torch_dtype: Any, local_files_only: bool, **kwargs: Any):
+    """An imported single-file checkpoint, configured from ``entry.config`` (a folder, or a Hub repo's
+    configs from the HF cache: resolved here, since diffusers would download them whatever
+    ``local_files_only`` says). The pipeline class is the one the configuration names."""
+    import diffusers
+
+    try:
+        config = config_folder(entry.config or "", local_files_only)
+    except ImportRefused as error:
+        raise ModelLoadError(f"cannot load model '{entry.id}': {error}") from None
+    class_name = json.loads((config / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    return getattr(diffusers, class_name).from_single_file(
+        str(_require_local_artifact(entry)),
+        config=str(config),
+        torch_dtype=torch_dtype,
+        local_files_only=True,  # the configuration is local by now, and the weights are a local file
+        **kwargs,
+    )
 
 
 def apply_lora(pipeline, entry: CatalogEntry, adapter_name: str | None = None) -> str:

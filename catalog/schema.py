@@ -4,7 +4,9 @@ A catalog entry is one of three kinds, told apart by ``source``:
 
 * ``jumpstart``: a SageMaker JumpStart txt2img model id with the Hugging Face repo it serves;
 * ``builtin``: the offline demo model ``tiny-sd``, built in code;
-* ``finetune``: a model fine-tuned here (or on SageMaker), with its provenance.
+* ``finetune``: a model fine-tuned here (or on SageMaker), with its provenance;
+* ``imported``: a model the user brought with ``txt2img catalog add``: a diffusers folder, a Hub
+  repo or a single-file checkpoint, with where it came from.
 
 This module must stay cheap to import: the catalog CLI answers without torch.
 """
@@ -18,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Family = Literal["sd1", "sd2-base", "sd2", "flux", "tiny"]
-Source = Literal["jumpstart", "builtin", "finetune"]
+Source = Literal["jumpstart", "builtin", "finetune", "imported"]
 Method = Literal["full", "lora"]
 
 # Families our local DreamBooth trainer can fine-tune. JumpStart's own remote
@@ -26,6 +28,8 @@ Method = Literal["full", "lora"]
 LOCALLY_TRAINABLE_FAMILIES = frozenset({"sd1", "sd2-base", "sd2", "tiny"})
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+IMPORT_FIELDS = ("imported_from", "sha256", "link", "config")
 
 
 class JumpStartRef(BaseModel):
@@ -86,6 +90,20 @@ class CatalogEntry(BaseModel):
     )
     endpoints: list[Endpoint] = Field(default_factory=list)
 
+    # Import provenance; present only when source == "imported" (imported_from always).
+    imported_from: str | None = Field(
+        default=None, description="What `txt2img catalog add` was given: a path (made absolute) or a Hub repo id."
+    )
+    sha256: str | None = Field(default=None, description="SHA-256 of an imported single-file checkpoint.")
+    link: bool | None = Field(
+        default=None,
+        description="Whether `artifact` is the user's own file or folder (true) or a copy in TXT2IMG_HOME.",
+    )
+    config: str | None = Field(
+        default=None,
+        description="Where a single-file checkpoint's pipeline configuration comes from: a Hub repo or a folder.",
+    )
+
     @field_validator("id")
     @classmethod
     def _id_is_slug(cls, value: str) -> str:
@@ -101,16 +119,27 @@ class CatalogEntry(BaseModel):
             raise ValueError(f"tags must be non-empty and lowercase: {bad}")
         return value
 
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_PATTERN.match(value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
     @model_validator(mode="after")
     def _fields_match_source(self) -> CatalogEntry:
         finetune_fields = ("base", "method", "artifact")
+        if self.source == "imported":
+            self._check_import_fields()
+        elif any(getattr(self, name) is not None for name in IMPORT_FIELDS):
+            raise ValueError(f"only imported entries may set {', '.join(IMPORT_FIELDS)}")
         if self.source == "finetune":
             missing = [name for name in finetune_fields if getattr(self, name) is None]
             if missing:
                 raise ValueError(f"a finetune entry needs {', '.join(missing)}")
             if self.method == "lora" and self.base is None:
                 raise ValueError("a LoRA fine-tune needs its base")
-        else:
+        elif self.source != "imported":
             present = [name for name in finetune_fields if getattr(self, name) is not None]
             if present:
                 raise ValueError(f"only finetune entries may set {', '.join(present)}")
@@ -119,6 +148,21 @@ class CatalogEntry(BaseModel):
         if self.fine_tunable and self.source != "jumpstart":
             raise ValueError("fine_tunable is JumpStart's flag; only jumpstart entries may set it")
         return self
+
+    def _check_import_fields(self) -> None:
+        """An import is either a Hub repo (``hf_repo``) or local weights (``artifact``, copied or linked)."""
+        if self.imported_from is None:
+            raise ValueError("an imported entry needs imported_from")
+        if (self.artifact is None) == (self.hf_repo is None):
+            raise ValueError("an imported entry needs exactly one of artifact (local weights) and hf_repo")
+        if self.base is not None or self.method is not None:
+            raise ValueError("an imported entry may not set base or method")
+        if self.artifact is not None and self.link is None:
+            raise ValueError("an imported entry with an artifact needs link (true: the user's own file; false: a copy)")
+        if self.hf_repo is not None and (self.link is not None or self.sha256 is not None or self.config is not None):
+            raise ValueError("an imported Hub repo may not set link, sha256 or config")
+        if (self.config is None) != (self.sha256 is None):
+            raise ValueError("a single-file checkpoint needs both sha256 and config; a folder neither")
 
     @property
     def locally_trainable(self) -> bool:

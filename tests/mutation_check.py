@@ -227,6 +227,20 @@ MUTATIONS = [
         "        return load_index(user_dir), []\n    except ZeroDivisionError:\n",
         (Select("tests/test_playground_home.py", "runs_read_no_report"),),
     ),
+    Mutation(
+        "checkpoint family detection ignores SDXL's keys",
+        "catalog/checkpoint_files.py",
+        "    if any(name.startswith(SDXL_PREFIX) for name in names):\n",
+        "    if False:\n",
+        (Select("tests/test_catalog_add.py", "header_alone"),),
+    ),
+    Mutation(
+        "catalog add reads a pickled checkpoint",
+        "catalog/checkpoint_files.py",
+        "    if path.suffix.lower() in PICKLE_SUFFIXES or start.startswith(PICKLE_MAGIC):\n",
+        "    if False:\n",
+        (Select("tests/test_catalog_add.py", "pickled"),),
+    ),
     # --- serving: the playground ------------------------------------------------------------------
     Mutation(
         "the runs view reads reports through links leading out of home",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from catalog.imports import FAMILY_BASES, ImportRequest, import_model
 from catalog.index import load_index
 from catalog.paths import require_folder
 from catalog.pipelines import export_model
@@ -46,6 +47,8 @@ OTHER_COLUMNS_WIDTH = 100
 
 
 def _origin(entry) -> str:
+    if "imported_from" in entry:
+        return f"imported from {entry['imported_from']}" + (" (linked)" if entry.get("link") else "")
     origin = entry["hf_repo"] or (f"{entry['method']} of {entry['base']}" if "base" in entry else entry["source"])
     if "alias_of" in entry:
         origin += f" (alias of {entry['alias_of']})"
@@ -179,15 +182,55 @@ def validate(path: Path | None) -> None:
     click.echo(f"ok: {path or 'the merged catalog'} is valid")
 
 
+@app.command("add")
+@click.argument("source")
+@click.option("--name", required=True, help="The catalog id to register it under.")
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Record the file or folder where it is instead of copying it into $TXT2IMG_HOME/models/NAME.",
+)
+@click.option(
+    "--family",
+    type=click.Choice(sorted(FAMILY_BASES)),
+    help="Where the files cannot tell: an SD 2 checkpoint is taken for sd2 (768 px, v-prediction) unless this "
+    "says sd2-base; an uncached Hub repo offline needs it.",
+)
+@click.option(
+    "--config",
+    help="For a single-file checkpoint: the Hub repo or diffusers folder its configuration comes from. "
+    "[default: its family's base repo]",
+)
+def add_command(source: str, name: str, link: bool, family: str | None, config: str | None) -> None:
+    """Register your own model SOURCE as NAME: a diffusers folder, a Hub repo id (owner/name, downloaded on
+    first use) or a single-file .safetensors checkpoint (AUTOMATIC1111/Civitai layout). Pickled files
+    (.ckpt, .pt) are refused. The family is detected from the files."""
+    request = ImportRequest(
+        source=source, name=name, destination=default_output_dir(name), link=link, family=family, config=config
+    )
+    from rich.console import Console
+
+    with Console(stderr=True).status(
+        f"adding {name} from {source} (hashing and copying a large file takes a while) ..."
+    ):
+        entry = import_model(request)
+    where = entry.hf_repo or entry.artifact
+    click.echo(f"added {entry.id} ({entry.family}, {entry.resolution} px) from {where}")
+
+
 @app.command("remove")
 @click.argument("model_id")
 @click.option("--yes", is_flag=True, help="Remove without asking.")
 def remove_command(model_id: str, yes: bool) -> None:
-    """Remove fine-tune MODEL_ID and free its name: its entry, its run folder in $TXT2IMG_HOME/models
-    and, for a tuned model, its study folder. Weights registered from elsewhere stay on disk."""
+    """Remove fine-tune or added model MODEL_ID and free its name: its entry, its folder in
+    $TXT2IMG_HOME/models and, for a tuned model, its study folder. Weights registered from elsewhere
+    (and files added with --link) stay on disk."""
     index = _index()
-    if model_id in index.origins and index.get(model_id)["source"] != "finetune":
-        raise InputError(f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed")
+    if model_id in index.origins and index.get(model_id)["source"] not in ("finetune", "imported"):
+        raise InputError(
+            f"'{model_id}' is a built-in catalog model; only your fine-tunes can be removed "
+            "(and the models you added with `txt2img catalog add`)"
+        )
     entry = index.get(model_id)
     folders = _folders_of(model_id, entry)
     _confirm_removal(model_id, folders, yes)
