@@ -98,6 +98,9 @@ def stable_diffusion_scheduler(prediction_type: str = "epsilon"):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        # Stated rather than left to the default: a scheduler swapped in takes its own default for an
+        # unstated setting (Euler: "linspace"), where a saved copy's config states DDIM's.
+        timestep_spacing="leading",
     )
 
 

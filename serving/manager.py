@@ -168,6 +168,8 @@ class PipelineManager:
             if not in_hf_cache(entry.hf_repo):
                 raise DownloadsForbidden(entry)
             local_files_only = True  # what is cached is loaded as it is: nothing is fetched to complete it
+        if for_request and not self.settings.allow_downloads and entry.config:
+            local_files_only = True  # a single file's configuration is read from the cache, never fetched
         # Load on the CPU first: its size is then known, and room is made before it reaches the GPU.
         # Without the repo's own safety checker: TXT2IMG_SAFETY_CHECKER decides (serving/safety.py).
         stored = self.stored.get(entry.id)

@@ -66,6 +66,19 @@ def test_export_round_trips_through_from_pretrained(tmp_path, run_cli):
     assert np.array_equal(generate(reloaded, seed=3), generate(build_tiny_sd_pipeline(), seed=3))
 
 
+def test_an_exported_copy_samples_like_the_built_in_model_under_another_scheduler(tmp_path, run_cli):
+    """A scheduler built from the built-in config takes its own defaults for the settings tiny-sd left
+    unset, where a saved config states them: tiny-sd states them, so both agree under any sampler."""
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    target = tmp_path / "tiny-export"
+    run_cli("export", "tiny-sd", str(target), check_rc=0)
+    built_in, reloaded = build_tiny_sd_pipeline(), DiffusionPipeline.from_pretrained(target, local_files_only=True)
+    for pipeline in (built_in, reloaded):
+        pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    assert np.array_equal(generate(reloaded, seed=3), generate(built_in, seed=3))
+
+
 def test_export_refuses_a_non_empty_directory_and_unknown_ids(tmp_path, run_cli):
     (tmp_path / "keep.txt").write_text("precious")
     result = run_cli("export", "tiny-sd", str(tmp_path))
