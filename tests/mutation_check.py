@@ -578,8 +578,8 @@ MUTATIONS = [
     Mutation(
         "a remote tuning job minimises an objective that should grow",
         "jumpstart/remote.py",
-        '                    "Type": METRIC_DIRECTIONS[objective].capitalize(),\n',
-        '                    "Type": "Minimize",\n',
+        '                "Type": METRIC_DIRECTIONS[self.objective].capitalize(),\n',
+        '                "Type": "Minimize",\n',
         (Select("tests/test_sagemaker_trainer_job.py", "evaluates_each_job"),),
     ),
     Mutation(
