@@ -583,6 +583,13 @@ MUTATIONS = [
         (Select("tests/test_sagemaker_trainer_job.py", "evaluates_each_job"),),
     ),
     Mutation(
+        "a training job ignores its trainer's metric definitions",
+        "jumpstart/remote.py",
+        "            **_job_definition(setup, setup.trainer.training_metric_definitions),\n",
+        "            **_job_definition(setup, []),\n",
+        (Select("tests/test_sagemaker_remote.py", "third_trainer_is_one_entry"),),
+    ),
+    Mutation(
         "the service ignores guidance_scale",
         "serving/generation_queue.py",
         "                guidance_scale=head.request.guidance_scale,",
