@@ -40,7 +40,7 @@ from training.dreambooth import trainable_base
 from training.evaluation import EvaluationSettings
 from training.hyperparameters import JUMPSTART_NAMES, Hyperparameters
 from training.metrics import METRIC_DIRECTIONS, METRIC_EXTRACTOR, MissingWeights, local_weights
-from training.tuning import DEFAULT_RANGES
+from training.tuning import DEFAULT_RANGES, objective_first
 from txt2img.errors import InputError
 
 # Marks a catalog entry whose artifact is txt2img's trainer output (a diffusers folder), not JumpStart's.
@@ -281,9 +281,7 @@ class Txt2ImgTrainer(RemoteTrainer):
         objective first, so any local objective works in its direction."""
         if objective not in METRIC_DIRECTIONS:
             raise SageMakerError(f"unknown objective '{objective}'; choose one of {', '.join(METRIC_DIRECTIONS)}")
-        evaluation = evaluation or EvaluationSettings(metrics=[objective])
-        others = [metric for metric in evaluation.metrics if metric != objective]
-        evaluation = evaluation.model_copy(update={"metrics": [objective, *others]})
+        evaluation = objective_first(evaluation or EvaluationSettings(metrics=[objective]), objective)
         return TuningPlan(
             hyperparameters=hyperparameters,
             metric_definitions=[
