@@ -298,14 +298,19 @@ def tune(context: click.Context, data_dir: str, base: str, name: str, **options)
     tune_options = _tune_options(data_dir, base, name, options, trainer)
     if trainer is None:
         _run_local_study(_study_config(tune_options, options), options["resume"])
-        return
+    else:
+        _run_remote_tuning(tune_options, trainer, options)
+
+
+def _run_remote_tuning(tune_options: TuneOptions, trainer: RemoteTrainer, options: dict[str, Any]) -> None:
+    """SageMaker Automatic Model Tuning of ``tune_options`` with ``trainer``'s training jobs."""
     # No --range: the trainer's own defaults (JumpStart's script: JumpStart's ranges, on its linear scale).
     ranges = {search.name: (search.low, search.high, search.log) for search in tune_options.searches}
     jobs = tune_options.trials or REMOTE_TUNING_DEFAULT_JOBS
     run_remote_tuning(
-        data_dir,
-        base,
-        name,
+        tune_options.data_dir,
+        tune_options.base,
+        tune_options.name,
         tune_options.hyperparameters,
         ranges if options["ranges"] else None,
         max_jobs=jobs,
