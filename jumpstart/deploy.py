@@ -31,9 +31,9 @@ from jumpstart.inference_script import SAFETY_CHECKER_ENV
 from jumpstart.package import build_model_archive
 from jumpstart.polling import ENDPOINT, WaitFailed, wait_for
 from jumpstart.records import forget_endpoint, record_endpoint
-from jumpstart.remote import INFERENCE_CODE_TAG, TXT2IMG_TRAINER_TAG
 from jumpstart.s3 import default_s3_prefix, join_s3, split_s3_uri, upload_files
 from jumpstart.specs import HuggingFaceContainer, hosting_spec
+from jumpstart.trainers import INFERENCE_CODE_TAG, TXT2IMG_TRAINER_TAG
 
 VARIANT_NAME = "AllTraffic"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")

@@ -6,7 +6,8 @@ the packages the trainer imports, ``requirements.txt`` for what the container la
 point ``txt2img_train.py`` (``jumpstart/sagemaker_entry.py``), which starts torchrun over every
 GPU of every instance, and ``inference_code/``, the ``code/`` folder the job adds to its model so
 that ``txt2img deploy`` serves its model.tar.gz as it is (``training.servable``). The job itself
-is created by ``jumpstart.remote`` like JumpStart's.
+is created by ``jumpstart.remote`` like JumpStart's; ``jumpstart.trainers.Txt2ImgTrainer`` says
+what differs.
 """
 
 from __future__ import annotations

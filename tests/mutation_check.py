@@ -602,9 +602,16 @@ MUTATIONS = [
     Mutation(
         "a remote tuning job minimises an objective that should grow",
         "jumpstart/remote.py",
-        '                    "Type": METRIC_DIRECTIONS[objective].capitalize(),\n',
-        '                    "Type": "Minimize",\n',
+        '                "Type": METRIC_DIRECTIONS[self.objective].capitalize(),\n',
+        '                "Type": "Minimize",\n',
         (Select("tests/test_sagemaker_trainer_job.py", "evaluates_each_job"),),
+    ),
+    Mutation(
+        "a training job ignores its trainer's metric definitions",
+        "jumpstart/remote.py",
+        "            **_job_definition(setup, setup.trainer.training_metric_definitions),\n",
+        "            **_job_definition(setup, []),\n",
+        (Select("tests/test_sagemaker_remote.py", "third_trainer_is_one_entry"),),
     ),
     Mutation(
         "the service ignores guidance_scale",

@@ -13,6 +13,7 @@ from PIL import Image
 from jumpstart.errors import SageMakerError
 from jumpstart.polling import WaitFailed
 from jumpstart.remote import launch_remote_training, launch_remote_tuning
+from jumpstart.trainers import TRAINERS, RemoteTrainer, TrainingContainer, TuningPlan
 from training.dataset import DatasetError, load_dataset
 from training.hyperparameters import Hyperparameters
 
@@ -442,3 +443,170 @@ def test_job_names_fit_sagemakers_limits():
     assert unique_job_name("my_dog.v2", 63, now) == "my-dog-v2-261126-140509"
     tuning = unique_job_name("a-very-long-model-name-for-tuning", TUNING_JOB_NAME_LIMIT, now)
     assert tuning == "a-very-long-model-261126-140509" and len(tuning) <= 32
+
+
+# --- a third trainer ------------------------------------------------------------------------------
+
+OWN_IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/own-trainer:1"
+OWN_EXTRAS = "s3://my-txt2img/own-extras/"
+OWN_LOSS = {"Name": "instance_loss", "Regex": r"instance_loss=([0-9.]+)"}
+
+
+class OwnScriptTrainer(RemoteTrainer):
+    """A third trainer as a user would add one: their own image, and a script uploaded for each job."""
+
+    name = "own-script"
+    training_metric_definitions = [OWN_LOSS]
+    default_ranges = {"learning_rate": (1e-6, 1e-4, True)}
+    evaluation_refusal = "own-script reports its loss only"
+
+    def check_base(self, catalog, base, instance_count):
+        if base.id != "tiny-sd":
+            raise SageMakerError(f"own-script trains tiny-sd only, not '{base.id}'")
+
+    def check_hyperparameters(self, hyperparameters):
+        if hyperparameters.max_steps > 1000:
+            raise SageMakerError("own-script trains at most 1000 steps")
+
+    def check_dataset(self, folder, dataset):
+        if len(dataset.concepts[0].instance_images) > 10:
+            raise SageMakerError("own-script reads at most 10 images")
+
+    def container(self, context, base, instance_type):
+        return TrainingContainer(OWN_IMAGE, instance_type or "ml.c5.xlarge", {"extras": OWN_EXTRAS})
+
+    def job_source(self, context, container, job_prefix):
+        uri = f"{job_prefix}/own/script.tar.gz"
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        context.client("s3").put_object(Bucket=bucket, Key=key, Body=b"own script")
+        return uri
+
+    def job_hyperparameters(self, hyperparameters, base, name, source_uri):
+        return {
+            "max_steps": str(hyperparameters.max_steps),
+            "learning_rate": str(hyperparameters.learning_rate),
+            "model": base.id,
+            "sagemaker_program": "own_train.py",
+            "sagemaker_submit_directory": source_uri,
+        }
+
+    def check_tunable(self, name):
+        if name != "learning_rate":
+            raise SageMakerError(f"own-script tunes learning_rate only, not '{name}'")
+
+    def plan_tuning(self, objective, evaluation, hyperparameters):
+        if objective != "instance_loss":
+            raise SageMakerError(f"own-script reports instance_loss, not '{objective}'")
+        return TuningPlan(hyperparameters=hyperparameters, metric_definitions=[OWN_LOSS])
+
+    def tuning_inputs(self, context, plan, job_prefix):
+        return {"report_loss": "true"}, {}
+
+    def catalog_tags(self, job):
+        return ["own-script"]
+
+
+@pytest.fixture
+def own_trainer(monkeypatch) -> OwnScriptTrainer:
+    """The third trainer, registered in the one table the remote path reads, and nowhere else."""
+    trainer = OwnScriptTrainer()
+    monkeypatch.setitem(TRAINERS, trainer.name, trainer)
+    return trainer
+
+
+def test_a_third_trainer_is_one_entry_in_the_trainers_table(jumpstart_bucket, dataset, sent_requests, own_trainer):
+    from catalog.store import load_catalog
+
+    hyperparameters = Hyperparameters(max_steps=20)
+
+    entry = launch_remote_training(
+        str(dataset),
+        "tiny-sd",
+        "own-dog",
+        hyperparameters,
+        trainer="own-script",
+        s3_prefix="s3://my-txt2img/w",
+        role=ROLE,
+        poll_seconds=0,
+    )
+
+    sent = next(params for operation, params in sent_requests if operation == "CreateTrainingJob")
+    job = sent["TrainingJobName"]
+    assert sent["AlgorithmSpecification"] == {
+        "TrainingImage": OWN_IMAGE,
+        "TrainingInputMode": "File",
+        "MetricDefinitions": [OWN_LOSS],
+    }
+    assert sent["ResourceConfig"]["InstanceType"] == "ml.c5.xlarge"
+    source = f"s3://my-txt2img/w/jobs/own-dog/{job}/own/script.tar.gz"
+    assert sent["HyperParameters"] == {
+        "max_steps": "20",
+        "learning_rate": str(hyperparameters.learning_rate),
+        "model": "tiny-sd",
+        "sagemaker_program": "own_train.py",
+        "sagemaker_submit_directory": source,
+    }
+    assert _channels(sent) == {"training": f"s3://my-txt2img/w/jobs/own-dog/{job}/dataset/", "extras": OWN_EXTRAS}
+    s3 = jumpstart_bucket.client("s3")
+    assert (
+        s3.get_object(Bucket="my-txt2img", Key=source.removeprefix("s3://my-txt2img/"))["Body"].read() == b"own script"
+    )
+    assert entry.tags == ["sagemaker", "dreambooth", "own-script"] and "by own-script's trainer" in entry.description
+    assert load_catalog().get("own-dog") == entry
+
+    refusals = [
+        ((BASE, Hyperparameters()), "own-script trains tiny-sd only"),
+        (("tiny-sd", Hyperparameters(max_steps=2000)), "own-script trains at most 1000 steps"),
+    ]
+    for (base, refused), message in refusals:
+        with pytest.raises(SageMakerError, match=message):
+            launch_remote_training(str(dataset), base, "own-2", refused, trainer="own-script", role=ROLE)
+    for index in range(3, 12):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(dataset / f"dog-{index}.png")
+    with pytest.raises(SageMakerError, match="own-script reads at most 10 images"):
+        launch_remote_training(str(dataset), "tiny-sd", "own-2", hyperparameters, trainer="own-script", role=ROLE)
+    assert len(jumpstart_bucket.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]) == 1
+
+
+def test_a_third_trainer_tunes_over_its_own_ranges_and_metrics(jumpstart_bucket, own_trainer):
+    sagemaker = jumpstart_bucket.client("sagemaker")
+    with pytest.raises(SageMakerError, match="own-script tunes learning_rate only, not 'max_steps'"):
+        launch_remote_tuning(
+            "s3://my-txt2img/dogs/",
+            "tiny-sd",
+            "t",
+            Hyperparameters(),
+            {"max_steps": (5, 50, False)},
+            objective="instance_loss",
+            trainer="own-script",
+            role=ROLE,
+        )
+    with pytest.raises(SageMakerError, match="own-script reports instance_loss, not 'fid_score'"):
+        launch_remote_tuning(
+            "s3://my-txt2img/dogs/", "tiny-sd", "t", Hyperparameters(), trainer="own-script", role=ROLE
+        )
+
+    job = launch_remote_tuning(
+        "s3://my-txt2img/dogs/",
+        "tiny-sd",
+        "own-tuned",
+        Hyperparameters(max_steps=30),
+        objective="instance_loss",
+        trainer="own-script",
+        role=ROLE,
+        wait=False,
+    )
+
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=job)
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": "instance_loss"}
+    assert config["ParameterRanges"] == {
+        "ContinuousParameterRanges": [
+            {"Name": "learning_rate", "MinValue": "1e-06", "MaxValue": "0.0001", "ScalingType": "Logarithmic"}
+        ]
+    }
+    definition = tuning["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == [OWN_LOSS]
+    static = definition["StaticHyperParameters"]
+    assert (static["max_steps"], static["model"], static["report_loss"]) == ("30", "tiny-sd", "true")
+    assert "learning_rate" not in static  # the tuner sets it per job

@@ -231,10 +231,16 @@ def trial_dir(config: StudyConfig, number: int) -> Path:
     return Path(config.study_dir) / "trials" / f"{number:04d}"
 
 
+def objective_first(evaluation: EvaluationSettings, objective: str) -> EvaluationSettings:
+    """``evaluation`` with ``objective`` as its first metric, so it is computed before any other (here
+    and in each training job of a SageMaker tuning job)."""
+    others = [name for name in evaluation.metrics if name != objective]
+    return evaluation.model_copy(update={"metrics": [objective, *others]})
+
+
 def trial_evaluation(config: StudyConfig) -> EvaluationSettings:
-    """The trial's evaluation settings with the objective first, so it is computed before any other metric."""
-    others = [name for name in config.evaluation.metrics if name != config.objective]
-    return config.evaluation.model_copy(update={"metrics": [config.objective, *others]})
+    """The trial's evaluation settings, the objective first."""
+    return objective_first(config.evaluation, config.objective)
 
 
 def _trial_id(study, storage, number: int) -> int:

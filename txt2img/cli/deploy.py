@@ -28,6 +28,7 @@ from jumpstart.endpoints import (
 from jumpstart.errors import aws_context
 from jumpstart.records import recorded_region
 from jumpstart.remote import launch_remote_training, launch_remote_tuning
+from jumpstart.trainers import DEFAULT_TRAINER, TRAINERS
 from txt2img.errors import InputError
 from txt2img.extras import require_extra
 
@@ -62,8 +63,8 @@ def trainer_option(function: Callable) -> Callable:
     """--trainer: which training script a SageMaker job of ``train``/``tune --remote`` runs."""
     return click.option(
         "--trainer",
-        type=click.Choice(["jumpstart", "txt2img"]),
-        default="jumpstart",
+        type=click.Choice(list(TRAINERS)),
+        default=DEFAULT_TRAINER,
         show_default=True,
         help="With --remote: JumpStart's training script, or txt2img's own trainer (LoRA, several subjects, "
         "every GPU of --instance-type under torchrun; tune: any objective, any numeric hyperparameter).",

@@ -5,11 +5,14 @@ Only click is imported at startup; the commands import pydantic, torch and Optun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from catalog.paths import require_folder
+from jumpstart.trainers import DEFAULT_TRAINER, RemoteTrainer, remote_trainer
 from training.dreambooth import TrainingInterrupted
 from training.evaluation import (
     EvaluationError,
@@ -19,6 +22,7 @@ from training.evaluation import (
     plan_metrics,
     read_prompts_file,
 )
+from training.hyperparameters import Hyperparameters
 from training.metrics import METRIC_DIRECTIONS, MetricWeights
 from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir, trial_evaluation
 from training.tuning import tune as run_study
@@ -72,21 +76,26 @@ def _weight_options(command):
     return command
 
 
-def _evaluation_settings(
-    metrics: tuple[str, ...],
-    prompts_file: Path | None,
-    inception_path: str | None,
-    clip_path: str | None,
-    dino_path: str | None,
-    **values,
-):
-    """The evaluation options of either command as one ``EvaluationSettings``; a bad value is one line."""
+def _evaluation_settings(options: dict[str, Any], default_metrics: tuple[str, ...] = ()) -> EvaluationSettings:
+    """The EVALUATION_OPTIONS of either command as one ``EvaluationSettings`` (``default_metrics``
+    where no --metric is given, else the settings' own default); a bad value is one line."""
     from pydantic import ValidationError
 
-    weights = MetricWeights.from_env(inception=inception_path, clip=clip_path, dino=dino_path)
+    weights = MetricWeights.from_env(
+        inception=options["inception_path"], clip=options["clip_path"], dino=options["dino_path"]
+    )
+    metrics = options["metrics"] or default_metrics
     chosen = {"metrics": list(metrics)} if metrics else {}
     try:
-        return EvaluationSettings(prompts=_read_prompts(prompts_file), weights=weights, **chosen, **values)
+        return EvaluationSettings(
+            prompts=_read_prompts(options["prompts_file"]),
+            prompts_per_subject=options["prompts_per_subject"],
+            images_per_prompt=options["images_per_prompt"],
+            inference_steps=options["steps"],
+            seed=options["seed"],
+            weights=weights,
+            **chosen,
+        )
     except ValidationError as error:
         raise InputError(first_error(error)) from None
 
@@ -136,20 +145,7 @@ def _print_metrics(metrics: dict[str, float | None], skipped: dict[str, str], ti
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @_weight_options
-def evaluate(
-    model_id: str,
-    data_dir: Path,
-    prompts_file: Path | None,
-    prompts_per_subject: int | None,
-    images_per_prompt: int,
-    steps: int,
-    metrics: tuple[str, ...],
-    output: Path | None,
-    seed: int,
-    inception_path: str | None,
-    clip_path: str | None,
-    dino_path: str | None,
-) -> None:
+def evaluate(model_id: str, data_dir: Path, output: Path | None, **evaluation_options) -> None:
     """Generate images with MODEL_ID for the subjects in DATA_DIR and score them.
 
     Prints a table, then `name=value` lines (e.g. `fid_score=12.34`) as SageMaker metric regexes
@@ -160,17 +156,7 @@ def evaluate(
     if output:
         require_folder(output, "output folder")
 
-    settings = _evaluation_settings(
-        metrics,
-        prompts_file,
-        inception_path,
-        clip_path,
-        dino_path,
-        prompts_per_subject=prompts_per_subject,
-        images_per_prompt=images_per_prompt,
-        inference_steps=steps,
-        seed=seed,
-    )
+    settings = _evaluation_settings(evaluation_options)
     plan = plan_metrics(settings)
     _announce_skipped(plan, "")
     report = evaluate_model(model_id, data_dir, settings, output_dir=output, feature_extractors=plan.extractors)
@@ -217,6 +203,33 @@ EVALUATION_OPTIONS = (
     "clip_path",
     "dino_path",
 )
+# tune's own options; the others are remote_job_options', handed to SageMaker as they are.
+TUNE_OPTIONS = (
+    "trials",
+    "parallel",
+    "objective",
+    "ranges",
+    "fixed",
+    "trainer",
+    *LOCAL_STUDY_OPTIONS,
+    *EVALUATION_OPTIONS,
+)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """What ``txt2img tune`` searches, parsed once from its options, whether a local study or a
+    SageMaker tuning job runs the trials."""
+
+    data_dir: str
+    base: str
+    name: str
+    objective: str
+    trials: int | None
+    parallel: int | None
+    searches: list[SearchRange]  # --range, or the local study's defaults
+    hyperparameters: Hyperparameters  # --hp: the fixed ones
+    evaluation: EvaluationSettings | None  # each trial's; None where the remote trainer evaluates on its own
 
 
 @click.command("tune")
@@ -267,33 +280,7 @@ EVALUATION_OPTIONS = (
 @remote_job_options
 @trainer_option
 @click.pass_context
-def tune(
-    context: click.Context,
-    data_dir: str,
-    base: str,
-    name: str,
-    trials: int | None,
-    parallel: int | None,
-    objective: str,
-    ranges: tuple[str, ...],
-    fixed: tuple[str, ...],
-    storage: str | None,
-    resume: bool,
-    keep_top_k: int,
-    study_dir: Path | None,
-    no_prune: bool,
-    seed: int,
-    metrics: tuple[str, ...],
-    prompts_file: Path | None,
-    prompts_per_subject: int | None,
-    images_per_prompt: int,
-    steps: int,
-    inception_path: str | None,
-    clip_path: str | None,
-    dino_path: str | None,
-    trainer: str,
-    **remote_options,
-) -> None:
+def tune(context: click.Context, data_dir: str, base: str, name: str, **options) -> None:
     """Search DreamBooth hyperparameters of BASE on DATA_DIR with Optuna's TPE and register the best as NAME.
 
     Each trial trains, is evaluated, and may be pruned at a checkpoint when its loss lags. The
@@ -304,93 +291,122 @@ def tune(
     evaluating each model as a local trial (only the objective unless --metric says more; the
     networks are uploaded from here). DATA_DIR may then be an s3:// prefix.
     """
-    if study_dir:
-        require_folder(study_dir, "study folder")
+    if options["study_dir"]:
+        require_folder(options["study_dir"], "study folder")
 
-    if remote_options["remote"]:
-        refuse_local_options(context, LOCAL_STUDY_OPTIONS, "SageMaker Automatic Model Tuning keeps the study")
-        if trainer == "jumpstart":
-            refuse_local_options(
-                context,
-                EVALUATION_OPTIONS,
-                "JumpStart's script evaluates on its own (--trainer txt2img evaluates as a local trial)",
-            )
-    elif trainer != "jumpstart":
-        raise InputError("--trainer is for --remote runs; a local study runs txt2img's trainer")
+    trainer = _remote_trainer(context, options)
+    tune_options = _tune_options(data_dir, base, name, options, trainer)
+    if trainer is None:
+        _run_local_study(_study_config(tune_options, options), options["resume"])
+    else:
+        _run_remote_tuning(tune_options, trainer, options)
+
+
+def _run_remote_tuning(tune_options: TuneOptions, trainer: RemoteTrainer, options: dict[str, Any]) -> None:
+    """SageMaker Automatic Model Tuning of ``tune_options`` with ``trainer``'s training jobs."""
+    # No --range: the trainer's own defaults (JumpStart's script: JumpStart's ranges, on its linear scale).
+    ranges = {search.name: (search.low, search.high, search.log) for search in tune_options.searches}
+    jobs = tune_options.trials or REMOTE_TUNING_DEFAULT_JOBS
+    run_remote_tuning(
+        tune_options.data_dir,
+        tune_options.base,
+        tune_options.name,
+        tune_options.hyperparameters,
+        ranges if options["ranges"] else None,
+        max_jobs=jobs,
+        max_parallel_jobs=tune_options.parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
+        objective=tune_options.objective,
+        trainer=trainer.name,
+        evaluation=tune_options.evaluation,
+        **{key: value for key, value in options.items() if key not in TUNE_OPTIONS},
+    )
+
+
+def _remote_trainer(context: click.Context, options: dict[str, Any]) -> RemoteTrainer | None:
+    """The trainer of SageMaker's training jobs with --remote, None for a local study; refuses the
+    options the chosen kind of run does not read."""
+    if not options["remote"]:
+        if options["trainer"] != DEFAULT_TRAINER:
+            raise InputError("--trainer is for --remote runs; a local study runs txt2img's trainer")
+        return None
+    refuse_local_options(context, LOCAL_STUDY_OPTIONS, "SageMaker Automatic Model Tuning keeps the study")
+    trainer = remote_trainer(options["trainer"])
+    if trainer.evaluation_refusal is not None:
+        refuse_local_options(context, EVALUATION_OPTIONS, trainer.evaluation_refusal)
+    return trainer
+
+
+def _tune_options(
+    data_dir: str, base: str, name: str, options: dict[str, Any], trainer: RemoteTrainer | None
+) -> TuneOptions:
+    """The search and each trial's evaluation, from the options; a bad or repeated one is one line."""
     try:
-        searches = [SearchRange.parse(text) for text in ranges] or list(DEFAULT_RANGES)
+        searches = [SearchRange.parse(text) for text in options["ranges"]] or list(DEFAULT_RANGES)
     except TuningError as error:
         raise InputError(f"--range: {error}") from None
-    fixed_hyperparameters = parse_hyperparameters(fixed)
-    fixed_values = fixed_hyperparameters.model_dump(mode="json", exclude_unset=True)
+    hyperparameters = parse_hyperparameters(options["fixed"])
     names = [search.name for search in searches]
-    overlap = sorted(set(names) & set(fixed_values)) or sorted({n for n in names if names.count(n) > 1})
+    fixed = hyperparameters.model_dump(exclude_unset=True)
+    overlap = sorted(set(names) & set(fixed)) or sorted({n for n in names if names.count(n) > 1})
     if overlap:
         raise InputError(f"{', '.join(overlap)} is given more than once (--range and --hp, or two --range)")
-    # Each trial's evaluation: a local study's, or each job's of txt2img's trainer on SageMaker,
-    # which computes the objective alone unless told more (each metric costs GPU time).
-    # JumpStart's script evaluates on its own.
+    # Each trial's evaluation: a local study's, or each job's of a remote trainer that evaluates as a
+    # local trial does, computing the objective alone unless told more (each metric costs GPU time).
     evaluation = None
-    if not remote_options["remote"] or trainer == "txt2img":
-        evaluation = _evaluation_settings(
-            metrics or ((objective,) if remote_options["remote"] else ()),
-            prompts_file,
-            inception_path,
-            clip_path,
-            dino_path,
-            prompts_per_subject=prompts_per_subject,
-            images_per_prompt=images_per_prompt,
-            inference_steps=steps,
-            seed=seed,
-        )
-    if remote_options["remote"]:
-        jobs = trials or REMOTE_TUNING_DEFAULT_JOBS
-        # No --range: JumpStart's script searches JumpStart's own ranges, on JumpStart's linear
-        # scale; txt2img's trainer the local study's.
-        remote_ranges = {search.name: (search.low, search.high, search.log) for search in searches}
-        run_remote_tuning(
-            data_dir,
-            base,
-            name,
-            fixed_hyperparameters,
-            remote_ranges if ranges or trainer == "txt2img" else None,
-            max_jobs=jobs,
-            max_parallel_jobs=parallel or min(jobs, REMOTE_TUNING_DEFAULT_JOBS),
-            objective=objective,
-            trainer=trainer,
-            evaluation=evaluation,
-            **remote_options,
-        )
-        return
-    if trials is None:
-        raise InputError("--trials is required (how many trials the study should finish)")
-    if data_dir.startswith("s3://"):
-        raise InputError(f"{data_dir} is on S3: add --remote to tune on SageMaker, or download it first")
-    config = StudyConfig(
-        data_dir=str(Path(data_dir).expanduser().resolve()),
+    if trainer is None:
+        evaluation = _evaluation_settings(options)
+    elif trainer.evaluation_refusal is None:
+        evaluation = _evaluation_settings(options, (options["objective"],))
+    return TuneOptions(
+        data_dir=data_dir,
         base=base,
         name=name,
-        trials=trials,
-        parallel=parallel or 1,
-        objective=objective,
-        ranges=searches,
-        hyperparameters=fixed_values,
-        storage=storage,
-        study_dir=str((study_dir or default_study_dir(name)).expanduser().resolve()),
-        keep_top_k=keep_top_k,
-        prune=not no_prune,
-        seed=seed,
+        objective=options["objective"],
+        trials=options["trials"],
+        parallel=options["parallel"],
+        searches=searches,
+        hyperparameters=hyperparameters,
         evaluation=evaluation,
     )
+
+
+def _study_config(tune_options: TuneOptions, options: dict[str, Any]) -> StudyConfig:
+    """The local study of ``tune_options``, with the options only a local study reads."""
+    if tune_options.trials is None:
+        raise InputError("--trials is required (how many trials the study should finish)")
+    if tune_options.data_dir.startswith("s3://"):
+        raise InputError(f"{tune_options.data_dir} is on S3: add --remote to tune on SageMaker, or download it first")
+    return StudyConfig(
+        data_dir=str(Path(tune_options.data_dir).expanduser().resolve()),
+        base=tune_options.base,
+        name=tune_options.name,
+        trials=tune_options.trials,
+        parallel=tune_options.parallel or 1,
+        objective=tune_options.objective,
+        ranges=tune_options.searches,
+        hyperparameters=tune_options.hyperparameters.model_dump(mode="json", exclude_unset=True),
+        storage=options["storage"],
+        study_dir=str((options["study_dir"] or default_study_dir(tune_options.name)).expanduser().resolve()),
+        keep_top_k=options["keep_top_k"],
+        prune=not options["no_prune"],
+        seed=options["seed"],
+        evaluation=tune_options.evaluation,
+    )
+
+
+def _run_local_study(config: StudyConfig, resume: bool) -> None:
+    """Run (or resume) the study on this machine, then show its trials and its best."""
     require_extra("tune")
 
     plan = plan_metrics(trial_evaluation(config))
-    if objective not in plan.skipped:  # otherwise the study refuses to start, saying why
+    if config.objective not in plan.skipped:  # otherwise the study refuses to start, saying why
         _announce_skipped(plan, "each trial: ")
     try:
         result = run_study(config, resume=resume)
     except TrainingInterrupted:
-        raise Interrupted(f"interrupted; run the same command with --resume to continue study '{name}'") from None
+        raise Interrupted(
+            f"interrupted; run the same command with --resume to continue study '{config.name}'"
+        ) from None
     _print_trials(result)
     _print_metrics(result.best.metrics, {}, f"best trial {result.best.number}, registered as {result.name}")
     click.echo(f"wrote {result.trials_path} and {result.plot_path}")
