@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from jumpstart.trainers import DEFAULT_TRAINER
 from training.distributed import launch_training
 from training.dreambooth import TrainingInterrupted, train
 from txt2img.cli.deploy import remote_job_options, run_remote_training, trainer_option
@@ -98,7 +99,7 @@ def train_command(
             data_dir, base, name, hyperparameters, trainer=trainer, instance_count=instance_count, **remote_options
         )
         return
-    for option, value, default in (("--trainer", trainer, "jumpstart"), ("--instance-count", instance_count, 1)):
+    for option, value, default in (("--trainer", trainer, DEFAULT_TRAINER), ("--instance-count", instance_count, 1)):
         if value != default:
             raise InputError(f"{option} is for --remote runs; on this machine use --processes")
     if data_dir.startswith("s3://"):
