@@ -106,3 +106,16 @@ def test_own_modules_are_imported_at_the_top_of_each_file():
         "\n".join(inside)
     )
     assert set(LAZY_OWN_IMPORTS) <= found, f"allowed but gone, drop them: {set(LAZY_OWN_IMPORTS) - found}"
+
+
+def test_product_functions_stay_short():
+    """One job per function: past about 60 lines a function is split into named steps (the guide's rule)."""
+    longest = 60
+    too_long = [
+        f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for package in ("catalog", "serving", "training", "jumpstart", "txt2img", "bench")
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > longest
+    ]
+    assert not too_long, f"functions over {longest} lines:\n" + "\n".join(too_long)
