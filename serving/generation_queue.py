@@ -29,9 +29,9 @@ from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.prompts import PromptEmbeddingCache
 from serving.safety import SafetyChecker
-from serving.schema import GenerationRequest, LimitExceeded
+from serving.schema import GenerationRequest
 from serving.settings import ServingSettings
-from txt2img.errors import Txt2ImgError
+from txt2img.errors import InputError, Txt2ImgError
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class GenerationQueue:
         head = batch[0]
         if isinstance(error, ModelLoadError) and not isinstance(error, DownloadsForbidden):
             self._failed_loads[head.entry.id] = (str(error), time.monotonic())
-        if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
+        if not isinstance(error, (InputError, DownloadsForbidden)):  # the client's answer says it all
             logger.error("generation failed for %s", head.entry.id, exc_info=error)
         for job in batch:
             job.future.set_exception(error)

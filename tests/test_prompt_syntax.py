@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import get_args
 
 import httpx
@@ -15,8 +16,9 @@ from bentoml_server import offline_server
 from PIL import Image
 
 from catalog.tiny_sd import build_tiny_sd_pipeline
+from jumpstart import inference_script
 from serving.generation import BatchItem, generate_images
-from serving.invocations import REQUEST_SCHEMA
+from serving.invocations import REQUEST_SCHEMA, InvocationError
 from serving.prompts import (
     PromptEmbeddingCache,
     PromptSyntaxUnsupported,
@@ -67,6 +69,12 @@ def test_a1111_grammar_weights_nests_escapes_and_closes_what_is_left_open():
 
 def test_every_route_and_the_container_contract_know_the_same_syntaxes():
     assert REQUEST_SCHEMA["properties"]["prompt_syntax"]["enum"] == list(get_args(PromptSyntax))
+
+
+def test_the_packed_container_refuses_a1111_prompts_before_generating():
+    body = json.dumps({"prompt": "a (red:1.5) ball", "prompt_syntax": "a1111"})
+    with pytest.raises(InvocationError, match="this endpoint reads prompts as written"):
+        inference_script.transform_fn(None, body, "application/json", "application/json")
 
 
 # In the pipeline call
