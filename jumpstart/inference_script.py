@@ -77,6 +77,11 @@ def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]
     and the safety checker's verdict on each (None without a checker)."""
     import torch
 
+    if invocation.prompt_syntax not in ("plain", None):
+        raise InvocationError(
+            f"prompt_syntax {invocation.prompt_syntax!r}: this endpoint reads prompts as written ('plain'); "
+            "AUTOMATIC1111's syntax ('a1111') is read by txt2img's own server (bentoml serve)"
+        )
     wanted = invocation.wanted_images()
     images = []
     flags = None

@@ -225,6 +225,7 @@ def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
         "seed": random.randrange(SEED_RANGE) if request.seed == -1 else request.seed,
         "scheduler": SAMPLERS[request.sampler][0],
         "num_images": request.batch_size * request.n_iter,
+        "prompt_syntax": "a1111",  # what A1111 clients write
     }
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
 

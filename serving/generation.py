@@ -10,16 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from serving.schema import SCHEDULER_CLASSES, LimitExceeded
+from serving.prompts import PromptEmbeddingCache, prompt_inputs
+from serving.schema import SCHEDULER_CLASSES, LimitExceeded, PromptSyntax
 
 
 @dataclass
 class BatchItem:
-    """One image of a batch: its prompt, negative prompt and seed."""
+    """One image of a batch: its prompt, negative prompt, seed, and how its prompts are read."""
 
     prompt: str
     negative_prompt: str | None
     seed: int
+    prompt_syntax: PromptSyntax = "plain"
 
 
 def fresh_scheduler(pipeline, name: str | None):
@@ -55,11 +57,14 @@ def generate_images(
     scheduler: str | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
+    prompt_cache: PromptEmbeddingCache | None = None,
 ) -> list:
-    """Generate one PIL image per item in one pipeline call.
+    """Generate one PIL image per item, in one pipeline call (one per prompt length, when a1111 prompts
+    past the text encoder's window make embeddings of several lengths; see serving/prompts.py).
 
     ``should_stop`` is asked after every denoising step; once it says yes, the remaining steps
-    are skipped. ``on_step`` receives the number of steps done, for progress bars.
+    are skipped. ``on_step`` receives the number of steps done, for progress bars. ``prompt_cache``
+    keeps encoded prompts between calls.
     """
     import torch
 
@@ -75,21 +80,24 @@ def generate_images(
             step_pipeline._interrupt = True
         return callback_kwargs
 
-    # CPU generators give the same image on any device; one per image keeps each seed its own.
-    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
-    negatives = [item.negative_prompt or "" for item in items]
-    with torch.inference_mode():
-        output = view(
-            prompt=[item.prompt for item in items],
-            negative_prompt=negatives if any(negatives) else None,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            callback_on_step_end=after_step,
-        )
-    return output.images
+    texts = [(item.prompt, item.negative_prompt, item.prompt_syntax) for item in items]
+    images = [None] * len(items)
+    for indices, text_inputs in prompt_inputs(pipeline, texts, guidance_scale > 1, prompt_cache):
+        # CPU generators give the same image on any device; one per image keeps each seed its own.
+        generators = [torch.Generator("cpu").manual_seed(items[index].seed) for index in indices]
+        with torch.inference_mode():
+            output = view(
+                **text_inputs,
+                width=width,
+                height=height,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                callback_on_step_end=after_step,
+            )
+        for index, image in zip(indices, output.images):
+            images[index] = image
+    return images
 
 
 def is_out_of_memory(error: BaseException) -> bool:

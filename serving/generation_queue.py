@@ -27,10 +27,11 @@ from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
+from serving.prompts import PromptEmbeddingCache
 from serving.safety import SafetyChecker
-from serving.schema import GenerationRequest, LimitExceeded
+from serving.schema import GenerationRequest
 from serving.settings import ServingSettings
-from txt2img.errors import Txt2ImgError
+from txt2img.errors import InputError, Txt2ImgError
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class GenerationQueue:
         self._condition = threading.Condition()
         self._seconds_per_image = 1.0
         self._thread: threading.Thread | None = None
+        self.prompt_cache = PromptEmbeddingCache(int(settings.prompt_cache_mb * 2**20), self._count_prompt_lookup)
         self._running: CallProgress | None = None
         self.safety_checker: SafetyChecker | None = None  # loaded during warm-up when settings.safety_checker
 
@@ -189,6 +191,10 @@ class GenerationQueue:
         """The pipeline call running now (a snapshot), or None when the device is idle."""
         running = self._running
         return None if running is None else CallProgress(**vars(running))
+
+    def _count_prompt_lookup(self, hit: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.prompt_cache_lookups.labels("hit" if hit else "miss").inc()
 
     def _report_depth(self) -> None:
         if self.metrics is not None:
@@ -293,7 +299,9 @@ class GenerationQueue:
         """One pipeline call for every image of ``batch``: the images, the safety flags, and the steps run."""
         head = batch[0]
         items = [
-            BatchItem(job.request.prompt, job.request.negative_prompt, seed) for job in batch for seed in job.seeds
+            BatchItem(job.request.prompt, job.request.negative_prompt, seed, job.request.prompt_syntax)
+            for job in batch
+            for seed in job.seeds
         ]
         started = time.monotonic()
         progress = CallProgress(started, 0, head.request.num_inference_steps, len(items))
@@ -318,6 +326,7 @@ class GenerationQueue:
                 scheduler=head.request.scheduler,
                 should_stop=lambda: all(job.gave_up() for job in batch),
                 on_step=count_step,
+                prompt_cache=self.prompt_cache,
             )
             flags = None
             if self.safety_checker is not None:  # here, so that every route gets checked images
@@ -335,7 +344,7 @@ class GenerationQueue:
         head = batch[0]
         if isinstance(error, ModelLoadError) and not isinstance(error, DownloadsForbidden):
             self._failed_loads[head.entry.id] = (str(error), time.monotonic())
-        if not isinstance(error, (LimitExceeded, DownloadsForbidden)):  # the client's answer says it all
+        if not isinstance(error, (InputError, DownloadsForbidden)):  # the client's answer says it all
             logger.error("generation failed for %s", head.entry.id, exc_info=error)
         for job in batch:
             job.future.set_exception(error)

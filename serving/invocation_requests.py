@@ -37,6 +37,7 @@ def generation_requests(invocation: Invocation, settings: ServingSettings) -> li
             "guidance_scale": max(invocation.guidance_scale, 0.0),
             "num_images": per_prompt,
             "seed": first.seed,
+            "prompt_syntax": invocation.prompt_syntax,
         }
         requests.append(GenerationRequest(**{name: value for name, value in fields.items() if value is not None}))
     return requests

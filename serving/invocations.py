@@ -63,6 +63,9 @@ REQUEST_SCHEMA = {
         "seed": {"type": "integer", "minimum": 0},
         "batch_size": {"type": "integer", "minimum": 1, "default": 1},
         "eta": {"type": "number"},
+        # serving/schema.py's PromptSyntax (this file cannot import it: it runs alone in the container, which
+        # serves plain prompts only); tests/test_prompt_syntax.py holds the two lists equal.
+        "prompt_syntax": {"type": "string", "enum": ["plain", "a1111"], "default": "plain"},
     },
 }
 PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
@@ -114,6 +117,9 @@ class Invocation:
     seed: int | None
     batch_size: int  # prompts per pipeline call in the container; the local server batches on its own
     one_image: bool  # application/x-text: the answer holds one ``generated_image``
+    prompt_syntax: object = (
+        "plain"  # as sent: the local server's GenerationRequest checks it, the container refuses a1111
+    )
 
     @property
     def prompts(self) -> list[str]:
@@ -261,6 +267,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
         seed=_int_at_least(payload, "seed", 0, None),
         batch_size=_int_at_least(payload, "batch_size", 1, 1),
         one_image=one_image,
+        prompt_syntax=payload.get("prompt_syntax", "plain"),
     )
     if invocation.seed is not None and invocation.seed + invocation.image_count > SEED_END:
         raise InvocationError(

@@ -76,6 +76,7 @@ class ServingMetrics:
     running_images: object
     batch_images: object
     interrupted: object
+    prompt_cache_lookups: object
 
 
 @cache
@@ -105,5 +106,11 @@ def serving_metrics() -> ServingMetrics:
         interrupted=prometheus_client.Counter(
             "txt2img_interrupted",
             "Pipeline calls stopped before their last step because every request in them gave up.",
+        ),
+        prompt_cache_lookups=prometheus_client.Counter(
+            "txt2img_prompt_cache_lookups",
+            "Prompts and negative prompts looked up in the prompt cache, by result: hit (the text encoder "
+            "was skipped) or miss.",
+            ["result"],
         ),
     )

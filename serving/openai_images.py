@@ -37,7 +37,7 @@ from serving.generation_queue import GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
 from serving.images import image_bytes
 from serving.json_body import BodyError, read_json_object
-from serving.schema import GenerationRequest, SchedulerName, Text
+from serving.schema import GenerationRequest, PromptSyntax, SchedulerName, Text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")
@@ -88,6 +88,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     scheduler: SchedulerName | None = None
+    prompt_syntax: PromptSyntax = "plain"
 
 
 def parse_image_request(body: bytes) -> ImageGenerationRequest:
@@ -138,6 +139,7 @@ def generation_request(request: ImageGenerationRequest) -> GenerationRequest:
         "guidance_scale": request.guidance_scale,
         "seed": request.seed,
         "scheduler": request.scheduler,
+        "prompt_syntax": request.prompt_syntax,
         "num_images": request.n,
     }
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})

@@ -29,6 +29,10 @@ SCHEDULER_CLASSES = {
     "lms": "LMSDiscreteScheduler",
 }
 SchedulerName = Literal[tuple(SCHEDULER_CLASSES)]
+# How a prompt is read (serving/prompts.py): "plain" passes it to the text encoder as written; "a1111" reads
+# AUTOMATIC1111's weights ("(word:1.2)", "(word)", "[word]") and encodes a prompt past the encoder's 77
+# tokens in chunks. /sdapi/v1 always reads a1111; every other route reads plain unless asked.
+PromptSyntax = Literal["plain", "a1111"]
 ImageFormat = Literal["png", "jpeg"]
 # Seeds: torch takes any below 2**63, so every image's seed (seed + i) must stay below it. Random seeds are
 # drawn below 2**32, as AUTOMATIC1111 draws them: exact in JavaScript and easy to read back.
@@ -69,6 +73,11 @@ class GenerationSettings(BaseModel):
         description="Seed of the first image; image i uses seed + i, below 2**63. Random (below 2**32) when absent.",
     )
     scheduler: SchedulerName | None = Field(None, description="Sampler; defaults to the model's own.")
+    prompt_syntax: PromptSyntax = Field(
+        "plain",
+        description="'a1111' reads AUTOMATIC1111's (word:1.2), (word) and [word] weights and prompts past 77 "
+        "tokens; 'plain' passes the prompts as written.",
+    )
     format: ImageFormat = "png"
 
 

@@ -76,6 +76,12 @@ class ServingSettings(BaseSettings):
         "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
     )
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
+    prompt_cache_mb: float = Field(
+        64.0,
+        ge=0,
+        description="Encoded prompts kept on the device, per worker, so that a prompt seen recently skips the "
+        "text encoders (serving/prompts.py); 0 turns the cache off.",
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -332,6 +332,21 @@ MUTATIONS = [
         "                return\n        else:\n            self.ready.set()\n",
         (Select("tests/test_faults.py", "cannot_warm"),),
     ),
+    # --- serving: prompt syntax and the prompt cache ------------------------------------------------
+    Mutation(
+        "the prompt cache ignores the text encoder's LoRA adapters",
+        "serving/prompts.py",
+        "        return number, adapter_state(encoder)\n",
+        "        return number, ()\n",
+        (Select("tests/test_prompt_syntax.py", "adapter"),),
+    ),
+    Mutation(
+        "the prompt cache key ignores the prompt syntax",
+        "serving/prompts.py",
+        "        key = (*model_key, syntax, text) if cache is not None else None\n",
+        "        key = (*model_key, text) if cache is not None else None\n",
+        (Select("tests/test_prompt_syntax.py", "syntaxes_apart"),),
+    ),
     # --- serving: the front door (one body reader, one type policy, one set of limits) ------------
     Mutation(
         "the body reader lets a lone surrogate through",

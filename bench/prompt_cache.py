@@ -1,0 +1,107 @@
+"""Prompt cache: repeated-prompt throughput with the prompt-embedding cache against without it, in one run.
+
+Each request is one pipeline call (``serving.generation.generate_images``, as the server's queue
+makes it) of one image whose prompt and negative prompt were seen before, at the model's native
+size and a few steps, on the CPU with one torch thread. Rounds alternate between the two sides so
+that load from other processes hits both alike; every image is checked byte-identical between them.
+It prints images/s for each side and syntax, their ratio, and the share of an uncached request
+spent in the text encoder.
+
+    PYTHONPATH=. python bench/prompt_cache.py [--model tiny-sd] [--rounds 5] [--requests 8] [--steps 4]
+
+A model is a builder in PIPELINES; a family's tiny stand-in joins it by name (``tiny-flux``, where
+T5 encoding is a large share of a request), once serving/prompts.py's TEXT_ENCODERS has its class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from catalog.tiny_sd import TINY_SD_RESOLUTION, build_tiny_sd_pipeline
+from serving.generation import BatchItem, generate_images
+from serving.prompts import PromptEmbeddingCache, encode_texts, text_encoders_for
+
+TORCH_THREADS = 1
+# Builders of the pipelines this bench can run, and their native size; see the module's docstring.
+PIPELINES = {"tiny-sd": (build_tiny_sd_pipeline, TINY_SD_RESOLUTION)}
+# A prompt as AUTOMATIC1111 users write them: weights, and past the text encoder's 77 tokens.
+A1111_PROMPT = (
+    "a (beautiful:1.3) photo of a red car on a street in the city at night, (cinematic lighting), "
+    "high quality, detailed, [blurry], a castle on a mountain near a lake under the moon, oil painting "
+    "style, golden light, a small boat on the river, a tree with pink flowers, a bird in the sky, "
+    "realistic, colorful, (close up view:0.8), digital art, a village by the sea, snow on the road"
+)
+PLAIN_PROMPT = "a photo of a red car on a street in the city at night, cinematic lighting, high quality"
+NEGATIVE_PROMPT = "blurry, gray, small, old"
+
+
+def run_requests(pipeline, size: int, steps: int, syntax: str, count: int, cache) -> tuple[float, list[bytes]]:
+    """Seconds for ``count`` one-image requests of the same prompt, and their pixels."""
+    prompt = A1111_PROMPT if syntax == "a1111" else PLAIN_PROMPT
+    images = []
+    started = time.perf_counter()
+    for seed in range(count):
+        [image] = generate_images(
+            pipeline,
+            [BatchItem(prompt, NEGATIVE_PROMPT, seed, syntax)],
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            prompt_cache=cache,
+        )
+        images.append(image.tobytes())
+    return time.perf_counter() - started, images
+
+
+def encoding_seconds(pipeline, syntax: str, cache, repeats: int = 10) -> float:
+    """Seconds one request's prompt and negative prompt take to encode (``cache`` None) or to look up."""
+    prompt = A1111_PROMPT if syntax == "a1111" else PLAIN_PROMPT
+    encoders = text_encoders_for(pipeline, {syntax})
+    started = time.perf_counter()
+    for _ in range(repeats):
+        encode_texts(pipeline, [(syntax, prompt), (syntax, NEGATIVE_PROMPT)], encoders, cache)
+    return (time.perf_counter() - started) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(PIPELINES), default="tiny-sd")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=8, help="requests per side per round")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    build, size = PIPELINES[args.model]
+    pipeline = build()
+    print(
+        f"{args.model}, CPU, {size}x{size}, {args.steps} steps, torch threads {TORCH_THREADS}, "
+        f"{args.rounds * args.requests} requests per side, one image each, the same prompt every time"
+    )
+    for syntax in ("plain", "a1111"):
+        cache = PromptEmbeddingCache(64 * 2**20)
+        run_requests(pipeline, size, args.steps, syntax, 1, cache)  # first calls pay one-time setup; fills the cache
+        seconds = {"uncached": 0.0, "cached": 0.0}
+        for _ in range(args.rounds):
+            uncached, plain_images = run_requests(pipeline, size, args.steps, syntax, args.requests, None)
+            cached, cached_images = run_requests(pipeline, size, args.steps, syntax, args.requests, cache)
+            assert cached_images == plain_images, "the cache changed an image"
+            seconds["uncached"] += uncached
+            seconds["cached"] += cached
+        rates = {side: args.rounds * args.requests / total for side, total in seconds.items()}
+        hits, misses = cache.hits, cache.misses
+        encoding, lookup = encoding_seconds(pipeline, syntax, None), encoding_seconds(pipeline, syntax, cache)
+        share = encoding / (seconds["uncached"] / (args.rounds * args.requests))
+        print(
+            f"  {syntax:<6} uncached {rates['uncached']:6.2f} images/s, cached {rates['cached']:6.2f} images/s, "
+            f"cached / uncached = {rates['cached'] / rates['uncached']:.3f}; prompts per request: encoded "
+            f"{1000 * encoding:.1f} ms ({100 * share:.0f}% of an uncached request), cached {1000 * lookup:.2f} ms "
+            f"(hits {hits}, misses {misses})"
+        )
+
+
+if __name__ == "__main__":
+    main()
