@@ -79,6 +79,11 @@ class Hyperparameters(BaseModel):
     checkpointing_steps: int = Field(500, ge=1)
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps for the lr schedulers that use them.")
     validation_prompts: list[str] | None = None
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: every process holds the whole model (DDP); fsdp: a full fine-tune's UNet, its "
+        "gradients and optimizer state are split across the processes (FSDP2), for bases too big for one GPU.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +102,12 @@ class Hyperparameters(BaseModel):
                 return json.loads(stripped)
             return [prompt.strip() for prompt in stripped.split("|") if prompt.strip()]
         return value
+
+    @field_validator("sharding", mode="before")
+    @classmethod
+    def _no_sharding(cls, value: Any) -> Any:
+        # "none" is a value here, which the SageMaker strings above turned into None.
+        return "none" if value is None else value
 
     @field_validator("resolution")
     @classmethod
