@@ -21,6 +21,7 @@ from training.demo_dataset import write_demo_dataset
 from training.dreambooth import train
 from training.hyperparameters import Hyperparameters
 from training.losses import denoising_loss
+from training.sharding import ShardingSetupError, check_sharding
 
 REPO = Path(__file__).resolve().parents[1]
 RED = "a photo of sks red toy"
@@ -311,3 +312,12 @@ def test_sharding_is_refused_in_one_line_where_it_cannot_work(tmp_path, txt2img_
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [f"txt2img: error: {message}"]
     assert not (txt2img_home / "models" / "refused").exists()
+
+
+def test_sharding_across_machines_is_refused(monkeypatch):
+    """Each process writes its checkpoint shards to its own machine's disk, which no one machine could resume from."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ShardingSetupError, match=r"^sharding=fsdp trains on one machine .*use one instance"):
+        check_sharding(Hyperparameters(sharding="fsdp"), 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    check_sharding(Hyperparameters(sharding="fsdp"), 16)

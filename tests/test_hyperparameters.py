@@ -65,9 +65,12 @@ def test_unknown_name_suggests_the_right_one():
 
 def test_sharding_is_a_txt2img_choice_that_defaults_to_none():
     assert Hyperparameters().sharding == "none"
-    # SageMaker's "None"/"none" mean unset elsewhere; here "none" is the value itself, and the default.
+    # SageMaker's "None"/"none" mean unset where unset is a value; here "none" is the value itself.
     assert Hyperparameters.model_validate({"sharding": "none"}).sharding == "none"
-    assert Hyperparameters.model_validate({"sharding": "None"}).sharding == "none"
+    # The CLI's --method is assigned after parsing, which re-validates every field.
+    hyperparameters = Hyperparameters()
+    hyperparameters.method = "lora"
+    assert hyperparameters.sharding == "none"
     assert Hyperparameters.from_pairs(["sharding=fsdp"]).sharding == "fsdp"
     assert "sharding" not in Hyperparameters(sharding="fsdp").sagemaker_strings()  # JumpStart's script has no such name
     with pytest.raises(ValidationError, match="'none' or 'fsdp'"):

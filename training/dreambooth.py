@@ -132,8 +132,8 @@ def _check_resumed_hyperparameters(name: str, output_dir: Path, hp: Hyperparamet
     kept = (output_dir / MODEL_DIR).is_dir() or list_checkpoints(output_dir / CHECKPOINT_DIR)
     if not (kept and record.is_file()):
         return  # nothing of the run to continue: it starts from step 0 with the values given now
-    # Read through the model: a hyperparameter added since the run started counts as its default.
-    started = Hyperparameters.model_validate_json(record.read_text(encoding="utf-8")).model_dump(mode="json")
+    # A hyperparameter added since the run started counts as its default.
+    started = {**Hyperparameters().model_dump(mode="json"), **json.loads(record.read_text(encoding="utf-8"))}
     given = hp.model_dump(mode="json")
     changed = [
         f"{key} {started.get(key)} (the run's) vs {given.get(key)} (given)"

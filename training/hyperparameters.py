@@ -7,7 +7,7 @@ the string forms SageMaker passes to training containers ("True", "None", "400")
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -88,9 +88,12 @@ class Hyperparameters(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _sagemaker_strings(cls, data: Any) -> Any:
-        # SageMaker hands every hyperparameter over as a string; "None" means unset.
+        # SageMaker hands every hyperparameter over as a string; "None" means unset where unset is a
+        # value. Elsewhere "none" may be a value itself (sharding=none), and must survive the
+        # re-validation of every field that an assignment such as ``hp.method = "lora"`` runs.
         if isinstance(data, dict):
-            return {key: (None if value in ("None", "none", "") else value) for key, value in data.items()}
+            unset = ("None", "none", "")
+            return {key: (None if key in _OPTIONAL and value in unset else value) for key, value in data.items()}
         return data
 
     @field_validator("validation_prompts", mode="before")
@@ -102,12 +105,6 @@ class Hyperparameters(BaseModel):
                 return json.loads(stripped)
             return [prompt.strip() for prompt in stripped.split("|") if prompt.strip()]
         return value
-
-    @field_validator("sharding", mode="before")
-    @classmethod
-    def _no_sharding(cls, value: Any) -> Any:
-        # "none" is a value here, which the SageMaker strings above turned into None.
-        return "none" if value is None else value
 
     @field_validator("resolution")
     @classmethod
@@ -138,6 +135,12 @@ class Hyperparameters(BaseModel):
         """JumpStart's hyperparameters as the strings a SageMaker training job receives."""
         data = self.model_dump()
         return {name: str(data[name]) for name in JUMPSTART_NAMES}
+
+
+# The hyperparameters that may be unset (None).
+_OPTIONAL = frozenset(
+    name for name, field in Hyperparameters.model_fields.items() if type(None) in get_args(field.annotation)
+)
 
 
 def numeric_kind(name: str) -> type[int] | type[float]:
