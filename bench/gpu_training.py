@@ -12,8 +12,11 @@ through the real command, ``txt2img train --processes P`` (torchrun, one process
 with 1 process and with ``--processes`` (default every GPU), and prints for each: processes,
 examples per optimizer step (batch_size x processes x gradient_accumulation_steps), steps/s
 (the run's ``steps_per_second`` metric: the optimisation loop only), examples/s, and the
-examples/s ratio of P processes to 1 (ideally close to P). With one GPU that part prints one
-line saying so and is skipped.
+examples/s ratio of P processes to 1 (ideally close to P). Then it trains the full-fp32 tier in
+P processes twice, plain DDP and ``sharding=fsdp``, and prints for each the trained parameters and
+optimizer state one process holds (the run's ``state_mib_per_process`` metric) and its speed, with
+the ratios (target: memory at most 0.6x of DDP's). With one GPU those parts print one line saying
+so and are skipped.
 
     PYTHONPATH=. python bench/gpu_training.py [--steps 20] [--tier NAME ...]
         [--scaling-tier NAME] [--processes P] [--only-scaling]
@@ -114,6 +117,7 @@ def train_with_cli(
         "examples_per_step": per_step,
         "steps_per_second": steps_per_second,
         "examples_per_second": steps_per_second * per_step,
+        "state_mib_per_process": entry.metrics["state_mib_per_process"],
     }
 
 
@@ -135,6 +139,25 @@ def compare_processes(
     single = results[1]["examples_per_second"]
     ratio = results[processes]["examples_per_second"] / single if single else float("nan")
     print(f"{processes} processes / 1 process, examples/s = {ratio:.2f} (ideal {processes})", flush=True)
+
+
+def compare_sharding(data: Path, base: str, processes: int, steps: int) -> None:
+    """Print plain DDP against sharding=fsdp on the full-fp32 tier in ``processes`` processes, and the ratios."""
+    print(f"\nsharding, tier full-fp32, {processes} processes, {steps} steps per run", flush=True)
+    print(f"{'sharding':>8} {'state MiB/process':>18} {'steps/s':>8} {'examples/s':>11}", flush=True)
+    results = {}
+    for sharding in ("none", "fsdp"):
+        overrides = {**TIERS["full-fp32"][0], "sharding": sharding}
+        results[sharding] = numbers = train_with_cli(data, base, f"sharding-{sharding}", processes, overrides, steps)
+        print(
+            f"{sharding:>8} {numbers['state_mib_per_process']:>18.1f} {numbers['steps_per_second']:>8.3f} "
+            f"{numbers['examples_per_second']:>11.3f}",
+            flush=True,
+        )
+    memory = results["fsdp"]["state_mib_per_process"] / results["none"]["state_mib_per_process"]
+    plain_speed = results["none"]["steps_per_second"]
+    speed = results["fsdp"]["steps_per_second"] / plain_speed if plain_speed else float("nan")
+    print(f"fsdp / none: state per process {memory:.2f}x (target <= 0.6x), steps/s {speed:.2f}x", flush=True)
 
 
 def measure_tiers(data: Path, tiers: list[str], steps: int) -> None:
@@ -209,6 +232,7 @@ def main() -> None:
             return
         tier = args.scaling_tier
         compare_processes(data, MODEL_ID, tier, TIERS[tier][0], processes, args.steps)
+        compare_sharding(data, MODEL_ID, processes, args.steps)
 
 
 if __name__ == "__main__":

@@ -601,6 +601,13 @@ MUTATIONS = [
         (Select("tests/test_distributed_training.py", "same_weights"),),
     ),
     Mutation(
+        "sharding=fsdp silently trains plain DDP on the CPU",
+        "training/dreambooth.py",
+        "    if plugin is not None and accelerator.num_processes > 1:\n        shard_on_cpu(accelerator, plugin)\n",
+        "",
+        (Select("tests/test_distributed_training.py", "halves_the_state"),),
+    ),
+    Mutation(
         "a SageMaker run of our trainer leaves no inference code",
         "training/servable.py",
         "    shutil.copytree(inference_code, output_dir / SERVING_CODE_DIR)\n",

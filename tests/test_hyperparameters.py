@@ -61,3 +61,17 @@ def test_bad_values_are_refused(pair):
 def test_unknown_name_suggests_the_right_one():
     with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
         Hyperparameters.from_pairs(["learning_rat=1e-6"])
+
+
+def test_sharding_is_a_txt2img_choice_that_defaults_to_none():
+    assert Hyperparameters().sharding == "none"
+    # SageMaker's "None"/"none" mean unset where unset is a value; here "none" is the value itself.
+    assert Hyperparameters.model_validate({"sharding": "none"}).sharding == "none"
+    # The CLI's --method is assigned after parsing, which re-validates every field.
+    hyperparameters = Hyperparameters()
+    hyperparameters.method = "lora"
+    assert hyperparameters.sharding == "none"
+    assert Hyperparameters.from_pairs(["sharding=fsdp"]).sharding == "fsdp"
+    assert "sharding" not in Hyperparameters(sharding="fsdp").sagemaker_strings()  # JumpStart's script has no such name
+    with pytest.raises(ValidationError, match="'none' or 'fsdp'"):
+        Hyperparameters(sharding="zero3")

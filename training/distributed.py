@@ -4,7 +4,9 @@ torchrun (``torch.distributed.run``), one per GPU (nccl backend) or CPU process 
 Each worker runs ``training.dreambooth.train``, whose ``Accelerator`` joins the torchrun world:
 every process holds the whole model (DistributedDataParallel, which averages the gradients while
 the backward pass runs) and draws its own micro-batches of each optimizer step, so one step sees
-``batch_size x processes x gradient_accumulation_steps`` examples. Rank 0 alone
+``batch_size x processes x gradient_accumulation_steps`` examples. With ``sharding=fsdp`` (a full
+fine-tune) each process holds a 1/N shard of the UNet and its optimizer state instead
+(training/sharding.py); the batches and the loss are the same. Rank 0 alone
 claims the name and writes checkpoints, images and the catalog entry. torchrun's agent
 watches the processes: when one dies, it stops the others and this launcher reports why.
 
@@ -27,6 +29,7 @@ from training.dreambooth import TrainingInterrupted, train
 from training.evaluation import EvaluationSettings, evaluate_entry, metric_lines
 from training.hyperparameters import Hyperparameters
 from training.servable import add_serving_code
+from training.sharding import check_sharding
 from txt2img.errors import InputError, Interrupted, Txt2ImgError
 from txt2img.processes import die_with_parent
 
@@ -53,6 +56,7 @@ def launch_training(
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    check_sharding(hyperparameters, processes)  # here too, to refuse before any process starts
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
         raise InputError(
             f"--processes {processes} needs {processes} GPUs (one per process); this machine has "

@@ -55,6 +55,7 @@ from training.report import (
     loss_curve,
     validation_prompts,
 )
+from training.sharding import MIB, check_sharding, fsdp_plugin, full_module, local_state_bytes, shard_on_cpu
 from training.trainable import prepare_trainable, save_trained_model
 from txt2img.errors import InputError, Interrupted
 
@@ -69,7 +70,8 @@ FINISHED_ENTRY = "entry.yaml"
 RUN_HYPERPARAMETERS = "hyperparameters.json"
 # Hyperparameters that change what the checkpointed weights mean; each checkpoint records them too,
 # so that it is never loaded into a model of another shape.
-_RESUME_INVARIANTS = ("method", "lora_rank", "train_text_encoder", "resolution")
+# (sharding too: a sharded checkpoint holds each process's shards, a plain one whole tensors.)
+_RESUME_INVARIANTS = ("method", "lora_rank", "train_text_encoder", "resolution", "sharding")
 
 
 class TrainingSetupError(InputError, ValueError):
@@ -130,7 +132,8 @@ def _check_resumed_hyperparameters(name: str, output_dir: Path, hp: Hyperparamet
     kept = (output_dir / MODEL_DIR).is_dir() or list_checkpoints(output_dir / CHECKPOINT_DIR)
     if not (kept and record.is_file()):
         return  # nothing of the run to continue: it starts from step 0 with the values given now
-    started = json.loads(record.read_text(encoding="utf-8"))
+    # A hyperparameter added since the run started counts as its default.
+    started = {**Hyperparameters().model_dump(mode="json"), **json.loads(record.read_text(encoding="utf-8"))}
     given = hp.model_dump(mode="json")
     changed = [
         f"{key} {started.get(key)} (the run's) vs {given.get(key)} (given)"
@@ -175,13 +178,18 @@ def _accelerator(hyperparameters: Hyperparameters):
     from accelerate.utils import InitProcessGroupKwargs
 
     mode = choose_precision(hyperparameters)
-    return Accelerator(
+    plugin = fsdp_plugin(hyperparameters)
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # accelerate takes a torchrun world on the CPU for one process otherwise
         mixed_precision=mode,
         gradient_accumulation_steps=hyperparameters.gradient_accumulation_steps,
+        fsdp_plugin=plugin,
         # Rank 0 alone generates class images while the others wait: that can take a while on a big model.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
+    if plugin is not None and accelerator.num_processes > 1:
+        shard_on_cpu(accelerator, plugin)
+    return accelerator
 
 
 def _forget_accelerator() -> None:
@@ -308,6 +316,7 @@ def train(
     request = _Request(Path(data_dir).expanduser().resolve(), base, name, hyperparameters, output_dir, resume, register)
     with contextlib.ExitStack() as stack:
         stack.callback(_forget_accelerator)
+        check_sharding(hyperparameters, accelerator.num_processes)
         claim = _NameClaim(name, stack)
         try:
             return _train(request, accelerator, claim, progress=progress and is_main, on_checkpoint=on_checkpoint)
@@ -567,8 +576,11 @@ def _resume(run: _Run) -> None:
             f"resume with --processes {processes}"
         )
     signature = run.signature()
-    if state["signature"] != signature:
-        changed = sorted(k for k in signature if state["signature"].get(k) != signature[k])
+    # A checkpoint made before a hyperparameter existed was made with its default.
+    defaults = {key: Hyperparameters.model_fields[key].default for key in _RESUME_INVARIANTS}
+    recorded = {**defaults, **state["signature"]}
+    if recorded != signature:
+        changed = sorted(k for k in signature if recorded.get(k) != signature[k])
         raise TrainingSetupError(f"cannot resume from {checkpoint}: it was made with different {changed}")
     accelerator.load_state(str(checkpoint), strict=False)  # strict=False: the frozen base is not in it
     run.step, run.losses = state["step"], list(state["losses"])
@@ -678,7 +690,10 @@ def _finish(run: _Run, bars: Any, *, train_seconds: float, loop_seconds: float, 
         "steps": float(run.total_steps),
         "train_seconds": round(train_seconds, 2),
         "steps_per_second": round((run.step - first_step) / loop_seconds, 3) if run.step > first_step else None,
+        # What sharding divides: the trained parameters and the optimizer state one process holds.
+        "state_mib_per_process": round(local_state_bytes(list(run.models.values()), run.optimizer) / MIB, 3),
     }
+    _gather_sharded_unet(run)
     entry = CatalogEntry(
         id=request.name,
         source="finetune",
@@ -706,6 +721,15 @@ def _finish(run: _Run, bars: Any, *, train_seconds: float, loop_seconds: float, 
     shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
     _write_report(run.pipeline, dataset, hp, request.output_dir, run.losses, bars)
     return _register(entry, request.data_dir, request.register)
+
+
+def _gather_sharded_unet(run: _Run) -> None:
+    """Under sharding, rank 0 gets the whole UNet back as a plain module, to save and to draw with."""
+    if not run.accelerator.is_fsdp2:
+        return
+    unet = full_module(run.accelerator, run.models["unet"])  # every process takes part
+    if unet is not None:
+        run.pipeline.unet = run.trainable.unet = run.models["unet"] = unet
 
 
 def _finished_run(run: _Run) -> CatalogEntry:

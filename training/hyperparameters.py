@@ -7,7 +7,7 @@ the string forms SageMaker passes to training containers ("True", "None", "400")
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -79,13 +79,21 @@ class Hyperparameters(BaseModel):
     checkpointing_steps: int = Field(500, ge=1)
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps for the lr schedulers that use them.")
     validation_prompts: list[str] | None = None
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: every process holds the whole model (DDP); fsdp: a full fine-tune's UNet, its "
+        "gradients and optimizer state are split across the processes (FSDP2), for bases too big for one GPU.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _sagemaker_strings(cls, data: Any) -> Any:
-        # SageMaker hands every hyperparameter over as a string; "None" means unset.
+        # SageMaker hands every hyperparameter over as a string; "None" means unset where unset is a
+        # value. Elsewhere "none" may be a value itself (sharding=none), and must survive the
+        # re-validation of every field that an assignment such as ``hp.method = "lora"`` runs.
         if isinstance(data, dict):
-            return {key: (None if value in ("None", "none", "") else value) for key, value in data.items()}
+            unset = ("None", "none", "")
+            return {key: (None if key in _OPTIONAL and value in unset else value) for key, value in data.items()}
         return data
 
     @field_validator("validation_prompts", mode="before")
@@ -127,6 +135,12 @@ class Hyperparameters(BaseModel):
         """JumpStart's hyperparameters as the strings a SageMaker training job receives."""
         data = self.model_dump()
         return {name: str(data[name]) for name in JUMPSTART_NAMES}
+
+
+# The hyperparameters that may be unset (None).
+_OPTIONAL = frozenset(
+    name for name, field in Hyperparameters.model_fields.items() if type(None) in get_args(field.annotation)
+)
 
 
 def numeric_kind(name: str) -> type[int] | type[float]:
