@@ -163,6 +163,11 @@ class JumpStartTrainer(RemoteTrainer):
             raise SageMakerError(
                 "JumpStart's training script makes full fine-tunes only; drop method=lora, or add --trainer txt2img"
             )
+        if hyperparameters.sharding != "none":
+            raise SageMakerError(
+                f"JumpStart's training script does not shard; drop sharding={hyperparameters.sharding}, "
+                "or add --trainer txt2img"
+            )
 
     def check_dataset(self, folder: Path, dataset: DreamBoothDataset) -> None:
         if dataset.multi_concept:

@@ -157,6 +157,7 @@ def test_remote_training_with_s3_prefix_uploads_nothing_and_no_wait_returns_the_
         ("DATASET", "huggingface-txt2img-conflictx-complex-lineart", "x", [], "cannot fine-tune"),
         ("DATASET", BASE, "tiny-sd", [], "already has a model 'tiny-sd'"),
         ("DATASET", BASE, "x", ["method=lora"], "full fine-tunes only"),
+        ("DATASET", BASE, "x", ["sharding=fsdp"], "does not shard"),
         ("MULTI_CONCEPT", BASE, "x", [], "lists several concepts; JumpStart's training script reads one"),
     ],
 )
