@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from catalog.families import family_of_pipeline
 from serving.schema import SCHEDULER_CLASSES, LimitExceeded
 
 
@@ -39,7 +40,11 @@ def fresh_scheduler(pipeline, name: str | None):
 def request_pipeline(pipeline, scheduler_name: str | None):
     """A pipeline sharing ``pipeline``'s modules with its own scheduler and interrupt flag."""
     components = {**pipeline.components, "scheduler": fresh_scheduler(pipeline, scheduler_name)}
-    view = type(pipeline)(**components, requires_safety_checker=False)
+    # Only a class that takes a safety checker takes requires_safety_checker (FluxPipeline and SDXL's do not):
+    # without the repo's own checker, it would warn on every request (TXT2IMG_SAFETY_CHECKER decides instead).
+    if family_of_pipeline(type(pipeline).__name__).safety_checker:
+        components["requires_safety_checker"] = False
+    view = type(pipeline)(**components)
     view.set_progress_bar_config(disable=True)
     return view
 

@@ -589,6 +589,13 @@ MUTATIONS = [
         "                guidance_scale=7.5,",
         (Select("tests/test_serving.py", "generation_field_changes"),),
     ),
+    Mutation(
+        "every pipeline class is given requires_safety_checker, Flux's and SDXL's included",
+        "serving/generation.py",
+        "    if family_of_pipeline(type(pipeline).__name__).safety_checker:\n",
+        "    if True:\n",
+        (Select("tests/test_families.py", "stand_in_of_its_pipeline_class"),),
+    ),
 ]
 
 
