@@ -53,19 +53,14 @@ class Family:
     single_file_config: str | None = None  # the Hub repo whose configs a single-file checkpoint loads with
 
     @property
+    def flow_matching(self) -> bool:
+        """Whether the family denoises by flow matching (Flux), which only flow-matching samplers fit."""
+        return all(name in FLOW_MATCHING_SCHEDULERS for name in self.schedulers)
+
+    @property
     def true_cfg(self) -> bool:
         """Whether a negative prompt needs true CFG (true_cfg_scale above 1) rather than guidance_scale."""
         return self.negative_prompt == NEGATIVE_BY_TRUE_CFG
-
-    def defaults(self) -> dict:
-        """What a request for one of this family's models gets for the fields it leaves out."""
-        return {
-            "width": self.native_size,
-            "height": self.native_size,
-            "num_inference_steps": self.default_steps,
-            "guidance_scale": self.default_guidance,
-            "scheduler": None,  # the model's own
-        }
 
     def as_json(self) -> dict:
         """The family as ``GET /models`` and the playground show it."""
@@ -123,3 +118,15 @@ def family_of_pipeline(pipeline_class: str) -> Family:
             return candidate
     known = sorted({candidate.pipeline_class for candidate in FAMILY_TABLE})
     raise KeyError(f"no family runs a {pipeline_class}; known pipeline classes: {', '.join(known)}")
+
+
+def model_defaults(family_name: str, resolution: int) -> dict:
+    """What a request for a model of this family and native resolution gets for the fields it leaves out."""
+    defaults = family(family_name)
+    return {
+        "width": resolution,
+        "height": resolution,
+        "num_inference_steps": defaults.default_steps,
+        "guidance_scale": defaults.default_guidance,
+        "scheduler": None,  # the model's own
+    }

@@ -58,13 +58,15 @@ def generate_images(
     num_inference_steps: int,
     guidance_scale: float,
     scheduler: str | None = None,
+    true_cfg_scale: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
 ) -> list:
     """Generate one PIL image per item in one pipeline call.
 
     ``should_stop`` is asked after every denoising step; once it says yes, the remaining steps
-    are skipped. ``on_step`` receives the number of steps done, for progress bars.
+    are skipped. ``on_step`` receives the number of steps done, for progress bars. ``true_cfg_scale``
+    is Flux's true CFG (serving/schema.py ``check_family`` keeps it from other families).
     """
     import torch
 
@@ -93,6 +95,7 @@ def generate_images(
             guidance_scale=guidance_scale,
             generator=generators,
             callback_on_step_end=after_step,
+            **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
         )
     return output.images
 

@@ -1,7 +1,7 @@
 """The generation queue: a bounded FIFO of requests and the one thread that owns the device.
 
 Requests wait in arrival order. The thread takes the oldest one, adds every queued request that
-can share its pipeline call (same model, size, steps, guidance and scheduler) up to
+can share its pipeline call (same model, size, steps, guidance, true CFG and scheduler) up to
 ``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
 client left or whose time ran out is dropped from the queue, and a running call stops at the
 next denoising step once all of its requests have given up.
@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from catalog.families import family
 from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
@@ -114,6 +115,7 @@ class Job:
             self.height,
             request.num_inference_steps,
             request.guidance_scale,
+            request.true_cfg_scale,
             request.scheduler,
         )
 
@@ -232,7 +234,7 @@ class GenerationQueue:
             width=size,
             height=size,
             num_inference_steps=WARM_UP_STEPS,
-            guidance_scale=7.5,
+            guidance_scale=family(entry.family).default_guidance,
         )
         logger.info("warmed up %s", model_id)
 
@@ -316,6 +318,7 @@ class GenerationQueue:
                 num_inference_steps=head.request.num_inference_steps,
                 guidance_scale=head.request.guidance_scale,
                 scheduler=head.request.scheduler,
+                true_cfg_scale=head.request.true_cfg_scale,
                 should_stop=lambda: all(job.gave_up() for job in batch),
                 on_step=count_step,
             )
