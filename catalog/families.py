@@ -110,14 +110,14 @@ def family(name: str) -> Family:
         raise KeyError(f"unknown family '{name}'; known: {', '.join(FAMILY_NAMES)}") from None
 
 
-def family_of_pipeline(pipeline_class: str) -> Family:
-    """The first family run by ``pipeline_class`` (the ``_class_name`` of a model_index.json): the
-    families that share a class share the defaults a pipeline of that class gets without a catalog entry."""
+def family_of_pipeline(pipeline_class: str) -> Family | None:
+    """The first family run by ``pipeline_class`` (the ``_class_name`` of a model_index.json), or None for a
+    class no family runs: the families that share a class share what a pipeline of it gets without a catalog
+    entry (the packed SageMaker script knows only the pipeline it loaded)."""
     for candidate in FAMILY_TABLE:
         if candidate.name != "tiny" and candidate.pipeline_class == pipeline_class:
             return candidate
-    known = sorted({candidate.pipeline_class for candidate in FAMILY_TABLE})
-    raise KeyError(f"no family runs a {pipeline_class}; known pipeline classes: {', '.join(known)}")
+    return None
 
 
 def model_defaults(family_name: str, resolution: int) -> dict:

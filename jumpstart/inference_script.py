@@ -75,19 +75,20 @@ def model_fn(model_dir, context=None):
     return pipeline.to("cuda" if cuda else "cpu")
 
 
-def family_settings(family: Family, invocation: Invocation) -> dict:
-    """The steps and guidance of the invocation, its family's defaults where it names none; a negative
-    prompt the family can only take through true CFG (Flux), which JumpStart's format cannot ask for, is refused."""
+def family_settings(family: Family | None, invocation: Invocation) -> dict:
+    """The steps and guidance of the invocation, its family's defaults where it names none (a pipeline of a
+    class no family runs keeps its own, as JumpStart's script does). A negative prompt that the family takes
+    only through true CFG (Flux), which JumpStart's format cannot ask for, is refused."""
+    settings = {"num_inference_steps": invocation.num_inference_steps, "guidance_scale": invocation.guidance_scale}
+    if family is None:
+        return {name: value for name, value in settings.items() if value is not None}
     if family.true_cfg and any(image.negative_prompt for image in invocation.wanted_images()):
         raise InvocationError(
-            f"a {family.pipeline_class} takes a negative prompt only through true CFG, which this format "
-            "cannot ask for; send the request without 'negative_prompt'"
+            f"a {family.pipeline_class} takes a negative prompt only through true CFG (true_cfg_scale), which "
+            "this format cannot ask for; send the request without 'negative_prompt'"
         )
-    steps, guidance = invocation.num_inference_steps, invocation.guidance_scale
-    return {
-        "num_inference_steps": family.default_steps if steps is None else steps,
-        "guidance_scale": family.default_guidance if guidance is None else guidance,
-    }
+    defaults = {"num_inference_steps": family.default_steps, "guidance_scale": family.default_guidance}
+    return {name: defaults[name] if value is None else value for name, value in settings.items()}
 
 
 def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]:

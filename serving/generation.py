@@ -42,7 +42,8 @@ def request_pipeline(pipeline, scheduler_name: str | None):
     components = {**pipeline.components, "scheduler": fresh_scheduler(pipeline, scheduler_name)}
     # Only a class that takes a safety checker takes requires_safety_checker (FluxPipeline and SDXL's do not):
     # without the repo's own checker, it would warn on every request (TXT2IMG_SAFETY_CHECKER decides instead).
-    if family_of_pipeline(type(pipeline).__name__).safety_checker:
+    family = family_of_pipeline(type(pipeline).__name__)
+    if family is not None and family.safety_checker:
         components["requires_safety_checker"] = False
     view = type(pipeline)(**components)
     view.set_progress_bar_config(disable=True)

@@ -114,6 +114,7 @@ def test_the_packed_script_fills_and_refuses_from_the_family_table():
     bare = parse_request(json.dumps({"prompt": PROMPT}).encode(), "application/json")
     assert family_settings(FAMILIES["flux"], bare) == {"num_inference_steps": 4, "guidance_scale": 0.0}
     assert family_settings(FAMILIES["sd1"], bare) == {"num_inference_steps": 50, "guidance_scale": 7.5}
+    assert family_settings(None, bare) == {}  # a class no family runs keeps its own defaults, as JumpStart's
     named = parse_request(json.dumps({"prompt": PROMPT, "num_inference_steps": 3}).encode(), "application/json")
     assert family_settings(FAMILIES["flux"], named)["num_inference_steps"] == 3
     negative = parse_request(json.dumps({"prompt": PROMPT, "negative_prompt": "x"}).encode(), "application/json")
