@@ -16,7 +16,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from catalog.families import FAMILY_NAMES
 from catalog.notices import drop_torchvision_fallback_notices
+from catalog.schema import CatalogEntry
 from catalog.tiny_sd import _PROMPT_WORDS, build_tiny_sd_pipeline, write_tiny_tokenizer_files
 
 TINY_RESOLUTION = 64
@@ -224,3 +226,22 @@ TINY_PIPELINES: dict[str, Callable] = {
     "sdxl": build_tiny_sdxl_pipeline,
     "flux": build_tiny_flux_pipeline,
 }
+# The catalog id each family's stand-in is served as where it is registered (tests, bench/families.py):
+# tiny-sd is the tiny family's own, and built in.
+STAND_IN_IDS = {name: "tiny-sd" if name == "tiny" else f"tiny-{name}" for name in FAMILY_NAMES}
+
+
+def stand_in_entries() -> list[CatalogEntry]:
+    """A catalog entry for each family's stand-in but tiny-sd's (catalog/models.yaml holds that one):
+    ``source: builtin`` makes catalog/pipelines.py build it from TINY_PIPELINES."""
+    return [
+        CatalogEntry(
+            id=model_id,
+            source="builtin",
+            family=name,
+            resolution=TINY_RESOLUTION,
+            description=f"A tiny random {name} pipeline for tests (catalog/tiny_families.py).",
+        )
+        for name, model_id in STAND_IN_IDS.items()
+        if model_id != "tiny-sd"
+    ]

@@ -12,29 +12,17 @@ from pathlib import Path
 import pytest
 from bentoml_server import REPO_ROOT, offline_server
 
-from catalog.families import FAMILY_NAMES
-from catalog.schema import CatalogEntry
 from catalog.store import write_entry
-from catalog.tiny_families import TINY_PIPELINES, TINY_RESOLUTION
+from catalog.tiny_families import STAND_IN_IDS, TINY_PIPELINES, stand_in_entries
 
-# The catalog model each family's stand-in is served as: tiny-sd is the tiny family's own.
-STAND_IN_IDS = {name: "tiny-sd" if name == "tiny" else f"tiny-{name}" for name in FAMILY_NAMES}
 # Served from BentoML's model store (``txt2img bento-model save``), so that a stored export of it is what serves.
 BENTO_STAND_IN = STAND_IN_IDS["flux"]
 
 
 def register_stand_ins(home: Path) -> None:
     """Add each family's stand-in (but tiny-sd, which is built in) to the user catalog of txt2img home ``home``."""
-    for name, model_id in STAND_IN_IDS.items():
-        if model_id != "tiny-sd":
-            entry = CatalogEntry(
-                id=model_id,
-                source="builtin",
-                family=name,
-                resolution=TINY_RESOLUTION,
-                description=f"A tiny random {name} pipeline for tests (catalog/tiny_families.py).",
-            )
-            write_entry(entry, home / "catalog")
+    for entry in stand_in_entries():
+        write_entry(entry, home / "catalog")
 
 
 def save_to_bento_store(home: Path, model_id: str) -> None:

@@ -11,14 +11,14 @@ import typing
 
 import numpy as np
 import pytest
-from family_stand_ins import BENTO_STAND_IN, STAND_IN_IDS, register_stand_ins
+from family_stand_ins import BENTO_STAND_IN, register_stand_ins
 from PIL import Image
 
 from catalog.families import DDPM_SCHEDULERS, FAMILIES, FAMILY_NAMES
 from catalog.pipelines import export_model
 from catalog.schema import Family
 from catalog.store import load_catalog
-from catalog.tiny_families import TINY_PIPELINES, TINY_RESOLUTION
+from catalog.tiny_families import STAND_IN_IDS, TINY_PIPELINES, TINY_RESOLUTION
 from jumpstart.inference_script import family_settings
 from serving.generation import BatchItem, generate_images
 from serving.invocations import InvocationError, parse_request
@@ -239,10 +239,13 @@ def test_every_route_refuses_what_a_family_cannot_use(model, fields, field, allo
     assert openai.status_code == 400 and field in openai.json()["error"]["message"]
 
 
-def test_flux_true_cfg_applies_a_negative_prompt_on_the_server(families_http):
-    plain = route_images(families_http, "/images", STAND_IN_IDS["flux"], FAST)[0]
+def test_flux_true_cfg_applies_a_negative_prompt_on_every_route(families_http):
+    flux = STAND_IN_IDS["flux"]
+    plain = route_images(families_http, "/images", flux, FAST)[0]
     negative = {**FAST, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
-    assert np.abs(route_images(families_http, "/images", STAND_IN_IDS["flux"], negative)[0] - plain).max() > 0
+    images = [route_images(families_http, route, flux, negative)[0] for route in ROUTES]
+    assert np.abs(images[0] - plain).max() > 0
+    assert all(np.array_equal(image, images[0]) for image in images)
 
 
 def test_a1111_runs_flux_with_euler_only(families_http):
