@@ -274,3 +274,34 @@ def test_generate_cli_refuses_a_scheduler_flux_cannot_use_in_one_line(run_cli, t
     result = run_cli("generate", STAND_IN_IDS["flux"], PROMPT, "-o", str(output), "--scheduler", "euler", check_rc=2)
     assert "flow-euler" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not output.exists()
+
+
+# The playground: the chosen model's family fills its empty fields and schedulers
+
+
+def test_the_playground_shows_the_chosen_models_family_defaults_and_generates_it(browser, families_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    script_errors = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    try:
+        page.goto(f"{families_server}/ui")
+        page.locator("button.tab[data-view='generate']").click()
+        view = page.locator("#view-generate")
+        view.get_by_label("Model", exact=True).select_option(STAND_IN_IDS["sdxl"])
+        assert view.get_by_label("Steps").get_attribute("placeholder").startswith("50")
+        view.get_by_label("Model", exact=True).select_option(STAND_IN_IDS["flux"])
+        assert view.get_by_label("Steps").get_attribute("placeholder").startswith("4")
+        assert view.get_by_label("Guidance").get_attribute("placeholder").startswith("0")
+        options = view.locator("#gen-scheduler option").all_inner_texts()
+        assert options == ["model's own", "flow-euler"]
+        view.get_by_label("Prompt", exact=True).fill(PROMPT)
+        view.get_by_label("Seed", exact=True).fill(str(SEED))
+        view.get_by_role("button", name="Generate").click()
+        result = page.locator("#gen-gallery .result").first
+        result.locator("img").wait_for()
+        assert STAND_IN_IDS["flux"] in result.inner_text() and result.get_attribute("data-seed") == str(SEED)
+    finally:
+        context.close()
+    assert not script_errors
