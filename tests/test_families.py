@@ -274,6 +274,8 @@ def test_generate_cli_refuses_a_scheduler_flux_cannot_use_in_one_line(run_cli, t
     result = run_cli("generate", STAND_IN_IDS["flux"], PROMPT, "-o", str(output), "--scheduler", "euler", check_rc=2)
     assert "flow-euler" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not output.exists()
+    negative = run_cli("generate", STAND_IN_IDS["flux"], PROMPT, "-o", str(output), "--negative", "blurry", check_rc=2)
+    assert "--negative applies" in negative.stderr and "--true-cfg above 1" in negative.stderr
 
 
 # The playground: the chosen model's family fills its empty fields and schedulers

@@ -19,6 +19,7 @@ from serving.safety import SafetyChecker
 from serving.schema import (
     LIMIT_SETTINGS,
     SCHEDULER_CLASSES,
+    FamilyRefusal,
     GenerationRequest,
     LimitExceeded,
     check_limits,
@@ -127,6 +128,18 @@ def _settings():
         raise InputError(f"TXT2IMG_{field.upper()}: {message}") from None
 
 
+def _with_model_defaults(request, entry):
+    """``serving.schema.with_model_defaults``: the family's defaults; a field it cannot use is refused in one
+    line that names the options."""
+    try:
+        return with_model_defaults(request, entry)
+    except FamilyRefusal as error:
+        message = str(error)
+        for field, option in OPTION_NAMES.items():
+            message = message.replace(field, option)
+        raise InputError(message) from None
+
+
 def _check_server_limits(request, settings, width: int, height: int) -> None:
     """``serving.schema.check_limits``, refused in one line that says which setting lifts it."""
     try:
@@ -148,7 +161,7 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
         entry = manager.entry(request.model)
     except CatalogError as error:
         raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
-    request = with_model_defaults(request, entry)  # the family's defaults; a field it cannot use is refused
+    request = _with_model_defaults(request, entry)
     width, height = request.width, request.height
     if limits:
         _check_server_limits(request, settings, width, height)
