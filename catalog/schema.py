@@ -113,6 +113,8 @@ class CatalogEntry(BaseModel):
                 raise ValueError(f"a finetune entry needs {', '.join(missing)}")
             if self.method == "lora" and self.base is None:
                 raise ValueError("a LoRA fine-tune needs its base")
+            if self.method == "lora" and not FAMILIES[self.family].lora:
+                raise ValueError(f"LoRA adapters do not load onto a {self.family} pipeline")
         else:
             present = [name for name in finetune_fields if getattr(self, name) is not None]
             if present:

@@ -8,9 +8,11 @@ import base64
 import io
 import json
 import typing
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from catalog_entries import finetune_entry
 from family_stand_ins import BENTO_STAND_IN, register_stand_ins
 from PIL import Image
 
@@ -307,3 +309,10 @@ def test_the_playground_shows_the_chosen_models_family_defaults_and_generates_it
     finally:
         context.close()
     assert not script_errors
+
+
+def test_a_lora_of_a_family_that_takes_no_adapters_is_refused(monkeypatch):
+    assert finetune_entry(method="lora").family == "tiny"  # tiny takes adapters
+    monkeypatch.setitem(FAMILIES, "tiny", replace(FAMILIES["tiny"], lora=False))
+    with pytest.raises(ValueError, match="LoRA adapters do not load onto a tiny pipeline"):
+        finetune_entry(method="lora")
