@@ -29,7 +29,7 @@ from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.safety import SafetyChecker
-from serving.schema import GenerationRequest, LimitExceeded
+from serving.schema import GenerationRequest, LimitExceeded, with_model_defaults
 from serving.settings import ServingSettings
 from txt2img.errors import Txt2ImgError
 
@@ -104,6 +104,9 @@ class Job:
 
     @classmethod
     def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
+        """The job of ``request`` for ``entry``, whatever its caller: what it leaves out takes the model's
+        defaults (a route's request has them already, from ``Engine.resolve``)."""
+        request = with_model_defaults(request, entry)
         return cls(entry, request, width, height, request.image_seeds(), deadline=time.monotonic() + timeout_s)
 
     @property
