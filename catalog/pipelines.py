@@ -19,7 +19,7 @@ from catalog.notices import drop_torchvision_fallback_notices
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog
-from catalog.tiny_sd import build_tiny_sd_pipeline
+from catalog.tiny_families import TINY_PIPELINES
 from txt2img.errors import InputError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -71,8 +71,8 @@ def load_base_pipeline(
     if weights is None and entry.method == "lora":
         raise ModelLoadError(f"model '{entry.id}' is a LoRA adapter; load its base '{entry.base}' first")
     drop_torchvision_fallback_notices()  # diffusers imports the pipeline's class while loading it
-    if weights is None and entry.source == "builtin":
-        pipeline = build_tiny_sd_pipeline()
+    if weights is None and entry.source == "builtin":  # tiny-sd, or a test's tiny stand-in of another family
+        pipeline = TINY_PIPELINES[entry.family]()
         return pipeline if torch_dtype is None else pipeline.to(dtype=torch_dtype)
 
     from diffusers import DiffusionPipeline

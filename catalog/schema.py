@@ -19,13 +19,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Family = Literal["sd1", "sd2-base", "sd2", "flux", "tiny"]
+from catalog.families import FAMILIES, FAMILY_NAMES
+
+# The family names, from the one table of families (catalog/families.py).
+Family = Literal[FAMILY_NAMES]
 Source = Literal["jumpstart", "builtin", "finetune", "imported"]
 Method = Literal["full", "lora"]
 
 # Families our local DreamBooth trainer can fine-tune. JumpStart's own remote
 # fine-tuning (``fine_tunable``) is a different, narrower notion.
-LOCALLY_TRAINABLE_FAMILIES = frozenset({"sd1", "sd2-base", "sd2", "tiny"})
+LOCALLY_TRAINABLE_FAMILIES = frozenset(name for name, family in FAMILIES.items() if family.locally_trainable)
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -139,6 +142,8 @@ class CatalogEntry(BaseModel):
                 raise ValueError(f"a finetune entry needs {', '.join(missing)}")
             if self.method == "lora" and self.base is None:
                 raise ValueError("a LoRA fine-tune needs its base")
+            if self.method == "lora" and not FAMILIES[self.family].lora:
+                raise ValueError(f"LoRA adapters do not load onto a {self.family} pipeline")
         elif self.source != "imported":
             present = [name for name in finetune_fields if getattr(self, name) is not None]
             if present:

@@ -4,7 +4,9 @@ SageMaker's Hugging Face PyTorch inference container calls ``model_fn(model_dir,
 and ``transform_fn(model, body, content_type, accept, context)`` per request. The wire format,
 JumpStart's text-to-image contract, is serving/invocations.py, which the packer copies next to
 this file as ``code/serving/invocations.py``: the import below finds it there in the container
-and in this checkout alike. Only this file's generation loop is the container's own.
+and in this checkout alike. The family table (catalog/families.py, copied as ``code/catalog/``)
+gives the defaults of the fields a request leaves out, and refuses what the model's family cannot
+use, as the local server does. Only this file's generation loop is the container's own.
 
 With env TXT2IMG_SAFETY_CHECKER=on (``txt2img deploy --safety-checker`` sets it, and packs a
 checker into the archive) the pipeline's own safety checker runs: flagged images come back black
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 from http import HTTPStatus
 
+from catalog.families import Family, family_of_pipeline
 from serving.invocations import (
     Invocation,
     InvocationError,
@@ -72,6 +75,22 @@ def model_fn(model_dir, context=None):
     return pipeline.to("cuda" if cuda else "cpu")
 
 
+def family_settings(family: Family | None, invocation: Invocation) -> dict:
+    """The steps and guidance of the invocation, its family's defaults where it names none (a pipeline of a
+    class no family runs keeps its own, as JumpStart's script does). A negative prompt that the family takes
+    only through true CFG (Flux), which JumpStart's format cannot ask for, is refused."""
+    settings = {"num_inference_steps": invocation.num_inference_steps, "guidance_scale": invocation.guidance_scale}
+    if family is None:
+        return {name: value for name, value in settings.items() if value is not None}
+    if family.true_cfg and any(image.negative_prompt for image in invocation.wanted_images()):
+        raise InvocationError(
+            f"a {family.pipeline_class} takes a negative prompt only through true CFG (true_cfg_scale), which "
+            "this format cannot ask for; send the request without 'negative_prompt'"
+        )
+    defaults = {"num_inference_steps": family.default_steps, "guidance_scale": family.default_guidance}
+    return {name: defaults[name] if value is None else value for name, value in settings.items()}
+
+
 def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]:
     """Every wanted image of the invocation, ``batch_size`` images per pipeline call, each from its own seed,
     and the safety checker's verdict on each (None without a checker)."""
@@ -82,6 +101,7 @@ def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]
             f"prompt_syntax {invocation.prompt_syntax!r}: this endpoint reads prompts as written ('plain'); "
             "AUTOMATIC1111's syntax ('a1111') is read by txt2img's own server (bentoml serve)"
         )
+    settings = family_settings(family_of_pipeline(type(pipeline).__name__), invocation)
     wanted = invocation.wanted_images()
     images = []
     flags = None
@@ -96,12 +116,11 @@ def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]
                 negative_prompt=negatives if any(negatives) else None,
                 width=invocation.width,
                 height=invocation.height,
-                num_inference_steps=invocation.num_inference_steps,
-                guidance_scale=invocation.guidance_scale,
                 generator=generators,
+                **settings,
             )
         images.extend(output.images)
-        if output.nsfw_content_detected is not None:
+        if getattr(output, "nsfw_content_detected", None) is not None:  # only SD 1 and 2 have a checker
             flags = (flags or []) + [bool(flag) for flag in output.nsfw_content_detected]
     return images, flags
 

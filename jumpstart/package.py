@@ -13,6 +13,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from catalog import families
 from catalog.pipelines import ModelLoadError, export_model
 from catalog.store import load_catalog
 from jumpstart import inference_script
@@ -23,6 +24,9 @@ from serving.settings import ServingSettings
 
 # The wire format and what it imports, copied as they are into the archive's code/serving/.
 WIRE_MODULES = (invocations, json_body, images)
+# The family table (defaults and refusals by pipeline class), copied as it is into the archive's code/catalog/.
+FAMILY_MODULE = families
+FAMILY_PACKAGE_INIT = '"""The pipeline families, copied from txt2img\'s catalog package."""\n'
 
 # What code/inference.py needs beyond the Hugging Face inference container's own packages.
 CONTAINER_REQUIREMENTS = ("diffusers>=0.31,<1", "accelerate>=0.34", "safetensors>=0.4")
@@ -40,6 +44,10 @@ def write_inference_code(code_dir: Path) -> None:
     (wire_package / "__init__.py").write_text(WIRE_PACKAGE_INIT, encoding="utf-8")
     for module in WIRE_MODULES:
         shutil.copyfile(module.__file__, wire_package / Path(module.__file__).name)
+    family_package = code_dir / "catalog"
+    family_package.mkdir()
+    (family_package / "__init__.py").write_text(FAMILY_PACKAGE_INIT, encoding="utf-8")
+    shutil.copyfile(FAMILY_MODULE.__file__, family_package / Path(FAMILY_MODULE.__file__).name)
     (code_dir / "requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n", encoding="utf-8")
 
 

@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from catalog.families import Family, family
 from catalog.schema import CatalogEntry
 from serving.engine import Engine, current_engine
 from serving.generation_queue import CallProgress, GenerationResult
@@ -45,6 +46,8 @@ SAMPLERS: dict[str, tuple[str, list[str]]] = {
     "UniPC": ("unipc", []),
 }
 SAMPLER_LOOKUP = {alias.lower(): name for name, (_, aliases) in SAMPLERS.items() for alias in (name, *aliases)}
+# On a flow-matching model (Flux), A1111's Euler is flow-matching Euler, as in Forge; no other sampler fits.
+FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}
 DEFAULT_SAMPLER = "Euler"  # A1111's sampler_index default, used when sampler_name is empty
 SEED_RANGE = 4294967294  # A1111 draws a random seed below it
 # What GET /sdapi/v1/options reports; override_settings may repeat any of these values.
@@ -135,8 +138,8 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: Text | None = ""
     width: int = 512
     height: int = 512
-    steps: int = 50
-    cfg_scale: float = 7.0
+    steps: int | None = None  # absent: the model family's default (catalog/families.py)
+    cfg_scale: float | None = None
     seed: int = -1
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
@@ -211,11 +214,29 @@ def checkpoint_id(title: str) -> str:
     return title.split(" [", 1)[0]
 
 
-def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
-    """One request for all ``batch_size * n_iter`` images; seed -1 draws a random seed as A1111 does."""
+def requested_model(request: Txt2ImgRequest) -> str | None:
+    """The catalog id of override_settings.sd_model_checkpoint; None for the server's default."""
     checkpoint = (request.override_settings or {}).get("sd_model_checkpoint")
+    return checkpoint_id(str(checkpoint)) if checkpoint else None
+
+
+def sampler_scheduler(sampler: str, family: Family | None) -> str:
+    """Our scheduler for an A1111 sampler on a model of ``family`` (None: a DDPM family's)."""
+    if family is None or not family.flow_matching:
+        return SAMPLERS[sampler][0]
+    if sampler not in FLOW_MATCHING_SAMPLERS:
+        raise A1111RequestError(
+            "sampler_name",
+            f"sampler '{sampler}' does not fit a {family.name} model; it takes {', '.join(FLOW_MATCHING_SAMPLERS)}",
+        )
+    return FLOW_MATCHING_SAMPLERS[sampler]
+
+
+def generation_request(request: Txt2ImgRequest, family: Family | None = None) -> GenerationRequest:
+    """One request for all ``batch_size * n_iter`` images of a model of ``family``; seed -1 draws a random
+    seed as A1111 does."""
     fields = {
-        "model": checkpoint_id(str(checkpoint)) if checkpoint else None,
+        "model": requested_model(request),
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or None,
         "width": request.width,
@@ -223,7 +244,7 @@ def generation_request(request: Txt2ImgRequest) -> GenerationRequest:
         "num_inference_steps": request.steps,
         "guidance_scale": request.cfg_scale,
         "seed": random.randrange(SEED_RANGE) if request.seed == -1 else request.seed,
-        "scheduler": SAMPLERS[request.sampler][0],
+        "scheduler": sampler_scheduler(request.sampler, family),
         "num_images": request.batch_size * request.n_iter,
         "prompt_syntax": "a1111",  # what A1111 clients write
     }
@@ -280,7 +301,8 @@ def txt2img_response(
         if request.send_images
         else []
     )
-    parameters = {**request.model_dump(), **payload, "sampler_name": sampler}
+    used = {"steps": generation.num_inference_steps, "cfg_scale": generation.guidance_scale}
+    parameters = {**request.model_dump(), **payload, **used, "sampler_name": sampler}
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
@@ -407,10 +429,11 @@ add_error_handlers(a1111_app, a1111_error_response, A1111RequestError)
 async def a1111_txt2img(request: Request, engine: Engine = Depends(current_engine)) -> Response:
     """AUTOMATIC1111's txt2img; errors in A1111's shape."""
     a1111_request, payload = parse_txt2img(await request.body())
-    generation = generation_request(a1111_request)
+    entry = engine.manager.entry(requested_model(a1111_request) or engine.settings.model)
+    # Resolved first, so that the answer's parameters and infotext say which defaults were used.
+    _, generation = engine.resolve(generation_request(a1111_request, family(entry.family)))
     [result] = await engine.generate([generation], request.is_disconnected)
-    model = generation.model or engine.settings.model
-    return JSONResponse(txt2img_response(a1111_request, payload, generation, result, model))
+    return JSONResponse(txt2img_response(a1111_request, payload, generation, result, generation.model))
 
 
 @a1111_app.get("/sd-models")

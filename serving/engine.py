@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from catalog.schema import CatalogEntry
 from serving.generation_queue import GenerationQueue, GenerationResult, Job
 from serving.image_files import ImageFiles, server_image_folder
 from serving.manager import PipelineManager
 from serving.metrics import serving_metrics
 from serving.model_store import stored_models
-from serving.schema import GenerationRequest, LimitExceeded, check_limits, work
+from serving.schema import GenerationRequest, LimitExceeded, check_limits, with_model_defaults, work
 from serving.settings import ServingSettings
 
 
@@ -36,14 +37,20 @@ class Engine:
         """Start generating: the queue warms the default model first."""
         self.queue.start(warm_model=self.settings.model)
 
-    def job(self, request: GenerationRequest) -> Job:
-        """The queue's job for ``request``: its model resolved, its size filled in and its limits checked."""
+    def resolve(self, request: GenerationRequest) -> tuple[CatalogEntry, GenerationRequest]:
+        """``request``'s catalog entry, and the request checked against the entry's family with every field
+        it left out filled in from the model's defaults (serving/schema.py ``with_model_defaults``).
+
+        Routes that echo what they generated (A1111's infotext) resolve first, to echo the defaults used."""
         entry = self.manager.entry(request.model or self.settings.model)
+        return entry, with_model_defaults(request, entry)
+
+    def job(self, request: GenerationRequest) -> Job:
+        """The queue's job for ``request``: its model resolved, its defaults filled in and its limits checked."""
+        entry, request = self.resolve(request)
         self.queue.check_loadable(entry.id)
-        width = request.width or entry.resolution
-        height = request.height or entry.resolution
-        check_limits(request, self.settings, width, height)
-        return Job.create(entry, request, width, height, self.settings.request_timeout_s)
+        check_limits(request, self.settings, request.width, request.height)
+        return Job.create(entry, request, request.width, request.height, self.settings.request_timeout_s)
 
     async def generate(
         self, requests: list[GenerationRequest], client_gone: Callable[[], Awaitable[bool]] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from catalog.families import family_of_pipeline
 from serving.prompts import PromptEmbeddingCache, prompt_inputs
 from serving.schema import SCHEDULER_CLASSES, LimitExceeded, PromptSyntax
 
@@ -41,7 +42,12 @@ def fresh_scheduler(pipeline, name: str | None):
 def request_pipeline(pipeline, scheduler_name: str | None):
     """A pipeline sharing ``pipeline``'s modules with its own scheduler and interrupt flag."""
     components = {**pipeline.components, "scheduler": fresh_scheduler(pipeline, scheduler_name)}
-    view = type(pipeline)(**components, requires_safety_checker=False)
+    # Only a class that takes a safety checker takes requires_safety_checker (FluxPipeline and SDXL's do not):
+    # without the repo's own checker, it would warn on every request (TXT2IMG_SAFETY_CHECKER decides instead).
+    family = family_of_pipeline(type(pipeline).__name__)
+    if family is not None and family.safety_checker:
+        components["requires_safety_checker"] = False
+    view = type(pipeline)(**components)
     view.set_progress_bar_config(disable=True)
     return view
 
@@ -55,6 +61,7 @@ def generate_images(
     num_inference_steps: int,
     guidance_scale: float,
     scheduler: str | None = None,
+    true_cfg_scale: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
     prompt_cache: PromptEmbeddingCache | None = None,
@@ -63,8 +70,9 @@ def generate_images(
     past the text encoder's window make embeddings of several lengths; see serving/prompts.py).
 
     ``should_stop`` is asked after every denoising step; once it says yes, the remaining steps
-    are skipped. ``on_step`` receives the number of steps done, for progress bars. ``prompt_cache``
-    keeps encoded prompts between calls.
+    are skipped. ``on_step`` receives the number of steps done, for progress bars. ``true_cfg_scale``
+    is Flux's true CFG (serving/schema.py ``check_family`` keeps it from other families).
+    ``prompt_cache`` keeps encoded prompts between calls.
     """
     import torch
 
@@ -94,6 +102,7 @@ def generate_images(
                 guidance_scale=guidance_scale,
                 generator=generators,
                 callback_on_step_end=after_step,
+                **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
             )
         for index, image in zip(indices, output.images):
             images[index] = image

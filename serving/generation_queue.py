@@ -1,7 +1,7 @@
 """The generation queue: a bounded FIFO of requests and the one thread that owns the device.
 
 Requests wait in arrival order. The thread takes the oldest one, adds every queued request that
-can share its pipeline call (same model, size, steps, guidance and scheduler) up to
+can share its pipeline call (same model, size, steps, guidance, true CFG and scheduler) up to
 ``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
 client left or whose time ran out is dropped from the queue, and a running call stops at the
 next denoising step once all of its requests have given up.
@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from catalog.families import family
 from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.prompts import PromptEmbeddingCache
 from serving.safety import SafetyChecker
-from serving.schema import GenerationRequest
+from serving.schema import GenerationRequest, with_model_defaults
 from serving.settings import ServingSettings
 from txt2img.errors import InputError, Txt2ImgError
 
@@ -104,6 +105,9 @@ class Job:
 
     @classmethod
     def create(cls, entry: CatalogEntry, request: GenerationRequest, width: int, height: int, timeout_s: float):
+        """The job of ``request`` for ``entry``, whatever its caller: what it leaves out takes the model's
+        defaults (a route's request has them already, from ``Engine.resolve``)."""
+        request = with_model_defaults(request, entry)
         return cls(entry, request, width, height, request.image_seeds(), deadline=time.monotonic() + timeout_s)
 
     @property
@@ -115,6 +119,7 @@ class Job:
             self.height,
             request.num_inference_steps,
             request.guidance_scale,
+            request.true_cfg_scale,
             request.scheduler,
         )
 
@@ -238,7 +243,7 @@ class GenerationQueue:
             width=size,
             height=size,
             num_inference_steps=WARM_UP_STEPS,
-            guidance_scale=7.5,
+            guidance_scale=family(entry.family).default_guidance,
         )
         logger.info("warmed up %s", model_id)
 
@@ -324,6 +329,7 @@ class GenerationQueue:
                 num_inference_steps=head.request.num_inference_steps,
                 guidance_scale=head.request.guidance_scale,
                 scheduler=head.request.scheduler,
+                true_cfg_scale=head.request.true_cfg_scale,
                 should_stop=lambda: all(job.gave_up() for job in batch),
                 on_step=count_step,
                 prompt_cache=self.prompt_cache,

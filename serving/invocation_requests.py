@@ -34,7 +34,7 @@ def generation_requests(invocation: Invocation, settings: ServingSettings) -> li
             "height": invocation.height,
             "num_inference_steps": invocation.num_inference_steps,
             # guidance_scale <= 1 disables guidance in JumpStart; ours too, clamped to our lower bound.
-            "guidance_scale": max(invocation.guidance_scale, 0.0),
+            "guidance_scale": None if invocation.guidance_scale is None else max(invocation.guidance_scale, 0.0),
             "num_images": per_prompt,
             "seed": first.seed,
             "prompt_syntax": invocation.prompt_syntax,

@@ -46,6 +46,9 @@ DEFAULT_ACCEPT = JPEG_ACCEPT  # the spec's default_accept_type
 WILDCARD_ACCEPTS = ("*/*", "application/*")  # any of ACCEPT_TYPES would do, so the default answers
 _PROMPTS = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}}]}
 _SIZE = {"type": "integer", "minimum": 8, "multipleOf": 8}
+# JumpStart's script leaves absent fields to the pipeline; here the model's family (catalog/families.py)
+# fills them, on the local server and in the packed script alike: 50 steps and 7.5 for Stable Diffusion.
+_FAMILY_DEFAULT = "Defaults to the model family's (50 steps and guidance 7.5 for Stable Diffusion 1 and 2)."
 # The application/json body as JSON Schema (OpenAPI 3.0 flavour), stated once: the local server's
 # OpenAPI document shows it, and its keys are the parameters both servers accept.
 REQUEST_SCHEMA = {
@@ -56,8 +59,8 @@ REQUEST_SCHEMA = {
         "prompt": _PROMPTS,
         "width": _SIZE,
         "height": _SIZE,
-        "num_inference_steps": {"type": "integer", "minimum": 1, "default": 50},
-        "guidance_scale": {"type": "number", "default": 7.5},
+        "num_inference_steps": {"type": "integer", "minimum": 1, "description": _FAMILY_DEFAULT},
+        "guidance_scale": {"type": "number", "description": _FAMILY_DEFAULT},
         "negative_prompt": _PROMPTS,
         "num_images_per_prompt": {"type": "integer", "minimum": 1, "default": 1},
         "seed": {"type": "integer", "minimum": 0},
@@ -69,9 +72,6 @@ REQUEST_SCHEMA = {
     },
 }
 PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
-# JumpStart's script leaves absent fields to diffusers' StableDiffusionPipeline, whose defaults these are.
-DEFAULT_NUM_INFERENCE_STEPS = 50
-DEFAULT_GUIDANCE_SCALE = 7.5
 SEED_END = 2**63  # image seeds stay below it: torch takes them, and so does the local server
 RANDOM_SEED_END = 2**32  # random first seeds, as the local server draws them
 JPEG_QUALITY = 90
@@ -111,8 +111,8 @@ class Invocation:
     negative_prompt: str | list[str] | None
     width: int | None  # None: the model's native size
     height: int | None
-    num_inference_steps: int
-    guidance_scale: float  # 1 or less turns guidance, and so the negative prompt, off
+    num_inference_steps: int | None  # None: the model family's default
+    guidance_scale: float | None  # 1 or less turns guidance, and so the negative prompt, off; None: the family's
     num_images_per_prompt: int
     seed: int | None
     batch_size: int  # prompts per pipeline call in the container; the local server batches on its own
@@ -261,8 +261,8 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
         negative_prompt=negative,
         width=sizes["width"],
         height=sizes["height"],
-        num_inference_steps=_int_at_least(payload, "num_inference_steps", 1, DEFAULT_NUM_INFERENCE_STEPS),
-        guidance_scale=_number(payload, "guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        num_inference_steps=_int_at_least(payload, "num_inference_steps", 1, None),
+        guidance_scale=_number(payload, "guidance_scale", None),
         num_images_per_prompt=_int_at_least(payload, "num_images_per_prompt", 1, 1),
         seed=_int_at_least(payload, "seed", 0, None),
         batch_size=_int_at_least(payload, "batch_size", 1, 1),

@@ -12,7 +12,7 @@ shape, and errors in OpenAI's ``{"error": {"message", "type", "param", "code"}}`
 * ``response_format`` defaults to ``b64_json``; ``url`` answers with links to this server,
   kept for an hour (serving/image_files.py).
 * Our own settings ride along as extra fields (the OpenAI SDK's ``extra_body``): ``seed``,
-  ``negative_prompt``, ``num_inference_steps``, ``guidance_scale`` and ``scheduler``.
+  ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (Flux) and ``scheduler``.
 * OpenAI options with no equivalent here are accepted at the values that ask for nothing
   (NEUTRAL_VALUES) and refused otherwise, naming the option; unknown fields are refused, as
   OpenAI refuses them.
@@ -87,6 +87,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: Text | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
     scheduler: SchedulerName | None = None
     prompt_syntax: PromptSyntax = "plain"
 
@@ -137,6 +138,7 @@ def generation_request(request: ImageGenerationRequest) -> GenerationRequest:
         "height": height,
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.guidance_scale,
+        "true_cfg_scale": request.true_cfg_scale,
         "seed": request.seed,
         "scheduler": request.scheduler,
         "prompt_syntax": request.prompt_syntax,

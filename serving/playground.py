@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
+from catalog.families import FAMILIES
 from catalog.index import load_index_skipping_bad_files
 from catalog.paths import txt2img_home
 from serving.bentoml_compat import SWAGGER_UI_PATH
@@ -80,6 +81,7 @@ def catalog_listing(query: str, loaded: list[str], default: str) -> dict[str, An
         "models": [{**entry, "loaded": entry["id"] in loaded} for entry in entries],
         "catalog_problems": [problem.as_json() for problem in problems],
         "schedulers": list(SCHEDULER_CLASSES),
+        "families": {name: family.as_json() for name, family in FAMILIES.items()},
     }
 
 

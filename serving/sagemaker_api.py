@@ -12,6 +12,7 @@ import os
 from fastapi import Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
+from catalog.families import FAMILIES, model_defaults
 from serving.engine import Engine, current_engine
 from serving.http_errors import INVOCATION_ERRORS, ErrorBody, add_error_handlers, error_response
 from serving.invocation_requests import generation_requests
@@ -74,8 +75,9 @@ async def invocations(request: Request, engine: Engine = Depends(current_engine)
 
 @sagemaker_app.get("/models")
 def models(engine: Engine = Depends(current_engine)) -> dict:
-    """The catalog ids this server may serve, which of them are loaded now, the BentoML model tag of those
-    served from BentoML's model store, and the catalog files it skipped.
+    """The catalog ids this server may serve, which of them are loaded now, each one's family and the
+    defaults a request for it gets, the BentoML model tag of those served from BentoML's model store, the
+    families (what each can use: catalog/families.py), and the catalog files it skipped.
 
     Each worker has models of its own: "loaded" is that of the worker that answered, named in "worker"."""
     manager = engine.manager
@@ -87,9 +89,11 @@ def models(engine: Engine = Depends(current_engine)) -> dict:
         "default": engine.settings.model,
         "loaded": loaded,
         "models": [
-            {"id": model_id, "loaded": model_id in loaded}
-            | ({"bento_model": stored[model_id].tag} if model_id in stored else {})
-            for model_id in manager.catalog.ids()
+            {"id": entry.id, "loaded": entry.id in loaded, "family": entry.family}
+            | {"defaults": model_defaults(entry.family, entry.resolution)}
+            | ({"bento_model": stored[entry.id].tag} if entry.id in stored else {})
+            for entry in manager.catalog
         ],
+        "families": {name: family.as_json() for name, family in FAMILIES.items()},
         "catalog_problems": [problem.as_json() for problem in manager.catalog_problems],
     }

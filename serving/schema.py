@@ -13,21 +13,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from catalog import families
+from catalog.schema import CatalogEntry
 from serving.json_body import text_problem
 from serving.settings import ServingSettings
 from txt2img.errors import InputError
 
-# The one list of schedulers a request may name, each with its diffusers class: the request models, the
-# generation code, AUTOMATIC1111's sampler names and the playground (through /ui/api/catalog) read it.
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
+# The one list of schedulers a request may name, each with its diffusers class, is the family table's: the
+# request models, the generation code, AUTOMATIC1111's sampler names and the playground read it from here.
+# Which of them a model can use is its family's (catalog/families.py); check_family refuses the others.
+SCHEDULER_CLASSES = families.SCHEDULER_CLASSES
 SchedulerName = Literal[tuple(SCHEDULER_CLASSES)]
 # How a prompt is read (serving/prompts.py): "plain" passes it to the text encoder as written; "a1111" reads
 # AUTOMATIC1111's weights ("(word:1.2)", "(word)", "[word]") and encodes a prompt past the encoder's 77
@@ -61,10 +56,21 @@ class GenerationSettings(BaseModel):
     negative_prompt: Text | None = None
     width: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
     height: int | None = Field(None, gt=0, multiple_of=8, description="Pixels; defaults to the model's native size.")
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps; defaults to the model family's.")
     # Finite and bounded: an infinite or huge scale is accepted by the pipeline and yields a black image.
-    guidance_scale: float = Field(
-        7.5, ge=0, le=50, allow_inf_nan=False, description="Classifier-free guidance; 1 or less disables it."
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=50,
+        allow_inf_nan=False,
+        description="Classifier-free guidance, 1 or less disables it; defaults to the model family's.",
+    )
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=1,
+        le=50,
+        allow_inf_nan=False,
+        description="Flux only: true classifier-free guidance, above 1, which a negative prompt needs there.",
     )
     seed: int | None = Field(
         None,
@@ -72,7 +78,9 @@ class GenerationSettings(BaseModel):
         lt=SEED_END,
         description="Seed of the first image; image i uses seed + i, below 2**63. Random (below 2**32) when absent.",
     )
-    scheduler: SchedulerName | None = Field(None, description="Sampler; defaults to the model's own.")
+    scheduler: SchedulerName | None = Field(
+        None, description="Sampler, one its model's family fits (GET /models lists them); defaults to the model's own."
+    )
     prompt_syntax: PromptSyntax = Field(
         "plain",
         description="'a1111' reads AUTOMATIC1111's (word:1.2), (word) and [word] weights and prompts past 77 "
@@ -187,3 +195,50 @@ def check_limits(request: GenerationRequest, settings: ServingSettings, width: i
     for field, limit, value in checks:
         if value > limit:
             raise LimitExceeded(field, limit, value)
+
+
+class FamilyRefusal(InputError, ValueError):
+    """A request names a field or value its model's family cannot use; ``allowed`` says what it can."""
+
+    def __init__(self, field: str, message: str, allowed: list):
+        self.field = field
+        self.allowed = allowed
+        super().__init__(message)
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "field": self.field, "allowed": self.allowed}
+
+
+def check_family(request: GenerationSettings, entry: CatalogEntry) -> None:
+    """Raise FamilyRefusal for the first field of ``request`` that ``entry``'s family cannot use."""
+    family = families.family(entry.family)
+    model = f"model '{entry.id}' (family {family.name})"
+    if request.scheduler is not None and request.scheduler not in family.schedulers:
+        allowed = list(family.schedulers)
+        raise FamilyRefusal(
+            "scheduler",
+            f"scheduler '{request.scheduler}' does not fit {model}; it takes {', '.join(allowed)}, or none for its own",
+            allowed,
+        )
+    if request.true_cfg_scale is not None and not family.true_cfg:
+        raise FamilyRefusal(
+            "true_cfg_scale",
+            f"true_cfg_scale applies to Flux models only; {model} takes a negative prompt through guidance_scale",
+            [None],
+        )
+    if request.negative_prompt and family.true_cfg and (request.true_cfg_scale or 1) <= 1:
+        raise FamilyRefusal(
+            "negative_prompt",
+            f"negative_prompt applies to {model} only through true CFG (it is guidance-distilled): "
+            "send true_cfg_scale above 1 with it (each step then runs twice)",
+            ["true_cfg_scale > 1"],
+        )
+
+
+def with_model_defaults(request: GenerationRequest, entry: CatalogEntry) -> GenerationRequest:
+    """``request`` checked against ``entry``'s family (check_family), with every field it left out given
+    the model's default: its native size, and its family's steps and guidance."""
+    check_family(request, entry)
+    defaults = {"model": entry.id, **families.model_defaults(entry.family, entry.resolution)}
+    missing = {name: value for name, value in defaults.items() if getattr(request, name) is None}
+    return request.model_copy(update=missing)

@@ -642,6 +642,27 @@ MUTATIONS = [
         "                guidance_scale=7.5,",
         (Select("tests/test_serving.py", "generation_field_changes"),),
     ),
+    Mutation(
+        "every pipeline class is given requires_safety_checker, Flux's and SDXL's included",
+        "serving/generation.py",
+        "    if family is not None and family.safety_checker:\n",
+        "    if True:\n",
+        (Select("tests/test_families.py", "stand_in_of_its_pipeline_class"),),
+    ),
+    Mutation(
+        "every model gets Stable Diffusion 1's defaults, whatever its family",
+        "serving/schema.py",
+        '    defaults = {"model": entry.id, **families.model_defaults(entry.family, entry.resolution)}\n',
+        '    defaults = {"model": entry.id, **families.model_defaults("sd1", entry.resolution)}\n',
+        (Select("tests/test_families.py", "resolves_to_schnell_defaults"),),
+    ),
+    Mutation(
+        "a scheduler its family cannot use is let through",
+        "serving/schema.py",
+        "    if request.scheduler is not None and request.scheduler not in family.schedulers:\n",
+        "    if False:\n",
+        (Select("tests/test_families.py", "cannot_use_is_refused"),),
+    ),
 ]
 
 

@@ -56,7 +56,7 @@ def test_validation_names_file_entry_and_field(tmp_path):
                 {"id": "neg-res", "source": "builtin", "family": "tiny", "resolution": -1},
                 {"id": "Bad Id", "source": "builtin", "family": "tiny", "resolution": 64},
                 {"id": "typo", "source": "builtin", "family": "tiny", "resolution": 64, "tagz": ["x"]},
-                {"id": "odd-family", "source": "builtin", "family": "sdxl", "resolution": 64},
+                {"id": "odd-family", "source": "builtin", "family": "sd3", "resolution": 64},
             ]
         },
     )

@@ -85,15 +85,15 @@ def test_every_scheduler_runs_one_to_three_steps(own_scheduler, one_torch_thread
     import numpy as np
     from diffusers import PNDMScheduler
 
+    from catalog.families import FAMILIES
     from catalog.tiny_sd import build_tiny_sd_pipeline
     from serving.generation import BatchItem, generate_images
-    from serving.schema import SCHEDULER_CLASSES
 
     pipeline = build_tiny_sd_pipeline()
     if own_scheduler == "Stable Diffusion's PNDM":
         pipeline.scheduler = PNDMScheduler.from_config(SD_PNDM_CONFIG)
     failures = []
-    for name in [None, *SCHEDULER_CLASSES]:
+    for name in [None, *FAMILIES["tiny"].schedulers]:
         for steps in (1, 2, 3):
             try:
                 [image] = generate_images(

@@ -14,6 +14,7 @@ const SEED_RULE = `a seed is a whole number from 0 to ${Number.MAX_SAFE_INTEGER}
 const $ = (selector) => document.querySelector(selector);
 
 let catalogModels = []; // every catalog entry, fine-tunes first, as /ui/api/catalog lists them
+let families = {}; // each family's defaults and schedulers (catalog/families.py), as /ui/api/catalog lists them
 
 // ---- small DOM helpers (text only: server data never becomes HTML) ----
 
@@ -155,8 +156,9 @@ async function refreshModels() {
   try {
     const listing = await getJson("/ui/api/catalog");
     catalogModels = listing.models;
+    families = listing.families;
     fillModelSelects(listing.default);
-    fillSchedulerSelect(listing.schedulers);
+    showFamilyDefaults();
   } catch (error) {
     showError($("#catalog-error"), `Could not reload the catalog: ${error.message}`);
   }
@@ -167,6 +169,16 @@ async function refreshModels() {
 function modelOption(model) {
   const label = `${model.id}${model.source === "finetune" ? " (fine-tune)" : ""}${model.loaded ? " · loaded" : ""}`;
   return element("option", { value: model.id, text: label });
+}
+
+// The chosen model's family shows its defaults in the empty fields and offers only the schedulers it fits.
+function showFamilyDefaults() {
+  const model = catalogModels.find((entry) => entry.id === $("#gen-model").value);
+  const family = model && families[model.family];
+  if (!family) return;
+  $("#gen-steps").placeholder = `${family.default_steps} (model's own)`;
+  $("#gen-guidance").placeholder = `${family.default_guidance} (model's own)`;
+  fillSchedulerSelect(family.schedulers);
 }
 
 // The schedulers a request may name, as the server lists them (after "model's own").
@@ -226,8 +238,9 @@ async function loadCatalog(query) {
     const listing = await getJson(`/ui/api/catalog?q=${encodeURIComponent(query)}`);
     if (!query) {
       catalogModels = listing.models;
+      families = listing.families;
       fillModelSelects(listing.default);
-      fillSchedulerSelect(listing.schedulers);
+      showFamilyDefaults();
     }
     if (query !== $("#catalog-query").value.trim()) return; // a later search is on its way
     const loaded = listing.loaded.length ? listing.loaded.join(", ") : "none";
@@ -242,6 +255,7 @@ async function loadCatalog(query) {
 
 function useModel(model) {
   $("#gen-model").value = model.id;
+  showFamilyDefaults();
   if (!$("#gen-prompt").value && model.example_prompt) $("#gen-prompt").value = model.example_prompt;
   showView("generate");
   $("#gen-prompt").focus();
@@ -283,6 +297,7 @@ function applySettings(settings) {
   for (const name of ["model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "scheduler", "seed"]) {
     if (form.elements[name]) form.elements[name].value = settings[name] ?? "";
   }
+  showFamilyDefaults();
   checkSeed(form.elements.seed); // a history entry of an older page may hold a seed this one cannot send
   form.elements.num_images.value = 1;
 }
@@ -527,6 +542,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#catalog-query").addEventListener("input", search);
   $("#catalog-search").addEventListener("submit", (event) => { event.preventDefault(); loadCatalog($("#catalog-query").value.trim()); });
   $("#generate-form").addEventListener("submit", onGenerate);
+  $("#gen-model").addEventListener("change", showFamilyDefaults);
   $("#compare-form").addEventListener("submit", onCompare);
   $("#gen-dice").addEventListener("click", () => setSeed($("#gen-seed"), randomSeed()));
   $("#cmp-dice").addEventListener("click", () => setSeed($("#cmp-seed"), randomSeed()));

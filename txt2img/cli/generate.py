@@ -16,13 +16,27 @@ from serving.generation import BatchItem, generate_images, is_out_of_memory
 from serving.images import image_bytes
 from serving.manager import PipelineManager
 from serving.safety import SafetyChecker
-from serving.schema import LIMIT_SETTINGS, GenerationRequest, LimitExceeded, check_limits, describe_validation_error
+from serving.schema import (
+    LIMIT_SETTINGS,
+    SCHEDULER_CLASSES,
+    FamilyRefusal,
+    GenerationRequest,
+    LimitExceeded,
+    check_limits,
+    describe_validation_error,
+    with_model_defaults,
+)
 from serving.settings import ServingSettings
 from txt2img.cli.options import first_error
 from txt2img.errors import InputError
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "negative_prompt": "--negative"}
+OPTION_NAMES = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "negative_prompt": "--negative",
+    "true_cfg_scale": "--true-cfg",
+}
 
 
 # The setting behind each field ``serving.schema.check_limits`` names.
@@ -45,12 +59,16 @@ def output_paths(output: Path, count: int) -> list[Path]:
     help="Image file (.png, .jpg); with -n N, numbered files beside it.",
 )
 @click.option("--seed", type=int, help="Seed of the first image (image i uses seed + i). Random if absent.")
-@click.option("--steps", type=int, help="Denoising steps.  [default: 25]")
+@click.option("--steps", type=int, help="Denoising steps.  [default: the model family's]")
 @click.option("--width", type=int, help="Pixels, a multiple of 8.  [default: the model's native size]")
 @click.option("--height", type=int, help="Pixels, a multiple of 8.  [default: the model's native size]")
-@click.option("--negative", help="Negative prompt.")
-@click.option("--guidance", type=float, help="Guidance scale.  [default: 7.5]")
-@click.option("--scheduler", help="ddim, pndm, euler, euler-a, dpm++, unipc or lms.  [default: the model's own]")
+@click.option("--negative", help="Negative prompt (on Flux, with --true-cfg above 1).")
+@click.option("--guidance", type=float, help="Guidance scale.  [default: the model family's]")
+@click.option("--true-cfg", type=float, help="Flux only: true classifier-free guidance, above 1 to use --negative.")
+@click.option(
+    "--scheduler",
+    help=f"One the model's family fits, of {', '.join(SCHEDULER_CLASSES)}.  [default: the model's own]",
+)
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
 @click.option(
     "--no-limits",
@@ -58,7 +76,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
     help="Lift the server's limits on steps, images, pixels and prompt length (TXT2IMG_MAX_*) for this run.",
 )
 def generate(
-    model_id, prompt, output, seed, steps, width, height, negative, guidance, scheduler, num_images, no_limits
+    model_id, prompt, output, seed, steps, width, height, negative, guidance, true_cfg, scheduler, num_images, no_limits
 ):
     """Generate images from catalog model MODEL_ID locally, TXT2IMG_MAX_BATCH_SIZE at a time, each
     written as soon as it is made; progress (images done of all) goes to stderr."""
@@ -73,6 +91,7 @@ def generate(
         "height": height,
         "num_inference_steps": steps,
         "guidance_scale": guidance,
+        "true_cfg_scale": true_cfg,
         "seed": seed,
         "scheduler": scheduler,
         "num_images": num_images,
@@ -109,6 +128,18 @@ def _settings():
         raise InputError(f"TXT2IMG_{field.upper()}: {message}") from None
 
 
+def _with_model_defaults(request, entry):
+    """``serving.schema.with_model_defaults``: the family's defaults; a field it cannot use is refused in one
+    line that names the options."""
+    try:
+        return with_model_defaults(request, entry)
+    except FamilyRefusal as error:
+        message = str(error)
+        for field, option in OPTION_NAMES.items():
+            message = message.replace(field, option)
+        raise InputError(message) from None
+
+
 def _check_server_limits(request, settings, width: int, height: int) -> None:
     """``serving.schema.check_limits``, refused in one line that says which setting lifts it."""
     try:
@@ -130,7 +161,8 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
         entry = manager.entry(request.model)
     except CatalogError as error:
         raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
-    width, height = request.width or entry.resolution, request.height or entry.resolution
+    request = _with_model_defaults(request, entry)
+    width, height = request.width, request.height
     if limits:
         _check_server_limits(request, settings, width, height)
     progress.loading(request.model)
@@ -159,6 +191,7 @@ def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             scheduler=request.scheduler,
+            true_cfg_scale=request.true_cfg_scale,
             on_step=progress.step,
         )
     except LimitExceeded as error:
