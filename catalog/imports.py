@@ -29,33 +29,23 @@ from pathlib import Path
 from typing import Any
 
 from catalog.checkpoint_files import OPEN_CLIP_WIDTH, ImportRefused, detect_family, read_header, sha256_of
+from catalog.families import FAMILIES
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import claim_name, load_catalog, write_entry
 
-
-@dataclass(frozen=True)
-class FamilyBase:
-    resolution: int
-    config_repo: str | None  # the repo a single-file checkpoint of this family takes its configuration from
-
-
-# The lead points this at the family table (catalog/families.py, branch `families`) at merge.
-FAMILY_BASES = {
-    "sd1": FamilyBase(512, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    "sd2-base": FamilyBase(512, "stabilityai/stable-diffusion-2-1-base"),
-    "sd2": FamilyBase(768, "stabilityai/stable-diffusion-2-1"),
-    "sdxl": FamilyBase(1024, "stabilityai/stable-diffusion-xl-base-1.0"),
-    "flux": FamilyBase(1024, "black-forest-labs/FLUX.1-schnell"),
-    "tiny": FamilyBase(64, None),  # built in code: `txt2img export tiny-sd FOLDER` makes a --config
-}
 # Families whose weights have the same names and shapes: only the configuration tells them apart.
 SAME_WEIGHTS = {"sd2": {"sd2", "sd2-base"}, "sd2-base": {"sd2", "sd2-base"}}
 # What diffusers' from_single_file reads from a config repo (loaders/single_file.py).
 CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 COPIED_CONFIG_DIR = "config"  # beside a copied single file: the configuration of a local --config folder
-PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+# Pipeline classes only one family runs; StableDiffusionPipeline models are told apart by text width.
+PIPELINE_FAMILIES = {
+    family.pipeline_class: name
+    for name, family in FAMILIES.items()
+    if family.pipeline_class != "StableDiffusionPipeline"
+}
 CLIP_WIDTH_FAMILIES = {768: "sd1", 32: "tiny"}
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -133,7 +123,7 @@ def folder_resolution(folder: Path, family: str) -> int:
         levels = len(_read_json(vae).get("block_out_channels") or [])
         if isinstance(sample_size, int) and levels:
             return sample_size * 2 ** (levels - 1)
-    return FAMILY_BASES[family].resolution
+    return FAMILIES[family].native_size
 
 
 def _chosen_family(found: str, request: ImportRequest, what: str) -> str:
@@ -172,7 +162,7 @@ def _describe_folder(folder: Path, request: ImportRequest) -> dict[str, Any]:
 def _describe_file(path: Path, request: ImportRequest) -> dict[str, Any]:
     found = detect_family(read_header(path), path)
     family = _chosen_family(found, request, f"the checkpoint {path.name}")
-    config = request.config or FAMILY_BASES[family].config_repo
+    config = request.config or FAMILIES[family].single_file_config
     if config is None:
         raise ImportRefused(f"a {family} checkpoint has no base repo to take its configuration from; pass --config")
     folder = config_folder(config, local_files_only=False)
@@ -208,7 +198,7 @@ def _describe_hub_repo(request: ImportRequest) -> dict[str, Any]:
                 f"or fetch it with `{fetch_command(repo)}`"
             ) from None
         family = request.family
-        return {"family": family, "resolution": FAMILY_BASES[family].resolution, "imported_from": repo, "hf_repo": repo}
+        return {"family": family, "resolution": FAMILIES[family].native_size, "imported_from": repo, "hf_repo": repo}
     if not (folder / "model_index.json").is_file():
         raise ImportRefused(
             f"{repo} is not in diffusers layout (no model_index.json); add its .safetensors file instead"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from catalog.imports import FAMILY_BASES, ImportRequest, import_model
+from catalog.families import FAMILIES
+from catalog.imports import ImportRequest, import_model
 from catalog.index import load_index
 from catalog.paths import require_folder
 from catalog.pipelines import export_model
@@ -192,7 +193,7 @@ def validate(path: Path | None) -> None:
 )
 @click.option(
     "--family",
-    type=click.Choice(sorted(FAMILY_BASES)),
+    type=click.Choice(sorted(FAMILIES)),
     help="Where the files cannot tell: an SD 2 checkpoint is taken for sd2 (768 px, v-prediction) unless this "
     "says sd2-base; an uncached Hub repo offline needs it.",
 )
