@@ -15,6 +15,7 @@ from catalog.store import CatalogError
 from serving.generation import BatchItem, generate_images, is_out_of_memory
 from serving.images import image_bytes
 from serving.manager import PipelineManager
+from serving.recipes import Recipe, read_recipe, recipe, recipe_metadata
 from serving.safety import SafetyChecker
 from serving.schema import LIMIT_SETTINGS, GenerationRequest, LimitExceeded, check_limits, describe_validation_error
 from serving.settings import ServingSettings
@@ -34,8 +35,15 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 @click.command("generate")
-@click.argument("model_id")
-@click.argument("prompt")
+@click.argument("model_id", required=False)
+@click.argument("prompt", required=False)
+@click.option(
+    "--from",
+    "from_image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Make again the image this PNG (or JPEG) written by txt2img carries the recipe of, instead of "
+    "MODEL_ID PROMPT; options given beside it change that recipe.",
+)
 @click.option(
     "-o",
     "--output",
@@ -58,10 +66,22 @@ def output_paths(output: Path, count: int) -> list[Path]:
     help="Lift the server's limits on steps, images, pixels and prompt length (TXT2IMG_MAX_*) for this run.",
 )
 def generate(
-    model_id, prompt, output, seed, steps, width, height, negative, guidance, scheduler, num_images, no_limits
+    model_id,
+    prompt,
+    from_image,
+    output,
+    seed,
+    steps,
+    width,
+    height,
+    negative,
+    guidance,
+    scheduler,
+    num_images,
+    no_limits,
 ):
     """Generate images from catalog model MODEL_ID locally, TXT2IMG_MAX_BATCH_SIZE at a time, each
-    written as soon as it is made; progress (images done of all) goes to stderr."""
+    written as soon as it is made, its recipe embedded; progress (images done of all) goes to stderr."""
     image_format = FORMATS_BY_SUFFIX.get(output.suffix.lower())
     if image_format is None:
         raise InputError(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
@@ -78,10 +98,23 @@ def generate(
         "num_images": num_images,
         "format": image_format,
     }
-    request = _request({name: value for name, value in options.items() if value is not None})
+    given = {name: value for name, value in options.items() if value is not None}
+    request = _request({**_recipe_options(from_image, model_id, prompt), **given})
     require_folder(output.parent, "output folder")
     with ImageProgress(request.num_images) as progress:
         _run(request, output, progress, limits=not no_limits)
+
+
+def _recipe_options(from_image: Path | None, model_id: str | None, prompt: str | None) -> dict:
+    """The request fields of ``--from``'s recipe (empty without it); MODEL_ID PROMPT or --from, not both."""
+    if from_image is None:
+        if model_id is None or prompt is None:
+            raise InputError("give MODEL_ID and PROMPT, or --from IMAGE to make an image again")
+        return {}
+    if model_id is not None:
+        raise InputError("give either --from IMAGE or MODEL_ID PROMPT, not both")
+    made = read_recipe(from_image.read_bytes(), str(from_image))
+    return made.generation_request().model_dump(exclude_none=True, exclude={"format"})
 
 
 def _request(options: dict):
@@ -144,7 +177,8 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
         progress.generating(manager.device, request.num_inference_steps)
         images = _generate_batch(pipeline, request, batch, width, height, progress)
         images, flags = checker.check(images) if checker else (images, [False] * len(images))
-        _write(images, paths[start : start + len(batch)], batch, flags, request.format)
+        recipes = [recipe(entry, request, width, height, seed) for seed in batch]
+        _write(images, paths[start : start + len(batch)], recipes, flags, request.format)
         progress.images_done(start + len(batch))
 
 
@@ -173,10 +207,10 @@ def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int
         ) from None
 
 
-def _write(images: list, paths: list[Path], seeds: list[int], flags: list[bool], image_format: str) -> None:
-    for image, path, seed, flagged in zip(images, paths, seeds, flags):
-        atomic_write_bytes(path, image_bytes(image, image_format))
-        click.echo(f"{path}  (seed {seed})" + ("  flagged by the safety checker: black" if flagged else ""))
+def _write(images: list, paths: list[Path], recipes: list[Recipe], flags: list[bool], image_format: str) -> None:
+    for image, path, made, flagged in zip(images, paths, recipes, flags):
+        atomic_write_bytes(path, image_bytes(image, image_format, metadata=recipe_metadata(made)))
+        click.echo(f"{path}  (seed {made.seed})" + ("  flagged by the safety checker: black" if flagged else ""))
 
 
 def _safety_checker(settings, device, dtype):
