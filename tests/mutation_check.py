@@ -299,8 +299,8 @@ MUTATIONS = [
     Mutation(
         "batched images handed to the wrong requests",
         "serving/generation_queue.py",
-        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags)",
-        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags)",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags, job)",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags, job)",
         (Select("tests/test_serving.py", "batched"),),
     ),
     Mutation(
@@ -598,6 +598,13 @@ MUTATIONS = [
         "                guidance_scale=head.request.guidance_scale,",
         "                guidance_scale=7.5,",
         (Select("tests/test_serving.py", "generation_field_changes"),),
+    ),
+    Mutation(
+        "an image's recipe omits its seed (records 0)",
+        "serving/recipes.py",
+        "        seed=seed,\n",
+        "        seed=0,\n",
+        (Select("tests/test_recipes.py", "generate_from_an_image_makes_the_same_bytes"),),
     ),
 ]
 
