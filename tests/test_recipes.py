@@ -21,6 +21,7 @@ import pytest
 import webuiapi
 from bentoml_server import offline_server
 from PIL import Image, PngImagePlugin
+from playwright.sync_api import expect
 
 from catalog.store import load_catalog
 from serving.images import PARAMETERS_KEY, RECIPE_KEY, image_metadata
@@ -293,3 +294,53 @@ def test_generate_from_or_model_and_prompt_is_one_line_and_exit_2(generate, tmp_
     result = generate(*args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+@pytest.fixture()
+def page(browser, recipe_server):
+    """The playground's Generate view in a fresh page; a script error fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    script_errors = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    page.goto(f"{recipe_server}/ui")
+    page.locator("nav").get_by_role("button", name="Generate").click()
+    yield page
+    context.close()
+    assert not script_errors
+
+
+def drop_file(page, selector: str, data: bytes, name: str) -> None:
+    """Drop a file on ``selector`` as a person dragging it from their desktop would."""
+    transfer = page.evaluate_handle(
+        """([encoded, name]) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            return transfer;
+        }""",
+        [base64.b64encode(data).decode(), name],
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def test_the_playground_shows_a_dropped_images_recipe_and_uses_its_settings(page, http):
+    drop_file(page, "#recipe-drop", images_png(http), "cube.png")
+    view = page.locator("#recipe-view")
+    expect(view).to_be_visible()
+    for shown in ("tiny-sd", "a red cube", "blur", "41", "64×64", "6.5", "euler"):
+        expect(view).to_contain_text(shown)
+    page.get_by_role("button", name="Use these settings").click()
+    form = {"#gen-model": "tiny-sd", "#gen-prompt": "a red cube", "#gen-negative": "blur", "#gen-seed": "41"}
+    form |= {"#gen-steps": "2", "#gen-guidance": "6.5", "#gen-scheduler": "euler", "#gen-width": "64"}
+    for selector, value in form.items():
+        expect(page.locator(selector)).to_have_value(value)
+    expect(page.locator("#recipe-error")).to_be_hidden()
+
+
+def test_the_playground_says_an_image_carries_no_recipe(page, tmp_path):
+    page.set_input_files("#recipe-file", str(png_with(tmp_path, {"parameters": "a cat\nSteps: 3, Seed: 1, Size: 8x8"})))
+    expect(page.locator("#recipe-error")).to_contain_text("given.png carries no txt2img recipe")
+    expect(page.locator("#recipe-error")).to_contain_text("Its AUTOMATIC1111 parameters: a cat")
+    expect(page.locator("#recipe-view")).to_be_hidden()
