@@ -232,12 +232,14 @@ def generate(tmp_path):
     return run
 
 
-def test_generate_from_an_image_makes_the_same_bytes(generate, tmp_path):
-    made = generate("tiny-sd", "a red cube", "-o", "first.png", "--steps", "2", "--seed", "5", "--negative", "blur")
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_generate_from_an_image_makes_the_same_bytes(generate, tmp_path, suffix):
+    first, again_path = f"first{suffix}", f"again{suffix}"
+    made = generate("tiny-sd", "a red cube", "-o", first, "--steps", "2", "--seed", "5", "--negative", "blur")
     assert made.returncode == 0, made.stderr
-    again = generate("--from", "first.png", "-o", "again.png")
+    again = generate("--from", first, "-o", again_path)
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "first.png").read_bytes()
+    assert (tmp_path / again_path).read_bytes() == (tmp_path / first).read_bytes()
     assert "(seed 5)" in again.stdout
 
 

@@ -41,7 +41,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
     "--from",
     "from_image",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Make again the image this PNG (or JPEG) written by txt2img carries the recipe of, instead of "
+    help="Make the image in FILE (a PNG or JPEG txt2img wrote) again from the recipe it carries, instead of "
     "MODEL_ID PROMPT; options given beside it change that recipe.",
 )
 @click.option(
