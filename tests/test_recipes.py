@@ -240,6 +240,7 @@ def test_generate_from_an_image_makes_the_same_bytes(generate, tmp_path, suffix)
     again = generate("--from", first, "-o", again_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / again_path).read_bytes() == (tmp_path / first).read_bytes()
+    assert "note:" not in again.stderr
     assert "(seed 5)" in again.stdout
 
 
@@ -256,6 +257,16 @@ def test_generate_from_with_an_option_changes_that_setting_only(generate, tmp_pa
     assert other.returncode == 0, other.stderr
     made = Recipe.model_validate_json(Image.open(tmp_path / "other.png").info[RECIPE_KEY])
     assert (made.seed, made.num_inference_steps, made.prompt) == (6, 1, "a red cube")
+
+
+def test_generate_from_an_image_of_a_changed_model_says_so(generate, tmp_path):
+    assert generate("tiny-sd", "a red cube", "-o", "first.png", "--steps", "1").returncode == 0
+    made = Recipe.model_validate_json(Image.open(tmp_path / "first.png").info[RECIPE_KEY])
+    changed = made.model_copy(update={"model_sha": "0" * 64})
+    path = png_with(tmp_path, {RECIPE_KEY: changed.model_dump_json()})
+    again = generate("--from", str(path), "-o", "again.png")
+    assert again.returncode == 0, again.stderr
+    assert "model 'tiny-sd' is not the one that made the image (its catalog entry changed)" in again.stderr
 
 
 def png_with(tmp_path: Path, chunks: dict[str, str]) -> Path:

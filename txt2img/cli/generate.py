@@ -15,7 +15,7 @@ from catalog.store import CatalogError
 from serving.generation import BatchItem, generate_images, is_out_of_memory
 from serving.images import image_bytes
 from serving.manager import PipelineManager
-from serving.recipes import Recipe, read_recipe, recipe, recipe_metadata
+from serving.recipes import Recipe, model_sha, read_recipe, recipe, recipe_metadata
 from serving.safety import SafetyChecker
 from serving.schema import LIMIT_SETTINGS, GenerationRequest, LimitExceeded, check_limits, describe_validation_error
 from serving.settings import ServingSettings
@@ -99,22 +99,23 @@ def generate(
         "format": image_format,
     }
     given = {name: value for name, value in options.items() if value is not None}
-    request = _request({**_recipe_options(from_image, model_id, prompt), **given})
+    made = _given_recipe(from_image, model_id, prompt)
+    recipe_fields = made.generation_request().model_dump(exclude_none=True, exclude={"format"}) if made else {}
+    request = _request({**recipe_fields, **given})
     require_folder(output.parent, "output folder")
     with ImageProgress(request.num_images) as progress:
-        _run(request, output, progress, limits=not no_limits)
+        _run(request, output, progress, limits=not no_limits, made_with=made.model_sha if made else None)
 
 
-def _recipe_options(from_image: Path | None, model_id: str | None, prompt: str | None) -> dict:
-    """The request fields of ``--from``'s recipe (empty without it); MODEL_ID PROMPT or --from, not both."""
+def _given_recipe(from_image: Path | None, model_id: str | None, prompt: str | None) -> Recipe | None:
+    """``--from``'s recipe (None without it); MODEL_ID PROMPT or --from, not both."""
     if from_image is None:
         if model_id is None or prompt is None:
             raise InputError("give MODEL_ID and PROMPT, or --from IMAGE to make an image again")
-        return {}
+        return None
     if model_id is not None:
         raise InputError("give either --from IMAGE or MODEL_ID PROMPT, not both")
-    made = read_recipe(from_image.read_bytes(), str(from_image))
-    return made.generation_request().model_dump(exclude_none=True, exclude={"format"})
+    return read_recipe(from_image.read_bytes(), str(from_image))
 
 
 def _request(options: dict):
@@ -155,14 +156,20 @@ def _check_server_limits(request, settings, width: int, height: int) -> None:
         raise InputError(f"{reason}: raise {setting} or pass --no-limits") from None
 
 
-def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
-    """Load the model, then generate and write the images batch by batch."""
+def _run(request, output: Path, progress: ImageProgress, limits: bool, made_with: str | None = None) -> None:
+    """Load the model, then generate and write the images batch by batch; ``made_with`` is the model_sha of
+    the recipe being made again."""
     settings = _settings()
     try:
         manager = PipelineManager(settings)
         entry = manager.entry(request.model)
     except CatalogError as error:
         raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
+    if made_with is not None and model_sha(entry) != made_with:  # the bytes will differ: say why up front
+        click.echo(
+            f"txt2img: note: model '{entry.id}' is not the one that made the image (its catalog entry changed)",
+            err=True,
+        )
     width, height = request.width or entry.resolution, request.height or entry.resolution
     if limits:
         _check_server_limits(request, settings, width, height)
