@@ -295,7 +295,7 @@ def decoded_image(payload: dict[str, Any]) -> bytes:
     image = payload.get("image")
     if not isinstance(image, str) or not image.strip():
         raise A1111RequestError("image", "a base64-encoded image is required")
-    encoded = image.strip().split(",", 1)[1] if image.startswith("data:") else image.strip()
+    encoded = image.strip().partition(",")[2] if image.startswith("data:") else image.strip()
     try:
         return base64.b64decode(encoded, validate=True)
     except binascii.Error:

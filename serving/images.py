@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 
 PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's infotext
 RECIPE_KEY = "txt2img"  # the recipe's JSON
@@ -63,15 +64,19 @@ def exif_block(metadata: dict[str, str]) -> bytes:
 def image_metadata(data: bytes) -> dict[str, str] | None:
     """What an image's bytes carry: its PNG text chunks, or its EXIF records under the keys
     ``image_bytes`` took; None when the bytes are no image PIL reads."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError):
+        if image.format == "PNG":
+            return {key: value for key, value in image.info.items() if isinstance(key, str) and isinstance(value, str)}
+        return exif_metadata(image.getexif())
+    # What PIL raises for bytes that are no image, a broken one or a decompression bomb.
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError):
         return None
-    if image.format == "PNG":
-        return {key: value for key, value in image.info.items() if isinstance(key, str) and isinstance(value, str)}
-    exif = image.getexif()
+
+
+def exif_metadata(exif) -> dict[str, str]:
     found = {}
     comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
     if isinstance(comment, bytes):
