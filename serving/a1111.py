@@ -17,8 +17,11 @@ The routes live on ``a1111_app``, which the service mounts at ``/sdapi/v1``; the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import random
+import re
 import time
 from typing import Any
 
@@ -31,20 +34,11 @@ from catalog.schema import CatalogEntry
 from serving.engine import Engine, current_engine
 from serving.generation_queue import CallProgress, GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
-from serving.images import image_base64
+from serving.images import PARAMETERS_KEY, image_base64, image_metadata
 from serving.json_body import read_json_object
+from serving.recipes import SAMPLERS, parameters_text, recipe_metadata, result_recipes
 from serving.schema import GenerationRequest, Text
 
-# A1111's sampler names, each with our scheduler and A1111's aliases for it.
-SAMPLERS: dict[str, tuple[str, list[str]]] = {
-    "Euler a": ("euler-a", ["k_euler_a", "k_euler_ancestral"]),
-    "Euler": ("euler", ["k_euler"]),
-    "LMS": ("lms", ["k_lms"]),
-    "DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]),
-    "DDIM": ("ddim", []),
-    "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
-    "UniPC": ("unipc", []),
-}
 SAMPLER_LOOKUP = {alias.lower(): name for name, (_, aliases) in SAMPLERS.items() for alias in (name, *aliases)}
 # On a flow-matching model (Flux), A1111's Euler is flow-matching Euler, as in Forge; no other sampler fits.
 FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}
@@ -251,18 +245,6 @@ def generation_request(request: Txt2ImgRequest, family: Family | None = None) ->
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
 
 
-def infotext(generation: GenerationRequest, sampler: str, seed: int, model: str) -> str:
-    """A1111's one-paragraph description of an image, which A1111 tools read back."""
-    lines = [generation.prompt]
-    if generation.negative_prompt:
-        lines.append(f"Negative prompt: {generation.negative_prompt}")
-    lines.append(
-        f"Steps: {generation.num_inference_steps}, Sampler: {sampler}, CFG scale: {generation.guidance_scale:g}, "
-        f"Seed: {seed}, Size: {generation.width}x{generation.height}, Model: {model}"
-    )
-    return "\n".join(lines)
-
-
 def txt2img_response(
     request: Txt2ImgRequest,
     payload: dict[str, Any],
@@ -272,7 +254,8 @@ def txt2img_response(
 ) -> dict[str, Any]:
     """A1111's answer: ``images``, ``parameters`` (the request as sent, with defaults) and ``info`` (a JSON string)."""
     sampler = request.sampler
-    texts = [infotext(generation, sampler, seed, model) for seed in result.seeds]
+    recipes = result_recipes(result)
+    texts = [parameters_text(recipe) for recipe in recipes]
     count = len(result.seeds)
     info = {
         "prompt": generation.prompt,
@@ -297,13 +280,59 @@ def txt2img_response(
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
     }
     images = (
-        [image_base64(image, "png", png_text={"parameters": text}) for image, text in zip(result.images, texts)]
+        [image_base64(image, "png", metadata=recipe_metadata(recipe)) for image, recipe in zip(result.images, recipes)]
         if request.send_images
         else []
     )
     used = {"steps": generation.num_inference_steps, "cfg_scale": generation.guidance_scale}
     parameters = {**request.model_dump(), **payload, **used, "sampler_name": sampler}
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+# One ``Name: value`` of an infotext's last line, as A1111 parses it (a value may be a quoted string).
+INFOTEXT_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """An infotext as A1111's ``parameters``: ``Prompt``, ``Negative prompt``, each ``Name: value`` of the
+    last line (as text), and ``Size`` as ``Size-1`` and ``Size-2``."""
+    *prompt_lines, last = text.strip().split("\n")
+    found = INFOTEXT_FIELD.findall(last)
+    fields = dict(found) if len(found) >= 3 else {}  # a last line of settings, not a prompt with a colon
+    if not fields:
+        prompt_lines.append(last)
+    negative = [line for line in prompt_lines if line.startswith("Negative prompt:")]
+    prompt = [line for line in prompt_lines if not line.startswith("Negative prompt:")]
+    parameters = {"Prompt": "\n".join(prompt), "Negative prompt": negative[0][16:].strip() if negative else ""}
+    for name, value in fields.items():
+        width, _, height = value.partition("x")
+        if name == "Size" and width.isdigit() and height.isdigit():
+            parameters.update({"Size-1": width, "Size-2": height})
+        else:
+            parameters[name] = value
+    return parameters
+
+
+def decoded_image(payload: dict[str, Any]) -> bytes:
+    """The bytes of a request's ``image``: base64, or a ``data:`` URL of it, as A1111 takes them."""
+    image = payload.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise A1111RequestError("image", "a base64-encoded image is required")
+    encoded = image.strip().partition(",")[2] if image.startswith("data:") else image.strip()
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise A1111RequestError("image", "is not valid base64") from None
+
+
+def png_info(body: bytes) -> dict[str, Any]:
+    """A1111's ``/png-info`` answer: ``info`` (the infotext), ``items`` (the image's other text records,
+    the ``txt2img`` recipe among them) and ``parameters`` (the infotext parsed)."""
+    metadata = image_metadata(decoded_image(read_json_object(body)))
+    if metadata is None:
+        raise A1111RequestError("image", "is not an image this server can read (PNG, JPEG or WebP)")
+    info = metadata.pop(PARAMETERS_KEY, "")
+    return {"info": info, "items": metadata, "parameters": parse_infotext(info)}
 
 
 class A1111ErrorBody(BaseModel):
@@ -476,3 +505,10 @@ def a1111_progress(engine: Engine = Depends(current_engine)) -> dict:
 def a1111_scripts() -> dict:
     """No scripts or extensions here; clients ask before sending their arguments."""
     return {"txt2img": [], "img2img": []}
+
+
+@a1111_app.post("/png-info", responses=a1111_error_answers(422))
+async def a1111_png_info(request: Request) -> dict:
+    """What an image carries: its infotext (``info``), other text records (``items``, our ``txt2img``
+    recipe among them) and the infotext parsed (``parameters``), as A1111's PNG Info reads them."""
+    return png_info(await request.body())

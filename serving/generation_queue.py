@@ -71,6 +71,7 @@ class GenerationResult:
     seeds: list[int]
     batch_images: int
     nsfw_content_detected: list[bool] | None = None  # per image, as the safety checker found; None while it is off
+    job: Job | None = None  # the job that made them: its model, size and settings, for each image's recipe
 
 
 @dataclass
@@ -379,5 +380,7 @@ class GenerationQueue:
         for job in batch:
             count = len(job.seeds)
             job_flags = flags[offset : offset + count] if flags is not None else None
-            job.future.set_result(GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags))
+            job.future.set_result(
+                GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags, job)
+            )
             offset += count

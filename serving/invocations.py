@@ -276,21 +276,27 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
     return invocation
 
 
-def encode_image(image, accept_type: str):
-    """A PIL image as the accept type wants it: a base64 JPEG string, or nested lists of RGB values."""
+def encode_image(image, accept_type: str, metadata: dict[str, str] | None = None):
+    """A PIL image as the accept type wants it: a base64 JPEG string (``metadata``, its recipe, in EXIF),
+    or nested lists of RGB values."""
     if accept_type == JPEG_ACCEPT:
-        return image_base64(image, "jpeg", quality=JPEG_QUALITY)
+        return image_base64(image, "jpeg", quality=JPEG_QUALITY, metadata=metadata)
     import numpy as np
 
     return np.asarray(image.convert("RGB"), dtype=np.uint8).tolist()
 
 
 def render_response(
-    invocation: Invocation, images: list, accept_type: str, nsfw_content_detected: list[bool] | None = None
+    invocation: Invocation,
+    images: list,
+    accept_type: str,
+    nsfw_content_detected: list[bool] | None = None,
+    metadata: list[dict[str, str]] | None = None,
 ) -> str:
-    """The JSON answer to ``invocation``: its images, in wanted_images order, encoded for ``accept_type``,
-    and the safety checker's verdict on each when one ran."""
-    encoded = [encode_image(image, accept_type) for image in images]
+    """The JSON answer to ``invocation``: its images, in wanted_images order, encoded for ``accept_type``
+    (each with its ``metadata`` when given), and the safety checker's verdict on each when one ran."""
+    metadata = metadata or [None] * len(images)
+    encoded = [encode_image(image, accept_type, recipe) for image, recipe in zip(images, metadata)]
     if invocation.one_image:
         answer = {"generated_image": encoded[0], "prompt": invocation.prompt}
     else:

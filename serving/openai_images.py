@@ -37,6 +37,7 @@ from serving.generation_queue import GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
 from serving.images import image_bytes
 from serving.json_body import BodyError, read_json_object
+from serving.recipes import recipe_metadata, result_recipes
 from serving.schema import GenerationRequest, PromptSyntax, SchedulerName, Text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -156,13 +157,13 @@ def images_response(
     ``file_url`` keeps an encoded image and returns the URL it is served at.
     """
     data = []
-    for seed, image in zip(result.seeds, result.images):
+    for recipe, image in zip(result_recipes(result), result.images):
         quality = request.output_compression if request.output_format != "png" else None
-        encoded = image_bytes(image, request.output_format, quality)
+        encoded = image_bytes(image, request.output_format, quality, metadata=recipe_metadata(recipe))
         if request.response_format == "url":
-            data.append({"url": file_url(encoded, request.output_format), "seed": seed})
+            data.append({"url": file_url(encoded, request.output_format), "seed": recipe.seed})
         else:
-            data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "seed": seed})
+            data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "seed": recipe.seed})
     width, height = result.images[0].size
     return {
         "created": int(time.time()),

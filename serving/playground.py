@@ -29,6 +29,7 @@ from serving.generation_queue import GenerationQueue, Job
 from serving.http_errors import add_error_handlers, error_response
 from serving.images import image_base64
 from serving.json_body import read_json_object
+from serving.recipes import recipe_metadata, result_recipes
 from serving.schema import SCHEDULER_CLASSES, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,8 @@ async def progress_lines(
             waiting.cancel()
     request = job.request
     images = [
-        {"seed": seed, "image": image_base64(image, request.format)} for seed, image in zip(result.seeds, result.images)
+        {"seed": recipe.seed, "image": image_base64(image, request.format, metadata=recipe_metadata(recipe))}
+        for recipe, image in zip(result_recipes(result), result.images)
     ]
     answer = {
         "format": request.format,

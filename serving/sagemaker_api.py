@@ -24,6 +24,7 @@ from serving.invocations import (
     parse_request,
     render_response,
 )
+from serving.recipes import recipe_metadata, result_recipes
 
 # The route reads its body with the wire format's parser (two content types, JumpStart's error
 # answers), so FastAPI cannot infer it; this states it for the OpenAPI document.
@@ -70,7 +71,8 @@ async def invocations(request: Request, engine: Engine = Depends(current_engine)
     flags = None
     if engine.settings.safety_checker:
         flags = [flag for result in results for flag in result.nsfw_content_detected]
-    return Response(render_response(invocation, images, accept_type, flags), media_type=accept_type)
+    metadata = [recipe_metadata(recipe) for result in results for recipe in result_recipes(result)]
+    return Response(render_response(invocation, images, accept_type, flags, metadata), media_type=accept_type)
 
 
 @sagemaker_app.get("/models")

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from PIL import Image
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from serving.engine import Engine
 from serving.generation_queue import GenerationResult
 from serving.http_errors import error_response
-from serving.images import image_base64
+from serving.images import image_base64, image_bytes
+from serving.recipes import recipe_metadata, result_recipes
 from serving.schema import GeneratedImage, GeneratedImages, GenerationRequest
 
 
-async def one_image(engine: Engine, ctx, fields: dict[str, Any]) -> Image.Image | JSONResponse:
-    """``POST /txt2img``: the image in the request's format, with headers X-Seed and X-Batch-Images, and
-    X-NSFW-Content-Detected when the safety checker is on."""
+async def one_image(engine: Engine, ctx, fields: dict[str, Any]) -> Response:
+    """``POST /txt2img``: the image in the request's format, its recipe embedded, with headers X-Seed and
+    X-Batch-Images, and X-NSFW-Content-Detected when the safety checker is on."""
     request = GenerationRequest(**fields)
     try:
         [result] = await engine.generate([request], ctx.request.is_disconnected)
@@ -34,9 +34,10 @@ async def one_image(engine: Engine, ctx, fields: dict[str, Any]) -> Image.Image 
     ctx.response.headers["X-Batch-Images"] = str(result.batch_images)
     if result.nsfw_content_detected is not None:  # the safety checker is on
         ctx.response.headers["X-NSFW-Content-Detected"] = str(result.nsfw_content_detected[0]).lower()
-    image = result.images[0].convert("RGB")
-    image.format = request.format.upper()  # BentoML encodes a returned image in its own format
-    return image
+    # Encoded here, not by BentoML, whose encoder drops the recipe.
+    [recipe] = result_recipes(result)
+    encoded = image_bytes(result.images[0], request.format, metadata=recipe_metadata(recipe))
+    return Response(encoded, media_type=f"image/{request.format}")
 
 
 async def several_images(engine: Engine, ctx, fields: dict[str, Any]) -> GeneratedImages | JSONResponse:
@@ -51,11 +52,15 @@ async def several_images(engine: Engine, ctx, fields: dict[str, Any]) -> Generat
 
 
 def generated_images(request: GenerationRequest, result: GenerationResult) -> GeneratedImages:
-    """``POST /images``'s answer: every image in seed order, encoded in the request's format."""
+    """``POST /images``'s answer: every image in seed order, encoded in the request's format with its recipe."""
     flags = result.nsfw_content_detected or [None] * len(result.images)
     images = [
-        GeneratedImage(seed=seed, image=image_base64(image, request.format), nsfw_content_detected=flag)
-        for seed, image, flag in zip(result.seeds, result.images, flags)
+        GeneratedImage(
+            seed=recipe.seed,
+            image=image_base64(image, request.format, metadata=recipe_metadata(recipe)),
+            nsfw_content_detected=flag,
+        )
+        for recipe, image, flag in zip(result_recipes(result), result.images, flags)
     ]
     return GeneratedImages(format=request.format, images=images)
 

@@ -313,8 +313,8 @@ MUTATIONS = [
     Mutation(
         "batched images handed to the wrong requests",
         "serving/generation_queue.py",
-        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags)",
-        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags)",
+        "GenerationResult(images[offset : offset + count], job.seeds, len(images), job_flags, job)",
+        "GenerationResult(images[::-1][offset : offset + count], job.seeds, len(images), job_flags, job)",
         (Select("tests/test_serving.py", "batched"),),
     ),
     Mutation(
@@ -662,6 +662,13 @@ MUTATIONS = [
         "    if request.scheduler is not None and request.scheduler not in family.schedulers:\n",
         "    if False:\n",
         (Select("tests/test_families.py", "cannot_use_is_refused"),),
+    ),
+    Mutation(
+        "an image's recipe omits its seed (records 0)",
+        "serving/recipes.py",
+        "        seed=seed,\n",
+        "        seed=0,\n",
+        (Select("tests/test_recipes.py", "generate_from_an_image_makes_the_same_bytes"),),
     ),
 ]
 

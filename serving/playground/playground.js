@@ -1,6 +1,7 @@
 // The txt2img playground: plain browser JavaScript, no build step, no third-party code.
 // It speaks the service's own routes: /ui/api/catalog (the CLI's search ranking), /ui/api/generate
-// (POST /images' body and answer, with per-step progress as NDJSON), /ui/api/runs and /ui/files/.
+// (POST /images' body and answer, with per-step progress as NDJSON), /ui/api/runs and /ui/files/, and
+// /sdapi/v1/png-info (the recipe an image carries, read by the server, as A1111 tools read it).
 "use strict";
 
 const HISTORY_KEY = "txt2img.history";
@@ -308,6 +309,80 @@ function imageSettings(settings, answer, seed) {
   return { ...rest, model: answer.model, width: answer.width, height: answer.height, seed, scheduler: settings.scheduler || "model's own" };
 }
 
+// ---- an image's recipe: what made a dropped image, and "Use these settings" ----
+
+let droppedRecipe = null; // the txt2img recipe of the image dropped last
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function pngInfo(file) {
+  const response = await fetch("/sdapi/v1/png-info", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ image: await dataUrl(file) }),
+  });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) throw new Error(body && body.detail ? body.detail : `the server answered ${response.status}`);
+  return body;
+}
+
+function recipeFacts(recipe) {
+  return facts([
+    ["Model", recipe.model],
+    ["Model sha", recipe.model_sha.slice(0, 12)],
+    ["LoRAs", recipe.loras.map((lora) => `${lora.id} × ${lora.scale}`).join(", ") || "none"],
+    ["Prompt", recipe.prompt],
+    ["Negative prompt", recipe.negative_prompt],
+    ["Prompt syntax", recipe.prompt_syntax],
+    ["Seed", recipe.seed],
+    ["Size", `${recipe.width}×${recipe.height}`],
+    ["Steps", recipe.num_inference_steps],
+    ["Guidance", recipe.guidance_scale],
+    ["Scheduler", recipe.scheduler || "model's own"],
+    ["txt2img", recipe.txt2img_version],
+  ]);
+}
+
+async function showRecipe(file) {
+  droppedRecipe = null;
+  $("#recipe-view").hidden = true;
+  showError($("#recipe-error"), "");
+  let info;
+  try {
+    info = await pngInfo(file);
+  } catch (error) {
+    showError($("#recipe-error"), `Cannot read ${file.name}: ${error.message}`);
+    return;
+  }
+  if (!info.items.txt2img) {
+    const a1111 = info.info ? ` Its AUTOMATIC1111 parameters: ${info.info}` : "";
+    showError($("#recipe-error"), `${file.name} carries no txt2img recipe.${a1111}`);
+    return;
+  }
+  droppedRecipe = JSON.parse(info.items.txt2img);
+  $("#recipe-facts").replaceChildren(recipeFacts(droppedRecipe));
+  $("#recipe-view").hidden = false;
+}
+
+function useRecipe() {
+  applySettings({ ...droppedRecipe, scheduler: droppedRecipe.scheduler || "" });
+  const model = $("#gen-model").value;
+  showError($("#recipe-error"), model === droppedRecipe.model ? "" : `Model ${droppedRecipe.model} is not in this server's catalog.`);
+}
+
+function onRecipeDrop(event) {
+  event.preventDefault();
+  const [file] = event.dataTransfer.files;
+  if (file) showRecipe(file);
+}
+
 function resultCard(image, format, settings) {
   const source = `data:image/${format};base64,${image.image}`;
   const name = `txt2img-${settings.model}-${image.seed}.${format === "jpeg" ? "jpg" : "png"}`;
@@ -547,6 +622,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#gen-dice").addEventListener("click", () => setSeed($("#gen-seed"), randomSeed()));
   $("#cmp-dice").addEventListener("click", () => setSeed($("#cmp-seed"), randomSeed()));
   for (const input of [$("#gen-seed"), $("#cmp-seed")]) input.addEventListener("input", () => checkSeed(input));
+  $("#recipe-file").addEventListener("change", () => { if ($("#recipe-file").files[0]) showRecipe($("#recipe-file").files[0]); });
+  $("#recipe-drop").addEventListener("dragover", (event) => event.preventDefault());
+  $("#recipe-drop").addEventListener("drop", onRecipeDrop);
+  $("#recipe-use").addEventListener("click", useRecipe);
   $("#history-clear").addEventListener("click", () => { localStorage.removeItem(HISTORY_KEY); renderHistory(); });
   renderHistory();
   loadCatalog("");

@@ -7,6 +7,7 @@ them, and makes the images ``TXT2IMG_MAX_BATCH_SIZE`` at a time, writing each ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
@@ -15,6 +16,7 @@ from catalog.store import CatalogError
 from serving.generation import BatchItem, generate_images, is_out_of_memory
 from serving.images import image_bytes
 from serving.manager import PipelineManager
+from serving.recipes import Recipe, model_sha, read_recipe, recipe, recipe_metadata
 from serving.safety import SafetyChecker
 from serving.schema import (
     LIMIT_SETTINGS,
@@ -22,6 +24,7 @@ from serving.schema import (
     FamilyRefusal,
     GenerationRequest,
     LimitExceeded,
+    PromptSyntax,
     check_limits,
     describe_validation_error,
     with_model_defaults,
@@ -48,8 +51,15 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 @click.command("generate")
-@click.argument("model_id")
-@click.argument("prompt")
+@click.argument("model_id", required=False)
+@click.argument("prompt", required=False)
+@click.option(
+    "--from",
+    "from_image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Make the image in FILE (a PNG or JPEG txt2img wrote) again from the recipe it carries, instead of "
+    "MODEL_ID PROMPT; options given beside it change that recipe.",
+)
 @click.option(
     "-o",
     "--output",
@@ -69,6 +79,11 @@ def output_paths(output: Path, count: int) -> list[Path]:
     "--scheduler",
     help=f"One the model's family fits, of {', '.join(SCHEDULER_CLASSES)}.  [default: the model's own]",
 )
+@click.option(
+    "--prompt-syntax",
+    type=click.Choice(sorted(get_args(PromptSyntax))),
+    help="'a1111' reads AUTOMATIC1111's (word:1.2) weights and prompts past 77 tokens.  [default: plain]",
+)
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
 @click.option(
     "--no-limits",
@@ -76,10 +91,24 @@ def output_paths(output: Path, count: int) -> list[Path]:
     help="Lift the server's limits on steps, images, pixels and prompt length (TXT2IMG_MAX_*) for this run.",
 )
 def generate(
-    model_id, prompt, output, seed, steps, width, height, negative, guidance, true_cfg, scheduler, num_images, no_limits
+    model_id,
+    prompt,
+    from_image,
+    output,
+    seed,
+    steps,
+    width,
+    height,
+    negative,
+    guidance,
+    true_cfg,
+    scheduler,
+    prompt_syntax,
+    num_images,
+    no_limits,
 ):
     """Generate images from catalog model MODEL_ID locally, TXT2IMG_MAX_BATCH_SIZE at a time, each
-    written as soon as it is made; progress (images done of all) goes to stderr."""
+    written as soon as it is made, its recipe embedded; progress (images done of all) goes to stderr."""
     image_format = FORMATS_BY_SUFFIX.get(output.suffix.lower())
     if image_format is None:
         raise InputError(f"cannot write '{output}': use a .png, .jpg or .jpeg file name")
@@ -94,13 +123,28 @@ def generate(
         "true_cfg_scale": true_cfg,
         "seed": seed,
         "scheduler": scheduler,
+        "prompt_syntax": prompt_syntax,
         "num_images": num_images,
         "format": image_format,
     }
-    request = _request({name: value for name, value in options.items() if value is not None})
+    given = {name: value for name, value in options.items() if value is not None}
+    made = _given_recipe(from_image, model_id, prompt)
+    recipe_fields = made.generation_request().model_dump(exclude_none=True, exclude={"format"}) if made else {}
+    request = _request({**recipe_fields, **given})
     require_folder(output.parent, "output folder")
     with ImageProgress(request.num_images) as progress:
-        _run(request, output, progress, limits=not no_limits)
+        _run(request, output, progress, limits=not no_limits, made_with=made.model_sha if made else None)
+
+
+def _given_recipe(from_image: Path | None, model_id: str | None, prompt: str | None) -> Recipe | None:
+    """``--from``'s recipe (None without it); MODEL_ID PROMPT or --from, not both."""
+    if from_image is None:
+        if model_id is None or prompt is None:
+            raise InputError("give MODEL_ID and PROMPT, or --from IMAGE to make an image again")
+        return None
+    if model_id is not None:
+        raise InputError("give either --from IMAGE or MODEL_ID PROMPT, not both")
+    return read_recipe(from_image.read_bytes(), str(from_image))
 
 
 def _request(options: dict):
@@ -153,14 +197,20 @@ def _check_server_limits(request, settings, width: int, height: int) -> None:
         raise InputError(f"{reason}: raise {setting} or pass --no-limits") from None
 
 
-def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
-    """Load the model, then generate and write the images batch by batch."""
+def _run(request, output: Path, progress: ImageProgress, limits: bool, made_with: str | None = None) -> None:
+    """Load the model, then generate and write the images batch by batch; ``made_with`` is the model_sha of
+    the recipe being made again."""
     settings = _settings()
     try:
         manager = PipelineManager(settings)
         entry = manager.entry(request.model)
     except CatalogError as error:
         raise InputError(f"the catalog is invalid; first problem: {error.problems[0]}") from None
+    if made_with is not None and model_sha(entry) != made_with:  # the bytes will differ: say why up front
+        click.echo(
+            f"txt2img: note: model '{entry.id}' is not the one that made the image (its catalog entry changed)",
+            err=True,
+        )
     request = _with_model_defaults(request, entry)
     width, height = request.width, request.height
     if limits:
@@ -176,7 +226,8 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool) -> None:
         progress.generating(manager.device, request.num_inference_steps)
         images = _generate_batch(pipeline, request, batch, width, height, progress)
         images, flags = checker.check(images) if checker else (images, [False] * len(images))
-        _write(images, paths[start : start + len(batch)], batch, flags, request.format)
+        recipes = [recipe(entry, request, width, height, seed) for seed in batch]
+        _write(images, paths[start : start + len(batch)], recipes, flags, request.format)
         progress.images_done(start + len(batch))
 
 
@@ -185,7 +236,7 @@ def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int
     try:
         return generate_images(
             pipeline,
-            [BatchItem(request.prompt, request.negative_prompt, seed) for seed in seeds],
+            [BatchItem(request.prompt, request.negative_prompt, seed, request.prompt_syntax) for seed in seeds],
             width=width,
             height=height,
             num_inference_steps=request.num_inference_steps,
@@ -206,10 +257,10 @@ def _generate_batch(pipeline, request, seeds: list[int], width: int, height: int
         ) from None
 
 
-def _write(images: list, paths: list[Path], seeds: list[int], flags: list[bool], image_format: str) -> None:
-    for image, path, seed, flagged in zip(images, paths, seeds, flags):
-        atomic_write_bytes(path, image_bytes(image, image_format))
-        click.echo(f"{path}  (seed {seed})" + ("  flagged by the safety checker: black" if flagged else ""))
+def _write(images: list, paths: list[Path], recipes: list[Recipe], flags: list[bool], image_format: str) -> None:
+    for image, path, made, flagged in zip(images, paths, recipes, flags):
+        atomic_write_bytes(path, image_bytes(image, image_format, metadata=recipe_metadata(made)))
+        click.echo(f"{path}  (seed {made.seed})" + ("  flagged by the safety checker: black" if flagged else ""))
 
 
 def _safety_checker(settings, device, dtype):
