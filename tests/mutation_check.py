@@ -642,6 +642,13 @@ MUTATIONS = [
         "                guidance_scale=7.5,",
         (Select("tests/test_serving.py", "generation_field_changes"),),
     ),
+    Mutation(
+        "a LoRA file's keys that match no module of its base are ignored",
+        "catalog/lora_files.py",
+        "    if unmatched:\n",
+        "    if False:\n",
+        (Select("tests/test_lora_files.py", "match_no_module"),),
+    ),
 ]
 
 
