@@ -13,11 +13,13 @@ from header_only import write_header_only
 from safetensors import safe_open
 from serving_finetunes import save_lora_adapter
 
+from catalog.checkpoint_files import ImportRefused
 from catalog.schema import CatalogEntry
 from catalog.store import write_entry
 
 TINY_TO_K = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
 TINY_TO_Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+TEXT_FC1 = "lora_te_text_model_encoder_layers_4_mlp_fc1"
 
 
 def _kohya_layer(module: str, down: list[int], up: list[int]) -> dict[str, list[int]]:
@@ -140,3 +142,27 @@ def test_lora_imports_are_refused_in_one_line(tmp_path, run_cli, txt2img_home, n
 
 def test_a1111_export_of_a_model_that_is_no_lora_is_refused(tmp_path, run_cli):
     _refused(run_cli("export", "tiny-sd", "--format", "a1111"), "'tiny-sd' is not a LoRA")
+
+
+def test_a_base_in_a_diffusers_folder_is_checked_from_its_configuration(tmp_path, txt2img_home):
+    """The base's modules come from its configs on the meta device: the folder's weights may be absent."""
+    from catalog.imports import ImportRequest, describe_source
+    from catalog.tiny_sd import build_tiny_sd_pipeline
+
+    folder = tmp_path / "full"
+    build_tiny_sd_pipeline().save_pretrained(folder, safe_serialization=True)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    entry = CatalogEntry(
+        id="full", source="finetune", family="tiny", resolution=64, base="tiny-sd", method="full", artifact=str(folder)
+    )
+    write_entry(entry, user_dir=txt2img_home / "catalog")
+    text_layer = _kohya_layer(TEXT_FC1, [4, 32], [37, 4])  # tiny-sd's CLIP MLP: 32 -> 37
+    path = write_header_only(tmp_path / "fits.safetensors", FITTING | text_layer)
+    assert describe_source(ImportRequest(str(path), "fits", tmp_path / "fits", base="full"))["base"] == "full"
+
+    bad = write_header_only(
+        tmp_path / "bad.safetensors", FITTING | text_layer | {f"{TEXT_FC1}.lora_up.weight": [36, 4]}
+    )
+    with pytest.raises(ImportRefused, match=f"layer {TEXT_FC1}.lora_up.weight has shape"):
+        describe_source(ImportRequest(str(bad), "bad", tmp_path / "bad", base="full"))
