@@ -112,7 +112,7 @@ def base_module_shapes(base: CatalogEntry, folder: Path | None) -> dict[str, dic
             for module_name, module in component.named_modules()
             if module_name and getattr(module, "weight", None) is not None
         }
-        if name != "unet":  # transformers 5's CLIP drops the text_model level files made before name
+        if name != "unet":  # files name CLIP's modules under text_model, a level transformers 5 dropped
             shapes[name] |= {f"text_model.{module}": shape for module, shape in shapes[name].items()}
     return shapes
 
