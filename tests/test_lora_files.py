@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
+from bentoml_server import offline_server
 from header_only import write_header_only
 from safetensors import safe_open
 from serving_finetunes import save_lora_adapter
@@ -79,12 +81,21 @@ def test_a_lora_exported_for_a1111_and_imported_back_gives_the_same_images(tmp_p
     assert _png(run_cli, tmp_path, "tiny-sd") != original
 
 
-def test_a_diffusers_lora_file_imports_and_generates_as_its_fine_tune(tmp_path, run_cli, txt2img_home):
+def test_a_diffusers_lora_file_imports_and_generates_and_serves_as_its_fine_tune(tmp_path, run_cli, txt2img_home):
     folder = save_lora_adapter(tmp_path / "adapter")
     _register_lora(txt2img_home, "trained", folder)
     weights = folder / "pytorch_lora_weights.safetensors"
     run_cli("catalog", "add", str(weights), "--name", "brought", "--base", "tiny-sd", check_rc=0)
     assert _png(run_cli, tmp_path, "brought") == _png(run_cli, tmp_path, "trained")
+
+    def served(http, model) -> bytes:
+        body = {"prompt": "a green boat", "model": model, "seed": 5, "num_inference_steps": 2}
+        response = http.post("/txt2img", json=body)
+        assert response.status_code == 200, response.text[:300]
+        return response.content
+
+    with offline_server(txt2img_home) as url, httpx.Client(base_url=url, timeout=120) as http:
+        assert served(http, "brought") == served(http, "trained") != served(http, "tiny-sd")
 
 
 def test_a_header_that_fits_the_base_is_described_as_its_lora(tmp_path, txt2img_home):
