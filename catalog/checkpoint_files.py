@@ -15,7 +15,7 @@ Layouts (AUTOMATIC1111's, as Civitai and ``models/Stable-diffusion`` hold them):
 * SDXL: two text encoders under ``conditioner.embedders.``;
 * Flux: ``double_blocks.`` (bare, or under ``model.diffusion_model.``).
 
-LoRA files are recognised so that they are refused as what they are (issue 23 brings their import).
+LoRA files are recognised (``is_lora``) so that they are imported as adapters (catalog/lora_files.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_PREFIX = "conditioner.embedders."
 FLUX_MARKER = "double_blocks."
-LORA_MARKERS = ("lora_unet_", "lora_te", ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.")
+LORA_MARKERS = ("lora_unet_", "lora_te", ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.")
+LORA_MARKERS += (".lora.up.", ".lora_linear_layer.")  # diffusers' own names, as save_lora_weights writes them
 # Text width (the UNet's cross-attention input) of each family whose text encoder is CLIP ViT-L's
 # layout: SD 1.x's 768, and tiny-sd's 32.
 CLIP_LAYOUT_FAMILIES = {768: "sd1", 32: "tiny"}
@@ -95,8 +96,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 def detect_family(tensors: dict[str, TensorInfo], path: Path) -> str:
     """The catalog family of a full checkpoint with these tensors; refuses a LoRA or an unknown layout."""
     names = list(tensors)
-    if any(marker in name for name in names for marker in LORA_MARKERS):
-        raise ImportRefused(f"{path} is a LoRA adapter, not a full checkpoint; importing LoRAs is not supported yet")
+    if is_lora(tensors):
+        raise ImportRefused(f"{path} is a LoRA adapter, not a full checkpoint: pass --base ID, the model it adapts")
     if any(name.startswith(FLUX_MARKER) or name.startswith(UNET_PREFIX + FLUX_MARKER) for name in names):
         return "flux"
     if any(name.startswith(SDXL_PREFIX) for name in names):
@@ -111,6 +112,10 @@ def detect_family(tensors: dict[str, TensorInfo], path: Path) -> str:
         f"expected Stable Diffusion ({UNET_PREFIX}* with {CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*), "
         f"SDXL ({SDXL_PREFIX}*) or Flux ({FLUX_MARKER}*)"
     )
+
+
+def is_lora(tensors: dict[str, TensorInfo]) -> bool:
+    return any(marker in name for name in tensors for marker in LORA_MARKERS)
 
 
 def _family_of_width(tensors: dict[str, TensorInfo], path: Path, families: dict[int, str], layout: str) -> str:

@@ -15,8 +15,8 @@ Local weights are copied into ``TXT2IMG_HOME/models/NAME`` (the folder a trainin
 would use, so ``catalog remove`` frees both), or with ``link`` recorded where they are. The name is
 claimed as training claims it (catalog.store.claim_name). Nothing here imports torch.
 
-Issue 23 will import LoRA files through the same command (``--base``): checkpoint_files recognises
-them already and ``describe_source`` is the place where their kind will branch off.
+A LoRA file (``--base ID``) branches off in ``_describe_file``: it is checked against its base
+(catalog/lora_files.py) and registered as a LoRA of that base, served as a trained LoRA is.
 """
 
 from __future__ import annotations
@@ -28,8 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catalog.checkpoint_files import OPEN_CLIP_WIDTH, ImportRefused, detect_family, read_header, sha256_of
+from catalog.checkpoint_files import (
+    OPEN_CLIP_WIDTH,
+    ImportRefused,
+    TensorInfo,
+    detect_family,
+    is_lora,
+    read_header,
+    sha256_of,
+)
 from catalog.families import FAMILIES
+from catalog.lora_files import check_against_base, lora_family, read_lora
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import ID_PATTERN, CatalogEntry
 from catalog.store import claim_name, load_catalog, write_entry
@@ -58,6 +67,7 @@ class ImportRequest:
     link: bool = False
     family: str | None = None  # the user's word, where the files cannot tell (sd2 against sd2-base)
     config: str | None = None  # a single file's configuration: a Hub repo or a diffusers folder
+    base: str | None = None  # the catalog id of the model a LoRA file adapts
 
 
 def fetch_command(repo: str) -> str:
@@ -134,13 +144,16 @@ def _chosen_family(found: str, request: ImportRequest, what: str) -> str:
     raise ImportRefused(f"--family {request.family} does not fit {what}, which is {found}")
 
 
-def describe_source(request: ImportRequest) -> dict[str, Any]:
-    """The entry fields SOURCE gives (family, resolution, where it lives), read before anything is written."""
+def describe_source(request: ImportRequest, user_dir: Path | None = None) -> dict[str, Any]:
+    """The entry fields SOURCE gives (family, resolution, where it lives), read before anything is written;
+    a LoRA's base is looked up in the catalog of ``user_dir``."""
     path = Path(request.source).expanduser()
     if path.is_file():
-        return _describe_file(path.resolve(), request)
+        return _describe_file(path.resolve(), request, user_dir)
     if request.config is not None:
         raise ImportRefused("--config is for a single-file checkpoint; a folder or Hub repo has its own configuration")
+    if request.base is not None:
+        raise ImportRefused("--base is for a LoRA file (.safetensors); a folder or Hub repo is a whole model")
     if path.is_dir():
         return _describe_folder(path.resolve(), request)
     if HUB_REPO_ID.match(request.source) and not request.source.endswith(".safetensors"):
@@ -159,8 +172,11 @@ def _describe_folder(folder: Path, request: ImportRequest) -> dict[str, Any]:
     return {"family": family, "resolution": folder_resolution(folder, family), "imported_from": str(folder)}
 
 
-def _describe_file(path: Path, request: ImportRequest) -> dict[str, Any]:
-    found = detect_family(read_header(path), path)
+def _describe_file(path: Path, request: ImportRequest, user_dir: Path | None) -> dict[str, Any]:
+    tensors = read_header(path)
+    if request.base is not None or is_lora(tensors):
+        return _describe_lora(path, tensors, request, user_dir)
+    found = detect_family(tensors, path)
     family = _chosen_family(found, request, f"the checkpoint {path.name}")
     config = request.config or FAMILIES[family].single_file_config
     if config is None:
@@ -178,6 +194,44 @@ def _describe_file(path: Path, request: ImportRequest) -> dict[str, Any]:
         "imported_from": str(path),
         "config": str(local_config.resolve()) if local_config.is_dir() else config,
     }
+
+
+def _describe_lora(
+    path: Path, tensors: dict[str, TensorInfo], request: ImportRequest, user_dir: Path | None
+) -> dict[str, Any]:
+    """A LoRA file's entry fields, once its family and every layer fit the base ``--base`` names."""
+    if not is_lora(tensors):
+        raise ImportRefused(f"{path} is not a LoRA adapter (no lora_* keys); --base is for LoRA files")
+    if request.base is None:
+        raise ImportRefused(f"{path} is a LoRA adapter: pass --base ID, the catalog model it adapts")
+    if request.config is not None or request.family is not None:
+        raise ImportRefused("a LoRA file takes its family and configuration from --base; drop --family and --config")
+    base = load_catalog(user_dir).get(request.base)
+    lora = read_lora(tensors, path)
+    family = lora_family(lora, path)
+    if family is not None and family not in SAME_WEIGHTS.get(base.family, {base.family}):
+        raise ImportRefused(f"{path.name} is a LoRA for {family} models, but the base '{base.id}' is {base.family}")
+    if base.method == "lora":
+        raise ImportRefused(f"the base '{base.id}' is itself a LoRA; give the model it adapts")
+    check_against_base(lora, base, _base_config_folder(base), path)
+    return {
+        "family": base.family,
+        "resolution": base.resolution,
+        "imported_from": str(path),
+        "base": base.id,
+        "method": "lora",
+    }
+
+
+def _base_config_folder(base: CatalogEntry) -> Path | None:
+    """The diffusers folder configuring ``base`` (None for tiny-sd, built in code)."""
+    if base.source == "builtin":
+        return None
+    if base.config is not None:
+        return config_folder(base.config, local_files_only=False)
+    if base.artifact is not None:
+        return Path(base.artifact).expanduser()
+    return config_folder(base.hf_repo or "", local_files_only=False)
 
 
 def _describe_hub_repo(request: ImportRequest) -> dict[str, Any]:
@@ -220,7 +274,7 @@ def check_name(name: str, user_dir: Path | None = None) -> None:
 def import_model(request: ImportRequest, user_dir: Path | None = None) -> CatalogEntry:
     """Register SOURCE under NAME: detect, claim the name, copy (or link) the weights, write the entry."""
     check_name(request.name, user_dir)
-    fields = describe_source(request)
+    fields = describe_source(request, user_dir)
     with claim_name(request.name, user_dir):
         check_name(request.name, user_dir)  # registered by another process while this one read the source
         if request.destination.exists():

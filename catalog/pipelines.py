@@ -15,6 +15,7 @@ import yaml
 
 from catalog.checkpoint_files import ImportRefused
 from catalog.imports import config_folder
+from catalog.lora_files import kohya_tensors
 from catalog.notices import drop_torchvision_fallback_notices
 from catalog.paths import follow_umask, staging_directory, writing
 from catalog.schema import CatalogEntry
@@ -136,6 +137,33 @@ def _lora_entry_checked(entry: CatalogEntry) -> CatalogEntry:
     if not lora_weights_file(entry).is_file():
         raise ModelLoadError(f"model '{entry.id}': no adapter file at {lora_weights_file(entry)}")
     return entry
+
+
+def export_a1111(entry: CatalogEntry, destination: Path) -> Path:
+    """Write a LoRA's adapter as one ``.safetensors`` in kohya's key layout, alphas included: the file
+    AUTOMATIC1111 (``models/Lora``) and ComfyUI load."""
+    if entry.method != "lora":
+        raise InputError(f"model '{entry.id}' is not a LoRA; --format a1111 writes LoRA adapters")
+    destination = destination.expanduser()
+    if destination.exists():
+        raise InputError(f"{destination} already exists")
+    tensors = kohya_tensors(lora_weights_file(_lora_entry_checked(entry)))
+    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": entry.family, "txt2img_id": entry.id}
+    staging = staging_directory(destination.parent, destination.name)
+    try:  # written beside the destination and renamed into place: a failure never leaves half a file
+        with writing(destination):
+            _save_tensors(tensors, staging / destination.name, metadata)
+            follow_umask(staging)
+            (staging / destination.name).rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path), metadata=metadata)
 
 
 def load_pipeline(entry: CatalogEntry, catalog: Catalog, **kwargs: Any):

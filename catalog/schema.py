@@ -6,7 +6,7 @@ A catalog entry is one of three kinds, told apart by ``source``:
 * ``builtin``: the offline demo model ``tiny-sd``, built in code;
 * ``finetune``: a model fine-tuned here (or on SageMaker), with its provenance;
 * ``imported``: a model the user brought with ``txt2img catalog add``: a diffusers folder, a Hub
-  repo or a single-file checkpoint, with where it came from.
+  repo, a single-file checkpoint or a LoRA file (``method: lora`` of a ``base``), with where it came from.
 
 This module must stay cheap to import: the catalog CLI answers without torch.
 """
@@ -160,8 +160,12 @@ class CatalogEntry(BaseModel):
             raise ValueError("an imported entry needs imported_from")
         if (self.artifact is None) == (self.hf_repo is None):
             raise ValueError("an imported entry needs exactly one of artifact (local weights) and hf_repo")
+        if self.method == "lora":  # a LoRA file, adapting ``base``
+            if self.base is None or self.artifact is None or self.sha256 is None or self.config is not None:
+                raise ValueError("an imported LoRA needs base, artifact and sha256, and no config")
+            return
         if self.base is not None or self.method is not None:
-            raise ValueError("an imported entry may not set base or method")
+            raise ValueError("an imported entry may not set base or method, unless it is a LoRA (method: lora)")
         if self.artifact is not None and self.link is None:
             raise ValueError("an imported entry with an artifact needs link (true: the user's own file; false: a copy)")
         if self.hf_repo is not None and (self.link is not None or self.sha256 is not None or self.config is not None):

@@ -670,6 +670,13 @@ MUTATIONS = [
         "        seed=0,\n",
         (Select("tests/test_recipes.py", "generate_from_an_image_makes_the_same_bytes"),),
     ),
+    Mutation(
+        "a LoRA file's keys that match no module of its base are ignored",
+        "catalog/lora_files.py",
+        "    if unmatched:\n",
+        "    if False:\n",
+        (Select("tests/test_lora_files.py", "match_no_module"),),
+    ),
 ]
 
 

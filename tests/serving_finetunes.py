@@ -19,25 +19,32 @@ def save_full_finetune(folder: Path) -> Path:
     return folder
 
 
-def save_lora_adapter(folder: Path) -> Path:
-    """A rank-4 LoRA on tiny-sd's UNet attention, with random (not zero) weights so it changes the images."""
+def save_lora_adapter(folder: Path, text_encoder: bool = False) -> Path:
+    """A rank-4 LoRA on tiny-sd's UNet attention (and, with ``text_encoder``, its text encoder's), with
+    random (not zero) weights so it changes the images."""
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     from catalog.tiny_sd import build_tiny_sd_pipeline
 
-    unet = build_tiny_sd_pipeline().unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipeline = build_tiny_sd_pipeline()
+    modules = {"unet": (pipeline.unet, ["to_q", "to_k", "to_v", "to_out.0"])}
+    if text_encoder:
+        modules["text_encoder"] = (pipeline.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"])
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    layers = {}
+    for name, (module, targets) in modules.items():
+        # peft's own injection: transformers' add_adapter on the text encoder wants a newer peft.
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), module)
+        with torch.no_grad():
+            for parameter_name, parameter in module.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    StableDiffusionPipeline.save_lora_weights(folder, **layers, safe_serialization=True)
     return folder
 
 

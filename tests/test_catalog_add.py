@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from a1111_checkpoint import write_a1111_checkpoint
 from bentoml_server import offline_server
+from header_only import write_header_only
 from PIL import Image
 
 from catalog.checkpoint_files import ImportRefused, detect_family, read_header
@@ -47,21 +47,6 @@ LAYOUTS = {
     "flux": {"double_blocks.0.img_attn.qkv.weight": [9216, 3072], "single_blocks.0.linear1.weight": [21504, 3072]},
     "flux-in-ldm-layout": {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [9216, 3072]},
 }
-
-
-def write_header_only(path: Path, shapes: dict[str, list[int]]) -> Path:
-    """A safetensors header announcing these (huge) fp16 tensors, and none of their bytes: a reader
-    that loaded any tensor would fail, so detecting a family from it proves only the header is read."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-    return path
 
 
 @pytest.mark.parametrize(("layout", "family"), [(name, name.split("-")[0]) for name in LAYOUTS])

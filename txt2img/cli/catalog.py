@@ -16,7 +16,7 @@ from catalog.families import FAMILIES
 from catalog.imports import ImportRequest, import_model
 from catalog.index import load_index
 from catalog.paths import require_folder
-from catalog.pipelines import export_model
+from catalog.pipelines import export_a1111, export_model
 from catalog.schema import CatalogEntry, CatalogFile
 from catalog.store import CatalogError, load_catalog, remove_model, validate_path
 from training.dreambooth import default_output_dir
@@ -202,12 +202,23 @@ def validate(path: Path | None) -> None:
     help="For a single-file checkpoint: the Hub repo or diffusers folder its configuration comes from. "
     "[default: its family's base repo]",
 )
-def add_command(source: str, name: str, link: bool, family: str | None, config: str | None) -> None:
+@click.option(
+    "--base",
+    help="For a LoRA file (kohya/AUTOMATIC1111 or diffusers keys): the catalog id of the model it adapts; "
+    "every layer must fit it.",
+)
+def add_command(source: str, name: str, link: bool, family: str | None, config: str | None, base: str | None) -> None:
     """Register your own model SOURCE as NAME: a diffusers folder, a Hub repo id (owner/name, downloaded on
-    first use) or a single-file .safetensors checkpoint (AUTOMATIC1111/Civitai layout). Pickled files
-    (.ckpt, .pt) are refused. The family is detected from the files."""
+    first use), a single-file .safetensors checkpoint (AUTOMATIC1111/Civitai layout) or a LoRA file with
+    --base. Pickled files (.ckpt, .pt) are refused. The family is detected from the files."""
     request = ImportRequest(
-        source=source, name=name, destination=default_output_dir(name), link=link, family=family, config=config
+        source=source,
+        name=name,
+        destination=default_output_dir(name),
+        link=link,
+        family=family,
+        config=config,
+        base=base,
     )
     from rich.console import Console
 
@@ -216,7 +227,8 @@ def add_command(source: str, name: str, link: bool, family: str | None, config: 
     ):
         entry = import_model(request)
     where = entry.hf_repo or entry.artifact
-    click.echo(f"added {entry.id} ({entry.family}, {entry.resolution} px) from {where}")
+    kind = f"LoRA of {entry.base}, " if entry.method == "lora" else ""
+    click.echo(f"added {entry.id} ({kind}{entry.family}, {entry.resolution} px) from {where}")
 
 
 @app.command("remove")
@@ -286,22 +298,37 @@ def json_schema(output: Path | None) -> None:
 
 @click.command("export")
 @click.argument("model_id")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("destination", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["diffusers", "a1111"]),
+    default="diffusers",
+    show_default=True,
+    help="diffusers: a self-contained folder. a1111: a LoRA's adapter as one .safetensors in kohya's key "
+    "layout, which AUTOMATIC1111 and ComfyUI load [default DESTINATION: ./MODEL_ID.safetensors].",
+)
 @click.option("--allow-download", is_flag=True, help="Fetch Hub weights that are not in the local HF cache yet.")
-def export(model_id: str, directory: Path, allow_download: bool) -> None:
-    """Write a self-contained diffusers folder (safetensors) of MODEL_ID into DIRECTORY.
+def export(model_id: str, destination: Path | None, file_format: str, allow_download: bool) -> None:
+    """Write MODEL_ID to DESTINATION: a self-contained diffusers folder (safetensors), or with
+    --format a1111 a LoRA adapter file.
 
-    Works for any catalog model: tiny-sd, Hub repos (from the HF cache) and fine-tunes,
-    with a LoRA fused into its base. DIRECTORY must be new or empty.
+    The folder works for any catalog model: tiny-sd, Hub repos (from the HF cache) and fine-tunes,
+    with a LoRA fused into its base. DESTINATION must be new or empty.
     """
-    require_folder(directory, "export folder")
-
     catalog = load_catalog()
-    catalog.get(model_id)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise InputError(f"{directory} exists and is not an empty directory")
+    entry = catalog.get(model_id)
+    if file_format == "a1111":
+        written = export_a1111(entry, destination or Path(f"{model_id}.safetensors"))
+        click.echo(f"wrote {written}")
+        return
+    if destination is None:
+        raise InputError("export needs DESTINATION, the folder to write (or --format a1111 for a LoRA file)")
+    require_folder(destination, "export folder")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise InputError(f"{destination} exists and is not an empty directory")
     from rich.console import Console
 
     with Console(stderr=True).status(f"exporting {model_id} ..."):
-        written = export_model(model_id, directory, catalog, local_files_only=not allow_download)
+        written = export_model(model_id, destination, catalog, local_files_only=not allow_download)
     click.echo(f"wrote {written}")
