@@ -110,10 +110,10 @@ def _entry(home: Path, name: str) -> dict:
 
 
 def _png(run_cli, folder: Path, model: str, prompt: str) -> bytes:
-    """The PNG `txt2img generate` writes for ``model`` at a fixed seed and 3 steps."""
+    """The pixels of the PNG `txt2img generate` writes for ``model`` at a fixed seed and 3 steps."""
     out = folder / f"{model}.png"
     run_cli("generate", model, prompt, "--seed", "7", "--steps", "3", "-o", str(out), check_rc=0)
-    return out.read_bytes()
+    return Image.open(out).tobytes()  # the pixels: the file's recipe names the model
 
 
 def test_a1111_checkpoint_added_generates_tiny_sds_image(tmp_path, run_cli, cli_env, txt2img_home):
@@ -152,7 +152,7 @@ def test_an_added_checkpoint_serves_tiny_sds_images_on_the_native_and_a1111_rout
         body = {"prompt": "a green boat", "model": model, "seed": 5, "num_inference_steps": 2}
         response = http.post("/txt2img", json=body)
         assert response.status_code == 200, response.text[:300]
-        return response.content
+        return Image.open(io.BytesIO(response.content)).tobytes()  # the pixels: the PNG's recipe names the model
 
     def a1111(http, model) -> bytes:
         """The pixels: AUTOMATIC1111's PNGs carry their parameters, the model's name among them. The
