@@ -8,20 +8,24 @@ is submitted and stored with it, so a job that runs again after a crash gives th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from catalog.paths import txt2img_home
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-FINISHED = ("succeeded", "failed", "canceled")
+# A running job's worker writes its heartbeat several times a second; after this long without one the
+# worker is taken for gone even where its process id is alive (a new process that got the same id
+# after a container restart), and the job runs again.
+SILENT_AFTER_S = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     claimed_by INTEGER,
+    heartbeat REAL,
     image_count INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0
 );
@@ -71,6 +76,7 @@ class StoredJob:
     error: str | None
     cancel_requested: bool
     claimed_by: int | None
+    heartbeat: float | None
     image_count: int
     bytes: int
 
@@ -99,11 +105,19 @@ class JobStore:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
+        """A connection in autocommit mode: each statement is its own transaction unless one is begun."""
         connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         connection.row_factory = sqlite3.Row
-        connection.execute("PRAGMA busy_timeout=30000")
         return connection
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = self._open()
+        try:
+            yield connection
+        finally:
+            connection.close()
 
     def _one(self, sql: str, parameters: tuple = ()) -> StoredJob | None:
         with self._connect() as connection:
@@ -120,7 +134,7 @@ class JobStore:
         body_hash: str | None = None,
     ) -> tuple[StoredJob, bool]:
         """Store a queued job; with an idempotency key already stored, that job instead. True when added."""
-        connection = self._connect()
+        connection = self._open()
         try:
             connection.execute("BEGIN IMMEDIATE")
             if idempotency_key is not None:
@@ -176,10 +190,10 @@ class JobStore:
     def claim(self, worker_pid: int) -> StoredJob | None:
         """The oldest queued job, now running for ``worker_pid``; None when none is queued."""
         return self._one(
-            "UPDATE jobs SET status = 'running', started = ?, claimed_by = ?, steps_done = 0"
+            "UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, claimed_by = ?, steps_done = 0"
             " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1)"
             " AND status = 'queued' RETURNING *",
-            (time.time(), worker_pid),
+            (time.time(), time.time(), worker_pid),
         )
 
     def release(self, job_id: str) -> None:
@@ -191,20 +205,25 @@ class JobStore:
                 (job_id,),
             )
 
-    def requeue_orphans(self) -> list[str]:
-        """Queue again every running job whose worker process is gone (killed, crashed): it runs again."""
+    def requeue_orphans(self, silent_after_s: float = SILENT_AFTER_S) -> list[str]:
+        """Queue again every running job whose worker is gone (its process killed or crashed, or silent
+        for ``silent_after_s``), so that it runs again."""
         with self._connect() as connection:
-            rows = connection.execute("SELECT id, claimed_by FROM jobs WHERE status = 'running'").fetchall()
-        orphans = [row["id"] for row in rows if not _process_alive(row["claimed_by"])]
+            rows = connection.execute("SELECT id, claimed_by, heartbeat FROM jobs WHERE status = 'running'").fetchall()
+        silent_since = time.time() - silent_after_s
+        orphans = [
+            row["id"] for row in rows if not _process_alive(row["claimed_by"]) or (row["heartbeat"] or 0) < silent_since
+        ]
         for job_id in orphans:
             self.release(job_id)
         return orphans
 
     def progress(self, job_id: str, steps_done: int) -> bool:
-        """Record steps done; True when a cancel was asked for."""
+        """Record steps done (the job's heartbeat); True when a cancel was asked for."""
         with self._connect() as connection:
             row = connection.execute(
-                "UPDATE jobs SET steps_done = ? WHERE id = ? RETURNING cancel_requested", (steps_done, job_id)
+                "UPDATE jobs SET steps_done = ?, heartbeat = ? WHERE id = ? RETURNING cancel_requested",
+                (steps_done, time.time(), job_id),
             ).fetchone()
         return row is not None and bool(row[0])
 

@@ -56,6 +56,10 @@ class IdempotencyConflict(Txt2ImgError):
         super().__init__(f"Idempotency-Key {key!r} was used for job {job_id} with another body; use a new key")
 
 
+# The route reads its body with the JSON policy of every route (serving/json_body.py) before the model,
+# so FastAPI cannot infer it; this states it for the OpenAPI document.
+JOB_REQUEST_BODY = {"required": True, "content": {"application/json": {"schema": JobRequest.model_json_schema()}}}
+
 jobs_app = FastAPI(title="txt2img jobs", docs_url=None, redoc_url=None, openapi_url="/jobs/openapi.json")
 add_error_handlers(jobs_app, error_response)
 JOB_ERRORS = {status: {"description": meaning, "model": ErrorBody} for status, meaning in GENERATION_ERRORS.items()}
@@ -88,7 +92,15 @@ def job_answer(runner: JobRunner, job: StoredJob) -> dict:
     return answer
 
 
-@jobs_app.post("/jobs", status_code=202, responses={**JOB_ERRORS, 409: {"model": ErrorBody}})
+@jobs_app.post(
+    "/jobs",
+    status_code=202,
+    openapi_extra={"requestBody": JOB_REQUEST_BODY},
+    responses={
+        **JOB_ERRORS,
+        409: {"description": "The Idempotency-Key was used with another body.", "model": ErrorBody},
+    },
+)
 async def submit_job(
     request: Request,
     idempotency_key: str | None = Header(None),
