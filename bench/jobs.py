@@ -23,7 +23,7 @@ import httpx
 from serving_common import PAYLOAD, STEPS, TORCH_THREADS, WIDTH, run_in_own_session, running_server
 
 CONCURRENCY = 32
-POLL_S = 0.05
+POLL_S = 0.25  # a client's polling interval: each poll is a request the server answers
 
 
 def through_images(client: httpx.Client, seed: int) -> None:

@@ -1,10 +1,11 @@
 """Each worker's job runner: claims queued jobs from the store, runs them through the worker's Engine
 (the queue, batching and limits of every route), records progress and results, and sends webhooks.
 
-The runner keeps up to ``max_batch_size`` jobs in the generation queue at once, so that jobs batch as
-``/images`` requests do. A cancel asked for through the store stops a running job at its next
-denoising step (the queue's stop check). A sweeper thread applies TXT2IMG_JOBS_MAX_AGE and
-TXT2IMG_JOBS_MAX_BYTES, and queues again the jobs of a worker that died, off the request path.
+The runner keeps up to two batches of jobs (``2 * max_batch_size``) in the generation queue at once,
+so that jobs batch as ``/images`` requests do and the next batch waits while one runs. A cancel
+asked for through the store stops a running job at its next denoising step (the queue's stop check).
+A sweeper thread applies TXT2IMG_JOBS_MAX_AGE and TXT2IMG_JOBS_MAX_BYTES, and queues again the jobs
+of a worker that died, off the request path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from serving.webhooks import WebhookSender
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often progress is recorded and cancels are read, and an idle runner looks for jobs
+IN_FLIGHT_BATCHES = 2  # batches of jobs in the generation queue: one runs while the next waits
 
 
 def job_path(job_id: str) -> str:
@@ -85,7 +87,7 @@ class JobRunner:
             self._wake.clear()
 
     def _claim_more(self) -> None:
-        while len(self._running) < self.engine.settings.max_batch_size:
+        while len(self._running) < IN_FLIGHT_BATCHES * self.engine.settings.max_batch_size:
             stored = self.store.claim(os.getpid())
             if stored is None or not self._submit(stored):
                 return
@@ -108,15 +110,17 @@ class JobRunner:
         return True
 
     def _follow_running(self) -> None:
-        for job_id, (stored, queued) in list(self._running.items()):
-            if queued.future.done():
-                del self._running[job_id]
-                self._complete(stored, queued)
-            elif self.store.progress(job_id, queued.steps_done):
-                queued.abandoned.set()  # the queue stops the call at its next step
+        done = [job_id for job_id, (_, queued) in self._running.items() if queued.future.done()]
+        steps_done = {job_id: queued.steps_done for job_id, (_, queued) in self._running.items()}
+        canceled = self.store.progress(steps_done) if steps_done else set()
+        for job_id in done:
+            stored, queued = self._running.pop(job_id)
+            self._complete(stored, queued, job_id in canceled)
+        for job_id in canceled.difference(done):
+            self._running[job_id][1].abandoned.set()  # the queue stops the call at its next step
 
-    def _complete(self, stored: StoredJob, queued: Job) -> None:
-        if queued.future.cancelled() or self.store.progress(stored.id, queued.steps_done):
+    def _complete(self, stored: StoredJob, queued: Job, canceled: bool) -> None:
+        if canceled or queued.future.cancelled():
             self._finish(stored, None, None)
             return
         error = queued.future.exception()

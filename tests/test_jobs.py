@@ -233,7 +233,8 @@ def test_a_failing_webhook_is_tried_at_most_retries_plus_one_times(client, webho
 
 def test_a_canceled_queued_job_tells_its_webhook(client, webhook_receiver):
     blocker = submit(client, {**BODY, "num_inference_steps": 400})
-    blockers = [submit(client, {**BODY, "num_inference_steps": 400}) for _ in range(4)]  # both workers busy
+    # Both workers take 2 batches of 2 (TXT2IMG_MAX_BATCH_SIZE) at most: 8 long jobs fill them, the 9th waits.
+    blockers = [submit(client, {**BODY, "num_inference_steps": 400}) for _ in range(8)]
     queued = submit(client, {**BODY, "webhook": webhook_receiver.url("/ok")})
     canceled = client.delete(f"/jobs/{queued['id']}").json()
     for other in [blocker, *blockers]:

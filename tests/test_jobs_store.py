@@ -107,7 +107,8 @@ def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one(tmp_path):
     assert (job.status, now) == ("canceled", True)
     job, now = store.cancel(running)
     assert (job.status, job.cancel_requested, now) == ("running", True, False)
-    assert store.progress(running, 1) is True
+    assert store.progress({running: 1, queued: 0}) == {running}
+    assert store.get(running).steps_done == 1
     assert store.cancel("no-such-job") == (None, False)
 
 
@@ -116,7 +117,7 @@ def test_a_running_job_whose_worker_fell_silent_is_queued_again_though_its_pid_i
     [job_id] = add_jobs(store, 1)
     store.claim(os.getpid())  # a live process id: after a container restart, a new process may have it
     assert store.requeue_orphans(silent_after_s=60) == []
-    store.progress(job_id, 1)
+    store.progress({job_id: 1})
     with store._connect() as connection:
         connection.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (time.time() - 61, job_id))
     assert store.requeue_orphans(silent_after_s=60) == [job_id]
