@@ -5,6 +5,7 @@ a module that owns its routes, request models and error answers:
 * serving/sagemaker_api.py: SageMaker's ``/ping`` and JumpStart's ``/invocations``, and ``GET /models``;
 * serving/openai_images.py: OpenAI's Images API under ``/v1``;
 * serving/a1111.py: AUTOMATIC1111's API under ``/sdapi/v1``;
+* serving/jobs_api.py: jobs that outlive the request (``/jobs``), run by serving/jobs_runner.py;
 * serving/playground.py: the web playground at ``/ui`` (``/`` leads there; BentoML's Swagger UI moves to ``/docs``).
 
 Every route generates through the worker's one Engine (serving/engine.py): the same request model,
@@ -34,6 +35,8 @@ from serving.engine import Engine
 from serving.guard import BearerTokenAuth, ContentTypeGuard, HostOriginGuard, RequestBodyLimit, SecurityHeaders
 from serving.http_errors import JSONErrorBodies, log_client_errors_as_one_line
 from serving.image_files import share_image_folder
+from serving.jobs_api import jobs_app
+from serving.jobs_runner import JobRunner
 from serving.metrics import own_prometheus_dir
 from serving.model_store import bento_models_to_pack
 from serving.openai_images import openai_app
@@ -70,6 +73,7 @@ SERVER_WORKERS = serving_worker_count(SERVER_SETTINGS)
     resources={"gpu": max(1, SERVER_GPUS)},  # at least 1: BentoCloud reads it as the GPUs to give a replica
 )
 @bentoml.asgi_app(sagemaker_app, path="/")  # mounted last: it would take the paths of any mounted after it
+@bentoml.asgi_app(jobs_app, path="/")
 @bentoml.asgi_app(playground_app, path="/")
 @bentoml.asgi_app(a1111_app, path="/sdapi/v1")
 @bentoml.asgi_app(openai_app, path="/v1")
@@ -78,6 +82,8 @@ class Txt2Img:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.engine = Engine(ServingSettings(), worker_index=bentoml.server_context.worker_index)
         self.engine.start()
+        self.jobs = JobRunner(self.engine)  # the store every worker shares, under TXT2IMG_HOME
+        self.jobs.start()
 
     def __is_ready__(self) -> bool:
         return self.engine.queue.ready.is_set()

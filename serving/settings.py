@@ -83,7 +83,31 @@ class ServingSettings(BaseSettings):
         "text encoders (serving/prompts.py); 0 turns the cache off.",
     )
 
-    @field_validator("allowed_hosts", mode="before")
+    jobs_max_age: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Seconds a finished job (POST /jobs) and its images are kept; a sweeper deletes older ones.",
+    )
+    jobs_max_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Bytes the images of finished jobs may take; beyond it the sweeper deletes the oldest jobs.",
+    )
+    jobs_sweep_interval_s: float = Field(60.0, gt=0, description="How often the sweeper applies the two limits above.")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 signature (header X-Txt2img-Signature) of every webhook; "
+        "unset: jobs cannot ask for webhooks.",
+    )
+    webhook_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Hosts (comma-separated; * for any) a job's webhook may target; others are refused with 400.",
+    )
+    webhook_retries: int = Field(5, ge=0, description="Tries after a webhook delivery fails, the backoff doubling.")
+    webhook_backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry of a failed webhook.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="How long a webhook receiver may take to answer.")
+
+    @field_validator("allowed_hosts", "webhook_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         """``"a.example, B.example"`` -> ``("a.example", "b.example")``: host names compare case-insensitively."""

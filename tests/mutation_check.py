@@ -677,6 +677,31 @@ MUTATIONS = [
         "    if False:\n",
         (Select("tests/test_lora_files.py", "match_no_module"),),
     ),
+    Mutation(
+        "a job is claimed twice: the claim takes a running job again",
+        "serving/jobs.py",
+        """            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1)"
+            " AND status = 'queued' RETURNING *",
+""",
+        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' ORDER BY created LIMIT 1)"
+            " RETURNING *",
+""",
+        (Select("tests/test_jobs_store.py", "claimed_once"),),
+    ),
+    Mutation(
+        "a webhook is not signed",
+        "serving/webhooks.py",
+        '        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, delivery.body)}\n',
+        '        headers = {"Content-Type": "application/json"}\n',
+        (Select("tests/test_jobs.py", "signed_and_retried"),),
+    ),
+    Mutation(
+        "a job's seed is redrawn when it runs again after a restart",
+        "serving/jobs_api.py",
+        '    fixed = generation.model_copy(update={"seed": queued.seeds[0]})',
+        "    fixed = generation",
+        (Select("tests/test_jobs_restart.py"),),
+    ),
 ]
 
 
