@@ -20,6 +20,7 @@ from serving.engine import Engine
 from serving.generation_queue import GenerationResult, Job, QueueFull
 from serving.images import image_bytes
 from serving.jobs import JobStore, StoredJob
+from serving.recipes import recipe_metadata, result_recipes
 from serving.schema import GenerationRequest
 from serving.webhooks import WebhookSender
 
@@ -129,7 +130,10 @@ class JobRunner:
     def _finish(self, stored: StoredJob, result: GenerationResult | None, error: BaseException | None) -> None:
         """Record how the job ended (result: succeeded; error: failed; neither: canceled) and tell its webhook."""
         if result is not None:
-            encoded = [image_bytes(image, stored.image_format) for image in result.images]
+            encoded = [
+                image_bytes(image, stored.image_format, metadata=recipe_metadata(recipe))
+                for recipe, image in zip(result_recipes(result), result.images)
+            ]
             finished, event = self.store.succeed(stored, encoded), "succeeded"
         elif error is not None:
             finished, event = self.store.fail(stored.id, str(error)), "failed"
