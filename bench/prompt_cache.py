@@ -7,24 +7,43 @@ that load from other processes hits both alike; every image is checked byte-iden
 It prints images/s for each side and syntax, their ratio, and the share of an uncached request
 spent in the text encoder.
 
-    PYTHONPATH=. python bench/prompt_cache.py [--model tiny-sd] [--rounds 5] [--requests 8] [--steps 4]
+    PYTHONPATH=. python bench/prompt_cache.py [--model tiny-sd|tiny-flux] [--rounds 5] [--requests 8] [--steps 4]
 
-A model is a builder in PIPELINES; a family's tiny stand-in joins it by name (``tiny-flux``, where
-T5 encoding is a large share of a request), once serving/prompts.py's TEXT_ENCODERS has its class.
+A model is a builder in PIPELINES, with the guidance and negative prompt its requests get: tiny-sd
+with classifier-free guidance and a negative prompt, and ``tiny-flux`` (catalog/tiny_families.py) as
+FLUX.1 [schnell] is asked, without guidance or a negative, where T5 encoding is a large share of a request.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from catalog.tiny_families import TINY_RESOLUTION, build_tiny_flux_pipeline
 from catalog.tiny_sd import TINY_SD_RESOLUTION, build_tiny_sd_pipeline
 from serving.generation import BatchItem, generate_images
 from serving.prompts import PromptEmbeddingCache, encode_texts, text_encoders_for
 
 TORCH_THREADS = 1
-# Builders of the pipelines this bench can run, and their native size; see the module's docstring.
-PIPELINES = {"tiny-sd": (build_tiny_sd_pipeline, TINY_SD_RESOLUTION)}
+NEGATIVE_PROMPT = "blurry, gray, small, old"
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A pipeline this bench can run: its builder, native size, and what each request asks of it."""
+
+    build: Callable
+    size: int
+    guidance_scale: float
+    negative_prompt: str | None
+
+
+PIPELINES = {
+    "tiny-sd": BenchModel(build_tiny_sd_pipeline, TINY_SD_RESOLUTION, 7.5, NEGATIVE_PROMPT),
+    "tiny-flux": BenchModel(build_tiny_flux_pipeline, TINY_RESOLUTION, 0.0, None),
+}
 # A prompt as AUTOMATIC1111 users write them: weights, and past the text encoder's 77 tokens.
 A1111_PROMPT = (
     "a (beautiful:1.3) photo of a red car on a street in the city at night, (cinematic lighting), "
@@ -33,10 +52,9 @@ A1111_PROMPT = (
     "realistic, colorful, (close up view:0.8), digital art, a village by the sea, snow on the road"
 )
 PLAIN_PROMPT = "a photo of a red car on a street in the city at night, cinematic lighting, high quality"
-NEGATIVE_PROMPT = "blurry, gray, small, old"
 
 
-def run_requests(pipeline, size: int, steps: int, syntax: str, count: int, cache) -> tuple[float, list[bytes]]:
+def run_requests(pipeline, model: BenchModel, steps: int, syntax: str, count: int, cache) -> tuple[float, list[bytes]]:
     """Seconds for ``count`` one-image requests of the same prompt, and their pixels."""
     prompt = A1111_PROMPT if syntax == "a1111" else PLAIN_PROMPT
     images = []
@@ -44,24 +62,25 @@ def run_requests(pipeline, size: int, steps: int, syntax: str, count: int, cache
     for seed in range(count):
         [image] = generate_images(
             pipeline,
-            [BatchItem(prompt, NEGATIVE_PROMPT, seed, syntax)],
-            width=size,
-            height=size,
+            [BatchItem(prompt, model.negative_prompt, seed, syntax)],
+            width=model.size,
+            height=model.size,
             num_inference_steps=steps,
-            guidance_scale=7.5,
+            guidance_scale=model.guidance_scale,
             prompt_cache=cache,
         )
         images.append(image.tobytes())
     return time.perf_counter() - started, images
 
 
-def encoding_seconds(pipeline, syntax: str, cache, repeats: int = 10) -> float:
-    """Seconds one request's prompt and negative prompt take to encode (``cache`` None) or to look up."""
+def encoding_seconds(pipeline, model: BenchModel, syntax: str, cache, repeats: int = 10) -> float:
+    """Seconds one request's prompt (and negative prompt) take to encode (``cache`` None) or to look up."""
     prompt = A1111_PROMPT if syntax == "a1111" else PLAIN_PROMPT
+    texts = [(syntax, text) for text in (prompt, model.negative_prompt) if text is not None]
     encoders = text_encoders_for(pipeline, {syntax})
     started = time.perf_counter()
     for _ in range(repeats):
-        encode_texts(pipeline, [(syntax, prompt), (syntax, NEGATIVE_PROMPT)], encoders, cache)
+        encode_texts(pipeline, texts, encoders, cache)
     return (time.perf_counter() - started) / repeats
 
 
@@ -75,25 +94,29 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    build, size = PIPELINES[args.model]
-    pipeline = build()
+    model = PIPELINES[args.model]
+    pipeline = model.build()
     print(
-        f"{args.model}, CPU, {size}x{size}, {args.steps} steps, torch threads {TORCH_THREADS}, "
+        f"{args.model}, CPU, {model.size}x{model.size}, {args.steps} steps, guidance {model.guidance_scale:g}, "
+        f"negative prompt {'yes' if model.negative_prompt else 'none'}, torch threads {TORCH_THREADS}, "
         f"{args.rounds * args.requests} requests per side, one image each, the same prompt every time"
     )
     for syntax in ("plain", "a1111"):
         cache = PromptEmbeddingCache(64 * 2**20)
-        run_requests(pipeline, size, args.steps, syntax, 1, cache)  # first calls pay one-time setup; fills the cache
+        run_requests(pipeline, model, args.steps, syntax, 1, cache)  # first calls pay one-time setup; fills the cache
         seconds = {"uncached": 0.0, "cached": 0.0}
         for _ in range(args.rounds):
-            uncached, plain_images = run_requests(pipeline, size, args.steps, syntax, args.requests, None)
-            cached, cached_images = run_requests(pipeline, size, args.steps, syntax, args.requests, cache)
+            uncached, plain_images = run_requests(pipeline, model, args.steps, syntax, args.requests, None)
+            cached, cached_images = run_requests(pipeline, model, args.steps, syntax, args.requests, cache)
             assert cached_images == plain_images, "the cache changed an image"
             seconds["uncached"] += uncached
             seconds["cached"] += cached
         rates = {side: args.rounds * args.requests / total for side, total in seconds.items()}
         hits, misses = cache.hits, cache.misses
-        encoding, lookup = encoding_seconds(pipeline, syntax, None), encoding_seconds(pipeline, syntax, cache)
+        encoding, lookup = (
+            encoding_seconds(pipeline, model, syntax, None),
+            encoding_seconds(pipeline, model, syntax, cache),
+        )
         share = encoding / (seconds["uncached"] / (args.rounds * args.requests))
         print(
             f"  {syntax:<6} uncached {rates['uncached']:6.2f} images/s, cached {rates['cached']:6.2f} images/s, "

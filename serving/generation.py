@@ -89,8 +89,11 @@ def generate_images(
         return callback_kwargs
 
     texts = [(item.prompt, item.negative_prompt, item.prompt_syntax) for item in items]
+    family = family_of_pipeline(type(pipeline).__name__)
+    # Flux takes a negative prompt only through true CFG; the others through classifier-free guidance.
+    negatives_apply = (true_cfg_scale or 1) > 1 if family is not None and family.true_cfg else guidance_scale > 1
     images = [None] * len(items)
-    for indices, text_inputs in prompt_inputs(pipeline, texts, guidance_scale > 1, prompt_cache):
+    for indices, text_inputs in prompt_inputs(pipeline, texts, negatives_apply, prompt_cache):
         # CPU generators give the same image on any device; one per image keeps each seed its own.
         generators = [torch.Generator("cpu").manual_seed(items[index].seed) for index in indices]
         with torch.inference_mode():

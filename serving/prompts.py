@@ -3,13 +3,17 @@
 ``plain`` text goes through the pipeline's own ``encode_prompt``, so that an image is the one the
 pipeline would draw from the prompt string. ``a1111`` text is parsed here into weighted fragments
 (AUTOMATIC1111's grammar: ``(word:1.2)``, ``(word)`` = x1.1, ``[word]`` = /1.1, ``\\(`` for a
-literal bracket) and encoded by compel, which applies the weights and encodes a prompt past the text
-encoder's window in 75-token chunks, concatenated. A text without weights that fits the window
-encodes to the same tensor either way.
+literal bracket) and encoded by compel (its CompelForSD, CompelForSDXL and CompelForFlux set up each
+class's text encoders), which applies the weights and encodes a prompt past a CLIP encoder's window
+in 75-token chunks, concatenated; Flux's T5 truncates at its own length, as the pipeline does. A
+text without weights that fits the window encodes to the same tensors either way. SDXL and Flux
+take pooled embeddings besides (``pooled_prompt_embeds``), which compel reads unweighted.
 
 Each text (a prompt or a negative prompt) is encoded on its own, so its embeddings never depend on
-the other prompts of its batch, and are cached under (text encoder, its LoRA adapter state, syntax,
-text): a prompt seen recently skips the text encoder, and any change to the adapters misses.
+the other prompts of its batch, and are cached under (every text encoder and its LoRA adapter state,
+syntax, text): a prompt seen recently skips the text encoders, and any change to the adapters misses.
+An absent negative prompt is what the pipeline makes of none: the empty prompt's embeddings (Stable
+Diffusion), zeros (SDXL), or no negative at all (Flux, whose true CFG runs only with one).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+from catalog.families import family_of_pipeline
 from txt2img.errors import InputError
 
 # AUTOMATIC1111's tokens (modules/prompt_parser.py): escapes, brackets, a ":weight)" closing, and text.
@@ -102,29 +107,17 @@ def execution_device(pipeline):
     return pipeline._execution_device
 
 
-def encode_sd_plain(pipeline, text: str):
-    """Stable Diffusion's own encoding of ``text``: [1, 77, dim]."""
-    embeds, _ = pipeline.encode_prompt(text, execution_device(pipeline), 1, False)
-    return embeds
-
-
-def encode_sd_a1111(pipeline, text: str):
-    """``text`` in AUTOMATIC1111's syntax, weighted and chunked by compel: [1, 77 * chunks, dim]."""
-    from compel import Compel
+def weighted_embeddings(compel, text: str, pipeline, dtype):
+    """``text`` in AUTOMATIC1111's syntax through one of compel's text encoders: weighted, and chunked by 75
+    tokens where the encoder is not truncating; chunks end at the last comma or full stop, as
+    AUTOMATIC1111's do where they can."""
     from compel.embeddings_provider import SplitLongTextMode
 
-    dtype = pipeline.text_encoder.dtype
-    compel = Compel(
-        tokenizer=pipeline.tokenizer,
-        text_encoder=pipeline.text_encoder,
-        dtype_for_device_getter=lambda device: dtype,
-        truncate_long_prompts=False,
-        # Chunks end at the last comma or full stop before 75 tokens, as AUTOMATIC1111's do where it can.
-        split_long_text_mode=SplitLongTextMode.PHRASES,
-        device=execution_device(pipeline),
-    )
+    provider = compel.conditioning_provider
+    provider.split_long_text_mode = SplitLongTextMode.PHRASES
+    provider.get_dtype_for_device = lambda device: dtype
     fragments = parse_a1111(text)
-    embeds = compel.conditioning_provider.get_embeddings_for_weighted_prompt_fragments(
+    embeds = provider.get_embeddings_for_weighted_prompt_fragments(
         text_batch=[[fragment for fragment, _ in fragments]],
         fragment_weights_batch=[[weight for _, weight in fragments]],
         device=execution_device(pipeline),
@@ -132,10 +125,75 @@ def encode_sd_a1111(pipeline, text: str):
     return embeds.to(dtype)
 
 
+def pooled_embeddings(compel, text: str, pipeline, dtype):
+    """The pooled embedding of ``text`` (brackets and weights read, as compel does: the weights do not apply)."""
+    words = "".join(fragment for fragment, _ in parse_a1111(text))
+    return compel.conditioning_provider.get_pooled_embeddings([words], device=execution_device(pipeline)).to(dtype)
+
+
+def encode_sd_plain(pipeline, text: str) -> dict:
+    """Stable Diffusion's own encoding of ``text``: [1, 77, dim]."""
+    embeds, _ = pipeline.encode_prompt(text, execution_device(pipeline), 1, False)
+    return {"prompt_embeds": embeds}
+
+
+def encode_sd_a1111(pipeline, text: str) -> dict:
+    """``text`` in AUTOMATIC1111's syntax, weighted and chunked by compel: [1, 77 * chunks, dim]."""
+    from compel import CompelForSD
+
+    compel = CompelForSD(pipeline, device=execution_device(pipeline)).compel
+    return {"prompt_embeds": weighted_embeddings(compel, text, pipeline, pipeline.text_encoder.dtype)}
+
+
+def encode_sdxl_plain(pipeline, text: str) -> dict:
+    """SDXL's own encoding of ``text``: both encoders' hidden states side by side, and the second's pooled."""
+    embeds, _, pooled, _ = pipeline.encode_prompt(
+        text, device=execution_device(pipeline), do_classifier_free_guidance=False
+    )
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def encode_sdxl_a1111(pipeline, text: str) -> dict:
+    """``text`` in AUTOMATIC1111's syntax through both of SDXL's encoders, weighted and chunked by compel."""
+    import torch
+    from compel import CompelForSDXL
+
+    compel = CompelForSDXL(pipeline, device=execution_device(pipeline))
+    dtype = pipeline.text_encoder_2.dtype
+    first = weighted_embeddings(compel.compel_1, text, pipeline, dtype)
+    second = weighted_embeddings(compel.compel_2, text, pipeline, dtype)
+    return {
+        "prompt_embeds": torch.cat([first, second], dim=-1),
+        "pooled_prompt_embeds": pooled_embeddings(compel.compel_2, text, pipeline, dtype),
+    }
+
+
+def encode_flux_plain(pipeline, text: str) -> dict:
+    """Flux's own encoding of ``text``: T5's hidden states (to max_sequence_length) and CLIP's pooled."""
+    embeds, pooled, _ = pipeline.encode_prompt(text, device=execution_device(pipeline))
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def encode_flux_a1111(pipeline, text: str) -> dict:
+    """``text`` in AUTOMATIC1111's syntax: weighted by compel through T5 (truncated as Flux truncates), and
+    CLIP's pooled embedding."""
+    from compel import CompelForFlux
+
+    compel = CompelForFlux(pipeline, device=execution_device(pipeline))
+    dtype = pipeline.text_encoder_2.dtype
+    return {
+        "prompt_embeds": weighted_embeddings(compel.compel_2, text, pipeline, dtype),
+        "pooled_prompt_embeds": pooled_embeddings(compel.compel_1, text, pipeline, pipeline.text_encoder.dtype),
+    }
+
+
 # The text encoders of each pipeline class, by syntax; a class not listed takes prompt strings, plain only.
-# Each encoder returns one text's embeddings as [1, tokens, dim], tokens a multiple of the encoder's window.
+# Each encoder returns one text's pipeline arguments: ``prompt_embeds`` as [1, tokens, dim], tokens a
+# multiple of the encoder's window, and the pooled embeddings ([1, dim]) a class takes besides.
 TEXT_ENCODERS: dict[str, dict[str, Callable]] = {
     "StableDiffusionPipeline": {"plain": encode_sd_plain, "a1111": encode_sd_a1111},
+    "StableDiffusionXLPipeline": {"plain": encode_sdxl_plain, "a1111": encode_sdxl_a1111},
+    "FluxPipeline": {"plain": encode_flux_plain, "a1111": encode_flux_a1111},
 }
 
 
@@ -161,16 +219,24 @@ def adapter_state(module) -> tuple:
     return tuple(state)
 
 
-def tensor_bytes(tensor) -> int:
-    return tensor.nelement() * tensor.element_size()
+def embeddings_bytes(embeds: dict) -> int:
+    return sum(tensor.nelement() * tensor.element_size() for tensor in embeds.values())
+
+
+def text_encoders_of(pipeline) -> list:
+    """The pipeline's text encoder modules (``text_encoder``, ``text_encoder_2``, ...), in name order."""
+    components = pipeline.components
+    names = sorted(name for name in components if name.startswith("text_encoder"))
+    return [components[name] for name in names if components[name] is not None]
 
 
 class PromptEmbeddingCache:
     """An LRU of encoded texts, bounded in bytes (``max_bytes`` 0 keeps nothing); safe from any thread.
 
-    Keyed by the text encoder's identity, its adapter state, the syntax and the text: a model
+    Keyed by every text encoder's identity and adapter state, the syntax and the text: a model
     evicted from memory never matches again (its entries age out), and switching a LoRA adapter on,
-    off or to another scale misses. ``on_lookup(hit)`` is told of every lookup (for /metrics).
+    off or to another scale, on any of a pipeline's text encoders, misses. ``on_lookup(hit)`` is told
+    of every lookup (for /metrics).
     """
 
     def __init__(self, max_bytes: int, on_lookup: Callable[[bool], None] = lambda hit: None):
@@ -185,11 +251,11 @@ class PromptEmbeddingCache:
         self._numbers = itertools.count()
 
     def model_key(self, pipeline) -> tuple:
-        """The part of a key that names the text encoder as it is now: its number here and its adapters."""
-        encoder = pipeline.text_encoder
+        """The part of a key that names the text encoders as they are now: each one's number here and its adapters."""
+        encoders = text_encoders_of(pipeline)
         with self._lock:
-            number = self._encoder_numbers.setdefault(encoder, next(self._numbers))
-        return number, adapter_state(encoder)
+            numbers = [self._encoder_numbers.setdefault(encoder, next(self._numbers)) for encoder in encoders]
+        return tuple((number, adapter_state(encoder)) for number, encoder in zip(numbers, encoders))
 
     def get(self, key: tuple):
         """The cached embeddings for ``key`` (now the most recent), or None."""
@@ -205,7 +271,7 @@ class PromptEmbeddingCache:
 
     def put(self, key: tuple, embeds) -> None:
         """Keep ``embeds`` under ``key``, dropping the least recently used entries beyond the budget."""
-        size = tensor_bytes(embeds)
+        size = embeddings_bytes(embeds)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -215,7 +281,7 @@ class PromptEmbeddingCache:
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
-                self._bytes -= tensor_bytes(dropped)
+                self._bytes -= embeddings_bytes(dropped)
 
     @property
     def bytes_held(self) -> int:
@@ -234,7 +300,7 @@ def encode_texts(
     model_key = cache.model_key(pipeline) if cache is not None else None
     encoded = {}
     for syntax, text in dict.fromkeys(texts):
-        key = (*model_key, syntax, text) if cache is not None else None
+        key = (model_key, syntax, text) if cache is not None else None
         embeds = cache.get(key) if cache is not None else None
         if embeds is None:
             with torch.inference_mode():
@@ -245,22 +311,45 @@ def encode_texts(
     return encoded
 
 
-def pad_to_tokens(embeds, tokens: int, empty):
-    """``embeds`` ([1, n, dim]) lengthened to ``tokens`` with chunks of the empty prompt's embeddings,
-    as compel and AUTOMATIC1111 pad the shorter of a prompt and its negative."""
+def pad_to_tokens(embeds: dict, tokens: int, empty: dict) -> dict:
+    """``embeds``' ``prompt_embeds`` ([1, n, dim]) lengthened to ``tokens`` with chunks of the empty prompt's,
+    as compel and AUTOMATIC1111 pad the shorter of a prompt and its negative; pooled embeddings stay."""
     import torch
 
-    chunks = (tokens - embeds.shape[1]) // empty.shape[1]
-    return torch.cat([embeds, *[empty] * chunks], dim=1) if chunks else embeds
+    sequence, empty_sequence = embeds["prompt_embeds"], empty["prompt_embeds"]
+    chunks = (tokens - sequence.shape[1]) // empty_sequence.shape[1]
+    if not chunks:
+        return embeds
+    return {**embeds, "prompt_embeds": torch.cat([sequence, *[empty_sequence] * chunks], dim=1)}
+
+
+def absent_negative(pipeline) -> str:
+    """What a guided item without a negative prompt gets, as the pipeline itself does with none: Flux's true
+    CFG runs only with one ("none"), SDXL zeroes it where its config says so ("zeros"), Stable Diffusion
+    encodes the empty prompt ("empty")."""
+    family = family_of_pipeline(type(pipeline).__name__)
+    if family is not None and family.true_cfg:
+        return "none"
+    if pipeline.config.get("force_zeros_for_empty_prompt", False):
+        return "zeros"
+    return "empty"
+
+
+def zeros_like_embeds(embeds: dict) -> dict:
+    """SDXL's zeroed negative: zeros shaped like the prompt's embeddings."""
+    import torch
+
+    return {name: torch.zeros_like(tensor) for name, tensor in embeds.items()}
 
 
 def prompt_inputs(
     pipeline, texts: list[tuple[str, str | None, str]], guided: bool, cache: PromptEmbeddingCache | None
 ) -> list[tuple[list[int], dict]]:
     """The pipeline's text arguments for each (prompt, negative prompt, syntax) of a batch, as pipeline
-    calls: (the items' indices, the arguments). Items whose embeddings differ in length go to separate
-    calls, so that no image depends on the length of another's prompt. ``guided``: classifier-free
-    guidance is on, so negative prompts (the empty one when absent) are encoded too."""
+    calls: (the items' indices, the arguments). Items whose embeddings differ in length, or of which one
+    has a negative and another none, go to separate calls, so that no image depends on another's prompt.
+    ``guided``: the negative prompt applies (classifier-free guidance, or Flux's true CFG); an absent
+    one is what ``absent_negative`` says."""
     encoders = text_encoders_for(pipeline, {syntax for _, _, syntax in texts})
     if encoders is None:  # the pipeline encodes its prompt strings itself
         negatives = [negative or "" for _, negative, _ in texts]
@@ -269,34 +358,40 @@ def prompt_inputs(
             "negative_prompt": negatives if any(negatives) else None,
         }
         return [(list(range(len(texts))), strings)]
+    absent = absent_negative(pipeline) if guided else "none"
     wanted = [(syntax, prompt) for prompt, _, syntax in texts]
-    if guided:
-        wanted += [(syntax, negative or "") for _, negative, syntax in texts]
+    wanted += [(syntax, negative or "") for _, negative, syntax in texts if negative or absent == "empty"]
     encoded = encode_texts(pipeline, wanted, encoders, cache)
-    pairs = [
-        (encoded[syntax, prompt], encoded[syntax, negative or ""] if guided else None)
-        for prompt, negative, syntax in texts
-    ]
-    calls: dict[int, list[int]] = {}
+    pairs = []
+    for prompt, negative, syntax in texts:
+        positive = encoded[syntax, prompt]
+        if guided and (negative or absent == "empty"):
+            pairs.append((positive, encoded[syntax, negative or ""]))
+        else:
+            pairs.append((positive, zeros_like_embeds(positive) if absent == "zeros" else None))
+    calls: dict[tuple[int, bool], list[int]] = {}
     for index, pair in enumerate(pairs):
-        calls.setdefault(max(embeds.shape[1] for embeds in pair if embeds is not None), []).append(index)
+        tokens = max(embeds["prompt_embeds"].shape[1] for embeds in pair if embeds is not None)
+        calls.setdefault((tokens, pair[1] is not None), []).append(index)
     return [
-        (indices, call_embeds(pipeline, pairs, indices, tokens, encoders, cache)) for tokens, indices in calls.items()
+        (indices, call_embeds(pipeline, pairs, indices, tokens, encoders, cache))
+        for (tokens, _), indices in calls.items()
     ]
 
 
 def call_embeds(pipeline, pairs: list, indices: list[int], tokens: int, encoders, cache) -> dict:
-    """``prompt_embeds`` (and ``negative_prompt_embeds``) for the items at ``indices``, each ``tokens`` long."""
+    """The embeddings arguments (``prompt_embeds``, pooled ones, and their ``negative_`` counterparts) for the
+    items at ``indices``, each ``tokens`` long."""
     import torch
 
     chosen = [pairs[index] for index in indices]
-    if any(embeds.shape[1] != tokens for pair in chosen for embeds in pair if embeds is not None):
+    if any(embeds["prompt_embeds"].shape[1] != tokens for pair in chosen for embeds in pair if embeds is not None):
         empty = encode_texts(pipeline, [("plain", "")], encoders, cache)["plain", ""]
         chosen = [
             tuple(pad_to_tokens(embeds, tokens, empty) if embeds is not None else None for embeds in pair)
             for pair in chosen
         ]
-    inputs = {"prompt_embeds": torch.cat([positive for positive, _ in chosen])}
+    inputs = {name: torch.cat([positive[name] for positive, _ in chosen]) for name in chosen[0][0]}
     if chosen[0][1] is not None:
-        inputs["negative_prompt_embeds"] = torch.cat([negative for _, negative in chosen])
+        inputs |= {f"negative_{name}": torch.cat([negative[name] for _, negative in chosen]) for name in chosen[0][1]}
     return inputs

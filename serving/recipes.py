@@ -36,8 +36,9 @@ SAMPLERS: dict[str, tuple[str, list[str]]] = {
     "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
     "UniPC": ("unipc", []),
 }
-# Our scheduler names as A1111 spells them, for the infotext's "Sampler:".
-A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()}
+# Our scheduler names as A1111 spells them, for the infotext's "Sampler:"; on Flux, A1111's (Forge's) Euler is
+# flow-matching Euler (serving/a1111.py FLOW_MATCHING_SAMPLERS).
+A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()} | {"flow-euler": "Euler"}
 
 
 class LoraScale(BaseModel):

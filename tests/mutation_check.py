@@ -336,15 +336,22 @@ MUTATIONS = [
     Mutation(
         "the prompt cache ignores the text encoder's LoRA adapters",
         "serving/prompts.py",
-        "        return number, adapter_state(encoder)\n",
-        "        return number, ()\n",
+        "        return tuple((number, adapter_state(encoder)) for number, encoder in zip(numbers, encoders))\n",
+        "        return tuple((number, ()) for number, encoder in zip(numbers, encoders))\n",
         (Select("tests/test_prompt_syntax.py", "adapter"),),
+    ),
+    Mutation(
+        "the prompt cache key names the first text encoder only (SDXL's and Flux's second is left out)",
+        "serving/prompts.py",
+        '    names = sorted(name for name in components if name.startswith("text_encoder"))\n',
+        '    names = ["text_encoder"]\n',
+        (Select("tests/test_prompt_syntax.py", "second_text_encoder"),),
     ),
     Mutation(
         "the prompt cache key ignores the prompt syntax",
         "serving/prompts.py",
-        "        key = (*model_key, syntax, text) if cache is not None else None\n",
-        "        key = (*model_key, text) if cache is not None else None\n",
+        "        key = (model_key, syntax, text) if cache is not None else None\n",
+        "        key = (model_key, text) if cache is not None else None\n",
         (Select("tests/test_prompt_syntax.py", "syntaxes_apart"),),
     ),
     # --- serving: the front door (one body reader, one type policy, one set of limits) ------------

@@ -1,5 +1,6 @@
 """AUTOMATIC1111's prompt syntax and the prompt-embedding cache (serving/prompts.py): in the pipeline call
-on tiny-sd, and through a real ``bentoml serve`` on every route, with the ``webuiapi`` client on /sdapi/v1."""
+on tiny-sd and on the SDXL and Flux stand-ins (catalog/tiny_families.py), and through a real ``bentoml serve``
+on every route, with the ``webuiapi`` client on /sdapi/v1."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import webuiapi
 from bentoml_server import offline_server
 from PIL import Image
 
+from catalog.tiny_families import build_tiny_sdxl_pipeline
 from catalog.tiny_sd import build_tiny_sd_pipeline
 from jumpstart import inference_script
 from serving.generation import BatchItem, generate_images
 from serving.invocations import REQUEST_SCHEMA, InvocationError
 from serving.prompts import (
+    TEXT_ENCODERS,
     PromptEmbeddingCache,
     PromptSyntaxUnsupported,
     encode_sd_a1111,
@@ -97,7 +100,7 @@ def test_a_long_a1111_prompt_is_encoded_whole_where_plain_keeps_its_first_77_tok
     import torch
 
     with torch.inference_mode():
-        assert encode_sd_a1111(tiny_pipeline, LONG_PROMPT).shape[1] == 2 * 77
+        assert encode_sd_a1111(tiny_pipeline, LONG_PROMPT)["prompt_embeds"].shape[1] == 2 * 77
     truncated = one(tiny_pipeline, FIRST_75_TOKENS, "plain")
     assert one(tiny_pipeline, LONG_PROMPT, "plain") == truncated
     assert one(tiny_pipeline, LONG_PROMPT, "a1111") != truncated
@@ -160,12 +163,11 @@ def test_the_cache_keeps_to_its_byte_budget_dropping_the_least_recently_used(tin
     assert len(nothing_kept) == 0 and nothing_kept.misses == 2
 
 
-def test_switching_a_text_encoder_adapter_misses_the_cache():
+def with_random_text_encoder_adapter(encoder) -> None:
+    """A LoRA adapter "style" on ``encoder`` whose up-projections are random, so that it changes the output."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipeline = build_tiny_sd_pipeline()
-    encoder = pipeline.text_encoder
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     inject_adapter_in_model(config, encoder, adapter_name="style")
     generator = torch.Generator().manual_seed(0)
@@ -173,6 +175,11 @@ def test_switching_a_text_encoder_adapter_misses_the_cache():
         for name, parameter in encoder.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+
+def test_switching_a_text_encoder_adapter_misses_the_cache():
+    pipeline = build_tiny_sd_pipeline()
+    with_random_text_encoder_adapter(pipeline.text_encoder)
     cache = PromptEmbeddingCache(2**24)
 
     def with_and_without_cache() -> bytes:
@@ -187,6 +194,94 @@ def test_switching_a_text_encoder_adapter_misses_the_cache():
     assert with_and_without_cache() == adapted
     pipeline.set_adapters(["style"], adapter_weights=[0.5])
     assert with_and_without_cache() != adapted
+
+
+# SDXL and Flux: their pooled embeddings, SDXL's zeroed negative, Flux's true CFG
+
+FAMILY_CALLS = {
+    "sdxl": {"guidance_scale": 5.0},
+    "flux": {"guidance_scale": 0.0, "true_cfg_scale": 4.0},  # the negative prompt applies through true CFG
+}
+
+
+def family_pixels(pipeline, family: str, *items: BatchItem, cache=None) -> list[bytes]:
+    call = {**CALL, **FAMILY_CALLS[family]}
+    return [image.tobytes() for image in generate_images(pipeline, list(items), **call, prompt_cache=cache)]
+
+
+def family_one(pipeline, family: str, prompt: str, syntax: str, negative: str | None = None, cache=None) -> bytes:
+    [image] = family_pixels(pipeline, family, BatchItem(prompt, negative, 3, syntax), cache=cache)
+    return image
+
+
+@pytest.mark.parametrize("family", FAMILY_CALLS)
+def test_weights_change_the_image_on_sdxl_and_flux(family, stand_in_pipelines, one_torch_thread):
+    pipeline = stand_in_pipelines[family]
+    plain = family_one(pipeline, family, "a red ball", "a1111")
+    assert family_one(pipeline, family, "a (red:1.5) ball", "a1111") != plain
+    assert family_one(pipeline, family, "a [red] ball", "a1111") != plain
+    assert family_one(pipeline, family, "a (red) ball", "plain") != family_one(
+        pipeline, family, "a (red) ball", "a1111"
+    )
+
+
+@pytest.mark.parametrize("family", FAMILY_CALLS)
+def test_a_plain_prompt_on_sdxl_and_flux_gives_the_pipelines_own_image_in_either_syntax(
+    family, stand_in_pipelines, one_torch_thread, monkeypatch
+):
+    pipeline = stand_in_pipelines[family]
+    cases = [("a red ball on the table", None), ("a red ball", "blue, green"), ("cube: 1", "")]
+    encoded = {case: family_one(pipeline, family, *case[:1], "plain", case[1]) for case in cases}
+    for prompt, negative in cases:
+        assert family_one(pipeline, family, prompt, "a1111", negative) == encoded[prompt, negative]
+    # Without an encoder the pipeline reads the strings itself: the image it draws from them.
+    monkeypatch.delitem(TEXT_ENCODERS, type(pipeline).__name__)
+    for prompt, negative in cases:
+        assert family_one(pipeline, family, prompt, "plain", negative) == encoded[prompt, negative]
+
+
+@pytest.mark.parametrize("family", FAMILY_CALLS)
+def test_a_negative_prompt_never_changes_the_image_of_another_item_in_its_batch(
+    family, stand_in_pipelines, one_torch_thread
+):
+    # SDXL zeroes an absent negative, Flux runs true CFG only with one: each item as if it came alone.
+    pipeline = stand_in_pipelines[family]
+    with_negative = BatchItem("a red ball", "blurry", 3, "a1111")
+    without = BatchItem("a blue cup", None, 4, "a1111")
+    alone = [*family_pixels(pipeline, family, with_negative), *family_pixels(pipeline, family, without)]
+    assert family_pixels(pipeline, family, with_negative, without) == alone
+
+
+@pytest.mark.parametrize("family", FAMILY_CALLS)
+def test_cached_prompts_give_byte_identical_images_on_sdxl_and_flux(family, stand_in_pipelines, one_torch_thread):
+    pipeline = stand_in_pipelines[family]
+    cache = PromptEmbeddingCache(2**24)
+    items = [
+        BatchItem("a red ball", "blue", 1, "plain"),
+        BatchItem(f"a (red:1.4) cup, {LONG_PROMPT}", None, 2, "a1111"),
+    ]
+    uncached = family_pixels(pipeline, family, *items)
+    assert family_pixels(pipeline, family, *items, cache=cache) == uncached
+    misses = cache.misses
+    assert family_pixels(pipeline, family, *items, cache=cache) == uncached
+    assert cache.misses == misses and cache.hits == misses  # the second time, every text from the cache
+
+
+def test_an_adapter_on_the_second_text_encoder_misses_the_cache(one_torch_thread):
+    pipeline = build_tiny_sdxl_pipeline()
+    with_random_text_encoder_adapter(pipeline.text_encoder_2)
+    cache = PromptEmbeddingCache(2**24)
+
+    def with_and_without_cache() -> bytes:
+        uncached = family_one(pipeline, "sdxl", "a red ball", "plain")
+        assert family_one(pipeline, "sdxl", "a red ball", "plain", cache=cache) == uncached
+        return uncached
+
+    adapted = with_and_without_cache()
+    pipeline.disable_lora()  # the only adapter is on text_encoder_2
+    assert with_and_without_cache() != adapted
+    pipeline.enable_lora()
+    assert with_and_without_cache() == adapted
 
 
 # Through bentoml serve, on every route
