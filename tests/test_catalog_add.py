@@ -24,6 +24,7 @@ from PIL import Image
 
 from catalog.checkpoint_files import ImportRefused, detect_family, read_header
 from catalog.imports import ImportRequest, describe_source
+from catalog.tiny_families import build_tiny_sdxl_pipeline
 from catalog.tiny_sd import build_tiny_sd_pipeline
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TXT2IMG_TORCH_THREADS": "1"}
@@ -142,11 +143,13 @@ def test_a1111_checkpoint_added_generates_tiny_sds_image(tmp_path, run_cli, cli_
     )
 
 
-def test_an_added_checkpoint_serves_tiny_sds_images_on_the_native_and_a1111_routes(tmp_path, run_cli, txt2img_home):
+def test_added_models_serve_a_checkpoint_as_tiny_sd_and_an_sdxl_folder_as_sdxl(tmp_path, run_cli, txt2img_home):
     pipeline = build_tiny_sd_pipeline()
     pipeline.save_pretrained(tmp_path / "config", safe_serialization=True)
     checkpoint = write_a1111_checkpoint(pipeline, tmp_path / "served.safetensors")
     run_cli("catalog", "add", str(checkpoint), "--name", "served", "--config", str(tmp_path / "config"), check_rc=0)
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl", safe_serialization=True)
+    run_cli("catalog", "add", str(tmp_path / "sdxl"), "--name", "my-sdxl", check_rc=0)
 
     def native(http, model) -> bytes:
         body = {"prompt": "a green boat", "model": model, "seed": 5, "num_inference_steps": 2}
@@ -166,6 +169,15 @@ def test_an_added_checkpoint_serves_tiny_sds_images_on_the_native_and_a1111_rout
     with offline_server(txt2img_home) as url, httpx.Client(base_url=url, timeout=120) as http:
         for route in (native, a1111):
             assert route(http, "served") == route(http, "tiny-sd"), route.__name__
+        listed = {model["id"]: model for model in http.get("/models").json()["models"]}
+        assert listed["my-sdxl"]["family"] == "sdxl", listed["my-sdxl"]
+        assert Image.open(
+            io.BytesIO(
+                http.post(
+                    "/txt2img", json={"prompt": "a boat", "model": "my-sdxl", "seed": 5, "num_inference_steps": 2}
+                ).content
+            )
+        ).size == (64, 64)
 
 
 def test_a_linked_folder_is_recorded_in_place_and_loads_as_tiny_sd(tmp_path, run_cli, txt2img_home):
