@@ -107,6 +107,22 @@ def test_lora_loads_on_its_base_and_exports(tmp_path):
     assert _loss(exported, images, RED) == pytest.approx(lora_loss, rel=1e-3)
 
 
+def test_a_lora_with_its_text_encoder_trained_saves_both_adapters_and_loads(tmp_path):
+    from safetensors import safe_open
+
+    data = write_demo_dataset(tmp_path / "data")
+    hp = Hyperparameters(method="lora", train_text_encoder=True, max_steps=2, **FAST)
+
+    entry = train(data, "tiny-sd", "red-lora-te", hp, progress=False)
+
+    with safe_open(str(Path(entry.artifact, LORA_WEIGHT_NAME)), "pt") as tensors:
+        keys = list(tensors.keys())
+    assert any(key.startswith("unet.") for key in keys) and any(key.startswith("text_encoder.") for key in keys)
+    loaded = load_pipeline(entry, load_catalog())
+    base = build_tiny_sd_pipeline()
+    assert _loss(loaded, _images(data), RED) != _loss(base, _images(data), RED)
+
+
 def test_prior_preservation_generates_caches_and_trains_on_class_images(tmp_path):
     # The stronger check (the class-prompt loss stays closer to the base's) needs a base
     # that already knows the class: tiny-sd's random weights denoise everything badly, so any

@@ -68,11 +68,15 @@ def prepare_trainable(pipeline: Any, hyperparameters: Hyperparameters, frozen_dt
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
         )
         if train_text_encoder:
+            from peft import inject_adapter_in_model
+
             _cast(text_encoder, frozen_dtype)
-            text_encoder.add_adapter(
+            # peft's own injection: transformers' add_adapter refuses every peft release on PyPI today.
+            inject_adapter_in_model(
                 LoraConfig(
                     r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
-                )
+                ),
+                text_encoder,
             )
         for module in (unet, text_encoder) if train_text_encoder else (unet,):
             for parameter in module.parameters():
