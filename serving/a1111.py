@@ -36,12 +36,10 @@ from serving.generation_queue import CallProgress, GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
 from serving.images import PARAMETERS_KEY, image_base64, image_metadata
 from serving.json_body import read_json_object
-from serving.recipes import SAMPLERS, parameters_text, recipe_metadata, result_recipes
+from serving.recipes import FLOW_MATCHING_SAMPLERS, SAMPLERS, parameters_text, recipe_metadata, result_recipes
 from serving.schema import GenerationRequest, Text
 
 SAMPLER_LOOKUP = {alias.lower(): name for name, (_, aliases) in SAMPLERS.items() for alias in (name, *aliases)}
-# On a flow-matching model (Flux), A1111's Euler is flow-matching Euler, as in Forge; no other sampler fits.
-FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}
 DEFAULT_SAMPLER = "Euler"  # A1111's sampler_index default, used when sampler_name is empty
 SEED_RANGE = 4294967294  # A1111 draws a random seed below it
 # What GET /sdapi/v1/options reports; override_settings may repeat any of these values.

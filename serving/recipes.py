@@ -36,9 +36,12 @@ SAMPLERS: dict[str, tuple[str, list[str]]] = {
     "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
     "UniPC": ("unipc", []),
 }
-# Our scheduler names as A1111 spells them, for the infotext's "Sampler:"; on Flux, A1111's (Forge's) Euler is
-# flow-matching Euler (serving/a1111.py FLOW_MATCHING_SAMPLERS).
-A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()} | {"flow-euler": "Euler"}
+# On a flow-matching family (Flux), A1111's (Forge's) samplers and the schedulers they run.
+FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}
+# Our scheduler names as A1111 spells them, for the infotext's "Sampler:".
+A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()} | {
+    scheduler: name for name, scheduler in FLOW_MATCHING_SAMPLERS.items()
+}
 
 
 class LoraScale(BaseModel):
