@@ -46,6 +46,16 @@ def valid_text(text: str) -> str:
 Text = Annotated[str, AfterValidator(valid_text)]
 
 
+class LoraWeight(BaseModel):
+    """A LoRA fine-tune applied on top of the request's model, at a strength (AUTOMATIC1111's ``<lora:NAME:SCALE>``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text = Field(min_length=1, description="The LoRA's catalog id; its base must be the request's model.")
+    # Bounded like A1111's slider range and then some: a huge scale is accepted by peft and yields noise.
+    scale: float = Field(1.0, ge=-4, le=4, allow_inf_nan=False, description="Strength: 0 gives the base's image.")
+
+
 class GenerationSettings(BaseModel):
     """What to generate, apart from how many: a prompt, the model and the sampling settings."""
 
@@ -80,6 +90,10 @@ class GenerationSettings(BaseModel):
     )
     scheduler: SchedulerName | None = Field(
         None, description="Sampler, one its model's family fits (GET /models lists them); defaults to the model's own."
+    )
+    loras: list[LoraWeight] = Field(
+        default_factory=list,
+        description="LoRA fine-tunes of the model to apply, each at its scale; at most TXT2IMG_MAX_LORAS.",
     )
     prompt_syntax: PromptSyntax = Field(
         "plain",

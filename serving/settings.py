@@ -75,6 +75,7 @@ class ServingSettings(BaseSettings):
         description="Most work one request may ask for, as width x height x steps x images; the default "
         "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
     )
+    max_loras: int = Field(4, ge=0, description="Most LoRAs one request may apply (its loras, or <lora:...> tags).")
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     prompt_cache_mb: float = Field(
         64.0,
