@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from serving_finetunes import FULL_LORA_ID, STYLE_LORA_ID, SUBJECT_LORA_ID
 
+from serving.http_errors import ErrorBody
 from serving.images import RECIPE_KEY
 from serving.recipes import Recipe
 
@@ -77,6 +78,7 @@ def test_each_refused_lora_set_is_a_4xx_naming_it(http, route, refusal):
     assert answer.status_code == status, answer.text
     error = answer.json()
     assert error.items() >= expected.items(), error
+    ErrorBody.model_validate(error, strict=True)  # the answer the OpenAPI document declares
     if refusal == "wrong-base":
         assert f"'{FULL_LORA_ID}' needs base 'tiny-full'" in error["error"]
     if refusal == "unknown":
