@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -216,7 +217,9 @@ class PipelineManager:
 
     def _load_adapter(self, base: LoadedBase, lora_id: str, keep: set[str]) -> None:
         try:
-            name = apply_lora(base.pipeline, self._catalog.get(lora_id))
+            with warnings.catch_warnings():  # peft warns of a second adapter on a module: several are the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                name = apply_lora(base.pipeline, self._catalog.get(lora_id))
         except (ModelLoadError, OSError, ValueError) as error:  # not the base's failure: it stays served
             raise LoraLoadError(lora_id, str(error)) from error
         nbytes = adapter_bytes(base.pipeline, name)
