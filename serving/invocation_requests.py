@@ -38,6 +38,7 @@ def generation_requests(invocation: Invocation, settings: ServingSettings) -> li
             "num_images": per_prompt,
             "seed": first.seed,
             "prompt_syntax": invocation.prompt_syntax,
+            "loras": invocation.loras,
         }
         requests.append(GenerationRequest(**{name: value for name, value in fields.items() if value is not None}))
     return requests

@@ -69,6 +69,20 @@ REQUEST_SCHEMA = {
         # serving/schema.py's PromptSyntax (this file cannot import it: it runs alone in the container, which
         # serves plain prompts only); tests/test_prompt_syntax.py holds the two lists equal.
         "prompt_syntax": {"type": "string", "enum": ["plain", "a1111"], "default": "plain"},
+        # serving/schema.py's LoraWeight, as above; the container serves one model and refuses them.
+        "loras": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["model"],
+                "properties": {
+                    "model": {"type": "string", "minLength": 1, "description": "A LoRA's catalog id."},
+                    "scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0},
+                },
+            },
+            "default": [],
+        },
     },
 }
 PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
@@ -120,6 +134,7 @@ class Invocation:
     prompt_syntax: object = (
         "plain"  # as sent: the local server's GenerationRequest checks it, the container refuses a1111
     )
+    loras: object = None  # as sent, like prompt_syntax (None: none); the container refuses any
 
     @property
     def prompts(self) -> list[str]:
@@ -268,6 +283,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
         batch_size=_int_at_least(payload, "batch_size", 1, 1),
         one_image=one_image,
         prompt_syntax=payload.get("prompt_syntax", "plain"),
+        loras=payload.get("loras"),
     )
     if invocation.seed is not None and invocation.seed + invocation.image_count > SEED_END:
         raise InvocationError(
