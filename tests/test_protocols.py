@@ -53,7 +53,7 @@ def decode(data: bytes) -> Image.Image:
 
 def openai_image(openai_client, **fields) -> bytes:
     extra = {name: fields.pop(name) for name in list(fields) if name in ("seed", "negative_prompt", "guidance_scale")}
-    extra |= {name: fields.pop(name) for name in list(fields) if name in ("scheduler", "num_inference_steps")}
+    extra |= {name: fields.pop(name) for name in list(fields) if name in ("scheduler", "num_inference_steps", "loras")}
     response = openai_client.images.generate(
         model="tiny-sd", prompt="a red cube", size="64x64", response_format="b64_json", **fields,
         extra_body={**FAST, **extra},
@@ -125,6 +125,15 @@ def test_openai_neutral_options_are_accepted_and_meaningful_ones_refused(openai_
         assert raised.value.type == "invalid_request_error"
 
 
+def test_openai_loras_extra_body_keeps_the_strict_types_of_every_route(openai_client):
+    assert openai_image(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 0}]) == openai_image(
+        openai_client, seed=5
+    )
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_image(openai_client, loras=[{"model": LORA_ID, "scale": "0.5"}])
+    assert raised.value.param == "loras.0.scale"
+
+
 def test_openai_unknown_model_is_404_naming_close_ids(openai_client):
     with pytest.raises(openai.NotFoundError) as raised:
         openai_client.images.generate(model="tiny-sdd", prompt="a red cube")
@@ -174,6 +183,32 @@ def test_webuiapi_reads_models_samplers_and_options(webui):
     assert webui.util_get_current_model() == "tiny-sd"
     model = next(model for model in webui.get_sd_models() if model["title"] == FULL_ID)
     assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+
+
+def test_webuiapi_lora_tags_leave_the_prompt_text_and_stay_in_what_is_reported(webui):
+    tagged = webui.txt2img(prompt="a red cube <lora:tiny-lora:0>", width=64, height=64, steps=2, seed=5)
+    # Scale 0 is the base model, and the tag is no text for the encoder: the untagged prompt's image.
+    assert tagged.image.tobytes() == a1111_pixels(webui, seed=5)
+    assert tagged.info["prompt"] == tagged.parameters["prompt"] == "a red cube <lora:tiny-lora:0>"
+    assert tagged.info["all_prompts"] == ["a red cube <lora:tiny-lora:0>"]
+    # A1111 reads tags from the prompt only: in the negative prompt one is text, and changes the image.
+    negative = webui.txt2img(prompt="a red cube", negative_prompt="<lora:tiny-lora:0>", width=64, height=64, seed=5)
+    assert negative.image.tobytes() != tagged.image.tobytes()
+
+
+def test_webuiapi_lists_the_catalogs_loras_as_a1111_lists_its_files(webui, http):
+    loras = webui.get_loras()
+    assert [lora["name"] for lora in loras] == [LORA_ID]
+    assert set(loras[0]) == {"name", "alias", "path", "metadata"} and loras[0]["alias"] == LORA_ID
+    assert loras[0]["path"].endswith(".safetensors")
+    assert http.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
+def test_a1111_lora_tag_it_cannot_apply_is_422_naming_the_tag(webui):
+    with pytest.raises(RuntimeError) as raised:
+        webui.txt2img(prompt="a red cube <lora:tiny-lora:1:0.5>", width=64, height=64, steps=2)
+    status, text = raised.value.args
+    assert status == 422 and "<lora:tiny-lora:1:0.5>" in json.loads(text)["detail"]
 
 
 def test_a1111_options_can_be_repeated_but_not_changed(webui):
