@@ -38,6 +38,7 @@ from serving.generation_queue import GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
 from serving.images import image_bytes
 from serving.json_body import BodyError, read_json_object
+from serving.openapi import json_request_body
 from serving.recipes import recipe_metadata, result_recipes
 from serving.schema import GenerationRequest, LoraWeight, PromptSyntax, SchedulerName, Text
 
@@ -230,10 +231,7 @@ def model_list(entries: list[CatalogEntry]) -> dict[str, Any]:
 
 
 # The route reads its body with the one reader, to answer every error in OpenAI's format; this states it.
-OPENAI_REQUEST_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
-}
+OPENAI_REQUEST_BODY = json_request_body(ImageGenerationRequest)
 
 # The service's own /docs.json documents these routes; the app serves no documents of its own.
 openai_app = FastAPI(title="txt2img OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)
