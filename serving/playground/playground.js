@@ -212,6 +212,7 @@ function loraPicker(legend, modelOf) {
     choice.replaceChildren(...fitting.map((id) => element("option", { value: id, text: id })));
     if (fitting.includes(previous)) choice.value = previous;
     for (const row of chosen()) if (!fitting.includes(row.dataset.lora)) row.remove();
+    node.hidden = !modelOf(); // a Compare column without a model
     adding.hidden = !fitting.length;
     none.hidden = fitting.length > 0;
   }
