@@ -76,6 +76,12 @@ class ServingSettings(BaseSettings):
         "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
     )
     max_loras: int = Field(4, ge=0, description="Most LoRAs one request may apply (its loras, or <lora:...> tags).")
+    lora_cache_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="LoRA adapters kept loaded on their bases, per worker, in MiB of their weights; beyond it the "
+        "least recently used are unloaded (a request's own are always loaded for it).",
+    )
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     prompt_cache_mb: float = Field(
         64.0,
