@@ -55,7 +55,7 @@ def openai_image(openai_client, **fields) -> bytes:
     extra = {name: fields.pop(name) for name in list(fields) if name in ("seed", "negative_prompt", "guidance_scale")}
     extra |= {name: fields.pop(name) for name in list(fields) if name in ("scheduler", "num_inference_steps", "loras")}
     response = openai_client.images.generate(
-        model="tiny-sd", prompt="a red cube", size="64x64", response_format="b64_json", **fields,
+        model=fields.pop("model", "tiny-sd"), prompt="a red cube", size="64x64", response_format="b64_json", **fields,
         extra_body={**FAST, **extra},
     )  # fmt: skip
     return base64.b64decode(response.data[0].b64_json)
@@ -125,10 +125,19 @@ def test_openai_neutral_options_are_accepted_and_meaningful_ones_refused(openai_
         assert raised.value.type == "invalid_request_error"
 
 
-def test_openai_loras_extra_body_keeps_the_strict_types_of_every_route(openai_client):
-    assert openai_image(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 0}]) == openai_image(
-        openai_client, seed=5
-    )
+def openai_pixels(openai_client, **fields) -> bytes:
+    """The pixels alone: the PNG's recipe names the model and LoRAs that made it."""
+    return decode(openai_image(openai_client, **fields)).tobytes()
+
+
+def test_openai_loras_extra_body_applies_them_with_the_strict_types_of_every_route(openai_client):
+    base = openai_pixels(openai_client, seed=5)
+    assert openai_pixels(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 0}]) == base
+    with_lora = openai_pixels(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 1}])
+    assert with_lora == openai_pixels(openai_client, seed=5, model=LORA_ID) != base
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_image(openai_client, loras=[{"model": "tiny-lorra"}])
+    assert "tiny-lorra" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
         openai_image(openai_client, loras=[{"model": LORA_ID, "scale": "0.5"}])
     assert raised.value.param == "loras.0.scale"
@@ -194,6 +203,22 @@ def test_webuiapi_lora_tags_leave_the_prompt_text_and_stay_in_what_is_reported(w
     # A1111 reads tags from the prompt only: in the negative prompt one is text, and changes the image.
     negative = webui.txt2img(prompt="a red cube", negative_prompt="<lora:tiny-lora:0>", width=64, height=64, seed=5)
     assert negative.image.tobytes() != tagged.image.tobytes()
+
+
+def test_webuiapi_lora_tag_applies_the_lora_and_the_infotext_keeps_it(webui):
+    tagged = webui.txt2img(prompt="a red cube <lora:tiny-lora:1>", width=64, height=64, steps=2, seed=5)
+    by_id = a1111_pixels(webui, seed=5, override_settings={"sd_model_checkpoint": LORA_ID})
+    assert tagged.image.tobytes() == by_id != a1111_pixels(webui, seed=5)
+    assert "<lora:tiny-lora:1>" in tagged.info["infotexts"][0].split("\n")[0]
+
+
+def test_a1111_unknown_lora_tag_is_404_naming_it_in_a1111s_shape(webui):
+    with pytest.raises(RuntimeError) as raised:
+        webui.txt2img(prompt="a red cube <lora:tiny-lorra:0.5>", width=64, height=64, steps=2)
+    status, text = raised.value.args
+    answer = json.loads(text)
+    assert status == 404 and set(answer) == {"error", "detail", "body", "errors"}
+    assert "tiny-lorra" in answer["detail"] and LORA_ID in answer["detail"]  # the close id
 
 
 def test_webuiapi_lists_the_catalogs_loras_as_a1111_lists_its_files(webui, http):
