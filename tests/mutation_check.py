@@ -370,7 +370,10 @@ MUTATIONS = [
         "serving/openai_images.py",
         '        "loras": request.loras,\n',
         "",
-        (Select("tests/test_protocol_adapters.py", "every_route_takes_loras"),),
+        (
+            Select("tests/test_protocol_adapters.py", "every_route_takes_loras"),
+            Select("tests/test_protocols.py", "extra_body_applies"),
+        ),
     ),
     # --- serving: the front door (one body reader, one type policy, one set of limits) ------------
     Mutation(

@@ -307,6 +307,18 @@ def test_the_same_over_limit_request_is_refused_by_every_route_in_its_own_shape(
     assert size.status_code == 400 and size.json()["error"]["message"].startswith("size is 2097152")
 
 
+def test_the_same_unknown_lora_is_refused_by_every_route_in_its_own_shape(http):
+    unknown = {"prompt": "a red cube", "loras": [{"model": "tiny-lorra", "scale": 0.5}]}
+    ours = http.post("/images", json=unknown)
+    assert ours.status_code == 404 and ours.json()["field"] == "loras" and "tiny-lorra" in ours.json()["error"]
+    jumpstart = http.post("/invocations", json=unknown)
+    assert jumpstart.status_code == 404 and "tiny-lorra" in jumpstart.json()["error"]
+    openai_answer = http.post("/v1/images/generations", json=unknown)
+    assert openai_answer.status_code == 404 and "tiny-lorra" in openai_answer.json()["error"]["message"]
+    a1111_answer = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cube <lora:tiny-lorra:0.5>"})
+    assert a1111_answer.status_code == 404 and "tiny-lorra" in a1111_answer.json()["detail"]
+
+
 def generations_counted(http) -> float:
     lines = http.get("/metrics").text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("txt2img_generation_seconds_count"))
