@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serving.images import image_base64
 from serving.json_body import BodyError, json_type, read_json, utf8_text
@@ -134,7 +134,9 @@ class Invocation:
     prompt_syntax: object = (
         "plain"  # as sent: the local server's GenerationRequest checks it, the container refuses a1111
     )
-    loras: object = None  # as sent, like prompt_syntax (None: none); the container refuses any
+    # As sent, like prompt_syntax, null included: the local server's GenerationRequest checks it (strictly, as
+    # /images does), the container refuses anything but [].
+    loras: object = field(default_factory=list)
 
     @property
     def prompts(self) -> list[str]:
@@ -283,7 +285,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
         batch_size=_int_at_least(payload, "batch_size", 1, 1),
         one_image=one_image,
         prompt_syntax=payload.get("prompt_syntax", "plain"),
-        loras=payload.get("loras"),
+        loras=payload.get("loras", []),
     )
     if invocation.seed is not None and invocation.seed + invocation.image_count > SEED_END:
         raise InvocationError(

@@ -202,6 +202,7 @@ BAD_LORAS = [
     ["tiny-lora"],
     "tiny-lora",
     {"model": "tiny-lora"},
+    None,
 ]
 
 
