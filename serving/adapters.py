@@ -53,6 +53,20 @@ class UnknownLora(LoraRefused):
         return super().as_json() | {"model": self.model_id, "suggestions": self.suggestions}
 
 
+class LoraLoadError(InputError):
+    """A LoRA's adapter cannot be loaded onto its base (its file gone or unreadable). 503, as a model that
+    cannot load: and, unlike a model's load failure, it leaves the base and other requests served."""
+
+    http_status = 503
+
+    def __init__(self, lora_id: str, reason: str):
+        self.model_id = lora_id
+        super().__init__(f"loras: cannot load LoRA '{lora_id}': {reason}")
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "field": "loras", "model": self.model_id}
+
+
 def canonical_loras(loras: Sequence[LoraWeight]) -> AdapterSet:
     """``loras`` as an AdapterSet: what the batcher compares (serving/generation_queue.py ``Job.batch_key``)."""
     return _sorted_set({lora.model: lora.scale for lora in loras})

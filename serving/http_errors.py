@@ -60,6 +60,9 @@ class ErrorBody(BaseModel):
     value: int | None = Field(None, description="The value the request asked for.")
     model: str | None = Field(None, description="The unknown, or not downloadable, model id.")
     suggestions: list[str] | None = Field(None, description="Catalog ids close to the unknown one.")
+    loras: list[dict[str, Any]] | None = Field(
+        None, description="The request's LoRAs at fault (field loras): each one's model, and the base it needs."
+    )
 
 
 class ErrorJSONResponse(JSONResponse):

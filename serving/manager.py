@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from catalog.pipelines import ModelLoadError, apply_lora, load_base_pipeline
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog, Problem, load_catalog_skipping_bad_files
-from serving.adapters import AdapterSet, adapter_bytes, adapter_set, check_loras
+from serving.adapters import AdapterSet, LoraLoadError, adapter_bytes, adapter_set, check_loras
 from serving.device import (
     default_memory_budget,
     optimize_for_device,
@@ -215,7 +215,10 @@ class PipelineManager:
         )
 
     def _load_adapter(self, base: LoadedBase, lora_id: str, keep: set[str]) -> None:
-        name = apply_lora(base.pipeline, self._catalog.get(lora_id))
+        try:
+            name = apply_lora(base.pipeline, self._catalog.get(lora_id))
+        except (ModelLoadError, OSError, ValueError) as error:  # not the base's failure: it stays served
+            raise LoraLoadError(lora_id, str(error)) from error
         nbytes = adapter_bytes(base.pipeline, name)
         with self._lock:
             base.adapters[lora_id] = LoadedAdapter(name, nbytes, next(self._calls))

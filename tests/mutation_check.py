@@ -302,6 +302,20 @@ MUTATIONS = [
         "        self._make_room(nbytes)\n",
         (Select("tests/test_serving_manager.py", "budget"),),
     ),
+    Mutation(
+        "a request's LoRA scales are ignored (every adapter at 1.0)",
+        "serving/manager.py",
+        "[base.adapters[lora_id].name for lora_id, _ in adapters], [scale for _, scale in adapters]",
+        "[base.adapters[lora_id].name for lora_id, _ in adapters], [1.0 for _ in adapters]",
+        (Select("tests/test_lora_composition.py", "diffusers_set_adapters"),),
+    ),
+    Mutation(
+        "an evicted LoRA adapter stays loaded (no delete_adapters)",
+        "serving/manager.py",
+        "            base.pipeline.delete_adapters(adapter.name)\n",
+        "",
+        (Select("tests/test_lora_composition.py", "cycling"),),
+    ),
     # --- serving: the queue -----------------------------------------------------------------------
     Mutation(
         "batcher never combines requests",
@@ -331,6 +345,13 @@ MUTATIONS = [
         "        else:\n            self.ready.set()\n",
         "                return\n        else:\n            self.ready.set()\n",
         (Select("tests/test_faults.py", "cannot_warm"),),
+    ),
+    Mutation(
+        "requests with different LoRAs share a pipeline call (batch key without loras)",
+        "serving/generation_queue.py",
+        "            canonical_loras(request.loras),  # a pipeline call runs with one set of adapters\n",
+        "",
+        (Select("tests/test_lora_composition.py", "same_adapters"), Select("tests/test_lora_serving.py", "together")),
     ),
     # --- serving: prompt syntax and the prompt cache ------------------------------------------------
     Mutation(

@@ -183,3 +183,23 @@ def test_cycling_twenty_loras_keeps_memory_and_activation_time_flat(random_loras
 def manager_adapter_name(lora_id: str) -> str:
     """The adapter name catalog/pipelines.py's apply_lora gives a LoRA."""
     return lora_id.replace(".", "_")
+
+
+def test_a_lora_that_cannot_load_fails_its_request_and_leaves_the_base_served(composable_lora_home, tmp_path):
+    from catalog.pipelines import ModelLoadError
+    from catalog.schema import CatalogEntry
+    from catalog.store import write_entry
+    from serving.adapters import LoraLoadError
+
+    gone = CatalogEntry(
+        id="tiny-gone-lora", source="finetune", family="tiny", resolution=64, base="tiny-sd", method="lora",
+        artifact=str(tmp_path / "deleted"),
+    )  # fmt: skip
+    write_entry(gone, user_dir=composable_lora_home / "catalog")
+    manager = make_manager()
+    base = served(manager, "tiny-sd")
+    with pytest.raises(LoraLoadError, match="tiny-gone-lora") as raised:
+        served(manager, "tiny-sd", (gone.id, 1.0))
+    assert raised.value.http_status == 503
+    assert not isinstance(raised.value, ModelLoadError)  # the queue does not refuse the base for a minute
+    assert served(manager, "tiny-sd").tobytes() == base.tobytes()

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,10 +21,12 @@ import pytest
 from PIL import Image
 from serving_finetunes import FULL_LORA_ID, STYLE_LORA_ID, SUBJECT_LORA_ID
 
+from serving.http_errors import ErrorBody
 from serving.images import RECIPE_KEY
 from serving.recipes import Recipe
 
 STEPS = 2
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,7 @@ def test_each_refused_lora_set_is_a_4xx_naming_it(http, route, refusal):
     assert answer.status_code == status, answer.text
     error = answer.json()
     assert error.items() >= expected.items(), error
+    ErrorBody.model_validate(error, strict=True)  # the answer the OpenAPI document declares
     if refusal == "wrong-base":
         assert f"'{FULL_LORA_ID}' needs base 'tiny-full'" in error["error"]
     if refusal == "unknown":
@@ -123,3 +130,18 @@ def pipeline_calls(http: httpx.Client) -> float:
         if line.startswith("txt2img_batch_images_count"):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_generate_from_a_served_image_applies_its_loras_again(http, composable_lora_home, tmp_path):
+    served = image_png(http, body((SUBJECT_LORA_ID, 0.5), (STYLE_LORA_ID, -0.25)))
+    (tmp_path / "served.png").write_bytes(served)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TXT2IMG_HOME": str(composable_lora_home),
+        "TXT2IMG_TORCH_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "txt2img", "generate", "--from", "served.png", "-o", "again.png"]
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.png").read_bytes() == served
