@@ -101,6 +101,11 @@ def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]
             f"prompt_syntax {invocation.prompt_syntax!r}: this endpoint reads prompts as written ('plain'); "
             "AUTOMATIC1111's syntax ('a1111') is read by txt2img's own server (bentoml serve)"
         )
+    if invocation.loras != []:
+        raise InvocationError(
+            "loras: this endpoint serves its one model; per-request LoRAs are applied by txt2img's own server "
+            "(bentoml serve), or deploy the LoRA fine-tune itself"
+        )
     settings = family_settings(family_of_pipeline(type(pipeline).__name__), invocation)
     wanted = invocation.wanted_images()
     images = []

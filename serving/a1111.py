@@ -5,6 +5,12 @@ the service's one queue; image i uses ``seed + i``, as in A1111. The answer is A
 ``images`` (base64 PNG, each with A1111's ``parameters`` text chunk), ``parameters`` (the request
 with its defaults) and ``info`` (a JSON string with ``all_seeds`` and the rest).
 
+LoRAs come as A1111's extra-network tags, ``<lora:NAME:SCALE>`` (``<lora:NAME>`` is scale 1) in the
+prompt: read_lora_tags takes them out of the text and the request carries them as ``loras``. As in A1111
+(modules/extra_networks.py), only the prompt is read, the negative prompt is passed as written, and
+``disable_extra_networks: true`` leaves the tags in the text. NAME is a catalog id or the LoRA file's A1111
+alias (``ss_output_name`` in its safetensors metadata); ``GET /sdapi/v1/loras`` lists them as A1111 does.
+
 A1111 clients send every field of A1111's request, most at values that ask for nothing. This
 module knows each of them: mapped fields are honoured, the others are accepted at neutral values
 (NEUTRAL, and every hires-fix field while ``enable_hr`` is false) and refused with 422 naming the
@@ -23,14 +29,20 @@ import json
 import random
 import re
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError, safe_open
 from starlette.responses import JSONResponse, Response
 
 from catalog.families import Family, family
+from catalog.pipelines import lora_weights_file
 from catalog.schema import CatalogEntry
+from catalog.store import Catalog
 from serving.engine import Engine, current_engine
 from serving.generation_queue import CallProgress, GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
@@ -77,7 +89,6 @@ NEUTRAL: dict[str, Any] = {
     "override_settings_restore_afterwards": ANY,  # override_settings last one request here
     "refiner_checkpoint": ("",),
     "refiner_switch_at": ANY,  # used only with a refiner_checkpoint
-    "disable_extra_networks": ANY,
     "firstpass_image": ("",),
     "comments": ANY,
     "force_task_id": ANY,
@@ -109,7 +120,11 @@ A1111_NAMES = {
     "num_inference_steps": "steps",
     "guidance_scale": "cfg_scale",
     "model": "override_settings.sd_model_checkpoint",
+    "loras": "prompt's <lora:...> tags",
 }
+# An extra-network tag, ``<TYPE:ARGS>``, as A1111 finds them in a prompt (modules/extra_networks.py).
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+LORA_TAG_TYPES = ("lora", "lyco")  # A1111's Lora extension answers to both
 
 
 class A1111RequestError(ValueError):
@@ -140,6 +155,7 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
+    disable_extra_networks: bool = False  # true: <lora:...> tags stay in the prompt, as text
 
     @property
     def sampler(self) -> str:
@@ -224,12 +240,117 @@ def sampler_scheduler(sampler: str, family: Family | None) -> str:
     return FLOW_MATCHING_SAMPLERS[sampler]
 
 
-def generation_request(request: Txt2ImgRequest, family: Family | None = None) -> GenerationRequest:
+@dataclass(frozen=True)
+class LoraTag:
+    """One ``<lora:NAME:SCALE>`` of a prompt: the name it gives and the strength."""
+
+    name: str
+    scale: float
+
+
+def read_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """``prompt`` without its extra-network tags, and its LoRA tags in order, as A1111 reads them (the tags are
+    removed and nothing else: the spaces around them stay). A tag of another kind (``<hypernet:...>``) is
+    refused with A1111RequestError: this server has nothing to apply it with."""
+    tags = []
+
+    def take(match: re.Match) -> str:
+        if match[1] not in LORA_TAG_TYPES:
+            raise A1111RequestError(
+                "prompt",
+                f"{match[0]}: extra networks of type '{match[1]}' are not supported; LoRAs are (<lora:NAME:SCALE>)",
+            )
+        tags.append(lora_tag(match[0], match[2].split(":")))
+        return ""
+
+    return EXTRA_NETWORK_TAG.sub(take, prompt), tags
+
+
+def lora_tag(tag: str, items: list[str]) -> LoraTag:
+    """A LoRA tag's arguments as A1111's Lora extension reads them: the name, then the strength (or ``te=``)
+    and the UNet's (or ``unet=``, the same unless given), then ``dyn``. One strength is applied to both here,
+    so a different UNet strength, or a ``dyn``, is refused."""
+    named = dict(item.split("=", 1) for item in items if item.count("=") == 1)
+    positional = [item for item in items if item.count("=") != 1]
+    if not positional or not positional[0]:
+        raise A1111RequestError("prompt", f"{tag}: the tag names no LoRA; write <lora:NAME:SCALE>")
+    if len(positional) > 3 or "dyn" in named:
+        raise A1111RequestError("prompt", f"{tag}: a dyn dimension is not supported; write <lora:NAME:SCALE>")
+    strength = named.get("te", positional[1] if len(positional) > 1 else "1")
+    scale = tag_number(tag, strength)
+    if tag_number(tag, named.get("unet", positional[2] if len(positional) > 2 else strength)) != scale:
+        raise A1111RequestError(
+            "prompt", f"{tag}: a UNet strength apart from the text encoder's is not supported; give one strength"
+        )
+    return LoraTag(positional[0], scale)
+
+
+def tag_number(tag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise A1111RequestError("prompt", f"{tag}: the strength {text!r} is not a number") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, Any]:
+    """A safetensors file's ``__metadata__`` as A1111 reads it (a value that is a JSON object is parsed), from
+    the header alone; empty when the file cannot be read."""
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            metadata = weights.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+    return {name: json_object_or_text(value) for name, value in metadata.items()}
+
+
+def json_object_or_text(value: str) -> Any:
+    if not value.startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def a1111_lora(entry: CatalogEntry) -> dict[str, Any]:
+    """A LoRA catalog entry as A1111's ``/sdapi/v1/loras`` lists one: ``name`` (the catalog id, which a tag
+    names), ``alias`` (the file's ``ss_output_name``, kohya's name for it, else the name), ``path`` and the
+    file's ``metadata``."""
+    path = lora_weights_file(entry)
+    metadata = safetensors_metadata(path)
+    return {
+        "name": entry.id,
+        "alias": metadata.get("ss_output_name", entry.id),
+        "path": str(path),
+        "metadata": metadata,
+    }
+
+
+def lora_entries(catalog: Iterable[CatalogEntry]) -> list[CatalogEntry]:
+    return [entry for entry in catalog if entry.method == "lora"]
+
+
+def lora_weights(tags: list[LoraTag], catalog: Catalog | None) -> list[dict[str, Any]]:
+    """The tags as a request's ``loras``: each name a catalog id, else the A1111 alias of a LoRA in
+    ``catalog`` (the first one's, in catalog order). A name that is neither is passed on as it is, for the
+    engine to refuse naming it, with the ids close to it."""
+    known = catalog is None or all(tag.name in catalog for tag in tags)
+    aliases = {} if known else {lora["alias"]: lora["name"] for lora in map(a1111_lora, lora_entries(catalog)[::-1])}
+    return [
+        {"model": tag.name if known or tag.name in catalog else aliases.get(tag.name, tag.name), "scale": tag.scale}
+        for tag in tags
+    ]
+
+
+def generation_request(
+    request: Txt2ImgRequest, family: Family | None = None, catalog: Catalog | None = None
+) -> GenerationRequest:
     """One request for all ``batch_size * n_iter`` images of a model of ``family``; seed -1 draws a random
-    seed as A1111 does."""
+    seed as A1111 does. The prompt's LoRA tags become ``loras``, their names read against ``catalog``."""
+    prompt, tags = (request.prompt, []) if request.disable_extra_networks else read_lora_tags(request.prompt)
     fields = {
         "model": requested_model(request),
-        "prompt": request.prompt,
+        "prompt": prompt,
         "negative_prompt": request.negative_prompt or None,
         "width": request.width,
         "height": request.height,
@@ -239,6 +360,7 @@ def generation_request(request: Txt2ImgRequest, family: Family | None = None) ->
         "scheduler": sampler_scheduler(request.sampler, family),
         "num_images": request.batch_size * request.n_iter,
         "prompt_syntax": "a1111",  # what A1111 clients write
+        "loras": lora_weights(tags, catalog),
     }
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
 
@@ -256,8 +378,8 @@ def txt2img_response(
     texts = [parameters_text(recipe) for recipe in recipes]
     count = len(result.seeds)
     info = {
-        "prompt": generation.prompt,
-        "all_prompts": [generation.prompt] * count,
+        "prompt": request.prompt,  # as sent: A1111 keeps the <lora:...> tags in the prompts it reports
+        "all_prompts": [request.prompt] * count,
         "negative_prompt": request.negative_prompt or "",
         "all_negative_prompts": [request.negative_prompt or ""] * count,
         "seed": result.seeds[0],
@@ -458,7 +580,8 @@ async def a1111_txt2img(request: Request, engine: Engine = Depends(current_engin
     a1111_request, payload = parse_txt2img(await request.body())
     entry = engine.manager.entry(requested_model(a1111_request) or engine.settings.model)
     # Resolved first, so that the answer's parameters and infotext say which defaults were used.
-    _, generation = engine.resolve(generation_request(a1111_request, family(entry.family)))
+    catalog = engine.manager.catalog
+    _, generation = engine.resolve(generation_request(a1111_request, family(entry.family), catalog))
     [result] = await engine.generate([generation], request.is_disconnected)
     return JSONResponse(txt2img_response(a1111_request, payload, generation, result, generation.model))
 
@@ -467,6 +590,20 @@ async def a1111_txt2img(request: Request, engine: Engine = Depends(current_engin
 def a1111_sd_models(engine: Engine = Depends(current_engine)) -> list:
     """The catalog, fine-tunes included, as A1111 checkpoints."""
     return [sd_model(entry) for entry in engine.manager.catalog]
+
+
+@a1111_app.get("/loras")
+def a1111_loras(engine: Engine = Depends(current_engine)) -> list:
+    """The catalog's LoRA fine-tunes, as A1111 lists its LoRA files: ``name`` (what ``<lora:NAME:SCALE>``
+    names), ``alias``, ``path`` and the file's ``metadata``."""
+    engine.manager.refresh_catalog()
+    return [a1111_lora(entry) for entry in lora_entries(engine.manager.catalog)]
+
+
+@a1111_app.post("/refresh-loras")
+def a1111_refresh_loras(engine: Engine = Depends(current_engine)) -> None:
+    """Re-read the catalog, as A1111 re-reads its LoRA folder."""
+    engine.manager.refresh_catalog()
 
 
 @a1111_app.get("/samplers")

@@ -40,6 +40,7 @@ GENERATION_ERRORS = {
 # And of /invocations, whose requests name no model.
 INVOCATION_ERRORS = {
     400: "Not JumpStart's format: malformed JSON, a wrong or unknown parameter, or a configured limit broken.",
+    404: "A LoRA that loras names is not in the catalog.",
     406: "The Accept header names none of JumpStart's accept types.",
     413: GENERATION_ERRORS[413],
     415: "The Content-Type is not application/json or application/x-text, or its charset is not UTF-8.",

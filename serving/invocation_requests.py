@@ -39,5 +39,6 @@ def generation_requests(invocation: Invocation, settings: ServingSettings) -> li
             "seed": first.seed,
             "prompt_syntax": invocation.prompt_syntax,
         }
-        requests.append(GenerationRequest(**{name: value for name, value in fields.items() if value is not None}))
+        given = {name: value for name, value in fields.items() if value is not None}
+        requests.append(GenerationRequest(**given, loras=invocation.loras))  # null too: refused as on /images
     return requests

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serving.images import image_base64
 from serving.json_body import BodyError, json_type, read_json, utf8_text
@@ -69,6 +69,20 @@ REQUEST_SCHEMA = {
         # serving/schema.py's PromptSyntax (this file cannot import it: it runs alone in the container, which
         # serves plain prompts only); tests/test_prompt_syntax.py holds the two lists equal.
         "prompt_syntax": {"type": "string", "enum": ["plain", "a1111"], "default": "plain"},
+        # serving/schema.py's LoraWeight, as above; the container serves one model and refuses them.
+        "loras": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["model"],
+                "properties": {
+                    "model": {"type": "string", "minLength": 1, "description": "A LoRA's catalog id."},
+                    "scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0},
+                },
+            },
+            "default": [],
+        },
     },
 }
 PARAMETER_NAMES = tuple(REQUEST_SCHEMA["properties"])
@@ -120,6 +134,9 @@ class Invocation:
     prompt_syntax: object = (
         "plain"  # as sent: the local server's GenerationRequest checks it, the container refuses a1111
     )
+    # As sent, like prompt_syntax, null included: the local server's GenerationRequest checks it (strictly, as
+    # /images does), the container refuses anything but [].
+    loras: object = field(default_factory=list)
 
     @property
     def prompts(self) -> list[str]:
@@ -268,6 +285,7 @@ def _invocation(payload: dict, one_image: bool) -> Invocation:
         batch_size=_int_at_least(payload, "batch_size", 1, 1),
         one_image=one_image,
         prompt_syntax=payload.get("prompt_syntax", "plain"),
+        loras=payload.get("loras", []),
     )
     if invocation.seed is not None and invocation.seed + invocation.image_count > SEED_END:
         raise InvocationError(

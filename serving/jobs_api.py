@@ -26,6 +26,7 @@ from serving.http_errors import GENERATION_ERRORS, ErrorBody, add_error_handlers
 from serving.jobs import StoredJob
 from serving.jobs_runner import JobRunner, image_urls, job_path
 from serving.json_body import read_json_object
+from serving.openapi import json_request_body
 from serving.schema import GenerationRequest
 from serving.webhooks import check_webhook_url
 from txt2img.errors import InputError, Txt2ImgError
@@ -58,7 +59,7 @@ class IdempotencyConflict(Txt2ImgError):
 
 # The route reads its body with the JSON policy of every route (serving/json_body.py) before the model,
 # so FastAPI cannot infer it; this states it for the OpenAPI document.
-JOB_REQUEST_BODY = {"required": True, "content": {"application/json": {"schema": JobRequest.model_json_schema()}}}
+JOB_REQUEST_BODY = json_request_body(JobRequest)
 
 jobs_app = FastAPI(title="txt2img jobs", docs_url=None, redoc_url=None, openapi_url="/jobs/openapi.json")
 add_error_handlers(jobs_app, error_response)

@@ -12,7 +12,8 @@ shape, and errors in OpenAI's ``{"error": {"message", "type", "param", "code"}}`
 * ``response_format`` defaults to ``b64_json``; ``url`` answers with links to this server,
   kept for an hour (serving/image_files.py).
 * Our own settings ride along as extra fields (the OpenAI SDK's ``extra_body``): ``seed``,
-  ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (Flux) and ``scheduler``.
+  ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (Flux), ``scheduler``
+  and ``loras`` (``[{"model": "<LoRA catalog id>", "scale": 0.8}]``), each as strict as on ``/images``.
 * OpenAI options with no equivalent here are accepted at the values that ask for nothing
   (NEUTRAL_VALUES) and refused otherwise, naming the option; unknown fields are refused, as
   OpenAI refuses them.
@@ -37,8 +38,9 @@ from serving.generation_queue import GenerationResult
 from serving.http_errors import GENERATION_ERRORS, ErrorJSONResponse, add_error_handlers, error_answer
 from serving.images import image_bytes
 from serving.json_body import BodyError, read_json_object
+from serving.openapi import json_request_body
 from serving.recipes import recipe_metadata, result_recipes
-from serving.schema import GenerationRequest, PromptSyntax, SchedulerName, Text
+from serving.schema import GenerationRequest, LoraWeight, PromptSyntax, SchedulerName, Text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")
@@ -91,6 +93,9 @@ class ImageGenerationRequest(BaseModel):
     true_cfg_scale: float | None = None
     scheduler: SchedulerName | None = None
     prompt_syntax: PromptSyntax = "plain"
+    loras: list[LoraWeight] = Field(
+        default_factory=list, description="LoRA fine-tunes of the model, each at its scale."
+    )
 
 
 def parse_image_request(body: bytes) -> ImageGenerationRequest:
@@ -144,6 +149,7 @@ def generation_request(request: ImageGenerationRequest) -> GenerationRequest:
         "scheduler": request.scheduler,
         "prompt_syntax": request.prompt_syntax,
         "num_images": request.n,
+        "loras": request.loras,
     }
     return GenerationRequest(**{name: value for name, value in fields.items() if value is not None})
 
@@ -225,10 +231,7 @@ def model_list(entries: list[CatalogEntry]) -> dict[str, Any]:
 
 
 # The route reads its body with the one reader, to answer every error in OpenAI's format; this states it.
-OPENAI_REQUEST_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
-}
+OPENAI_REQUEST_BODY = json_request_body(ImageGenerationRequest)
 
 # The service's own /docs.json documents these routes; the app serves no documents of its own.
 openai_app = FastAPI(title="txt2img OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)

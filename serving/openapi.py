@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from serving.bentoml_compat import OPENAPI_DOCUMENT_PATH, api_routes, openapi_document
@@ -45,6 +46,26 @@ def openapi_3_0(node: Any) -> Any:
         # BentoML inlines a request body without the null branch of an optional field, but keeps its default.
         node["nullable"] = True
     return node
+
+
+def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that reads a JSON ``model`` itself (to answer errors in its
+    protocol's shape): the model's schema with its nested models written in place, as a request body stated
+    by hand has no ``$defs`` for them."""
+    schema = model.model_json_schema()
+    return {"required": True, "content": {"application/json": {"schema": inlined(schema, schema.get("$defs", {}))}}}
+
+
+def inlined(schema: Any, definitions: dict[str, Any]) -> Any:
+    """``schema`` with each ``$ref`` to ``definitions`` replaced by the definition (for models that never nest
+    themselves)."""
+    if isinstance(schema, list):
+        return [inlined(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        return inlined(definitions[schema["$ref"].rsplit("/", 1)[1]], definitions)
+    return {key: inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
 
 
 def declare_error_answers(document: dict, routes: list[str]) -> dict:

@@ -375,6 +375,27 @@ MUTATIONS = [
         "        key = (model_key, text) if cache is not None else None\n",
         (Select("tests/test_prompt_syntax.py", "syntaxes_apart"),),
     ),
+    # --- serving: per-request LoRAs on every protocol (issue #23) -----------------------------------
+    Mutation(
+        "A1111's <lora:NAME:SCALE> tags are left in the prompt text",
+        "serving/a1111.py",
+        '        return ""\n\n    return EXTRA_NETWORK_TAG.sub(take, prompt), tags\n',
+        "        return match[0]\n\n    return EXTRA_NETWORK_TAG.sub(take, prompt), tags\n",
+        (
+            Select("tests/test_protocol_adapters.py", "lora_tags_leave"),
+            Select("tests/test_protocols.py", "lora_tags_leave"),
+        ),
+    ),
+    Mutation(
+        "the OpenAI route drops the loras of its extra body",
+        "serving/openai_images.py",
+        '        "loras": request.loras,\n',
+        "",
+        (
+            Select("tests/test_protocol_adapters.py", "every_route_takes_loras"),
+            Select("tests/test_protocols.py", "extra_body_applies"),
+        ),
+    ),
     # --- serving: the front door (one body reader, one type policy, one set of limits) ------------
     Mutation(
         "the body reader lets a lone surrogate through",

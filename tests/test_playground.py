@@ -170,6 +170,62 @@ def test_compare_a_fine_tune_with_its_base_side_by_side(page):
     screenshot(page, "compare")
 
 
+def test_generate_with_a_picked_lora_sends_it_at_its_strength(page):
+    page.locator("nav").get_by_role("button", name="Generate").click()
+    view = page.locator("#view-generate")
+    view.get_by_label("Model", exact=True).select_option(FULL_ID)
+    assert view.get_by_text("No LoRA in the catalog fits this model.").is_visible()  # a full fine-tune has none
+    view.get_by_label("Model", exact=True).select_option("tiny-sd")
+    choices = view.get_by_label("LoRA to add (LoRAs)")
+    assert choices.locator("option").all_inner_texts() == [LORA_ID]  # the LoRAs of tiny-sd only
+    choices.select_option(LORA_ID)
+    view.get_by_role("button", name="Add LoRA").click()
+    view.get_by_label(f"Strength of {LORA_ID}").fill("0.55")
+    assert view.locator(f'.lora-list li[data-lora="{LORA_ID}"] output').inner_text() == "0.55"
+    view.get_by_label("Prompt", exact=True).fill("a red cube")
+    view.get_by_label("Steps").fill("2")
+    with page.expect_request("**/ui/api/generate") as sent:
+        view.get_by_role("button", name="Generate").click()
+    assert json.loads(sent.value.post_data)["loras"] == [{"model": LORA_ID, "scale": 0.55}]
+    result = page.locator("#gen-gallery .result").first
+    result.locator("img").wait_for()
+    assert f"{LORA_ID} × 0.55" in result.inner_text()
+    screenshot(page, "generate-lora")
+
+    view.get_by_role("button", name=f"Remove {LORA_ID}").click()
+    with page.expect_request("**/ui/api/generate") as sent:
+        view.get_by_role("button", name="Generate").click()
+    assert json.loads(sent.value.post_data)["loras"] == []
+    page.locator("#gen-gallery .result").nth(1).wait_for()
+    history = page.evaluate("JSON.parse(localStorage.getItem('txt2img.history'))")
+    assert history[1]["settings"]["loras"] == [{"model": LORA_ID, "scale": 0.55}]
+    page.locator("#gen-history li").nth(1).get_by_role("button", name="Use these settings").click()
+    assert view.get_by_label(f"Strength of {LORA_ID}").input_value() == "0.55"
+
+
+def test_compare_sets_loras_per_column(page):
+    page.locator("nav").get_by_role("button", name="Compare").click()
+    view = page.locator("#view-compare")
+    view.get_by_label("Prompt", exact=True).fill("a red cube")
+    view.get_by_label("Steps").fill("2")
+    for column in (1, 2):
+        view.get_by_label(f"Model {column}", exact=True).select_option("tiny-sd")
+    view.get_by_label("LoRA to add (LoRAs of model 2)").select_option(LORA_ID)
+    view.locator(".cmp-column").nth(1).get_by_role("button", name="Add LoRA").click()
+    sent = []
+    page.on("request", lambda request: sent.append(request) if request.url.endswith("/ui/api/generate") else None)
+    view.get_by_role("button", name="Compare", exact=True).click()
+    page.locator("#cmp-results .result img").nth(1).wait_for()
+    bodies = sorted((json.loads(request.post_data) for request in sent), key=lambda body: len(body["loras"]))
+    assert [(body["model"], body["loras"]) for body in bodies] == [
+        ("tiny-sd", []),
+        ("tiny-sd", [{"model": LORA_ID, "scale": 1}]),
+    ]
+    cards = page.locator("#cmp-results .result")
+    assert f"{LORA_ID} × 1" in cards.nth(1).inner_text() and LORA_ID not in cards.nth(0).inner_text()
+    screenshot(page, "compare-loras")
+
+
 def test_runs_show_the_fine_tunes_contact_sheet(page):
     page.locator("nav").get_by_role("button", name="Runs").click()
     page.get_by_role("button", name=f"Open {FULL_ID}", exact=True).click()

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serving.a1111 import A1111RequestError, generation_request, parse_txt2img, progress
+from catalog.schema import CatalogEntry
+from catalog.store import Catalog
+from jumpstart import inference_script
+from serving.a1111 import A1111RequestError, a1111_lora, generation_request, parse_txt2img, progress
 from serving.generation_queue import CallProgress
 from serving.image_files import ImageFiles
+from serving.invocation_requests import generation_requests
+from serving.invocations import REQUEST_SCHEMA, InvocationError, parse_request
 from serving.json_body import BodyError
 from serving.openai_images import OpenAIRequestError, openai_error_response, parse_image_request
 from serving.openai_images import generation_request as openai_generation_request
-from serving.schema import LimitExceeded
+from serving.schema import GenerationRequest, LimitExceeded, LoraWeight
+from serving.settings import ServingSettings
 
 # The body A1111 1.10's /docs shows for POST /sdapi/v1/txt2img, as its own UI and many clients send it.
 A1111_DEFAULTS = {
@@ -120,6 +127,116 @@ def test_a1111_progress_is_zero_when_idle_and_a_fraction_while_running():
     running = progress(CallProgress(time.monotonic() - 2.0, 5, 20, 1), waiting=3)
     assert running["progress"] == 0.25 and running["state"]["job_count"] == 4
     assert 5.5 < running["eta_relative"] < 6.5  # 2 s for a quarter: some 6 s to go
+
+
+def a1111_loras(prompt: str, catalog: Catalog | None = None, **fields) -> tuple[str, list[tuple[str, float]]]:
+    request, _ = parse_txt2img(json.dumps({**A1111_DEFAULTS, "prompt": prompt, **fields}).encode())
+    generation = generation_request(request, catalog=catalog)
+    return generation.prompt, [(lora.model, lora.scale) for lora in generation.loras]
+
+
+def test_a1111_lora_tags_leave_the_prompt_and_become_loras_in_order():
+    prompt, loras = a1111_loras("a red <lora:tiny-lora:0.5>cube, <lyco:style> <lora:other:-1.25>")
+    assert prompt == "a red cube,  " and loras == [("tiny-lora", 0.5), ("style", 1.0), ("other", -1.25)]
+    assert a1111_loras("a red cube") == ("a red cube", [])
+    # A1111 reads the tags of the prompt only, and none with disable_extra_networks.
+    request, _ = parse_txt2img(json.dumps({**A1111_DEFAULTS, "negative_prompt": "<lora:x:1> blue"}).encode())
+    assert generation_request(request).negative_prompt == "<lora:x:1> blue"
+    assert a1111_loras("a <lora:x:1>", disable_extra_networks=True) == ("a <lora:x:1>", [])
+
+
+def test_a1111_lora_tags_take_a1111s_named_strengths_when_they_agree():
+    assert a1111_loras("a <lora:x:te=0.5>")[1] == [("x", 0.5)]
+    assert a1111_loras("a <lora:x:0.5:0.5>")[1] == [("x", 0.5)]
+    assert a1111_loras("a <lora:x:te=0.5:unet=0.5>")[1] == [("x", 0.5)]
+
+
+@pytest.mark.parametrize(
+    "tag, problem",
+    [
+        ("<lora:x:1:0.5>", "UNet strength"),
+        ("<lora:x:unet=2>", "UNet strength"),
+        ("<lora:x:1:1:8>", "dyn"),
+        ("<lora:x:strong>", "'strong' is not a number"),
+        ("<lora::1>", "names no LoRA"),
+        ("<hypernet:x:1>", "type 'hypernet'"),
+    ],
+)
+def test_a1111_lora_tags_that_ask_for_what_is_not_here_are_refused_naming_the_tag(tag, problem):
+    with pytest.raises(A1111RequestError) as raised:
+        a1111_loras(f"a red cube {tag}")
+    assert raised.value.field == "prompt" and tag in str(raised.value) and problem in str(raised.value)
+
+
+def test_a1111_lora_tag_names_a_catalog_id_or_the_files_a1111_alias(tmp_path):
+    from safetensors.numpy import save_file
+
+    weights = tmp_path / "cubes.safetensors"
+    save_file({"lora": np.zeros(1)}, str(weights), metadata={"ss_output_name": "cubes_v2", "ss_tag": '{"a": 1}'})
+    base = CatalogEntry(id="tiny-sd", source="builtin", family="tiny", resolution=64)
+    lora = CatalogEntry(
+        id="cubes", source="imported", family="tiny", resolution=64, base="tiny-sd", method="lora",
+        artifact=str(weights), sha256="0" * 64, imported_from=str(weights),
+    )  # fmt: skip
+    catalog = Catalog([(base, tmp_path), (lora, tmp_path)])
+    assert a1111_lora(lora) == {
+        "name": "cubes",
+        "alias": "cubes_v2",
+        "path": str(weights),
+        "metadata": {"ss_output_name": "cubes_v2", "ss_tag": {"a": 1}},
+    }
+    assert a1111_loras("<lora:cubes_v2:0.5> a", catalog)[1] == [("cubes", 0.5)]
+    assert a1111_loras("<lora:cubes:0.5> a", catalog)[1] == [("cubes", 0.5)]
+    # Neither an id nor an alias: passed on, for the engine to refuse naming it.
+    assert a1111_loras("<lora:cube:0.5> a", catalog)[1] == [("cube", 0.5)]
+
+
+LORAS = [{"model": "tiny-lora", "scale": 0.5}, {"model": "other"}]
+BAD_LORAS = [
+    [{"model": "tiny-lora", "scale": "0.5"}],
+    [{"model": "tiny-lora", "scale": True}],
+    [{"model": "tiny-lora", "weight": 1}],
+    [{"model": "tiny-lora", "scale": 5}],
+    [{"model": 3}],
+    [{"model": ""}],
+    ["tiny-lora"],
+    "tiny-lora",
+    {"model": "tiny-lora"},
+    None,
+]
+
+
+def openai_loras(loras) -> list[LoraWeight]:
+    return openai_generation_request(parse_image_request(json.dumps({"prompt": "a", "loras": loras}).encode())).loras
+
+
+def invocation_loras(loras) -> list[LoraWeight]:
+    body = json.dumps({"prompt": ["a", "b"], "loras": loras}).encode()
+    requests = generation_requests(parse_request(body, "application/json"), ServingSettings(model="tiny-sd"))
+    assert requests[0].loras == requests[1].loras
+    return requests[0].loras
+
+
+def images_loras(loras) -> list[LoraWeight]:
+    return GenerationRequest.model_validate_json(json.dumps({"prompt": "a", "loras": loras})).loras
+
+
+@pytest.mark.parametrize("route_loras", [images_loras, openai_loras, invocation_loras], ids=lambda f: f.__name__)
+def test_every_route_takes_loras_as_sent_and_refuses_the_same_bad_ones(route_loras):
+    expected = [LoraWeight(model="tiny-lora", scale=0.5), LoraWeight(model="other", scale=1.0)]
+    assert route_loras(LORAS) == expected
+    assert route_loras([]) == []
+    for loras in BAD_LORAS:
+        with pytest.raises(ValidationError) as raised:
+            route_loras(loras)
+        assert "loras" in str(raised.value), loras
+
+
+def test_the_jumpstart_contract_states_the_lora_fields_and_the_container_refuses_them():
+    assert set(REQUEST_SCHEMA["properties"]["loras"]["items"]["properties"]) == set(LoraWeight.model_fields)
+    body = json.dumps({"prompt": "a", "loras": LORAS})
+    with pytest.raises(InvocationError, match="loras: this endpoint serves its one model"):
+        inference_script.transform_fn(None, body, "application/json", "application/json")
 
 
 def test_openai_body_maps_onto_one_request():

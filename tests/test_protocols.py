@@ -53,9 +53,9 @@ def decode(data: bytes) -> Image.Image:
 
 def openai_image(openai_client, **fields) -> bytes:
     extra = {name: fields.pop(name) for name in list(fields) if name in ("seed", "negative_prompt", "guidance_scale")}
-    extra |= {name: fields.pop(name) for name in list(fields) if name in ("scheduler", "num_inference_steps")}
+    extra |= {name: fields.pop(name) for name in list(fields) if name in ("scheduler", "num_inference_steps", "loras")}
     response = openai_client.images.generate(
-        model="tiny-sd", prompt="a red cube", size="64x64", response_format="b64_json", **fields,
+        model=fields.pop("model", "tiny-sd"), prompt="a red cube", size="64x64", response_format="b64_json", **fields,
         extra_body={**FAST, **extra},
     )  # fmt: skip
     return base64.b64decode(response.data[0].b64_json)
@@ -125,6 +125,24 @@ def test_openai_neutral_options_are_accepted_and_meaningful_ones_refused(openai_
         assert raised.value.type == "invalid_request_error"
 
 
+def openai_pixels(openai_client, **fields) -> bytes:
+    """The pixels alone: the PNG's recipe names the model and LoRAs that made it."""
+    return decode(openai_image(openai_client, **fields)).tobytes()
+
+
+def test_openai_loras_extra_body_applies_them_with_the_strict_types_of_every_route(openai_client):
+    base = openai_pixels(openai_client, seed=5)
+    assert openai_pixels(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 0}]) == base
+    with_lora = openai_pixels(openai_client, seed=5, loras=[{"model": LORA_ID, "scale": 1}])
+    assert with_lora == openai_pixels(openai_client, seed=5, model=LORA_ID) != base
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_image(openai_client, loras=[{"model": "tiny-lorra"}])
+    assert "tiny-lorra" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_image(openai_client, loras=[{"model": LORA_ID, "scale": "0.5"}])
+    assert raised.value.param == "loras.0.scale"
+
+
 def test_openai_unknown_model_is_404_naming_close_ids(openai_client):
     with pytest.raises(openai.NotFoundError) as raised:
         openai_client.images.generate(model="tiny-sdd", prompt="a red cube")
@@ -174,6 +192,48 @@ def test_webuiapi_reads_models_samplers_and_options(webui):
     assert webui.util_get_current_model() == "tiny-sd"
     model = next(model for model in webui.get_sd_models() if model["title"] == FULL_ID)
     assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+
+
+def test_webuiapi_lora_tags_leave_the_prompt_text_and_stay_in_what_is_reported(webui):
+    tagged = webui.txt2img(prompt="a red cube <lora:tiny-lora:0>", width=64, height=64, steps=2, seed=5)
+    # Scale 0 is the base model, and the tag is no text for the encoder: the untagged prompt's image.
+    assert tagged.image.tobytes() == a1111_pixels(webui, seed=5)
+    assert tagged.info["prompt"] == tagged.parameters["prompt"] == "a red cube <lora:tiny-lora:0>"
+    assert tagged.info["all_prompts"] == ["a red cube <lora:tiny-lora:0>"]
+    # A1111 reads tags from the prompt only: in the negative prompt one is text, and changes the image.
+    negative = webui.txt2img(prompt="a red cube", negative_prompt="<lora:tiny-lora:0>", width=64, height=64, seed=5)
+    assert negative.image.tobytes() != tagged.image.tobytes()
+
+
+def test_webuiapi_lora_tag_applies_the_lora_and_the_infotext_keeps_it(webui):
+    tagged = webui.txt2img(prompt="a red cube <lora:tiny-lora:1>", width=64, height=64, steps=2, seed=5)
+    by_id = a1111_pixels(webui, seed=5, override_settings={"sd_model_checkpoint": LORA_ID})
+    assert tagged.image.tobytes() == by_id != a1111_pixels(webui, seed=5)
+    assert "<lora:tiny-lora:1>" in tagged.info["infotexts"][0].split("\n")[0]
+
+
+def test_a1111_unknown_lora_tag_is_404_naming_it_in_a1111s_shape(webui):
+    with pytest.raises(RuntimeError) as raised:
+        webui.txt2img(prompt="a red cube <lora:tiny-lorra:0.5>", width=64, height=64, steps=2)
+    status, text = raised.value.args
+    answer = json.loads(text)
+    assert status == 404 and set(answer) == {"error", "detail", "body", "errors"}
+    assert "tiny-lorra" in answer["detail"] and LORA_ID in answer["detail"]  # the close id
+
+
+def test_webuiapi_lists_the_catalogs_loras_as_a1111_lists_its_files(webui, http):
+    loras = webui.get_loras()
+    assert [lora["name"] for lora in loras] == [LORA_ID]
+    assert set(loras[0]) == {"name", "alias", "path", "metadata"} and loras[0]["alias"] == LORA_ID
+    assert loras[0]["path"].endswith(".safetensors")
+    assert http.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
+def test_a1111_lora_tag_it_cannot_apply_is_422_naming_the_tag(webui):
+    with pytest.raises(RuntimeError) as raised:
+        webui.txt2img(prompt="a red cube <lora:tiny-lora:1:0.5>", width=64, height=64, steps=2)
+    status, text = raised.value.args
+    assert status == 422 and "<lora:tiny-lora:1:0.5>" in json.loads(text)["detail"]
 
 
 def test_a1111_options_can_be_repeated_but_not_changed(webui):
@@ -245,6 +305,18 @@ def test_the_same_over_limit_request_is_refused_by_every_route_in_its_own_shape(
     assert pixels.status_code == 422 and "width*height is 2097152, above the limit of 1048576" in pixels.text
     size = http.post("/v1/images/generations", json={**prompt, "size": "2048x1024"})
     assert size.status_code == 400 and size.json()["error"]["message"].startswith("size is 2097152")
+
+
+def test_the_same_unknown_lora_is_refused_by_every_route_in_its_own_shape(http):
+    unknown = {"prompt": "a red cube", "loras": [{"model": "tiny-lorra", "scale": 0.5}]}
+    ours = http.post("/images", json=unknown)
+    assert ours.status_code == 404 and ours.json()["field"] == "loras" and "tiny-lorra" in ours.json()["error"]
+    jumpstart = http.post("/invocations", json=unknown)
+    assert jumpstart.status_code == 404 and "tiny-lorra" in jumpstart.json()["error"]
+    openai_answer = http.post("/v1/images/generations", json=unknown)
+    assert openai_answer.status_code == 404 and "tiny-lorra" in openai_answer.json()["error"]["message"]
+    a1111_answer = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cube <lora:tiny-lorra:0.5>"})
+    assert a1111_answer.status_code == 404 and "tiny-lorra" in a1111_answer.json()["detail"]
 
 
 def generations_counted(http) -> float:

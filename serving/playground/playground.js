@@ -16,6 +16,10 @@ const $ = (selector) => document.querySelector(selector);
 
 let catalogModels = []; // every catalog entry, fine-tunes first, as /ui/api/catalog lists them
 let families = {}; // each family's defaults and schedulers (catalog/families.py), as /ui/api/catalog lists them
+let generateLoras = null; // the Generate view's LoRA picker (loraPicker)
+let compareLoras = []; // each Compare column's LoRA picker, in column order
+// A LoRA's strength slider: A1111's range and then some (the server takes -4 to 4; 0 is the model alone).
+const LORA_STRENGTH = { min: "-2", max: "2", step: "0.05" };
 
 // ---- small DOM helpers (text only: server data never becomes HTML) ----
 
@@ -165,6 +169,71 @@ async function refreshModels() {
   }
 }
 
+// ---- LoRA pickers: the catalog's LoRAs that fit a model, each added with a strength ----
+
+// The LoRA entries a request for modelId may list: those of the weights it runs on (its base, for a LoRA
+// fine-tune), as the server's check has it (serving/adapters.py).
+function fittingLoras(modelId) {
+  const model = catalogModels.find((entry) => entry.id === modelId);
+  if (!model) return [];
+  const base = model.method === "lora" ? model.base : model.id;
+  return catalogModels.filter((entry) => entry.method === "lora" && entry.base === base);
+}
+
+const loraText = (loras) => (loras || []).map((lora) => `${lora.model} × ${lora.scale}`).join(", ");
+
+function loraRow(id, scale) {
+  const slider = element("input", { type: "range", ...LORA_STRENGTH, value: String(scale), "aria-label": `Strength of ${id}` });
+  const shown = element("output", { text: Number(slider.value).toFixed(2) });
+  slider.addEventListener("input", () => { shown.textContent = Number(slider.value).toFixed(2); });
+  const remove = element("button", { type: "button", text: "Remove", "aria-label": `Remove ${id}` });
+  const row = element("li", { "data-lora": id }, element("span", { text: id }), slider, shown, remove);
+  remove.addEventListener("click", () => row.remove());
+  return row;
+}
+
+// A picker of LoRAs for the model modelOf() names: node to place, refresh() when the model or catalog
+// changes (LoRAs that no longer fit leave), read() for a request's loras, set(loras) to show some.
+function loraPicker(legend, modelOf) {
+  const choice = element("select", { "aria-label": `LoRA to add (${legend})` });
+  const add = element("button", { type: "button", text: "Add LoRA" });
+  const adding = element("div", { class: "row" }, choice, add);
+  const none = element("p", { class: "status", text: "No LoRA in the catalog fits this model." });
+  const list = element("ul", { class: "lora-list" });
+  const node = element("fieldset", { class: "loras" }, element("legend", { text: legend }), adding, none, list);
+  const chosen = () => [...list.children];
+  function addLora(id, scale = 1) {
+    chosen().find((row) => row.dataset.lora === id)?.remove(); // once per request: adding again sets its strength
+    list.append(loraRow(id, scale));
+  }
+  function refresh() {
+    const fitting = fittingLoras(modelOf()).map((entry) => entry.id);
+    const previous = choice.value;
+    choice.replaceChildren(...fitting.map((id) => element("option", { value: id, text: id })));
+    if (fitting.includes(previous)) choice.value = previous;
+    for (const row of chosen()) if (!fitting.includes(row.dataset.lora)) row.remove();
+    node.hidden = !modelOf(); // a Compare column without a model
+    adding.hidden = !fitting.length;
+    none.hidden = fitting.length > 0;
+  }
+  add.addEventListener("click", () => { if (choice.value) addLora(choice.value); });
+  return {
+    node,
+    refresh,
+    read: () => chosen().map((row) => ({ model: row.dataset.lora, scale: Number(row.querySelector("input").value) })),
+    set(loras) {
+      list.replaceChildren();
+      for (const lora of loras || []) addLora(lora.model, lora.scale);
+      refresh();
+    },
+  };
+}
+
+function refreshLoraPickers() {
+  generateLoras.refresh();
+  for (const picker of compareLoras) picker.refresh();
+}
+
 // ---- catalog ----
 
 function modelOption(model) {
@@ -174,6 +243,7 @@ function modelOption(model) {
 
 // The chosen model's family shows its defaults in the empty fields and offers only the schedulers it fits.
 function showFamilyDefaults() {
+  generateLoras.refresh();
   const model = catalogModels.find((entry) => entry.id === $("#gen-model").value);
   const family = model && families[model.family];
   if (!family) return;
@@ -202,6 +272,7 @@ function fillModelSelects(defaultModel) {
     select.replaceChildren(...none, ...catalogModels.map(modelOption));
     select.value = previous || (index < 2 ? defaultModel : "");
   });
+  refreshLoraPickers();
 }
 
 function modelCard(model) {
@@ -268,6 +339,7 @@ function compareWithBase(model) {
   selects[1].value = model.base;
   selects[2].value = "";
   selects[3].value = "";
+  for (const picker of compareLoras) picker.set([]);
   if (!$("#cmp-prompt").value) $("#cmp-prompt").value = model.example_prompt || $("#gen-prompt").value || "a photo of sks dog";
   showView("compare");
   $("#cmp-submit").focus();
@@ -290,6 +362,7 @@ function formSettings() {
     scheduler: text("scheduler"),
     seed: number("seed"),
     num_images: number("num_images"),
+    loras: generateLoras.read(),
   };
 }
 
@@ -299,6 +372,7 @@ function applySettings(settings) {
     if (form.elements[name]) form.elements[name].value = settings[name] ?? "";
   }
   showFamilyDefaults();
+  generateLoras.set(settings.loras);
   checkSeed(form.elements.seed); // a history entry of an older page may hold a seed this one cannot send
   form.elements.num_images.value = 1;
 }
@@ -337,7 +411,7 @@ function recipeFacts(recipe) {
   return facts([
     ["Model", recipe.model],
     ["Model sha", recipe.model_sha.slice(0, 12)],
-    ["LoRAs", recipe.loras.map((lora) => `${lora.id} × ${lora.scale}`).join(", ") || "none"],
+    ["LoRAs", loraText(recipe.loras) || "none"],
     ["Prompt", recipe.prompt],
     ["Negative prompt", recipe.negative_prompt],
     ["Prompt syntax", recipe.prompt_syntax],
@@ -389,7 +463,7 @@ function resultCard(image, format, settings) {
   return element("li", { class: "result", "data-seed": String(image.seed) },
     element("img", { src: source, alt: `${settings.prompt} (seed ${image.seed})`, width: String(settings.width), height: String(settings.height) }),
     facts([
-      ["model", settings.model], ["prompt", settings.prompt], ["negative", settings.negative_prompt],
+      ["model", settings.model], ["LoRAs", loraText(settings.loras)], ["prompt", settings.prompt], ["negative", settings.negative_prompt],
       ["size", `${settings.width}×${settings.height}`], ["steps", settings.num_inference_steps],
       ["guidance", settings.guidance_scale], ["scheduler", settings.scheduler], ["seed", image.seed],
     ]),
@@ -484,12 +558,17 @@ function renderHistory() {
 
 // ---- compare ----
 
+// A Compare column's title: its model, and its LoRAs with their strengths.
+const columnTitle = (column) => column.model + (column.loras.length ? ` + ${loraText(column.loras)}` : "");
+
 async function onCompare(event) {
   event.preventDefault();
-  const models = [...document.querySelectorAll(".cmp-model")].map((select) => select.value).filter(Boolean);
+  const columns = [...document.querySelectorAll(".cmp-model")]
+    .map((select, index) => ({ model: select.value, loras: compareLoras[index].read() }))
+    .filter((column) => column.model);
   showError($("#cmp-error"), "");
-  if (new Set(models).size < 2) {
-    showError($("#cmp-error"), "Pick at least two different models.");
+  if (new Set(columns.map((column) => JSON.stringify(column))).size < 2) {
+    showError($("#cmp-error"), "Pick at least two different models, or one model with different LoRAs.");
     return;
   }
   const submit = $("#cmp-submit");
@@ -499,15 +578,16 @@ async function onCompare(event) {
     seed: Number($("#cmp-seed").value),
     num_inference_steps: Number($("#cmp-steps").value) || undefined,
   };
-  const panels = models.map((model) => {
+  const panels = columns.map((column) => {
+    const title = columnTitle(column);
     const status = element("p", { class: "status", role: "status", text: "Waiting in the queue…" });
-    const bar = element("progress", { max: "1", value: "0", "aria-label": `Progress of ${model}` });
-    const panel = element("li", { class: "result", "data-model": model }, element("h3", { text: model }), status, bar);
-    return { model, panel, status, bar };
+    const bar = element("progress", { max: "1", value: "0", "aria-label": `Progress of ${title}` });
+    const panel = element("li", { class: "result", "data-model": column.model }, element("h3", { text: title }), status, bar);
+    return { column, title, panel, status, bar };
   });
   $("#cmp-results").replaceChildren(...panels.map((item) => item.panel));
-  await Promise.all(panels.map(async ({ model, panel, status, bar }) => {
-    const settings = { ...shared, model, num_images: 1 };
+  await Promise.all(panels.map(async ({ column, title, panel, status, bar }) => {
+    const settings = { ...shared, ...column, num_images: 1 };
     try {
       const answer = await generate(settings, {
         onStep(step, steps) {
@@ -523,7 +603,7 @@ async function onCompare(event) {
       bar.remove();
       status.className = "error";
       status.setAttribute("role", "alert");
-      status.textContent = `${model}: ${error.message}`;
+      status.textContent = `${title}: ${error.message}`;
     }
   }));
   submit.disabled = false;
@@ -612,6 +692,15 @@ function debounce(action, ms) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  generateLoras = loraPicker("LoRAs", () => $("#gen-model").value);
+  $("#gen-loras").append(generateLoras.node);
+  compareLoras = [...document.querySelectorAll(".cmp-column")].map((column, index) => {
+    const select = column.querySelector(".cmp-model");
+    const picker = loraPicker(`LoRAs of model ${index + 1}`, () => select.value);
+    column.append(picker.node);
+    select.addEventListener("change", picker.refresh);
+    return picker;
+  });
   for (const tab of document.querySelectorAll("button.tab")) tab.addEventListener("click", () => showView(tab.dataset.view));
   const search = debounce(() => loadCatalog($("#catalog-query").value.trim()), 250);
   $("#catalog-query").addEventListener("input", search);
