@@ -15,6 +15,7 @@ layers elsewhere, of a higher rank, or with text-encoder layers (diffusers canno
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -146,7 +147,9 @@ def prepare_slots(pipeline, slot_count: int, max_rank: int) -> LoraSlots:
     for name in names:
         # init_lora_weights=True: random down-projections and zero up-projections, so an empty slot adds zero.
         config = LoraConfig(r=max_rank, lora_alpha=max_rank, target_modules=list(SLOT_TARGETS))
-        pipeline.unet.add_adapter(config, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: the slots are several
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipeline.unet.add_adapter(config, adapter_name=name)
     pipeline.unet.set_adapters(list(names))  # before the scalings become tensors: set_adapters rewrites them
     prepare_model_for_compiled_hotswap(pipeline.unet, target_rank=max_rank)
     return LoraSlots(pipeline=pipeline, max_rank=max_rank, names=names, contents=[None] * slot_count)

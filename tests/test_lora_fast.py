@@ -166,3 +166,19 @@ def test_loras_the_slots_cannot_take_are_refused_saying_why(swap_loras, tmp_path
         slots.activate([(text_encoder, 1.0)])
     slots.activate([(swap_loras[0], 1.0)])  # the refusals left the slots usable
     assert slots.contents[0] is not None
+
+
+def test_only_a_base_that_will_be_compiled_gets_slots_one_per_lora_a_request_may_apply():
+    from catalog.store import load_catalog
+    from catalog.tiny_sd import build_tiny_sd_pipeline
+    from serving.lora_hotswap import compiled_lora_slots
+    from serving.settings import ServingSettings
+
+    tiny_sd = load_catalog().get("tiny-sd")
+    compiled = ServingSettings(compile=True, max_loras=3, lora_max_rank=16)
+    assert compiled_lora_slots(build_tiny_sd_pipeline(), tiny_sd, compiled, "cpu") is None  # compiled on CUDA only
+    assert compiled_lora_slots(build_tiny_sd_pipeline(), tiny_sd, ServingSettings(), "cuda:0") is None
+    slots = compiled_lora_slots(build_tiny_sd_pipeline(), tiny_sd, compiled, "cuda:0")
+    assert (slots.names, slots.max_rank) == (("slot0", "slot1", "slot2"), 16)
+    ranks = {module.r[name] for module in slots.pipeline.unet.modules() if hasattr(module, "r") for name in module.r}
+    assert ranks == {16}
