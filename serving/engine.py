@@ -46,10 +46,12 @@ class Engine:
         return entry, with_model_defaults(request, entry)
 
     def job(self, request: GenerationRequest) -> Job:
-        """The queue's job for ``request``: its model resolved, its defaults filled in and its limits checked."""
+        """The queue's job for ``request``: its model resolved, its defaults filled in, its limits and LoRAs
+        checked (serving/adapters.py says the rules)."""
         entry, request = self.resolve(request)
         self.queue.check_loadable(entry.id)
         check_limits(request, self.settings, request.width, request.height)
+        self.manager.check_loras(entry, request.loras)
         return Job.create(entry, request, request.width, request.height, self.settings.request_timeout_s)
 
     async def generate(

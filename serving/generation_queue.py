@@ -1,7 +1,7 @@
 """The generation queue: a bounded FIFO of requests and the one thread that owns the device.
 
 Requests wait in arrival order. The thread takes the oldest one, adds every queued request that
-can share its pipeline call (same model, size, steps, guidance, true CFG and scheduler) up to
+can share its pipeline call (same model, LoRAs and scales, size, steps, guidance, true CFG and scheduler) up to
 ``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
 client left or whose time ran out is dropped from the queue, and a running call stops at the
 next denoising step once all of its requests have given up.
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from catalog.families import family
 from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
+from serving.adapters import canonical_loras
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.prompts import PromptEmbeddingCache
@@ -116,6 +117,7 @@ class Job:
         request = self.request
         return (
             self.entry.id,
+            canonical_loras(request.loras),  # a pipeline call runs with one set of adapters
             self.width,
             self.height,
             request.num_inference_steps,
@@ -321,7 +323,7 @@ class GenerationQueue:
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))
         try:
-            pipeline = self.manager.pipeline_for(head.entry, for_request=True)
+            pipeline = self.manager.pipeline_for(head.entry, head.request.loras, for_request=True)
             images = generate_images(
                 pipeline,
                 items,

@@ -1,8 +1,11 @@
 """The pipeline manager: catalog id in, ready pipeline out, with an LRU of loaded models bounded by count and bytes.
 
-A LoRA fine-tune never loads a second copy of its base: its adapter is loaded once onto the base
-pipeline and switched on with ``set_adapters`` when a request asks for it. Jumpstart aliases that
-serve the same repo share one pipeline too. Only catalog ids can be loaded, never paths.
+A LoRA fine-tune never loads a second copy of its base: its adapter is loaded onto the base pipeline
+and each call switches on exactly its request's adapters at their scales (serving/adapters.py says which)
+with ``set_adapters``. Loaded adapters are an LRU cache bounded by TXT2IMG_LORA_CACHE_MB: the least
+recently used ones are unloaded with ``delete_adapters`` while their base stays, and an adapter of the
+call being prepared is never unloaded. Jumpstart aliases that serve the same repo share one pipeline too.
+Only catalog ids can be loaded, never paths.
 A model in BentoML's model store (serving/model_store.py) is loaded from there, before any other
 source, and a LoRA stored that way comes fused: a pipeline of its own.
 
@@ -12,14 +15,17 @@ Not thread-safe for pipeline use: one generation thread owns the pipelines (see 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from catalog.pipelines import ModelLoadError, apply_lora, load_base_pipeline
 from catalog.schema import CatalogEntry
 from catalog.store import Catalog, Problem, load_catalog_skipping_bad_files
+from serving.adapters import AdapterSet, adapter_bytes, adapter_set, check_loras
 from serving.device import (
     default_memory_budget,
     optimize_for_device,
@@ -29,9 +35,19 @@ from serving.device import (
     weights_bytes,
 )
 from serving.model_store import StoredModel, with_stored_entries
+from serving.schema import LoraWeight
 from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedAdapter:
+    """A LoRA adapter loaded onto a base pipeline."""
+
+    name: str  # the adapter's name in the pipeline's modules
+    nbytes: int  # its parameters' bytes, counted against TXT2IMG_LORA_CACHE_MB
+    last_used: int  # when a call last switched it on, in calls: the LRU's order
 
 
 @dataclass
@@ -41,7 +57,7 @@ class LoadedBase:
     entry: CatalogEntry
     pipeline: object
     nbytes: int
-    adapters: dict[str, str] = field(default_factory=dict)  # catalog id -> adapter name
+    adapters: dict[str, LoadedAdapter] = field(default_factory=dict)  # by catalog id
 
 
 class DownloadsForbidden(ModelLoadError):
@@ -96,6 +112,8 @@ class PipelineManager:
             self._catalog, self.catalog_problems = with_stored_entries(catalog, self.stored.values())
         self._bases: OrderedDict[str, LoadedBase] = OrderedDict()
         self._lock = threading.Lock()
+        self._calls = itertools.count()  # the adapters' clock: their LRU order
+        self.lora_cache_budget = int(settings.lora_cache_mb * 2**20)
 
     @property
     def load_dtype(self):
@@ -136,26 +154,94 @@ class PipelineManager:
             entry = self._catalog.get(entry.base)
         return self._catalog.get(entry.alias_of) if entry.alias_of else entry
 
+    def lora_base_id(self, entry: CatalogEntry) -> str:
+        """The id of the weights ``entry``'s LoRAs must adapt: a LoRA's base, an alias's target, or itself
+        (a LoRA stored fused still counts as its base's, whose LoRAs fit it)."""
+        if entry.method == "lora":
+            entry = self._catalog.get(entry.base)
+        return entry.alias_of or entry.id
+
+    def check_loras(self, entry: CatalogEntry, loras: Sequence[LoraWeight]) -> None:
+        """Raise serving/adapters.py's LoraRefused for ``loras`` a request for ``entry`` cannot run with."""
+        if not loras:
+            return
+        if any(lora.model not in self._catalog for lora in loras):
+            self.refresh_catalog()  # ids registered since start
+        catalog = self._catalog
+        check_loras(
+            entry,
+            loras,
+            lookup=lambda model_id: catalog.get(model_id) if model_id in catalog else None,
+            known_ids=catalog.ids,
+            weights_of=self.lora_base_id,
+        )
+
     def loaded_ids(self) -> list[str]:
         """Catalog ids servable without loading weights, most recently used last."""
         with self._lock:
-            return [model_id for base in self._bases.values() for model_id in (base.entry.id, *base.adapters)]
+            return [model_id for base in self._bases.values() for model_id in (base.entry.id, *self._by_use(base))]
 
-    def pipeline_for(self, entry: CatalogEntry, *, for_request: bool = False):
-        """The loaded pipeline for ``entry``, with the right LoRA adapter switched on (or all of them off).
+    @staticmethod
+    def _by_use(base: LoadedBase) -> list[str]:
+        return sorted(base.adapters, key=lambda lora_id: base.adapters[lora_id].last_used)
+
+    def pipeline_for(self, entry: CatalogEntry, loras: Sequence[LoraWeight] = (), *, for_request: bool = False):
+        """The loaded pipeline for ``entry`` with exactly the adapters of ``entry`` and ``loras`` switched on,
+        at their scales (serving/adapters.py ``adapter_set``), or LoRA switched off when there are none.
 
         ``for_request``: a client asked for it, so it may only be downloaded if TXT2IMG_ALLOW_DOWNLOADS is on.
         """
         base = self._base(self.base_entry(entry), for_request)
+        self._activate(base, adapter_set(entry, loras, base.entry))
+        return base.pipeline
+
+    def _activate(self, base: LoadedBase, adapters: AdapterSet) -> None:
+        """Switch on exactly ``adapters`` on ``base``, loading the missing ones and making room for them."""
         pipeline = base.pipeline
-        if entry.method == "lora" and base.entry.id != entry.id:
-            if entry.id not in base.adapters:
-                base.adapters[entry.id] = apply_lora(pipeline, entry)
-            pipeline.enable_lora()
-            pipeline.set_adapters([base.adapters[entry.id]])
-        elif base.adapters:
-            pipeline.disable_lora()
-        return pipeline
+        if not adapters:
+            if base.adapters:
+                pipeline.disable_lora()
+            return
+        wanted = {lora_id for lora_id, _ in adapters}
+        for lora_id, _ in adapters:
+            if lora_id not in base.adapters:
+                self._load_adapter(base, lora_id, keep=wanted)
+        for lora_id in wanted:
+            base.adapters[lora_id].last_used = next(self._calls)
+        self._evict_adapters(keep=wanted)  # the last call's own may have gone past the budget
+        pipeline.enable_lora()
+        pipeline.set_adapters(
+            [base.adapters[lora_id].name for lora_id, _ in adapters], [scale for _, scale in adapters]
+        )
+
+    def _load_adapter(self, base: LoadedBase, lora_id: str, keep: set[str]) -> None:
+        name = apply_lora(base.pipeline, self._catalog.get(lora_id))
+        nbytes = adapter_bytes(base.pipeline, name)
+        with self._lock:
+            base.adapters[lora_id] = LoadedAdapter(name, nbytes, next(self._calls))
+        self._evict_adapters(keep | {lora_id})
+        logger.info("loaded LoRA %s onto %s (%.1f MiB)", lora_id, base.entry.id, nbytes / 2**20)
+
+    def _evict_adapters(self, keep: set[str]) -> None:
+        """Unload least recently used adapters (never one in ``keep``) until the loaded ones fit the budget."""
+        while self.adapter_bytes() > self.lora_cache_budget:
+            candidates = [
+                (adapter.last_used, lora_id, base)
+                for base in self._bases.values()
+                for lora_id, adapter in base.adapters.items()
+                if lora_id not in keep
+            ]
+            if not candidates:
+                return  # the call's own adapters exceed the budget: they stay for it, and go next time
+            _, lora_id, base = min(candidates, key=lambda candidate: candidate[0])
+            with self._lock:
+                adapter = base.adapters.pop(lora_id)
+            base.pipeline.delete_adapters(adapter.name)
+            logger.info("unloaded LoRA %s from %s", lora_id, base.entry.id)
+
+    def adapter_bytes(self) -> int:
+        """Bytes of every loaded adapter, the budget TXT2IMG_LORA_CACHE_MB bounds."""
+        return sum(adapter.nbytes for base in self._bases.values() for adapter in base.adapters.values())
 
     def _base(self, entry: CatalogEntry, for_request: bool) -> LoadedBase:
         with self._lock:

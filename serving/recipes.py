@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from catalog.schema import CatalogEntry
 from serving.generation_queue import GenerationResult
 from serving.images import PARAMETERS_KEY, RECIPE_KEY, image_metadata
-from serving.schema import GenerationRequest
+from serving.schema import GenerationRequest, LoraWeight
 from txt2img.errors import InputError
 
 # A1111's sampler names, each with our scheduler and A1111's aliases for it.
@@ -47,15 +47,6 @@ A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()} 
 }
 
 
-class LoraScale(BaseModel):
-    """A LoRA applied to an image, and its scale."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    id: str = Field(description="The LoRA's catalog id.")
-    scale: float
-
-
 class Recipe(BaseModel):
     """Everything that made one image: the one definition of the ``txt2img`` chunk."""
 
@@ -63,7 +54,7 @@ class Recipe(BaseModel):
 
     model: str = Field(description="Catalog id.")
     model_sha: str = Field(description="SHA-256 of the model's catalog entry (serving/recipes.py model_sha).")
-    loras: list[LoraScale] = Field(default_factory=list)
+    loras: list[LoraWeight] = Field(default_factory=list, description="The LoRAs applied, sorted by id.")
     prompt: str
     negative_prompt: str | None = None
     prompt_syntax: str = "plain"
@@ -100,6 +91,7 @@ def recipe(entry: CatalogEntry, request: GenerationRequest, width: int, height: 
     return Recipe(
         model=entry.id,
         model_sha=model_sha(entry),
+        loras=sorted(request.loras, key=lambda lora: lora.model),
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         prompt_syntax=getattr(request, "prompt_syntax", "plain"),  # a field of requests once prompt syntax lands
@@ -120,8 +112,11 @@ def result_recipes(result: GenerationResult) -> list[Recipe]:
 
 
 def parameters_text(made: Recipe) -> str:
-    """A1111's infotext: the prompt, ``Negative prompt: ...``, then ``Steps: ..., Sampler: ..., ...``."""
-    lines = [made.prompt]
+    """A1111's infotext: the prompt, ``Negative prompt: ...``, then ``Steps: ..., Sampler: ..., ...``.
+
+    The LoRAs end the prompt as AUTOMATIC1111's ``<lora:NAME:SCALE>`` tags, where A1111 keeps them, so that
+    the infotext read back (``/sdapi/v1/png-info``, or pasted into A1111) applies them again."""
+    lines = [" ".join([made.prompt, *(f"<lora:{lora.model}:{lora.scale:g}>" for lora in made.loras)])]
     if made.negative_prompt:
         lines.append(f"Negative prompt: {made.negative_prompt}")
     fields = [f"Steps: {made.num_inference_steps}"]

@@ -173,6 +173,7 @@ LIMIT_SETTINGS = {
     "prompt": "TXT2IMG_MAX_PROMPT_LENGTH",
     "negative_prompt": "TXT2IMG_MAX_PROMPT_LENGTH",
     "work": "TXT2IMG_MAX_WORK",
+    "loras": "TXT2IMG_MAX_LORAS",
 }
 # What a limit's field means, where its name alone does not say.
 LIMIT_NOTES = {"work": " (work is width x height x steps x images; TXT2IMG_MAX_WORK sets the limit)"}
@@ -205,6 +206,7 @@ def check_limits(request: GenerationRequest, settings: ServingSettings, width: i
         ("work", settings.max_work, work(width, height, request.num_inference_steps, request.num_images)),
         ("prompt", settings.max_prompt_length, len(request.prompt)),
         ("negative_prompt", settings.max_prompt_length, len(request.negative_prompt or "")),
+        ("loras", settings.max_loras, len(request.loras)),
     ]
     for field, limit, value in checks:
         if value > limit:

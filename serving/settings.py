@@ -81,6 +81,12 @@ class ServingSettings(BaseSettings):
         ge=1,
         description="Under compile: the highest LoRA rank the UNet's fixed adapter slots take (lora_hotswap.py).",
     )
+    lora_cache_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="LoRA adapters kept loaded on their bases, per worker, in MiB of their weights; beyond it the "
+        "least recently used are unloaded (a request's own are always loaded for it).",
+    )
     max_prompt_length: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     prompt_cache_mb: float = Field(
         64.0,

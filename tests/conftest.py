@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from bentoml_server import SESSION_MAX_QUEUE, SESSION_REQUEST_TIMEOUT_S, offline_server
 from chromium_browser import launched_chromium
-from serving_finetunes import register_finetunes
+from serving_finetunes import register_finetunes, train_composable_loras
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +86,23 @@ def server(server_home):
         "request_timeout_s": str(SESSION_REQUEST_TIMEOUT_S),
     }
     with offline_server(server_home, **settings) as url:
+        yield url
+
+
+# Per-request LoRAs (tests/test_lora_composition.py, tests/test_lora_serving.py): the serving fine-tunes,
+# two LoRAs trained by `txt2img train` and a LoRA of another base, in one home for the session.
+@pytest.fixture(scope="session")
+def composable_lora_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("lora-home")
+    register_finetunes(home)
+    train_composable_loras(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def lora_server(composable_lora_home) -> Iterator[str]:
+    """One server for the module, waiting a second for each batch to fill, so that concurrent requests meet."""
+    with offline_server(composable_lora_home, batch_wait_ms="1000", max_batch_size="8", max_loras="2") as url:
         yield url
 
 

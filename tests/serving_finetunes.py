@@ -20,7 +20,7 @@ def save_full_finetune(folder: Path) -> Path:
 
 
 def save_lora_adapter(
-    folder: Path, text_encoder: bool = False, *, rank: int = 4, alpha: int | None = None, seed: int = 1
+    folder: Path, text_encoder: bool = False, seed: int = 1, *, rank: int = 4, alpha: int | None = None
 ) -> Path:
     """A LoRA of ``rank`` (alpha: ``alpha``, else the rank) on tiny-sd's UNet attention (and, with
     ``text_encoder``, its text encoder's), with random (not zero) weights drawn from ``seed`` so it changes
@@ -68,3 +68,83 @@ def register_finetunes(home: Path) -> None:
     write_entry(CatalogEntry(id=FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
     write_entry(CatalogEntry(id=OTHER_FULL_ID, method="full", artifact=str(full), **common), user_dir=catalog_dir)
     write_entry(CatalogEntry(id=LORA_ID, method="lora", artifact=str(lora), **common), user_dir=catalog_dir)
+
+
+SUBJECT_LORA_ID = "tiny-subject-lora"
+STYLE_LORA_ID = "tiny-style-lora"
+FULL_LORA_ID = "tiny-full-lora"  # a LoRA of tiny-full, not of tiny-sd
+
+
+def train_composable_loras(home: Path) -> None:
+    """Two LoRAs trained by ``txt2img train`` on tiny-sd (a subject and a style, a few steps at a high
+    rate so that each changes the images), and a LoRA of the full fine-tune tiny-full, under ``home``,
+    which must hold ``register_finetunes``' models."""
+    import os
+
+    import torch
+    from subject_dataset import write_dataset
+
+    from training.dreambooth import train
+    from training.hyperparameters import Hyperparameters
+
+    previous_home, previous_threads = os.environ.get("TXT2IMG_HOME"), torch.get_num_threads()
+    os.environ["TXT2IMG_HOME"] = str(home)
+    torch.set_num_threads(1)
+    try:
+        for index, lora_id in enumerate((SUBJECT_LORA_ID, STYLE_LORA_ID)):
+            data = write_dataset(home / "data" / lora_id, count=3 + index)
+            hyperparameters = Hyperparameters(
+                method="lora", lora_rank=4, max_steps=4, learning_rate=5e-2, seed=index, validation_prompts=[]
+            )
+            train(data, "tiny-sd", lora_id, hyperparameters, progress=False)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_home is None:
+            os.environ.pop("TXT2IMG_HOME")
+        else:
+            os.environ["TXT2IMG_HOME"] = previous_home
+    adapter = save_lora_adapter(home / "models" / FULL_LORA_ID, seed=3)
+    entry = CatalogEntry(
+        id=FULL_LORA_ID,
+        source="finetune",
+        family="tiny",
+        resolution=64,
+        base=FULL_ID,
+        method="lora",
+        artifact=str(adapter),
+    )
+    write_entry(entry, user_dir=home / "catalog")
+
+
+def write_random_loras(home: Path, count: int, rank: int = 64) -> list[str]:
+    """``count`` LoRAs of tiny-sd with random weights (rank ``rank`` on every UNet attention projection, in
+    the diffusers key layout catalog/lora_files.py reads), registered in ``home``'s catalog; their ids."""
+    import torch
+    from safetensors.torch import save_file
+
+    from catalog.pipelines import LORA_WEIGHT_NAME
+    from catalog.tiny_sd import build_tiny_sd_components
+
+    unet = build_tiny_sd_components()["unet"]
+    layers = {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
+        and ".attn" in name
+    }
+    ids = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(100 + index)
+        tensors = {}
+        for name, layer in layers.items():
+            tensors[f"unet.{name}.lora.down.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.01
+            tensors[f"unet.{name}.lora.up.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.01
+        lora_id = f"tiny-random-lora-{index:02d}"
+        folder = home / "models" / lora_id
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / LORA_WEIGHT_NAME))
+        common = {"source": "finetune", "family": "tiny", "resolution": 64, "base": "tiny-sd", "method": "lora"}
+        write_entry(CatalogEntry(id=lora_id, artifact=str(folder), **common), user_dir=home / "catalog")
+        ids.append(lora_id)
+    return ids

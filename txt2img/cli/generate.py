@@ -215,8 +215,9 @@ def _run(request, output: Path, progress: ImageProgress, limits: bool, made_with
     width, height = request.width, request.height
     if limits:
         _check_server_limits(request, settings, width, height)
+    manager.check_loras(entry, request.loras)  # a recipe's LoRAs (generate --from), held to the server's rules
     progress.loading(request.model)
-    pipeline = manager.pipeline_for(entry)
+    pipeline = manager.pipeline_for(entry, request.loras)
     checker = _safety_checker(settings, manager.device, manager.load_dtype) if settings.safety_checker else None
     seeds = request.image_seeds()
     paths = output_paths(output, len(seeds))
