@@ -365,7 +365,9 @@ MUTATIONS = [
     Mutation(
         "request types coerced, not strict",
         "serving/schema.py",
+        '    """What to generate, apart from how many: a prompt, the model and the sampling settings."""\n\n'
         '    model_config = ConfigDict(extra="forbid", strict=True)\n',
+        '    """What to generate, apart from how many: a prompt, the model and the sampling settings."""\n\n'
         '    model_config = ConfigDict(extra="forbid")\n',
         (Select("tests/test_front_door.py", "strict"),),
     ),
