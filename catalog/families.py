@@ -25,6 +25,10 @@ DDPM_SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
+    # Few-step samplers for acceleration LoRAs (LCM-LoRA, TCD-LoRA): 4-8 steps at guidance 1-2. Each picks
+    # at most original_inference_steps (50) of the schedule its LoRA was distilled on, so no more steps.
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 FLOW_MATCHING_SCHEDULERS = {"flow-euler": "FlowMatchEulerDiscreteScheduler"}
 SCHEDULER_CLASSES = {**DDPM_SCHEDULERS, **FLOW_MATCHING_SCHEDULERS}

@@ -14,6 +14,10 @@ from catalog.families import family_of_pipeline
 from serving.prompts import PromptEmbeddingCache, prompt_inputs
 from serving.schema import SCHEDULER_CLASSES, LimitExceeded, PromptSyntax
 
+# What a sampler needs from the pipeline call beyond the defaults: TCD's stochastic "gamma" is the
+# pipeline's eta, whose default 0.0 would override TCDScheduler's own 0.3 (the value its authors use).
+SAMPLER_CALL_ARGUMENTS = {"tcd": {"eta": 0.3}}
+
 
 @dataclass
 class BatchItem:
@@ -37,6 +41,13 @@ def fresh_scheduler(pipeline, name: str | None):
         # scheduler configs skip it (PLMS), which runs at any step count.
         overrides["skip_prk_steps"] = True
     return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(pipeline.scheduler.config, **overrides)
+
+
+def scheduler_most_steps(scheduler) -> int:
+    """The most steps ``scheduler`` runs: schedulers index a table of num_train_timesteps entries, and the
+    few-step ones (LCM, TCD) pick their steps from the original_inference_steps their LoRA was distilled on."""
+    config = scheduler.config
+    return min(config.num_train_timesteps - 1, config.get("original_inference_steps") or config.num_train_timesteps)
 
 
 def request_pipeline(pipeline, scheduler_name: str | None):
@@ -77,8 +88,7 @@ def generate_images(
     import torch
 
     view = request_pipeline(pipeline, scheduler)
-    # Schedulers index a table of num_train_timesteps entries; more steps than that overrun it.
-    most_steps = view.scheduler.config.num_train_timesteps - 1
+    most_steps = scheduler_most_steps(view.scheduler)
     if num_inference_steps > most_steps:
         raise LimitExceeded("num_inference_steps", most_steps, num_inference_steps)
 
@@ -105,6 +115,7 @@ def generate_images(
                 guidance_scale=guidance_scale,
                 generator=generators,
                 callback_on_step_end=after_step,
+                **SAMPLER_CALL_ARGUMENTS.get(scheduler, {}),
                 **({} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale}),
             )
         for index, image in zip(indices, output.images):

@@ -35,6 +35,9 @@ SAMPLERS: dict[str, tuple[str, list[str]]] = {
     "DDIM": ("ddim", []),
     "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
     "UniPC": ("unipc", []),
+    "LCM": ("lcm", ["k_lcm"]),  # built into A1111 since 1.7
+    # A1111 has no TCD of its own; its TCD extension, Forge's and ComfyUI's samplers spell it so.
+    "TCD": ("tcd", []),
 }
 # On a flow-matching family (Flux), A1111's (Forge's) samplers and the schedulers they run.
 FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}

@@ -76,6 +76,11 @@ class ServingSettings(BaseSettings):
         "(four 1024x1024 images at 50 steps) suits one GPU, so lower it on a CPU.",
     )
     max_loras: int = Field(4, ge=0, description="Most LoRAs one request may apply (its loras, or <lora:...> tags).")
+    lora_max_rank: int = Field(
+        64,
+        ge=1,
+        description="Under compile: the highest LoRA rank the UNet's fixed adapter slots take (lora_hotswap.py).",
+    )
     lora_cache_mb: float = Field(
         1024.0,
         ge=0,

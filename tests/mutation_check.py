@@ -713,6 +713,28 @@ MUTATIONS = [
         (Select("tests/test_families.py", "cannot_use_is_refused"),),
     ),
     Mutation(
+        "the lcm sampler runs another scheduler",
+        "catalog/families.py",
+        '    "lcm": "LCMScheduler",\n',
+        '    "lcm": "DDIMScheduler",\n',
+        (Select("tests/test_lora_fast.py", "own_few_step_schedulers"),),
+    ),
+    Mutation(
+        "activating LoRAs on a compiled pipeline switches adapters with set_adapters (a recompile)",
+        "serving/lora_hotswap.py",
+        "            self._swap_in(index, wanted[content], content.scale)\n",
+        "            self._swap_in(index, wanted[content], content.scale)\n"
+        "        self.pipeline.unet.set_adapters(list(self.names))\n",
+        (Select("tests/test_lora_fast.py", "never_recompiles"),),
+    ),
+    Mutation(
+        "a LoRA's scale is ignored in a compiled pipeline's slots",
+        "serving/lora_hotswap.py",
+        "            module.scaling[name].mul_(scale)\n",
+        "            module.scaling[name].mul_(1.0)\n",
+        (Select("tests/test_lora_fast.py", "diffusers_own_adapters"),),
+    ),
+    Mutation(
         "an image's recipe omits its seed (records 0)",
         "serving/recipes.py",
         "        seed=seed,\n",

@@ -19,9 +19,12 @@ def save_full_finetune(folder: Path) -> Path:
     return folder
 
 
-def save_lora_adapter(folder: Path, text_encoder: bool = False, seed: int = 1) -> Path:
-    """A rank-4 LoRA on tiny-sd's UNet attention (and, with ``text_encoder``, its text encoder's), with
-    random (not zero) weights so it changes the images."""
+def save_lora_adapter(
+    folder: Path, text_encoder: bool = False, seed: int = 1, *, rank: int = 4, alpha: int | None = None
+) -> Path:
+    """A LoRA of ``rank`` (alpha: ``alpha``, else the rank) on tiny-sd's UNet attention (and, with
+    ``text_encoder``, its text encoder's), with random (not zero) weights drawn from ``seed`` so it changes
+    the images."""
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -38,7 +41,7 @@ def save_lora_adapter(folder: Path, text_encoder: bool = False, seed: int = 1) -
     layers = {}
     for name, (module, targets) in modules.items():
         # peft's own injection: transformers' add_adapter on the text encoder wants a newer peft.
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), module)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets), module)
         with torch.no_grad():
             for parameter_name, parameter in module.named_parameters():
                 if "lora_B" in parameter_name:
@@ -46,6 +49,13 @@ def save_lora_adapter(folder: Path, text_encoder: bool = False, seed: int = 1) -
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
     StableDiffusionPipeline.save_lora_weights(folder, **layers, safe_serialization=True)
     return folder
+
+
+def tiny_lora_entry(lora_id: str, folder: Path) -> CatalogEntry:
+    """The catalog entry of a LoRA of tiny-sd saved in ``folder`` (``save_lora_adapter``)."""
+    return CatalogEntry(
+        id=lora_id, source="finetune", family="tiny", resolution=64, base="tiny-sd", method="lora", artifact=str(folder)
+    )
 
 
 def register_finetunes(home: Path) -> None:
