@@ -35,6 +35,7 @@ from serving.device import (
     release_device_memory,
     weights_bytes,
 )
+from serving.lora_hotswap import LoraSlots, compiled_lora_slots
 from serving.model_store import StoredModel, with_stored_entries
 from serving.schema import LoraWeight
 from serving.settings import ServingSettings
@@ -59,6 +60,7 @@ class LoadedBase:
     pipeline: object
     nbytes: int
     adapters: dict[str, LoadedAdapter] = field(default_factory=dict)  # by catalog id
+    slots: LoraSlots | None = None  # a compiled UNet's fixed adapter slots, which take the place of ``adapters``
 
 
 class DownloadsForbidden(ModelLoadError):
@@ -198,6 +200,9 @@ class PipelineManager:
 
     def _activate(self, base: LoadedBase, adapters: AdapterSet) -> None:
         """Switch on exactly ``adapters`` on ``base``, loading the missing ones and making room for them."""
+        if base.slots is not None:  # compiled: swapped into the slots in place, never loaded or deleted
+            base.slots.activate([(self._catalog.get(lora_id), scale) for lora_id, scale in adapters])
+            return
         pipeline = base.pipeline
         if not adapters:
             if base.adapters:
@@ -272,6 +277,8 @@ class PipelineManager:
             local_files_only=local_files_only,
             safety_checker=None,
         )
+        # Slots are made before compiling (a compiled UNet recompiles when adapters come and go), and counted.
+        slots = compiled_lora_slots(pipeline, entry, self.settings, self.device)
         nbytes = weights_bytes(pipeline)
         self._make_room(nbytes)
         attention = optimize_for_device(pipeline, self.device, self.settings)
@@ -284,7 +291,7 @@ class PipelineManager:
             attention,
             nbytes / 2**20,
         )
-        loaded = LoadedBase(entry=entry, pipeline=pipeline, nbytes=nbytes)
+        loaded = LoadedBase(entry=entry, pipeline=pipeline, nbytes=nbytes, slots=slots)
         with self._lock:
             self._bases[entry.id] = loaded
         return loaded

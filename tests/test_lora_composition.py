@@ -203,3 +203,18 @@ def test_a_lora_that_cannot_load_fails_its_request_and_leaves_the_base_served(co
     assert raised.value.http_status == 503
     assert not isinstance(raised.value, ModelLoadError)  # the queue does not refuse the base for a minute
     assert served(manager, "tiny-sd").tobytes() == base.tobytes()
+
+
+def test_a_base_compiled_with_lora_slots_takes_each_requests_loras_through_the_slots(monkeypatch):
+    """The manager's compiled path (serving/lora_hotswap.py wired into serving/manager.py): slots are made at load
+    and a request's set is swapped into them, giving the image the adapter cache gives. Slots are made for CUDA
+    only; here the check is told the CPU is CUDA, and the UNet stays uncompiled (device.py compiles on CUDA)."""
+    monkeypatch.setattr("serving.lora_hotswap.is_cuda", lambda device: True)
+    slotted = make_manager(compile=True)
+    plain = make_manager()
+    scales = ((SUBJECT_LORA_ID, 0.7), (STYLE_LORA_ID, -0.5))
+    composed = served(slotted, "tiny-sd", *scales)
+    base = slotted._bases["tiny-sd"]
+    assert base.slots is not None and not base.adapters  # the slots, never the adapter cache
+    assert np.abs(composed.astype(int) - served(plain, "tiny-sd", *scales).astype(int)).max() <= 1
+    assert served(slotted, "tiny-sd").tobytes() == served(plain, "tiny-sd").tobytes()  # slots zeroed: the base
