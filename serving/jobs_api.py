@@ -19,7 +19,7 @@ import hashlib
 
 from fastapi import Depends, FastAPI, Header, Request
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from serving.engine import Engine, current_engine
 from serving.http_errors import GENERATION_ERRORS, ErrorBody, add_error_handlers, error_response
@@ -150,13 +150,14 @@ def get_job(job_id: str, runner: JobRunner = Depends(current_jobs)) -> dict:
     return job_answer(runner, _stored(runner, job_id))
 
 
-@jobs_app.get("/jobs/{job_id}/images/{index}", response_class=FileResponse, responses={404: {"model": ErrorBody}})
-def job_image(job_id: str, index: str, runner: JobRunner = Depends(current_jobs)) -> FileResponse:
-    """One image of a succeeded job, in the format the job asked for."""
+@jobs_app.get("/jobs/{job_id}/images/{index}", response_class=Response, responses={404: {"model": ErrorBody}})
+def job_image(job_id: str, index: str, runner: JobRunner = Depends(current_jobs)) -> Response:
+    """One image of a succeeded job, in the format the job asked for, from whichever server ran it."""
     job = _stored(runner, job_id)
-    if job.status != "succeeded" or not index.isdigit() or int(index) >= job.image_count:
+    data = runner.store.image(job_id, int(index)) if job.status == "succeeded" and index.isdigit() else None
+    if data is None:
         raise JobNotFound(f"{job_id}/images/{index}")
-    return FileResponse(runner.store.image_path(job, int(index)), media_type=f"image/{job.image_format}")
+    return Response(data, media_type=f"image/{job.image_format}")
 
 
 @jobs_app.delete("/jobs/{job_id}", responses={404: {"model": ErrorBody}})

@@ -44,7 +44,7 @@ class JobRunner:
 
     def __init__(self, engine: Engine, store: JobStore | None = None) -> None:
         self.engine = engine
-        self.store = store or JobStore()
+        self.store = store or JobStore(engine.settings.jobs_db)
         self.webhooks = WebhookSender(engine.settings)
         self._running: dict[str, tuple[StoredJob, Job]] = {}
         self._wake = threading.Event()
