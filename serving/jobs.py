@@ -232,7 +232,8 @@ class PostgresDatabase:
         try:
             return self.psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=30)
         except self.psycopg.OperationalError as error:
-            raise JobStoreUnavailable(f"cannot reach the jobs database {self}: {error}".strip()) from None
+            reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise JobStoreUnavailable(f"cannot reach the jobs database {self}: {reason}") from None
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -705,6 +705,13 @@ MUTATIONS = [
         (Select("tests/test_jobs_store.py", "claimed_once and postgresql"),),
     ),
     Mutation(
+        "the packed SageMaker endpoint's images carry no recipe",
+        "jumpstart/inference_script.py",
+        "        return render_response(invocation, images, accept_type, nsfw_content_detected, recipes)\n",
+        "        return render_response(invocation, images, accept_type, nsfw_content_detected)\n",
+        (Select("tests/test_invocations_parity.py", "carry_the_recipe"),),
+    ),
+    Mutation(
         "a webhook is not signed",
         "serving/webhooks.py",
         '        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, delivery.body)}\n',
