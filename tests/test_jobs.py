@@ -111,6 +111,15 @@ def test_a_running_job_is_canceled_at_its_next_step(client):
     assert client.get(f"/jobs/{job['id']}/images/0").status_code == 404
 
 
+def test_a_get_with_wait_answers_once_the_job_has_ended(client):
+    ids = [submit(client, {**BODY, "num_inference_steps": 40})["id"] for _ in range(2)]  # one on each worker
+    for job_id in ids:
+        assert client.get(f"/jobs/{job_id}", params={"wait": "60"}).json()["status"] == "succeeded"
+    for bad in ("61", "-1", "soon"):
+        refused = client.get(f"/jobs/{ids[0]}", params={"wait": bad})
+        assert refused.status_code == 400 and "wait" in refused.json()["error"]
+
+
 def test_an_unknown_job_is_a_json_404(client):
     for answer in (client.get("/jobs/nope"), client.delete("/jobs/nope"), client.get("/jobs/nope/images/0")):
         assert answer.status_code == 404
