@@ -67,11 +67,11 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def print_report(count: int, images_s: float, jobs_s: float, submits: list[float], store: JobStore) -> None:
+def print_report(count: int, images_s: float, jobs_s: float, submits: list[float], store: JobStore, how: str) -> None:
     images_rate, jobs_rate = count / images_s, count / jobs_s
     print(f"tiny-sd {WIDTH}px, {STEPS} steps, {count} per side, concurrency {CONCURRENCY}, {TORCH_THREADS} thread")
     print(f"/images            {images_rate:7.2f} images/s")
-    print(f"/jobs + waiting    {jobs_rate:7.2f} images/s   ratio {jobs_rate / images_rate:.2f}x (target >= 0.9x)")
+    print(f"/jobs + {how:10} {jobs_rate:7.2f} images/s   ratio {jobs_rate / images_rate:.2f}x (target >= 0.9x)")
     p50_ms, p99_ms = statistics.median(submits) * 1000, percentile(submits, 0.99) * 1000
     print(f"submit latency     p50 {p50_ms:.1f} ms   p99 {p99_ms:.1f} ms")
     print(f"job database       {store.database_bytes() / 1024:.0f} KiB on {store.database}, images included")
@@ -99,7 +99,8 @@ def main() -> None:
             jobs_s += elapsed
             submits += latencies
     store = JobStore(args.jobs_db or home / "jobs")
-    print_report(args.jobs * args.rounds, images_s, jobs_s, submits, store)
+    how = f"polls/{args.poll_every:g}s" if args.poll_every else "?wait="
+    print_report(args.jobs * args.rounds, images_s, jobs_s, submits, store, how)
 
 
 if __name__ == "__main__":
