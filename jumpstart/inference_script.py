@@ -6,7 +6,9 @@ JumpStart's text-to-image contract, is serving/invocations.py, which the packer 
 this file as ``code/serving/invocations.py``: the import below finds it there in the container
 and in this checkout alike. The family table (catalog/families.py, copied as ``code/catalog/``)
 gives the defaults of the fields a request leaves out, and refuses what the model's family cannot
-use, as the local server does. Only this file's generation loop is the container's own.
+use, as the local server does. Every JPEG carries its recipe as the local server's do: the records of
+serving/infotext.py (copied as ``code/serving/infotext.py``) from the model identity packed beside this
+file. Only this file's generation loop is the container's own.
 
 With env TXT2IMG_SAFETY_CHECKER=on (``txt2img deploy --safety-checker`` sets it, and packs a
 checker into the archive) the pipeline's own safety checker runs: flagged images come back black
@@ -17,10 +19,13 @@ This file must only import what that container has: no other txt2img module.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from http import HTTPStatus
 
 from catalog.families import Family, family_of_pipeline
+from serving.infotext import recipe_records
 from serving.invocations import (
     Invocation,
     InvocationError,
@@ -31,6 +36,8 @@ from serving.invocations import (
 )
 
 SAFETY_CHECKER_ENV = "TXT2IMG_SAFETY_CHECKER"
+# The model's identity in every image's recipe (jumpstart/package.py model_identity), beside this file.
+MODEL_IDENTITY_FILE = "txt2img_model.json"
 # Where the diffusers folder lies in the extracted archive: at its root in the archives ``txt2img deploy``
 # packs; in the model.tar.gz of txt2img's trainer on SageMaker, in model/ for a full fine-tune, and in
 # fused/ for a LoRA (fused into its base there; model/ holds only the adapter). The first that has one wins.
@@ -130,6 +137,51 @@ def generate(pipeline, invocation: Invocation) -> tuple[list, list[bool] | None]
     return images, flags
 
 
+def packed_model_identity() -> dict | None:
+    """The model's catalog id, entry SHA-256 and txt2img version, packed beside this file; None in an
+    archive packed without them (a training job's, whose model has no catalog entry yet)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODEL_IDENTITY_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+MODEL_IDENTITY = packed_model_identity()
+
+
+def image_recipes(pipeline, invocation: Invocation, images: list) -> list[dict[str, str]] | None:
+    """The records each image carries (serving/infotext.py): its recipe, with the fields of txt2img's Recipe
+    (serving/recipes.py) in their order, as the local server writes it; None without the model's identity."""
+    if MODEL_IDENTITY is None:
+        return None
+    settings = family_settings(family_of_pipeline(type(pipeline).__name__), invocation)
+    call_defaults = inspect.signature(pipeline.__call__).parameters  # a pipeline no family runs keeps its own
+    steps, guidance = (
+        settings.get(name, call_defaults[name].default) for name in ("num_inference_steps", "guidance_scale")
+    )
+    return [
+        recipe_records(
+            {
+                "model": MODEL_IDENTITY["model"],
+                "model_sha": MODEL_IDENTITY["model_sha"],
+                "loras": [],  # a LoRA fine-tune is packed fused into its base: its own id names it
+                "prompt": wanted.prompt,
+                "negative_prompt": wanted.negative_prompt or None,
+                "prompt_syntax": "plain",
+                "seed": wanted.seed,
+                "width": image.width,
+                "height": image.height,
+                "num_inference_steps": steps,
+                "guidance_scale": float(guidance),
+                "scheduler": None,  # the model's own
+                "txt2img_version": MODEL_IDENTITY["txt2img_version"],
+            }
+        )
+        for wanted, image in zip(invocation.wanted_images(), images)
+    ]
+
+
 def sent_accept(accept, context):
     """The Accept header as the client sent it.
 
@@ -153,7 +205,8 @@ def transform_fn(model, input_data, content_type, accept, context=None):
         accept_type = negotiate_accept(sent_accept(accept, context))
         invocation = parse_request(input_data, content_type)
         images, nsfw_content_detected = generate(model, invocation)
-        return render_response(invocation, images, accept_type, nsfw_content_detected)
+        recipes = image_recipes(model, invocation, images)
+        return render_response(invocation, images, accept_type, nsfw_content_detected, recipes)
     except InvocationError as error:
         if context is None:
             raise

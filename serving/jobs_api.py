@@ -3,7 +3,8 @@
 * ``POST /jobs``: the body of ``/images`` plus an optional ``webhook`` URL; answers 202 with the job's
   id, status and URLs. An ``Idempotency-Key`` header gives the same job for the same key and body,
   and 409 for the same key with another body.
-* ``GET /jobs/{id}``: status, progress, queue position and, once it succeeded, the image URLs with seeds.
+* ``GET /jobs/{id}``: status, progress, queue position and, once it succeeded, the image URLs with seeds;
+  ``?wait=N`` waits up to N seconds for the job to end first.
 * ``GET /jobs/{id}/images/{index}``: one image of a succeeded job.
 * ``DELETE /jobs/{id}``: cancel; a running job stops at its next denoising step.
 * ``GET /jobs?limit=&offset=``: the jobs, newest first.
@@ -15,11 +16,15 @@ again after a crash gives the same images. The store is serving/jobs.py, the run
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import time
 
 from fastapi import Depends, FastAPI, Header, Request
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
 
 from serving.engine import Engine, current_engine
 from serving.http_errors import GENERATION_ERRORS, ErrorBody, add_error_handlers, error_response
@@ -32,6 +37,9 @@ from serving.webhooks import check_webhook_url
 from txt2img.errors import InputError, Txt2ImgError
 
 MAX_PAGE = 100
+MAX_WAIT_S = 60  # GET /jobs/{id}?wait=: the longest a request may wait for its job to end
+RECHECK_S = 1.0  # how often a waiting request reads the store: a job run elsewhere ends unseen here
+UNFINISHED = ("queued", "running")
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -145,19 +153,37 @@ def list_jobs(limit: str = "20", offset: str = "0", runner: JobRunner = Depends(
     return {"jobs": [job_answer(runner, job) for job in jobs], "total": total, "next": following}
 
 
-@jobs_app.get("/jobs/{job_id}", responses={404: {"model": ErrorBody}})
-def get_job(job_id: str, runner: JobRunner = Depends(current_jobs)) -> dict:
-    """The job's status, progress, queue position and, once it succeeded, its images with their seeds."""
-    return job_answer(runner, _stored(runner, job_id))
+@jobs_app.get("/jobs/{job_id}", responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+async def get_job(job_id: str, wait: str = "0", runner: JobRunner = Depends(current_jobs)) -> dict:
+    """The job's status, progress, queue position and, once it succeeded, its images with their seeds.
+    With ``wait`` (seconds, 0 to 60), the answer about a queued or running job waits until the job ends
+    or that time has passed: one request where a client would poll many times."""
+    wait_s = _query_int("wait", wait, 0, MAX_WAIT_S)
+    job = await _job_once_ended(runner, job_id, wait_s) if wait_s else await run_in_threadpool(_stored, runner, job_id)
+    return await run_in_threadpool(job_answer, runner, job)
 
 
-@jobs_app.get("/jobs/{job_id}/images/{index}", response_class=FileResponse, responses={404: {"model": ErrorBody}})
-def job_image(job_id: str, index: str, runner: JobRunner = Depends(current_jobs)) -> FileResponse:
-    """One image of a succeeded job, in the format the job asked for."""
+async def _job_once_ended(runner: JobRunner, job_id: str, wait_s: float) -> StoredJob:
+    """The job once it has ended, or as it is after ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    with runner.end_signal(job_id) as ended:  # before the first read, so that no end goes unseen
+        job = await run_in_threadpool(_stored, runner, job_id)
+        while job.status in UNFINISHED and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), min(left, RECHECK_S))
+            ended.clear()
+            job = await run_in_threadpool(_stored, runner, job_id)
+    return job
+
+
+@jobs_app.get("/jobs/{job_id}/images/{index}", response_class=Response, responses={404: {"model": ErrorBody}})
+def job_image(job_id: str, index: str, runner: JobRunner = Depends(current_jobs)) -> Response:
+    """One image of a succeeded job, in the format the job asked for, from whichever server ran it."""
     job = _stored(runner, job_id)
-    if job.status != "succeeded" or not index.isdigit() or int(index) >= job.image_count:
+    data = runner.store.image(job_id, int(index)) if job.status == "succeeded" and index.isdigit() else None
+    if data is None:
         raise JobNotFound(f"{job_id}/images/{index}")
-    return FileResponse(runner.store.image_path(job, int(index)), media_type=f"image/{job.image_format}")
+    return Response(data, media_type=f"image/{job.image_format}")
 
 
 @jobs_app.delete("/jobs/{job_id}", responses={404: {"model": ErrorBody}})
@@ -167,6 +193,7 @@ def cancel_job(job_id: str, runner: JobRunner = Depends(current_jobs)) -> dict:
     if job is None:
         raise JobNotFound(job_id)
     if canceled_now:
+        runner.ended(job_id)
         runner.notify(job, "canceled")  # canceled before it ran: no runner will say so
     return job_answer(runner, job)
 

@@ -10,11 +10,14 @@ of a worker that died, off the request path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 from serving.engine import Engine
 from serving.generation_queue import GenerationResult, Job, QueueFull
@@ -44,9 +47,12 @@ class JobRunner:
 
     def __init__(self, engine: Engine, store: JobStore | None = None) -> None:
         self.engine = engine
-        self.store = store or JobStore()
+        self.store = store or JobStore(engine.settings.jobs_db)
         self.webhooks = WebhookSender(engine.settings)
         self._running: dict[str, tuple[StoredJob, Job]] = {}
+        # Requests waiting for a job to end (GET /jobs/{id}?wait=): each an event on its request's loop.
+        self._end_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._end_waiters_lock = threading.Lock()
         self._wake = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, name="txt2img-jobs", daemon=True),
@@ -65,6 +71,30 @@ class JobRunner:
     def wake(self) -> None:
         """A job was queued: look now rather than at the next poll."""
         self._wake.set()
+
+    @contextlib.contextmanager
+    def end_signal(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event of the calling request's loop, set when this worker ends ``job_id`` (a job that another
+        worker or server runs ends unseen here: the waiter reads the store again now and then)."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._end_waiters_lock:
+            self._end_waiters.setdefault(job_id, []).append(waiter)
+        try:
+            yield waiter[1]
+        finally:
+            with self._end_waiters_lock:
+                waiters = self._end_waiters.get(job_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._end_waiters.pop(job_id, None)
+
+    def ended(self, job_id: str) -> None:
+        """``job_id`` ended (its end is in the store): wake the requests waiting for it."""
+        with self._end_waiters_lock:
+            waiters = list(self._end_waiters.get(job_id, []))
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
 
     def notify(self, job: StoredJob, event: str) -> None:
         """Send ``event`` to the job's webhook, if it has one."""
@@ -139,6 +169,7 @@ class JobRunner:
             finished, event = self.store.fail(stored.id, str(error)), "failed"
         else:
             finished, event = self.store.mark_canceled(stored.id), "canceled"
+        self.ended(stored.id)
         if finished is not None:
             self.notify(finished, event)
 

@@ -1,6 +1,7 @@
 """Images that carry their recipe: the settings that made an image, written into the image and read back.
 
-Every image the service or ``txt2img generate`` writes embeds two records (serving/images.py writes them):
+Every image the service or ``txt2img generate`` writes embeds two records (serving/infotext.py formats them
+and serving/images.py writes them):
 
 * ``parameters``: AUTOMATIC1111's one-paragraph infotext, which A1111's "PNG Info", Civitai and
   ``/sdapi/v1/png-info`` read (``parameters_text`` is its one formatter);
@@ -21,30 +22,16 @@ from importlib.metadata import version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from catalog.schema import CatalogEntry
+from serving import infotext
 from serving.generation_queue import GenerationResult
-from serving.images import PARAMETERS_KEY, RECIPE_KEY, image_metadata
+from serving.images import RECIPE_KEY, image_metadata
+
+# The A1111 route reads the sampler tables here, beside the recipe they belong to.
+from serving.infotext import FLOW_MATCHING_SAMPLERS as FLOW_MATCHING_SAMPLERS
+from serving.infotext import SAMPLERS as SAMPLERS
+from serving.infotext import recipe_records
 from serving.schema import GenerationRequest, LoraWeight
 from txt2img.errors import InputError
-
-# A1111's sampler names, each with our scheduler and A1111's aliases for it.
-SAMPLERS: dict[str, tuple[str, list[str]]] = {
-    "Euler a": ("euler-a", ["k_euler_a", "k_euler_ancestral"]),
-    "Euler": ("euler", ["k_euler"]),
-    "LMS": ("lms", ["k_lms"]),
-    "DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]),
-    "DDIM": ("ddim", []),
-    "PLMS": ("pndm", ["PNDM"]),  # SD's PLMS is diffusers' PNDM without its Runge-Kutta warm-up steps
-    "UniPC": ("unipc", []),
-    "LCM": ("lcm", ["k_lcm"]),  # built into A1111 since 1.7
-    # A1111 has no TCD of its own; its TCD extension, Forge's and ComfyUI's samplers spell it so.
-    "TCD": ("tcd", []),
-}
-# On a flow-matching family (Flux), A1111's (Forge's) samplers and the schedulers they run.
-FLOW_MATCHING_SAMPLERS = {"Euler": "flow-euler"}
-# Our scheduler names as A1111 spells them, for the infotext's "Sampler:".
-A1111_SAMPLERS = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()} | {
-    scheduler: name for name, scheduler in FLOW_MATCHING_SAMPLERS.items()
-}
 
 
 class Recipe(BaseModel):
@@ -112,31 +99,13 @@ def result_recipes(result: GenerationResult) -> list[Recipe]:
 
 
 def parameters_text(made: Recipe) -> str:
-    """A1111's infotext: the prompt, ``Negative prompt: ...``, then ``Steps: ..., Sampler: ..., ...``.
-
-    The LoRAs end the prompt as AUTOMATIC1111's ``<lora:NAME:SCALE>`` tags, where A1111 keeps them, so that
-    the infotext read back (``/sdapi/v1/png-info``, or pasted into A1111) applies them again."""
-    lines = [" ".join([made.prompt, *(f"<lora:{lora.model}:{lora.scale:g}>" for lora in made.loras)])]
-    if made.negative_prompt:
-        lines.append(f"Negative prompt: {made.negative_prompt}")
-    fields = [f"Steps: {made.num_inference_steps}"]
-    if made.scheduler:
-        fields.append(f"Sampler: {A1111_SAMPLERS[made.scheduler]}")
-    fields += [
-        f"CFG scale: {made.guidance_scale:g}",
-        f"Seed: {made.seed}",
-        f"Size: {made.width}x{made.height}",
-        f"Model hash: {made.model_sha[:10]}",
-        f"Model: {made.model}",
-        f"Version: txt2img {made.txt2img_version}",
-    ]
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
+    """A1111's infotext of ``made`` (serving/infotext.py writes it)."""
+    return infotext.parameters_text(made.model_dump(mode="json"))
 
 
 def recipe_metadata(made: Recipe) -> dict[str, str]:
     """What serving/images.py embeds: the infotext and the recipe's JSON."""
-    return {PARAMETERS_KEY: parameters_text(made), RECIPE_KEY: made.model_dump_json()}
+    return recipe_records(made.model_dump(mode="json"))
 
 
 def read_recipe(data: bytes, source: str) -> Recipe:

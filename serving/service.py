@@ -35,6 +35,7 @@ from serving.engine import Engine
 from serving.guard import BearerTokenAuth, ContentTypeGuard, HostOriginGuard, RequestBodyLimit, SecurityHeaders
 from serving.http_errors import JSONErrorBodies, log_client_errors_as_one_line
 from serving.image_files import share_image_folder
+from serving.jobs import JobStoreUnavailable, open_database
 from serving.jobs_api import jobs_app
 from serving.jobs_runner import JobRunner
 from serving.metrics import own_prometheus_dir
@@ -63,6 +64,10 @@ close_connections_without_a_head()  # before BentoML starts uvicorn in a worker 
 SERVER_SETTINGS = ServingSettings()
 SERVER_GPUS = serving_gpu_count(SERVER_SETTINGS)
 SERVER_WORKERS = serving_worker_count(SERVER_SETTINGS)
+try:
+    open_database(SERVER_SETTINGS.jobs_db)  # a job store that cannot be opened stops `bentoml serve` here, in one line
+except JobStoreUnavailable as error:
+    sys.exit(f"txt2img: error: {error}")
 
 
 @bentoml.service(
@@ -82,7 +87,7 @@ class Txt2Img:
         log_client_errors_as_one_line()  # here, in the worker, after BentoML has set logging up
         self.engine = Engine(ServingSettings(), worker_index=bentoml.server_context.worker_index)
         self.engine.start()
-        self.jobs = JobRunner(self.engine)  # the store every worker shares, under TXT2IMG_HOME
+        self.jobs = JobRunner(self.engine)  # the store every worker (and server) shares: TXT2IMG_JOBS_DB
         self.jobs.start()
 
     def __is_ready__(self) -> bool:

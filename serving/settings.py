@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from serving.jobs import POSTGRES_SCHEMES
+
 
 class ServingSettings(BaseSettings):
     """Every knob of ``bentoml serve`` and ``txt2img generate``; env ``TXT2IMG_<NAME>`` sets ``<name>``."""
@@ -95,6 +97,11 @@ class ServingSettings(BaseSettings):
         "text encoders (serving/prompts.py); 0 turns the cache off.",
     )
 
+    jobs_db: str | None = Field(
+        None,
+        description="The job store (POST /jobs): a postgresql:// URL lets several servers share one (extra "
+        "postgres); unset: a SQLite file under TXT2IMG_HOME, shared by one server's workers.",
+    )
     jobs_max_age: float = Field(
         7 * 24 * 3600.0,
         gt=0,
@@ -118,6 +125,13 @@ class ServingSettings(BaseSettings):
     webhook_retries: int = Field(5, ge=0, description="Tries after a webhook delivery fails, the backoff doubling.")
     webhook_backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry of a failed webhook.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="How long a webhook receiver may take to answer.")
+
+    @field_validator("jobs_db")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(POSTGRES_SCHEMES):
+            raise ValueError("TXT2IMG_JOBS_DB must be a postgresql:// URL, or unset for the SQLite store")
+        return value
 
     @field_validator("allowed_hosts", "webhook_hosts", mode="before")
     @classmethod

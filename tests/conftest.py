@@ -15,7 +15,7 @@ from serving_finetunes import register_finetunes, train_composable_loras
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Fixture modules: their fixtures reach every test module by name, none imports them.
-pytest_plugins = ["aws_fixtures", "postgres_server", "family_stand_ins"]
+pytest_plugins = ["aws_fixtures", "postgres_server", "family_stand_ins", "job_fixtures"]
 
 
 @pytest.fixture(autouse=True)

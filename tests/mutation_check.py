@@ -751,13 +751,29 @@ MUTATIONS = [
     Mutation(
         "a job is claimed twice: the claim takes a running job again",
         "serving/jobs.py",
-        """            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1)"
-            " AND status = 'queued' RETURNING *",
+        """            f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1"
+            f"{self.database.dialect.skip_locked}) AND status = 'queued' RETURNING *",
 """,
-        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' ORDER BY created LIMIT 1)"
-            " RETURNING *",
+        """            f" WHERE id = (SELECT id FROM jobs WHERE status != 'failed' ORDER BY created LIMIT 1"
+            f"{self.database.dialect.skip_locked}) RETURNING *",
 """,
         (Select("tests/test_jobs_store.py", "claimed_once"),),
+    ),
+    Mutation(
+        "on PostgreSQL a job is claimed twice: claimers at once neither skip locked rows nor check the status",
+        "serving/jobs.py",
+        """            f"{self.database.dialect.skip_locked}) AND status = 'queued' RETURNING *",
+""",
+        """            ") RETURNING *",
+""",
+        (Select("tests/test_jobs_store.py", "claimed_once and postgresql"),),
+    ),
+    Mutation(
+        "the packed SageMaker endpoint's images carry no recipe",
+        "jumpstart/inference_script.py",
+        "        return render_response(invocation, images, accept_type, nsfw_content_detected, recipes)\n",
+        "        return render_response(invocation, images, accept_type, nsfw_content_detected)\n",
+        (Select("tests/test_invocations_parity.py", "carry_the_recipe"),),
     ),
     Mutation(
         "a webhook is not signed",

@@ -24,8 +24,11 @@ from aws_fixtures import copy_spec
 from packed_inference import import_packed_inference
 from PIL import Image
 
+from catalog.store import load_catalog
 from jumpstart.package import WIRE_MODULES
 from serving import invocations as wire
+from serving.images import PARAMETERS_KEY, image_metadata
+from serving.recipes import model_sha, parameters_text, read_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JSON = "application/json"
@@ -318,6 +321,21 @@ def test_the_archive_holds_the_wire_modules_as_they_are_and_they_import_no_other
         # What the Hugging Face inference container surely has: the standard library, numpy and PIL.
         outside = {module.split(".")[0] for module in imported - ours}
         assert outside - set(sys.stdlib_module_names) <= {"numpy", "PIL"}
+
+
+def test_the_packed_endpoints_jpegs_carry_the_recipe_the_local_routes_jpegs_carry(local, packed):
+    body = payload(negative_prompt="blurry", num_images_per_prompt=2, seed=5, guidance_scale=6.5)
+    answers = {"local": local(body), "packed": packed.invoke(body)}
+    jpegs = {
+        side: [base64.b64decode(item) for item in answer.json()["generated_images"]] for side, answer in answers.items()
+    }
+    records = {side: [image_metadata(data) for data in images] for side, images in jpegs.items()}
+    assert records["packed"] == records["local"]
+    recipes = [read_recipe(data, "a packed endpoint's image") for data in jpegs["packed"]]
+    assert [recipe.seed for recipe in recipes] == [5, 6]
+    assert recipes[0].model == "tiny-sd" and recipes[0].model_sha == model_sha(load_catalog().get("tiny-sd"))
+    assert (recipes[0].negative_prompt, recipes[0].guidance_scale, recipes[0].width) == ("blurry", 6.5, 64)
+    assert records["packed"][0][PARAMETERS_KEY] == parameters_text(recipes[0])
 
 
 # Issue #10: defects of the wire format, one test each

@@ -9,9 +9,7 @@ import hashlib
 import hmac
 import json
 import sqlite3
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -37,60 +35,6 @@ def jobs_server(tmp_path_factory):
     }
     with offline_server(home, **settings) as url:
         yield url, home
-
-
-class WebhookReceiver:
-    """A webhook receiver on loopback: ``/ok`` answers 200, ``/down`` 500, and ``/flaky`` 500 to the first
-    delivery of each event and 200 to the next. Every delivery's raw body and signature header is kept."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[bytes, str | None]] = []
-        self._seen: set[tuple[str, str]] = set()
-        self._arrived = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                self.send_response(receiver.answer(self.path, body, self.headers.get("X-Txt2img-Signature")))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def answer(self, path: str, body: bytes, signature: str | None) -> int:
-        with self._arrived:
-            self.deliveries.append((body, signature))
-            self._arrived.notify_all()
-            if path == "/down":
-                return 500
-            if path == "/flaky":
-                event = json.loads(body)
-                key = (event["id"], event["event"])
-                first = key not in self._seen
-                self._seen.add(key)
-                return 500 if first else 200
-            return 200
-
-    def wait_for(self, count: int, timeout_s: float = 60) -> None:
-        with self._arrived:
-            arrived = self._arrived.wait_for(lambda: len(self.deliveries) >= count, timeout_s)
-        assert arrived, f"{len(self.deliveries)} webhook deliveries, not {count}"
-
-
-@pytest.fixture
-def webhook_receiver():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
 
 
 @pytest.fixture
@@ -165,6 +109,15 @@ def test_a_running_job_is_canceled_at_its_next_step(client):
     assert ended["progress"]["steps_done"] < 900
     assert "images" not in ended
     assert client.get(f"/jobs/{job['id']}/images/0").status_code == 404
+
+
+def test_a_get_with_wait_answers_once_the_job_has_ended(client):
+    ids = [submit(client, {**BODY, "num_inference_steps": 40})["id"] for _ in range(2)]  # one on each worker
+    for job_id in ids:
+        assert client.get(f"/jobs/{job_id}", params={"wait": "60"}).json()["status"] == "succeeded"
+    for bad in ("61", "-1", "soon"):
+        refused = client.get(f"/jobs/{ids[0]}", params={"wait": bad})
+        assert refused.status_code == 400 and "wait" in refused.json()["error"]
 
 
 def test_an_unknown_job_is_a_json_404(client):

@@ -1,4 +1,5 @@
-"""The job store (serving/jobs.py) on a real SQLite file: claims across processes, orphans, retention."""
+"""The job store (serving/jobs.py) on both its databases, a real SQLite file and a real PostgreSQL server:
+claims across processes, idempotency, orphans, retention."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ def add_jobs(store: JobStore, count: int) -> list[str]:
     return [store.add(REQUEST, [7], 2)[0].id for _ in range(count)]
 
 
-def claim_all(folder: str, claimed, most: int) -> None:
-    """Claim until nothing is queued, ``most`` times at most (so that a claim that repeats itself ends)."""
-    store = JobStore(Path(folder))
+def claim_all(location: Path | str, claimed, most: int, start) -> None:
+    """Claim until nothing is queued, ``most`` times at most (so that a claim that repeats itself ends),
+    starting with the other claimers (``start``, a barrier), so that claims really race."""
+    store = JobStore(location)
+    store.count()  # connected before the race starts
+    start.wait(60)
     for _ in range(most):
         job = store.claim(os.getpid())
         if job is None:
@@ -30,12 +34,14 @@ def claim_all(folder: str, claimed, most: int) -> None:
         claimed.put(job.id)
 
 
-def test_each_job_is_claimed_once_by_processes_claiming_at_once(tmp_path):
-    store = JobStore(tmp_path)
-    ids = add_jobs(store, 60)
+def test_each_job_is_claimed_once_by_processes_claiming_at_once(job_store_location):
+    store = JobStore(job_store_location)
+    ids = add_jobs(store, 200)
     context = multiprocessing.get_context("spawn")
-    claimed = context.Queue()
-    claimers = [context.Process(target=claim_all, args=(str(tmp_path), claimed, len(ids))) for _ in range(4)]
+    claimed, start = context.Queue(), context.Barrier(4)
+    claimers = [
+        context.Process(target=claim_all, args=(job_store_location, claimed, len(ids), start)) for _ in range(4)
+    ]
     for process in claimers:
         process.start()
     for process in claimers:
@@ -48,8 +54,8 @@ def test_each_job_is_claimed_once_by_processes_claiming_at_once(tmp_path):
     assert {store.get(job_id).status for job_id in ids} == {"running"}
 
 
-def test_jobs_are_claimed_oldest_first_and_listed_newest_first(tmp_path):
-    store = JobStore(tmp_path)
+def test_jobs_are_claimed_oldest_first_and_listed_newest_first(job_store_location):
+    store = JobStore(job_store_location)
     ids = add_jobs(store, 3)
     assert store.claim(os.getpid()).id == ids[0]
     assert [job.id for job in store.page(10, 0)] == ids[::-1]
@@ -57,8 +63,8 @@ def test_jobs_are_claimed_oldest_first_and_listed_newest_first(tmp_path):
     assert store.queue_position(store.get(ids[2])) == 1
 
 
-def test_a_dead_workers_running_job_is_queued_again_and_a_live_ones_is_not(tmp_path):
-    store = JobStore(tmp_path)
+def test_a_dead_workers_running_job_is_queued_again_and_a_live_ones_is_not(job_store_location):
+    store = JobStore(job_store_location)
     mine, orphan = add_jobs(store, 2)
     store.claim(os.getpid())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -69,23 +75,23 @@ def test_a_dead_workers_running_job_is_queued_again_and_a_live_ones_is_not(tmp_p
     assert store.get(mine).status == "running"
 
 
-def test_seeds_are_stored_with_the_job(tmp_path):
-    store = JobStore(tmp_path)
+def test_seeds_are_stored_with_the_job(job_store_location):
+    store = JobStore(job_store_location)
     job, _ = store.add({**REQUEST, "seed": 123}, [123, 124], 2)
-    assert JobStore(tmp_path).get(job.id).seeds == [123, 124]
+    assert JobStore(job_store_location).get(job.id).seeds == [123, 124]
 
 
 def finished_job(store: JobStore, size: int, finished_ago_s: float = 0) -> str:
     job, _ = store.add(REQUEST, [7], 2)
     store.claim(os.getpid())
     store.succeed(job, [b"x" * size])
-    with store._connect() as connection:
-        connection.execute("UPDATE jobs SET finished = ? WHERE id = ?", (time.time() - finished_ago_s, job.id))
+    with store.database.session() as session:
+        session.execute("UPDATE jobs SET finished = ? WHERE id = ?", (time.time() - finished_ago_s, job.id))
     return job.id
 
 
-def test_retention_deletes_jobs_past_the_age_then_the_oldest_past_the_bytes(tmp_path):
-    store = JobStore(tmp_path)
+def test_retention_deletes_jobs_past_the_age_then_the_oldest_past_the_bytes(job_store_location):
+    store = JobStore(job_store_location)
     ancient = finished_job(store, 10, finished_ago_s=1000)
     old = finished_job(store, 100, finished_ago_s=30)
     newer = finished_job(store, 100, finished_ago_s=20)
@@ -93,14 +99,14 @@ def test_retention_deletes_jobs_past_the_age_then_the_oldest_past_the_bytes(tmp_
     queued = store.add(REQUEST, [7], 2)[0].id
     assert sorted(store.sweep(max_age_s=500, max_bytes=250)) == sorted([ancient, old])
     assert store.get(ancient) is None and store.get(old) is None
-    assert not (store.images / old).exists()
-    assert (store.images / newest / "0.png").read_bytes() == b"x" * 100
+    assert store.image(old, 0) is None
+    assert store.image(newest, 0) == b"x" * 100
     assert {store.get(job_id).status for job_id in (newer, newest)} == {"succeeded"}
     assert store.get(queued).status == "queued"  # unfinished jobs are never swept
 
 
-def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one(tmp_path):
-    store = JobStore(tmp_path)
+def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one(job_store_location):
+    store = JobStore(job_store_location)
     running, queued = add_jobs(store, 2)
     store.claim(os.getpid())
     job, now = store.cancel(queued)
@@ -112,13 +118,33 @@ def test_cancel_ends_a_queued_job_at_once_and_flags_a_running_one(tmp_path):
     assert store.cancel("no-such-job") == (None, False)
 
 
-def test_a_running_job_whose_worker_fell_silent_is_queued_again_though_its_pid_is_alive(tmp_path):
-    store = JobStore(tmp_path)
+def test_a_running_job_whose_worker_fell_silent_is_queued_again_though_its_pid_is_alive(job_store_location):
+    store = JobStore(job_store_location)
     [job_id] = add_jobs(store, 1)
     store.claim(os.getpid())  # a live process id: after a container restart, a new process may have it
     assert store.requeue_orphans(silent_after_s=60) == []
     store.progress({job_id: 1})
-    with store._connect() as connection:
-        connection.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (time.time() - 61, job_id))
+    with store.database.session() as session:
+        session.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (time.time() - 61, job_id))
     assert store.requeue_orphans(silent_after_s=60) == [job_id]
     assert store.get(job_id).status == "queued"
+
+
+def add_with_key(location: Path | str, key: str, added) -> None:
+    store = JobStore(location)
+    job, new = store.add(REQUEST, [7], 2, idempotency_key=key, body_hash="h")
+    added.put((job.id, new))
+
+
+def test_one_idempotency_key_stores_one_job_though_processes_add_it_at_once(job_store_location):
+    context = multiprocessing.get_context("spawn")
+    added = context.Queue()
+    adders = [context.Process(target=add_with_key, args=(job_store_location, "k1", added)) for _ in range(4)]
+    for process in adders:
+        process.start()
+    for process in adders:
+        process.join(120)
+    answers = [added.get(timeout=10) for _ in adders]
+    assert len({job_id for job_id, _ in answers}) == 1
+    assert sorted(new for _, new in answers) == [False, False, False, True]
+    assert JobStore(job_store_location).count() == 1
