@@ -15,8 +15,8 @@ from serving_finetunes import save_lora_adapter, tiny_lora_entry
 from catalog.families import FAMILIES, FAMILY_NAMES
 from catalog.schema import CatalogEntry
 from serving.a1111 import SAMPLER_LOOKUP, A1111RequestError, sampler_scheduler
+from serving.infotext import A1111_SAMPLERS
 from serving.lora_hotswap import HotswapRefused, prepare_slots
-from serving.recipes import A1111_SAMPLERS
 from serving.schema import SCHEDULER_CLASSES, LimitExceeded
 
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
