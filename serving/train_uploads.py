@@ -154,8 +154,11 @@ def _check_name_free(name: str, store: JobStore) -> None:
 
 def _decode(index: int, upload: UploadFile, max_pixels: int) -> Image.Image:
     """The upload's image, upright (EXIF orientation applied), in RGB; the pixel cap is read from the
-    header, so a bomb is refused before its pixels are decoded."""
+    header, so a bomb is refused before its pixels are decoded. A file name that is a path is refused
+    (it is never used as one: the photos are written as NN.png, but a client sending one is confused)."""
     shown = repr((upload.filename or "")[:80])
+    if any(mark in (upload.filename or "") for mark in ("/", "\\")) or upload.filename in (".", ".."):
+        raise InputError(f"file {index} ({shown}) has a path for a name; send a plain file name")
     upload.file.seek(0)
     try:
         with Image.open(upload.file) as image:
