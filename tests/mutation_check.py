@@ -74,6 +74,20 @@ def pytest_arguments(selections: list[Select]) -> list[str]:
 MUTATIONS = [
     # --- training ---------------------------------------------------------------------------------
     Mutation(
+        "a finished training job's entry is listed by the worker that ran it only",
+        "serving/sagemaker_api.py",
+        "    manager.refresh_catalog()\n    loaded = manager.loaded_ids()",
+        "    loaded = manager.loaded_ids()",
+        (Select("tests/test_train_jobs.py", "cancel_then_resume"),),
+    ),
+    Mutation(
+        "a training job's cancel (SIGTERM) kills the trainer without a checkpoint",
+        "training/dreambooth.py",
+        "for number in (signal.SIGINT, signal.SIGTERM)",
+        "for number in (signal.SIGINT,)",
+        (Select("tests/test_train_jobs.py", "cancel_then_resume"),),
+    ),
+    Mutation(
         "optimizer step is a no-op",
         "training/dreambooth.py",
         "            run.optimizer.step()\n",
@@ -687,11 +701,11 @@ MUTATIONS = [
     Mutation(
         "a job is claimed twice: the claim takes a running job again",
         "serving/jobs.py",
-        """            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1)"
-            " AND status = 'queued' RETURNING *",
+        """            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND kind = ? ORDER BY created LIMIT 1)"
+            f" AND status = 'queued'{limit} RETURNING *",
 """,
-        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' ORDER BY created LIMIT 1)"
-            " RETURNING *",
+        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' AND kind = ? ORDER BY created LIMIT 1)"
+            f"{limit} RETURNING *",
 """,
         (Select("tests/test_jobs_store.py", "claimed_once"),),
     ),

@@ -146,34 +146,40 @@ def test_cancel_then_resume_reaches_the_loss_of_an_uninterrupted_run_served_by_b
     resumed = httpx.post(f"{url}/jobs/{job['id']}/resume", timeout=60)
     assert resumed.status_code == 202 and resumed.json()["status"] == "queued", resumed.text
     done = _wait(url, job["id"], lambda job: job["status"] == "succeeded")
+    # Listed at once by both workers, the one that ran the job and the other, without a restart (first,
+    # before any request for the model could make the other worker look it up).
+    workers = _answering_workers(url)
+    assert sorted(workers) == [1, 2]
+    assert all("served-run" in {model["id"] for model in body["models"]} for body in workers.values())
+    _served_by_both_workers(url, "served-run")
+
     assert [point["step"] for point in done["curve"]] == list(range(1, 31))
     assert done["progress"]["step"] == done["progress"]["total_steps"] == 30
     assert done["result"] == {"model": "served-run", "urls": {"model": "/models/served-run"}}
     for link in done["validation_images"]:
         assert httpx.get(f"{url}{link}", timeout=60).headers["content-type"] == "image/png"
     # The photo was stored upright (EXIF orientation 3: turned half a circle), as a PNG named by its number.
-    upright = Image.open(home / "jobs" / "images" / job["id"] / "photos" / "03.png")
+    photos = home / "jobs" / "images" / job["id"] / "photos"
+    upright = Image.open(photos / "03.png")
     assert upright.getpixel((60, 60)) == pytest.approx((20, 200, 20), abs=30)
     assert upright.getpixel((3, 3)) == pytest.approx((120, 130, 140), abs=30)
-    served_loss = httpx.get(f"{url}/models/served-run", timeout=60).json()["metrics"]["final_loss"]
 
-    data = home / "jobs" / "images" / job["id"] / "photos"
+    served_loss = httpx.get(f"{url}/models/served-run", timeout=60).json()["metrics"]["final_loss"]
     hyperparameters = Hyperparameters.from_pairs([f"{key}={value}" for key, value in HYPERPARAMETERS.items()])
     hyperparameters.method = "lora"
-    straight = train(data, "tiny-sd", "straight", hyperparameters, progress=False)
+    straight = train(photos, "tiny-sd", "straight", hyperparameters, progress=False)
     assert served_loss == pytest.approx(straight.metrics["final_loss"], rel=1e-5)
 
-    # Served at once by both workers, the one that ran the job and the other, without a restart.
-    workers = _answering_workers(url)
-    assert sorted(workers) == [1, 2]
-    assert all("served-run" in {model["id"] for model in body["models"]} for body in workers.values())
+
+def _served_by_both_workers(url: str, model: str) -> None:
+    """Requests for ``model`` answer 200 until both workers have it loaded."""
     for _ in range(10):
-        answers = [httpx.post(f"{url}/txt2img", json={**FAST, "model": "served-run"}, timeout=120) for _ in range(4)]
+        answers = [httpx.post(f"{url}/txt2img", json={**FAST, "model": model}, timeout=120) for _ in range(4)]
         assert [answer.status_code for answer in answers] == [200] * 4, answers[0].text
         loaded = {index: body["loaded"] for index, body in _answering_workers(url).items()}
-        if all("served-run" in models for models in loaded.values()):
-            break
-    assert all("served-run" in models for models in loaded.values()), loaded
+        if all(model in models for models in loaded.values()):
+            return
+    raise AssertionError(f"{model} not loaded by both workers: {loaded}")
 
 
 def test_only_a_canceled_training_resumes(training_server):
