@@ -704,8 +704,8 @@ MUTATIONS = [
         """            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND kind = ? ORDER BY created LIMIT 1)"
             f" AND status = 'queued'{limit} RETURNING *",
 """,
-        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' AND kind = ? ORDER BY created LIMIT 1)"
-            f"{limit} RETURNING *",
+        """            " WHERE id = (SELECT id FROM jobs WHERE status != 'failed' AND kind = ?"
+            f" ORDER BY created LIMIT 1){limit} RETURNING *",
 """,
         (Select("tests/test_jobs_store.py", "claimed_once"),),
     ),
