@@ -22,7 +22,9 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
+import txt2img
 from serving.engine import Engine
 from serving.jobs import JobStore, StoredJob
 from serving.jobs_runner import JobRunner
@@ -58,6 +60,13 @@ def training_room_problem(engine: Engine) -> str | None:
         f"the GPU has {free / 2**30:.1f} GiB free beside the loaded models, and a training needs "
         f"TXT2IMG_TRAIN_GPU_BYTES ({needed / 2**30:.1f} GiB); unload models (TXT2IMG_MAX_LOADED_MODELS) or try later"
     )
+
+
+def training_environment() -> dict[str, str]:
+    """The worker's environment, with this very code first on the path: the child runs what the server runs
+    (a server started from a checkout imports it from there, not from an installed copy)."""
+    code_root = str(Path(txt2img.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
 
 
 def training_command(job: StoredJob) -> list[str]:
@@ -123,6 +132,7 @@ class TrainingRunner:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=folder,
+                env=training_environment(),
                 preexec_fn=kill_when_parent_dies(os.getpid()),
             )
         self._current = _Training(job, process)
