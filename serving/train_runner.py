@@ -28,6 +28,7 @@ import txt2img
 from serving.engine import Engine
 from serving.jobs import JobStore, StoredJob
 from serving.jobs_runner import JobRunner
+from serving.train_progress import training_details
 from training.dreambooth import RUN_HYPERPARAMETERS, default_output_dir
 from training.step_log import read_step_log
 from txt2img.errors import EXIT_INTERRUPTED, Txt2ImgError
@@ -136,7 +137,7 @@ class TrainingRunner:
                 preexec_fn=kill_when_parent_dies(os.getpid()),
             )
         self._current = _Training(job, process)
-        self.jobs.notify(job, "started")
+        self._notify(job, "started")
 
     def _follow(self) -> None:
         training = self._current
@@ -161,7 +162,18 @@ class TrainingRunner:
         else:
             finished, event = self.store.fail(job.id, self._last_line(job)), "failed"
         if finished is not None:
-            self.jobs.notify(finished, event)
+            self._notify(finished, event)
+
+    def _notify(self, job: StoredJob, event: str) -> None:
+        """Send ``event`` to the job's webhook as every job's, with the model made (``result``) once it succeeded."""
+        if job.webhook is None:
+            return
+        details: dict = {"status": job.status}
+        if event == "succeeded":
+            details["result"] = training_details(job)["result"]
+        elif event == "failed":
+            details["error"] = job.error
+        self.jobs.webhooks.send(job.webhook, job.id, event, details)
 
     def _last_line(self, job: StoredJob) -> str:
         """The trainer's last words: its one-line error, as the CLI prints it."""

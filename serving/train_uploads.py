@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from catalog.schema import ID_PATTERN
-from catalog.store import NameInUse, claim_name, load_catalog
+from catalog.store import claim_file, load_catalog
 from serving.jobs import JobStore
 from serving.settings import ServingSettings
 from training.dataset import DATASET_INFO
@@ -137,11 +137,9 @@ def _check_name_free(name: str, store: JobStore) -> None:
         )
     if name in load_catalog():
         raise NameTaken(f"model '{name}' already exists in the catalog; pick another name")
-    try:
-        with claim_name(name):
-            pass
-    except NameInUse as error:
-        raise NameTaken(str(error)) from None
+    holder = _claim_holder(name)
+    if holder is not None:
+        raise NameTaken(f"model '{name}' is being created by another run (pid {holder}); pick another name")
     pending = store.unfinished_training_named(name)
     if pending is not None:
         raise NameTaken(
@@ -150,6 +148,24 @@ def _check_name_free(name: str, store: JobStore) -> None:
     output_dir = default_output_dir(name)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise NameTaken(f"{output_dir} already holds a run of '{name}'; pick another name")
+
+
+def _claim_holder(name: str) -> str | None:
+    """The pid holding the name claim on ``name`` (catalog/store.py's ``claim_name``), if a run holds it;
+    read without taking it, so that a refused upload leaves no claim file behind."""
+    import fcntl
+
+    try:
+        claim = open(claim_file(name), encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    with claim:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return claim.read().strip() or "unknown"
+        fcntl.flock(claim, fcntl.LOCK_UN)
+    return None
 
 
 def _decode(index: int, upload: UploadFile, max_pixels: int) -> Image.Image:

@@ -5,6 +5,7 @@ uninterrupted run, and its model served at once by both workers."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
+from catalog.store import claim_name
 from training.checkpoints import latest_checkpoint
 from training.dreambooth import train
 from training.hyperparameters import Hyperparameters
@@ -61,7 +63,8 @@ def _left_behind(url: str, home: Path, name: str) -> list[str]:
     leftovers = [f"job {job['id']}" for job in httpx.get(f"{url}/jobs", timeout=60).json()["jobs"]]
     images = home / "jobs" / "images"
     leftovers += [str(path) for path in images.iterdir()] if images.is_dir() else []
-    leftovers += [str(path) for path in (home / "models" / name, home / "catalog" / f"{name}.yaml") if path.exists()]
+    run_files = (home / "models" / name, home / "catalog" / f"{name}.yaml", home / "catalog" / f".{name}.claim")
+    leftovers += [str(path) for path in run_files if path.exists()]
     return leftovers
 
 
@@ -101,6 +104,18 @@ def test_a_bad_upload_is_refused_naming_the_problem_and_leaves_nothing(training_
     assert message in response.json()["error"]
     assert "Traceback" not in response.text
     assert _left_behind(url, home, name) == []
+
+
+def test_a_name_a_running_trainer_holds_is_taken(training_server, monkeypatch):
+    url, home = training_server
+    monkeypatch.setenv("TXT2IMG_HOME", str(home))
+    with claim_name("held-name"):  # as `txt2img train --name held-name` holds it while it runs
+        response = _submit(url, "held-name", _photos(3))
+    assert response.status_code == 409, response.text
+    assert response.json()["error"] == f"model 'held-name' is being created by another run (pid {os.getpid()}); " + (
+        "pick another name"
+    )
+    assert httpx.get(f"{url}/jobs", timeout=60).json()["total"] == 0
 
 
 def test_a_train_body_may_exceed_the_request_limit_on_that_route_alone(training_server):
