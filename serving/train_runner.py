@@ -24,7 +24,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import txt2img
 from serving.engine import Engine
 from serving.jobs import JobStore, StoredJob
 from serving.jobs_runner import JobRunner
@@ -66,7 +65,7 @@ def training_room_problem(engine: Engine) -> str | None:
 def training_environment() -> dict[str, str]:
     """The worker's environment, with this very code first on the path: the child runs what the server runs
     (a server started from a checkout imports it from there, not from an installed copy)."""
-    code_root = str(Path(txt2img.__file__).resolve().parents[1])
+    code_root = str(Path(__file__).resolve().parents[1])  # above serving/, where txt2img/ lies too
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
 
 

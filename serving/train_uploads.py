@@ -25,8 +25,7 @@ from serving.jobs import JobStore
 from serving.settings import ServingSettings
 from training.dataset import DATASET_INFO
 from training.dreambooth import default_output_dir, trainable_base
-from training.hyperparameters import Hyperparameters
-from txt2img.cli.options import parse_hyperparameters
+from training.hyperparameters import Hyperparameters, parse_hyperparameters
 from txt2img.errors import InputError, Txt2ImgError
 
 MIN_IMAGES = 3
