@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_host TEXT,
     heartbeat {real},
     image_count INTEGER NOT NULL DEFAULT 0,
-    bytes BIGINT NOT NULL DEFAULT 0
+    bytes BIGINT NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'generate',
+    origin_host TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created);
 CREATE TABLE IF NOT EXISTS job_images (
@@ -89,20 +91,38 @@ class Dialect:
     blob: str
     skip_locked: str  # the claim's row lock; SQLite writes one transaction at a time and needs none
     begin: str  # SQLite: take the write lock at once, so that a transaction never fails half-way
+    request_name: str  # the ``name`` field of a job's request (its JSON text)
 
     def sql(self, text: str) -> str:
         return text.replace("?", self.placeholder)
 
 
-SQLITE = Dialect(placeholder="?", real="REAL", blob="BLOB", skip_locked="", begin="BEGIN IMMEDIATE")
+SQLITE = Dialect(
+    placeholder="?",
+    real="REAL",
+    blob="BLOB",
+    skip_locked="",
+    begin="BEGIN IMMEDIATE",
+    request_name="json_extract(request, '$.name')",
+)
 POSTGRES = Dialect(
-    placeholder="%s", real="DOUBLE PRECISION", blob="BYTEA", skip_locked=" FOR UPDATE SKIP LOCKED", begin="BEGIN"
+    placeholder="%s",
+    real="DOUBLE PRECISION",
+    blob="BYTEA",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    begin="BEGIN",
+    request_name="(request::json ->> 'name')",
 )
 
 
 def jobs_folder() -> Path:
     """Where the SQLite store lives: TXT2IMG_HOME/jobs."""
     return txt2img_home() / "jobs"
+
+
+def training_folder(job_id: str) -> Path:
+    """A training job's own folder, on the host that accepted it: its photos, its trainer's log and run."""
+    return jobs_folder() / "train" / job_id
 
 
 @dataclass
@@ -128,6 +148,8 @@ class StoredJob:
     heartbeat: float | None
     image_count: int
     bytes: int
+    kind: str = "generate"  # or "train": a fine-tune (serving/train_runner.py)
+    origin_host: str | None = None  # the host that accepted it: a training job's photos are on its disk
 
     @classmethod
     def from_row(cls, row: Any) -> StoredJob:
@@ -301,14 +323,17 @@ class JobStore:
         webhook: str | None = None,
         idempotency_key: str | None = None,
         body_hash: str | None = None,
+        kind: str = "generate",
+        job_id: str | None = None,
     ) -> tuple[StoredJob, bool]:
-        """Store a queued job; with an idempotency key already stored, that job instead. True when added."""
+        """Store a queued job (under ``job_id``, or a new one); with an idempotency key already stored, that
+        job instead. True when added."""
         added = self._one(
             "INSERT INTO jobs (id, status, request, seeds, webhook, idempotency_key, body_hash, created,"
-            " total_steps) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+            " total_steps, kind, origin_host) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
             (
-                str(uuid.uuid4()),
+                job_id or str(uuid.uuid4()),
                 json.dumps(request),
                 json.dumps(seeds),
                 webhook,
@@ -316,6 +341,8 @@ class JobStore:
                 body_hash,
                 time.time(),
                 total_steps,
+                kind,
+                self.host,
             ),
         )
         if added is not None:
@@ -335,19 +362,55 @@ class JobStore:
         return self._all("SELECT COUNT(*) AS jobs FROM jobs")[0]["jobs"]
 
     def queue_position(self, job: StoredJob) -> int:
-        """Queued jobs ahead of ``job`` (0: it runs next)."""
-        rows = self._all("SELECT COUNT(*) AS ahead FROM jobs WHERE status = 'queued' AND created < ?", (job.created,))
+        """Queued jobs of its kind ahead of ``job`` (0: it runs next)."""
+        rows = self._all(
+            "SELECT COUNT(*) AS ahead FROM jobs WHERE status = 'queued' AND kind = ? AND created < ?",
+            (job.kind, job.created),
+        )
         return rows[0]["ahead"]
 
-    def claim(self, worker_pid: int) -> StoredJob | None:
-        """The oldest queued job, now running for ``worker_pid`` of this host; None when none is queued."""
+    def claim(self, worker_pid: int, kind: str = "generate", at_most_running: int | None = None) -> StoredJob | None:
+        """The oldest queued job of ``kind``, now running for ``worker_pid`` of this host; None when none is
+        queued, or when ``at_most_running`` jobs of that kind run already (on any worker of this host).
+
+        A training job is claimed only on the host that accepted it, where its photos are."""
         now = time.time()
+        local = " AND origin_host = ?" if kind == "train" else ""
+        limit = (
+            ""
+            if at_most_running is None
+            else " AND (SELECT COUNT(*) FROM jobs WHERE status = 'running' AND kind = ? AND claimed_host = ?) < ?"
+        )
         return self._one(
             "UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, claimed_by = ?, claimed_host = ?,"
             " steps_done = 0"
-            f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1"
-            f"{self.database.dialect.skip_locked}) AND status = 'queued' RETURNING *",
-            (now, now, worker_pid, self.host),
+            f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND kind = ?{local} ORDER BY created LIMIT 1"
+            f"{self.database.dialect.skip_locked}) AND status = 'queued'{limit} RETURNING *",
+            (
+                now,
+                now,
+                worker_pid,
+                self.host,
+                kind,
+                *((self.host,) if local else ()),
+                *(() if at_most_running is None else (kind, self.host, at_most_running)),
+            ),
+        )
+
+    def requeue_canceled(self, job_id: str) -> StoredJob | None:
+        """Queue a canceled training job again, to continue from its checkpoint; None unless it is one."""
+        return self._one(
+            "UPDATE jobs SET status = 'queued', cancel_requested = 0, finished = NULL, error = NULL"
+            " WHERE id = ? AND kind = 'train' AND status = 'canceled' RETURNING *",
+            (job_id,),
+        )
+
+    def unfinished_training_named(self, name: str) -> StoredJob | None:
+        """The queued, running or canceled (resumable) training job that will create model ``name``, if any."""
+        return self._one(
+            "SELECT * FROM jobs WHERE kind = 'train' AND status IN ('queued', 'running', 'canceled')"
+            f" AND {self.database.dialect.request_name} = ?",
+            (name,),
         )
 
     def release(self, job_id: str) -> None:

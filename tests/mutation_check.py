@@ -74,6 +74,20 @@ def pytest_arguments(selections: list[Select]) -> list[str]:
 MUTATIONS = [
     # --- training ---------------------------------------------------------------------------------
     Mutation(
+        "a finished training job's entry is listed by the worker that ran it only",
+        "serving/sagemaker_api.py",
+        "    manager.refresh_catalog()\n    loaded = manager.loaded_ids()",
+        "    loaded = manager.loaded_ids()",
+        (Select("tests/test_train_jobs.py", "cancel_then_resume"),),
+    ),
+    Mutation(
+        "a training job's cancel (SIGTERM) kills the trainer without a checkpoint",
+        "training/dreambooth.py",
+        "for number in (signal.SIGINT, signal.SIGTERM)",
+        "for number in (signal.SIGINT,)",
+        (Select("tests/test_train_jobs.py", "cancel_then_resume"),),
+    ),
+    Mutation(
         "optimizer step is a no-op",
         "training/dreambooth.py",
         "            run.optimizer.step()\n",
@@ -751,20 +765,18 @@ MUTATIONS = [
     Mutation(
         "a job is claimed twice: the claim takes a running job again",
         "serving/jobs.py",
-        """            f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1"
-            f"{self.database.dialect.skip_locked}) AND status = 'queued' RETURNING *",
-""",
-        """            f" WHERE id = (SELECT id FROM jobs WHERE status != 'failed' ORDER BY created LIMIT 1"
-            f"{self.database.dialect.skip_locked}) RETURNING *",
-""",
+        "WHERE status = 'queued' AND kind = ?{local} ORDER BY created LIMIT 1\"\n"
+        "            f\"{self.database.dialect.skip_locked}) AND status = 'queued'{limit} RETURNING *\"",
+        "WHERE status != 'failed' AND kind = ?{local} ORDER BY created LIMIT 1\"\n"
+        '            f"{self.database.dialect.skip_locked}){limit} RETURNING *"',
         (Select("tests/test_jobs_store.py", "claimed_once"),),
     ),
     Mutation(
         "on PostgreSQL a job is claimed twice: claimers at once neither skip locked rows nor check the status",
         "serving/jobs.py",
-        """            f"{self.database.dialect.skip_locked}) AND status = 'queued' RETURNING *",
+        """            f"{self.database.dialect.skip_locked}) AND status = 'queued'{limit} RETURNING *",
 """,
-        """            ") RETURNING *",
+        """            f"){limit} RETURNING *",
 """,
         (Select("tests/test_jobs_store.py", "claimed_once and postgresql"),),
     ),

@@ -1,6 +1,7 @@
 """The package layout's one rule: imports between the top-level packages only point downwards.
 
-catalog is the bottom; serving and training build on it; jumpstart (everything that talks to AWS)
+catalog is the bottom; serving and training build on it, and serving on training too (a training job
+runs training's own code: serving/train_*.py); jumpstart (everything that talks to AWS)
 builds on all three; the txt2img CLI gathers them. ``txt2img.errors``, ``txt2img.extras`` and
 ``txt2img.processes`` are leaves every package may use.
 """
@@ -12,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LEAVES = {"txt2img.errors", "txt2img.extras", "txt2img.processes"}
 ALLOWED = {
     "catalog": set(),
-    "serving": {"catalog"},
+    "serving": {"catalog", "training"},
     "training": {"catalog"},
     "jumpstart": {"catalog", "serving", "training"},
     "txt2img": set(),

@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from txt2img.errors import InputError, first_error
+
 LrScheduler = Literal[
     "constant",
     "linear",
@@ -160,3 +162,15 @@ def numeric_kind(name: str) -> type[int] | type[float]:
     if kinds == {float}:
         return float
     raise ValueError(f"'{name}' is not numeric; only int and float hyperparameters can be searched")
+
+
+def parse_hyperparameters(pairs: tuple[str, ...]) -> Hyperparameters:
+    """The ``--hp KEY=VALUE`` pairs as hyperparameters; a bad pair is one line naming its key."""
+    from pydantic import ValidationError
+
+    try:
+        return Hyperparameters.from_pairs(list(pairs))
+    except ValidationError as error:
+        raise InputError(f"--hp {first_error(error)}") from None
+    except ValueError as error:
+        raise InputError(f"--hp: {error}") from None

@@ -8,6 +8,11 @@ server answers it with its ``http_status`` (serving/http_errors.py). Library cal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -33,3 +38,12 @@ class Interrupted(Txt2ImgError):
     """The user stopped a long run (Ctrl-C); its progress was kept."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_error(error: ValidationError) -> str:
+    """A pydantic error as one line, ``field: message``, without pydantic's dump and its URLs."""
+    detail = error.errors()[0]
+    field = ".".join(str(part) for part in detail["loc"])
+    # A validator's own ValueError reads better without pydantic's "Value error, " in front.
+    message = str(detail["ctx"]["error"]) if detail["type"] == "value_error" else detail["msg"]
+    return f"{field}: {message}" if field else message

@@ -22,13 +22,13 @@ from training.evaluation import (
     plan_metrics,
     read_prompts_file,
 )
-from training.hyperparameters import Hyperparameters
+from training.hyperparameters import Hyperparameters, parse_hyperparameters
 from training.metrics import METRIC_DIRECTIONS, MetricWeights
 from training.tuning import DEFAULT_RANGES, SearchRange, StudyConfig, TuningError, default_study_dir, trial_evaluation
 from training.tuning import tune as run_study
 from txt2img.cli.deploy import remote_job_options, run_remote_tuning, trainer_option
-from txt2img.cli.options import first_error, parse_hyperparameters, refuse_local_options
-from txt2img.errors import InputError, Interrupted
+from txt2img.cli.options import refuse_local_options
+from txt2img.errors import InputError, Interrupted, first_error
 from txt2img.extras import require_extra
 
 METRICS_HELP = "fid_score, clip_i, clip_t, dino or instance_loss"

@@ -30,8 +30,7 @@ from serving.schema import (
     with_model_defaults,
 )
 from serving.settings import ServingSettings
-from txt2img.cli.options import first_error
-from txt2img.errors import InputError
+from txt2img.errors import InputError, first_error
 
 FORMATS_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 OPTION_NAMES = {

@@ -12,8 +12,9 @@ import click
 from jumpstart.trainers import DEFAULT_TRAINER
 from training.distributed import launch_training
 from training.dreambooth import TrainingInterrupted, train
+from training.hyperparameters import parse_hyperparameters
 from txt2img.cli.deploy import remote_job_options, run_remote_training, trainer_option
-from txt2img.cli.options import parse_hyperparameters, refuse_local_options
+from txt2img.cli.options import refuse_local_options
 from txt2img.errors import InputError, Interrupted
 
 
