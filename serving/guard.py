@@ -18,6 +18,10 @@ from urllib.parse import urlsplit
 from serving.invocations import CONTENT_TYPES, JSON_CONTENT, unsupported_content_type
 from serving.settings import ServingSettings
 
+# The one route whose body may exceed TXT2IMG_MAX_BODY_BYTES: a training job's photos, up to
+# TXT2IMG_TRAIN_MAX_BODY_BYTES.
+TRAIN_ROUTE = "/jobs/train"
+
 # Health checks answer without a token: load balancers and SageMaker's /ping carry none.
 OPEN_PATHS = frozenset({"/ping", "/readyz", "/livez", "/healthz"})
 # The images behind OpenAI "url" answers: each name is 24 random bytes, handed only to the client that
@@ -92,7 +96,8 @@ class BodyTooLarge(Exception):
 
 
 class RequestBodyLimit:
-    """Answers 413 to a request whose body is longer than TXT2IMG_MAX_BODY_BYTES.
+    """Answers 413 to a request whose body is longer than TXT2IMG_MAX_BODY_BYTES (TXT2IMG_TRAIN_MAX_BODY_BYTES
+    for a POST to TRAIN_ROUTE, and for it alone).
 
     A declared Content-Length over the limit is refused before a byte of the body is read. Any other
     body (chunked, or longer than it claimed) is counted as the app reads it, and reading stops at
@@ -101,18 +106,25 @@ class RequestBodyLimit:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.limit = ServingSettings().max_body_bytes
+        settings = ServingSettings()
+        self.limit = settings.max_body_bytes
+        self.train_limit = settings.train_max_body_bytes
 
-    def _refusal(self) -> dict:
-        return {"error": f"the request body is larger than TXT2IMG_MAX_BODY_BYTES ({self.limit} bytes)"}
+    def _limit(self, scope) -> tuple[str, int]:
+        """The setting that bounds this request's body, and its value."""
+        if scope["method"] == "POST" and scope["path"] == TRAIN_ROUTE:
+            return "TXT2IMG_TRAIN_MAX_BODY_BYTES", self.train_limit
+        return "TXT2IMG_MAX_BODY_BYTES", self.limit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        setting, limit = self._limit(scope)
+        refusal = {"error": f"the request body is larger than {setting} ({limit} bytes)"}
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await send_json(send, 413, self._refusal(), {"Connection": "close"})
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await send_json(send, 413, refusal, {"Connection": "close"})
                 return
 
         received = 0
@@ -124,7 +136,7 @@ class RequestBodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     too_large = True
                     raise BodyTooLarge
             return message
@@ -134,7 +146,7 @@ class RequestBodyLimit:
             if too_large:  # the app caught BodyTooLarge and answers on its own: the 413 goes out instead
                 if not response_started:
                     response_started = True
-                    await send_json(send, 413, self._refusal(), {"Connection": "close"})
+                    await send_json(send, 413, refusal, {"Connection": "close"})
                 return
             response_started = response_started or message["type"] == "http.response.start"
             await send(message)
@@ -145,7 +157,7 @@ class RequestBodyLimit:
             if not too_large:
                 raise
             if not response_started:
-                await send_json(send, 413, self._refusal(), {"Connection": "close"})
+                await send_json(send, 413, refusal, {"Connection": "close"})
 
 
 def host_name(authority: str) -> str:
@@ -238,7 +250,10 @@ class HostOriginGuard:
 
 # The bodies that are not JSON, by route: a new route taking another type (a multipart upload) adds its
 # entry here. Any other POST, PUT or PATCH body must be application/json.
-BODY_MEDIA_TYPES: dict[str, tuple[str, ...]] = {"/invocations": CONTENT_TYPES}  # JumpStart's own types
+BODY_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
+    "/invocations": CONTENT_TYPES,  # JumpStart's own types
+    TRAIN_ROUTE: ("multipart/form-data",),  # the photos of a fine-tune
+}
 JSON_BODY = (JSON_CONTENT,)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

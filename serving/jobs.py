@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_by INTEGER,
     heartbeat REAL,
     image_count INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'generate'
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created);
 """
@@ -79,6 +80,7 @@ class StoredJob:
     heartbeat: float | None
     image_count: int
     bytes: int
+    kind: str = "generate"  # or "train": a fine-tune (serving/train_runner.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> StoredJob:
@@ -104,6 +106,9 @@ class JobStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the one writer
             connection.executescript(SCHEMA)
+            columns = {row["name"] for row in connection.execute("PRAGMA table_info(jobs)")}
+            if "kind" not in columns:  # a store written before training jobs
+                connection.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'generate'")
 
     def _open(self) -> sqlite3.Connection:
         """A connection in autocommit mode: each statement is its own transaction unless one is begun."""
@@ -135,8 +140,11 @@ class JobStore:
         webhook: str | None = None,
         idempotency_key: str | None = None,
         body_hash: str | None = None,
+        kind: str = "generate",
+        job_id: str | None = None,
     ) -> tuple[StoredJob, bool]:
-        """Store a queued job; with an idempotency key already stored, that job instead. True when added."""
+        """Store a queued job (under ``job_id``, or a new one); with an idempotency key already stored, that
+        job instead. True when added."""
         connection = self._open()
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -147,9 +155,9 @@ class JobStore:
                     return StoredJob.from_row(row), False
             row = connection.execute(
                 "INSERT INTO jobs (id, status, request, seeds, webhook, idempotency_key, body_hash, created,"
-                " total_steps) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                " total_steps, kind) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
-                    str(uuid.uuid4()),
+                    job_id or str(uuid.uuid4()),
                     json.dumps(request),
                     json.dumps(seeds),
                     webhook,
@@ -157,6 +165,7 @@ class JobStore:
                     body_hash,
                     time.time(),
                     total_steps,
+                    kind,
                 ),
             ).fetchone()
             connection.execute("COMMIT")
@@ -184,19 +193,42 @@ class JobStore:
             return connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
 
     def queue_position(self, job: StoredJob) -> int:
-        """Queued jobs ahead of ``job`` (0: it runs next)."""
+        """Queued jobs of its kind ahead of ``job`` (0: it runs next)."""
         with self._connect() as connection:
             return connection.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND created < ?", (job.created,)
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind = ? AND created < ?",
+                (job.kind, job.created),
             ).fetchone()[0]
 
-    def claim(self, worker_pid: int) -> StoredJob | None:
-        """The oldest queued job, now running for ``worker_pid``; None when none is queued."""
+    def claim(self, worker_pid: int, kind: str = "generate", at_most_running: int | None = None) -> StoredJob | None:
+        """The oldest queued job of ``kind``, now running for ``worker_pid``; None when none is queued, or
+        when ``at_most_running`` jobs of that kind run already (on any worker)."""
+        limit = (
+            ""
+            if at_most_running is None
+            else " AND (SELECT COUNT(*) FROM jobs WHERE status = 'running' AND kind = ?) < ?"
+        )
         return self._one(
             "UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, claimed_by = ?, steps_done = 0"
-            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1)"
-            " AND status = 'queued' RETURNING *",
-            (time.time(), time.time(), worker_pid),
+            " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND kind = ? ORDER BY created LIMIT 1)"
+            f" AND status = 'queued'{limit} RETURNING *",
+            (time.time(), time.time(), worker_pid, kind, *(() if at_most_running is None else (kind, at_most_running))),
+        )
+
+    def requeue_canceled(self, job_id: str) -> StoredJob | None:
+        """Queue a canceled training job again, to continue from its checkpoint; None unless it is one."""
+        return self._one(
+            "UPDATE jobs SET status = 'queued', cancel_requested = 0, finished = NULL, error = NULL"
+            " WHERE id = ? AND kind = 'train' AND status = 'canceled' RETURNING *",
+            (job_id,),
+        )
+
+    def unfinished_training_named(self, name: str) -> StoredJob | None:
+        """The queued, running or canceled (resumable) training job that will create model ``name``, if any."""
+        return self._one(
+            "SELECT * FROM jobs WHERE kind = 'train' AND status IN ('queued', 'running', 'canceled')"
+            " AND json_extract(request, '$.name') = ?",
+            (name,),
         )
 
     def release(self, job_id: str) -> None:

@@ -27,6 +27,7 @@ from serving.jobs import StoredJob
 from serving.jobs_runner import JobRunner, image_urls, job_path
 from serving.json_body import read_json_object
 from serving.schema import GenerationRequest
+from serving.train_progress import training_details
 from serving.webhooks import check_webhook_url
 from txt2img.errors import InputError, Txt2ImgError
 
@@ -85,7 +86,9 @@ def job_answer(runner: JobRunner, job: StoredJob) -> dict:
         "seeds": job.seeds,
         "urls": {"get": job_path(job.id), "cancel": job_path(job.id)},
     }
-    if job.status == "succeeded":
+    if job.kind == "train":
+        answer.update(training_details(job))
+    elif job.status == "succeeded":
         answer["images"] = image_urls(job)
     if job.status == "failed":
         answer["error"] = job.error

@@ -6,6 +6,7 @@ a module that owns its routes, request models and error answers:
 * serving/openai_images.py: OpenAI's Images API under ``/v1``;
 * serving/a1111.py: AUTOMATIC1111's API under ``/sdapi/v1``;
 * serving/jobs_api.py: jobs that outlive the request (``/jobs``), run by serving/jobs_runner.py;
+* serving/train_jobs_api.py: training jobs (``POST /jobs/train``), run by serving/train_runner.py;
 * serving/playground.py: the web playground at ``/ui`` (``/`` leads there; BentoML's Swagger UI moves to ``/docs``).
 
 Every route generates through the worker's one Engine (serving/engine.py): the same request model,
@@ -35,7 +36,6 @@ from serving.engine import Engine
 from serving.guard import BearerTokenAuth, ContentTypeGuard, HostOriginGuard, RequestBodyLimit, SecurityHeaders
 from serving.http_errors import JSONErrorBodies, log_client_errors_as_one_line
 from serving.image_files import share_image_folder
-from serving.jobs_api import jobs_app
 from serving.jobs_runner import JobRunner
 from serving.metrics import own_prometheus_dir
 from serving.model_store import bento_models_to_pack
@@ -46,6 +46,8 @@ from serving.sagemaker_api import sagemaker_app
 from serving.schema import GeneratedImages, GenerationRequest, ImageRequest
 from serving.settings import ServingSettings
 from serving.slow_clients import close_connections_without_a_head
+from serving.train_jobs_api import jobs_app  # /jobs, with the training routes added (serving/train_jobs_api.py)
+from serving.train_runner import TrainingRunner
 from serving.worker_lifetime import tie_workers_to_server
 
 try:
@@ -84,6 +86,8 @@ class Txt2Img:
         self.engine.start()
         self.jobs = JobRunner(self.engine)  # the store every worker shares, under TXT2IMG_HOME
         self.jobs.start()
+        self.training = TrainingRunner(self.engine, self.jobs)  # POST /jobs/train, one child trainer at a time
+        self.training.start()
 
     def __is_ready__(self) -> bool:
         return self.engine.queue.ready.is_set()

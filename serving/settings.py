@@ -47,6 +47,23 @@ class ServingSettings(BaseSettings):
         "besides loopback ones, and whose Origin a request may come from; the rest get 403 (docs/security.md).",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body; beyond it the answer is 413.")
+    train_max_body_bytes: int = Field(
+        200 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of POST /jobs/train (its photos), the one route past max_body_bytes.",
+    )
+    train_max_images: int = Field(50, ge=3, description="Most photos a training job (POST /jobs/train) may upload.")
+    train_max_image_pixels: int = Field(
+        40_000_000,
+        ge=64 * 64,
+        description="Most pixels an uploaded photo may decode to; beyond: 400 (decompression bombs).",
+    )
+    max_trainings: int = Field(1, ge=1, description="Training jobs that run at once on the server; the others queue.")
+    train_gpu_bytes: int = Field(
+        12 * 1024**3,
+        ge=0,
+        description="Free GPU memory a training job needs beside the loaded models; with less it is refused (503).",
+    )
 
     safety_checker: bool = Field(
         False, description="Check generated images; flagged ones are replaced by black images and reported."

@@ -89,6 +89,15 @@ def server(server_home):
         yield url
 
 
+# tests/test_train_jobs.py: two workers, so that a model one of them trains is served by both.
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    home = tmp_path_factory.mktemp("training-home")
+    settings = {"workers": "2", "train_max_images": "6", "train_max_image_pixels": str(256 * 256)}
+    with offline_server(home, env={"OMP_NUM_THREADS": "1"}, **settings) as url:
+        yield url, home
+
+
 # tests/test_docs_examples.py: the docs' reader, one temporary home and working folder, and one server
 # sharing that home, so that a model the README trains is served by name.
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ from training.report import (
     validation_prompts,
 )
 from training.sharding import MIB, check_sharding, fsdp_plugin, full_module, local_state_bytes, shard_on_cpu
+from training.step_log import STEP_LOG, append_step, start_step_log
 from training.trainable import prepare_trainable, save_trained_model
 from txt2img.errors import InputError, Interrupted
 
@@ -119,7 +120,9 @@ def _check_output_dir(output_dir: Path, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingSetupError(f"{output_dir} exists and is not a directory")
     # A run killed before its first checkpoint leaves only its hyperparameters: nothing to resume.
-    started = output_dir.is_dir() and any(path.name != RUN_HYPERPARAMETERS for path in output_dir.iterdir())
+    started = output_dir.is_dir() and any(
+        path.name not in (RUN_HYPERPARAMETERS, STEP_LOG) for path in output_dir.iterdir()
+    )
     if not resume and started:
         raise TrainingSetupError(
             f"{output_dir} already holds a run; pass --resume to continue it, or pick another --name"
@@ -221,7 +224,8 @@ def _optimizer(parameters: list[Any], hyperparameters: Hyperparameters):
 
 
 class _StopOnCtrlC:
-    """Turns the first Ctrl-C into a request the loop honours after its current step."""
+    """Turns the first Ctrl-C (or SIGTERM: a server canceling the training job it runs as a child) into a
+    request the loop honours after its current step: a checkpoint, then TrainingInterrupted."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -231,16 +235,16 @@ class _StopOnCtrlC:
         if self.requested:  # a second Ctrl-C: the user does not want to wait
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
+        logger.warning("stop asked: saving a checkpoint after this step (Ctrl-C again quits at once)")
 
     def __enter__(self) -> _StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in (self._previous or {}).items():
+            signal.signal(number, previous)
 
 
 def _progress(enabled: bool):
@@ -363,6 +367,7 @@ def _remove_leftovers(output_dir: Path) -> None:
         (output_dir / FINISHED_ENTRY).unlink(missing_ok=True)
         if not list_checkpoints(output_dir / CHECKPOINT_DIR):
             (output_dir / RUN_HYPERPARAMETERS).unlink(missing_ok=True)
+            (output_dir / STEP_LOG).unlink(missing_ok=True)
     for folder in (output_dir / CHECKPOINT_DIR, output_dir):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
@@ -603,6 +608,9 @@ def _optimise(run: _Run, bars: Any, on_checkpoint: Callable[[int, dict], None] |
     last_checkpoint_step = first_step = run.step
     loop_started = time.monotonic()
     run.trainable.train()
+    log_steps = accelerator.is_main_process
+    if log_steps:
+        start_step_log(run.request.output_dir, run.step)
     with _StopOnCtrlC() as stop:
         while run.step < run.total_steps:
             step_loss = _optimizer_step(run)
@@ -613,6 +621,10 @@ def _optimise(run: _Run, bars: Any, on_checkpoint: Callable[[int, dict], None] |
             run.step += 1
             run.losses.append(step_loss)
             bars.update(task, advance=1, status=f"loss {step_loss:.4f}")
+            if log_steps:
+                append_step(
+                    run.request.output_dir, run.step, run.total_steps, step_loss, run.lr_scheduler.get_last_lr()[0]
+                )
             if run.step % hp.checkpointing_steps == 0 or stop_requested:
                 saved = _write_checkpoint(run)
                 recent = run.losses[last_checkpoint_step:]

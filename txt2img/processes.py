@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 PARENT_CHECK_INTERVAL_S = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -41,6 +42,20 @@ def die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # handed to init or a subreaper already
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="die-with-parent", daemon=True).start()
+
+
+def kill_when_parent_dies(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a child started with ``subprocess.Popen``: the kernel ends it (SIGKILL) when the
+    thread that started it ends (keep that thread alive as long as its process), and a parent already
+    gone ends it before it runs. For children that do not call ``die_with_parent`` themselves."""
+
+    def before_exec() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return before_exec
 
 
 def _watch_parent(parent_pid: int) -> None:
