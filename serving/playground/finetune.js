@@ -144,12 +144,15 @@ function fineTuneShowJob(job) {
   $("#ft-compare").disabled = job.status !== "succeeded";
 }
 
+// The run's validation images: its contact sheet (the grid of them all, captioned) once drawn, else each image.
 function fineTuneShowValidation(urls) {
   const box = $("#ft-validation");
   if (box.dataset.urls === urls.join(" ")) return; // unchanged: keep the images the browser has drawn
   box.dataset.urls = urls.join(" ");
-  box.replaceChildren(...urls.map((url) => element("figure", { class: "figure" },
-    element("img", { src: url, alt: `Validation image ${decodeURIComponent(url.split("/").pop())}` }))));
+  const sheet = urls.find((url) => url.endsWith("/contact_sheet.png"));
+  const shown = sheet ? [sheet] : urls;
+  box.replaceChildren(...shown.map((url) => element("figure", { class: `figure${sheet ? " sheet" : ""}` },
+    element("img", { src: url, alt: sheet ? "Validation grid" : `Validation image ${decodeURIComponent(url.split("/").pop())}` }))));
   if (!urls.length) box.append(element("p", { class: "status", text: "None yet: they are drawn as the run goes." }));
 }
 
