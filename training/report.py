@@ -85,16 +85,17 @@ def _figure(width_px: int, height_px: int):
 
 
 def contact_sheet(images: list[tuple[str, Image.Image]], path: Path, tile: int = 256) -> None:
-    """A grid of images, each ``tile`` pixels wide, captioned with its prompt."""
+    """A grid of images, each ``tile`` pixels wide, under a caption of its prompt (up to three lines)."""
     columns = min(len(images), 4)
     rows = -(-len(images) // columns)
-    figure = _figure(columns * tile, rows * (tile + CAPTION_HEIGHT))
+    width, height = columns * tile, rows * (tile + CAPTION_HEIGHT)
+    figure = _figure(width, height)
     for index, (prompt, image) in enumerate(images):
-        axis = figure.add_subplot(rows, columns, index + 1)
-        axis.imshow(image.convert("RGB"))
-        axis.set_title("\n".join(textwrap.wrap(prompt, tile // 7)[:3]), fontsize=8)
+        left, bottom = (index % columns) * tile, height - (index // columns + 1) * (tile + CAPTION_HEIGHT)
+        axis = figure.add_axes((left / width, bottom / height, tile / width, tile / height))  # exact pixels
+        axis.imshow(image.convert("RGB"), aspect="auto")
+        axis.set_title("\n".join(textwrap.wrap(prompt, tile // 7)[:3]), fontsize=8, pad=3)
         axis.set_axis_off()
-    figure.tight_layout(pad=0.4)
     figure.savefig(path, dpi=100, facecolor="white")
 
 
