@@ -115,6 +115,10 @@ def test_fine_tune_from_the_page_then_compare_with_base_and_serve_it(browser, tr
         run = page.locator(f'.run[data-model="{NAME}"]')
         expect(run.get_by_role("img", name="Loss per step")).to_have_attribute("data-points", str(STEPS))
 
+        page.locator("nav").get_by_role("button", name="Fine-tune").click()
+        view.get_by_role("button", name="Start").click()  # the same name again: the server's error, inline
+        expect(view.locator("#ft-error")).to_contain_text(f"model '{NAME}' already exists in the catalog")
+
     listing = httpx.get(f"{url}/ui/api/catalog", timeout=60).json()
     entry = next(model for model in listing["models"] if model["id"] == NAME)
     assert (entry["base"], entry["method"]) == ("tiny-sd", "lora")
