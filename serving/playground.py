@@ -161,6 +161,8 @@ def fine_tune_runs(home: Path) -> dict[str, Any]:
                 "model": entry,
                 "contact_sheet": _file(home, f"{run}/contact_sheet.png"),
                 "loss_curve": _file(home, f"{run}/loss_curve.png"),
+                # The losses behind the curve (training/report.py's LOSS_HISTORY): the page draws them itself.
+                "loss_history": _file(home, f"{run}/loss_curve.json"),
                 "validation": _files(home, f"{run}/validation", ".png"),
                 "evaluations": _evaluations(home, entry["id"]),
                 "tuning": _tuning(home, entry.get("tuning")),

@@ -39,3 +39,23 @@ def launched_chromium() -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def playground_page(browser, server_url: str, timeout_ms: int) -> Iterator:
+    """A fresh page on ``server_url``'s playground, which must ask for nothing but that server and whose
+    script must not fail: both are checked on the way out."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(timeout_ms)
+    foreign, script_errors = [], []
+    own = (server_url, f"blob:{server_url}/")  # blob: the page's own object URLs (thumbnails of chosen files)
+    page.on("request", lambda request: None if request.url.startswith(own) else foreign.append(request.url))
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    page.goto(f"{server_url}/")  # the root leads to the playground
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not foreign, f"the page asked for something outside the server: {foreign}"
+    assert not script_errors, f"the page's script failed: {script_errors}"

@@ -594,6 +594,13 @@ MUTATIONS = [
         (Select("tests/test_browser_safety.py", "reuse_this_seed"),),
     ),
     Mutation(
+        "the Fine-tune view draws its loss curve only once the run is over",
+        "serving/playground/finetune.js",
+        '  drawLossCurve($("#ft-curve"), job.curve || []);',
+        '  drawLossCurve($("#ft-curve"), running ? [] : job.curve || []);',
+        (Select("tests/test_playground_finetune.py"),),
+    ),
+    Mutation(
         "every serving worker takes the first GPU",
         "serving/device.py",
         "gpu = 0 if worker_index is None else (worker_index - 1) % torch.cuda.device_count()",

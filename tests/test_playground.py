@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from bentoml_server import offline_server
+from chromium_browser import playground_page
 from openapi_spec_validator import validate
 from PIL import Image
 from playwright.sync_api import expect
@@ -86,19 +87,8 @@ def playground_server(playground_home) -> str:
 @pytest.fixture()
 def page(browser, playground_server):
     """A fresh browser page on the playground, which must not ask for anything but this server."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    foreign, script_errors = [], []
-    page.on(
-        "request", lambda request: None if request.url.startswith(playground_server) else foreign.append(request.url)
-    )
-    page.on("pageerror", lambda error: script_errors.append(str(error)))
-    page.goto(f"{playground_server}/")  # the root leads to the playground
-    yield page
-    context.close()
-    assert not foreign, f"the page asked for something outside the server: {foreign}"
-    assert not script_errors, f"the page's script failed: {script_errors}"
+    with playground_page(browser, playground_server, TIMEOUT_MS) as page:
+        yield page
 
 
 def screenshot(page, name: str, full_page: bool = True) -> None:

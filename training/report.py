@@ -1,14 +1,16 @@
 """What a finished run leaves for a person to look at: validation images for the DreamBooth
-evaluation prompts, a contact sheet of them, and a loss curve, all as PNGs drawn with PIL."""
+evaluation prompts, a contact sheet of them, and a loss curve, as PNGs drawn with matplotlib, and the
+losses behind the curve as JSON (the playground draws them again, live)."""
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from training.dataset import DreamBoothDataset
 
@@ -21,6 +23,7 @@ LOSS_CURVE = "loss_curve.png"
 # The numbers behind the picture, one loss per optimizer step: to plot elsewhere or compare runs.
 LOSS_HISTORY = "loss_curve.json"
 VALIDATION_DIR = "validation"
+CAPTION_HEIGHT = 44  # pixels under each tile of a contact sheet: three lines of prompt
 
 
 def validation_prompts(dataset: DreamBoothDataset, custom: list[str] | None) -> list[str]:
@@ -70,62 +73,61 @@ def generate_validation_images(
     return results
 
 
-def _wrap(text: str, width_chars: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width_chars:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
+def _figure(width_px: int, height_px: int):
+    """A matplotlib figure of that many pixels at 100 dpi, drawn by the Agg backend: files only, no display
+    (servers and CI have none), and no pyplot, whose global state is not for threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_px / 100, height_px / 100), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def contact_sheet(images: list[tuple[str, Image.Image]], path: Path, tile: int = 256) -> None:
-    """A grid of captioned images, each scaled to ``tile`` pixels wide."""
+    """A grid of images, each ``tile`` pixels wide, under a caption of its prompt (up to three lines)."""
     columns = min(len(images), 4)
     rows = -(-len(images) // columns)
-    caption_height = 44
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), "white")
-    draw = ImageDraw.Draw(sheet)
+    width, height = columns * tile, rows * (tile + CAPTION_HEIGHT)
+    figure = _figure(width, height)
     for index, (prompt, image) in enumerate(images):
-        x, y = (index % columns) * tile, (index // columns) * (tile + caption_height)
-        sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
-        for line_number, line in enumerate(_wrap(prompt, tile // 6)[:3]):
-            draw.text((x + 4, y + tile + 2 + 13 * line_number), line, fill="black")
-    sheet.save(path)
+        left, bottom = (index % columns) * tile, height - (index // columns + 1) * (tile + CAPTION_HEIGHT)
+        axis = figure.add_axes((left / width, bottom / height, tile / width, tile / height))  # exact pixels
+        axis.imshow(image.convert("RGB"), aspect="auto")
+        axis.set_title("\n".join(textwrap.wrap(prompt, tile // 7)[:3]), fontsize=8, pad=3)
+        axis.set_axis_off()
+    figure.savefig(path, dpi=100, facecolor="white")
+
+
+def running_average(losses: list[float], keep: float = 0.9) -> list[float]:
+    """The exponential moving average that shows a loss's trend through its per-step noise."""
+    smoothed, average = [], losses[0] if losses else 0.0
+    for value in losses:
+        average = keep * average + (1 - keep) * value
+        smoothed.append(average)
+    return smoothed
+
+
+def loss_curve_figure(losses: list[float], size: tuple[int, int] = (640, 360)):
+    """Per-step training loss with its running average, against the step, with ticks and a legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(*size)
+    axis = figure.add_subplot()
+    steps = range(1, len(losses) + 1)
+    marker = "o" if len(losses) == 1 else None  # one step is a point, not a line
+    axis.plot(steps, losses, color="0.65", linewidth=1, marker=marker, label="loss per step")
+    axis.plot(steps, running_average(losses), color="tab:blue", linewidth=2, marker=marker, label="running average")
+    axis.set_title(f"training loss ({len(losses)} steps)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right")
+    figure.tight_layout()
+    return figure
 
 
 def loss_curve(losses: list[float], path: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """Per-step training loss (grey) with its running average (blue), on labelled axes."""
-    width, height = size
-    left, right, top, bottom = 60, 16, 28, 36
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 8), f"training loss ({len(losses)} steps)", fill="black")
-    draw.rectangle((left, top, width - right, height - bottom), outline="black")
-    if losses:
-        low, high = min(losses), max(losses)
-        span = (high - low) or 1.0
-        plot_width, plot_height = width - left - right, height - top - bottom
-
-        def point(step: int, value: float) -> tuple[float, float]:
-            x = left + (step / max(len(losses) - 1, 1)) * plot_width
-            return x, top + (1 - (value - low) / span) * plot_height
-
-        smoothed, average = [], losses[0]
-        for value in losses:
-            average = 0.9 * average + 0.1 * value
-            smoothed.append(average)
-        for series, colour in ((losses, (170, 170, 170)), (smoothed, (31, 90, 200))):
-            points = [point(step, value) for step, value in enumerate(series)]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            else:
-                draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
-        draw.text((4, top - 4), f"{high:.4g}", fill="black")
-        draw.text((4, height - bottom - 8), f"{low:.4g}", fill="black")
-        draw.text((left, height - bottom + 6), "1", fill="black")
-        draw.text((width - right - 40, height - bottom + 6), str(len(losses)), fill="black")
-        draw.text((width // 2 - 10, height - bottom + 18), "step", fill="black")
-    image.save(path)
+    """``loss_curve_figure`` as a PNG of ``size`` pixels."""
+    loss_curve_figure(losses, size).savefig(path, dpi=100, facecolor="white")

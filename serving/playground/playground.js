@@ -89,10 +89,11 @@ class ServerError extends Error {
   }
 }
 
-async function getJson(url) {
+// A JSON answer: GET unless ``options`` (fetch's) say otherwise; a JSON error answer becomes a ServerError.
+async function getJson(url, options = {}) {
   let response;
   try {
-    response = await fetch(url);
+    response = await fetch(url, options);
   } catch (error) {
     throw new Error(`cannot reach the server (${error.message})`);
   }
@@ -629,6 +630,7 @@ function metricsTable(rows, columns) {
 function runDetails(run) {
   const parts = [];
   const training = [figure(run.contact_sheet, "Contact sheet"), figure(run.loss_curve, "Loss curve"),
+    run.loss_history ? lossHistoryFigure(run.loss_history) : null, // finetune.js
     ...run.validation.map((path) => figure(path, `Validation: ${path.split("/").pop()}`))].filter(Boolean);
   parts.push(element("h4", { text: "Training" }),
     training.length ? element("div", { class: "figures" }, ...training) : element("p", { class: "status", text: "No training images in this home." }));
