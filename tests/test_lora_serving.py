@@ -67,7 +67,7 @@ REFUSALS = {
     ),
     "twice": ([(STYLE_LORA_ID, 1.0), (STYLE_LORA_ID, 0.5)], 400, {"loras": [{"model": STYLE_LORA_ID}]}),
 }
-ROUTES = ["/images", "/txt2img"]
+ROUTES = ["/images", "/txt2img", "/invocations"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
