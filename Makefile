@@ -35,8 +35,11 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/bentoml serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
+# Two pytest workers (pytest-xdist), each test module whole on one of them, so that a module's server starts
+# once: most of a test's time is one core starting torch or a `bentoml serve`. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Break the code on purpose, one curated way at a time, and check the tests notice (issue #14).
 mutate: install

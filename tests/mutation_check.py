@@ -16,27 +16,39 @@ out, 2 on an error (a snippet not found, a baseline failure, a selection matchin
     python tests/mutation_check.py -k seed -k lru  # mutations whose name holds any of these
     python tests/mutation_check.py --no-baseline   # skip the unchanged run (quicker, less sure)
 
-Runs are one at a time: on a small machine two pytest runs in parallel, each loading torch and
-sometimes a ``bentoml serve``, finish no sooner than one after the other.
+    python tests/mutation_check.py --jobs 1        # one mutation at a time
+
+Mutations run ``--jobs`` at a time (default: one per CPU, at most 4), each in a copy of the tree of
+its own, so that no run sees another's mutated file. Most of a mutation's time is pytest and torch
+starting up on one core (tests run with one torch thread), so two runs on two cores finish in little
+more than one's time. Rows print in the list's order, whatever order the runs finish in.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 900  # one mutation's tests
 BASELINE_TIMEOUT_S = 3600  # every selected test at once: 12 minutes on a busy 2-core machine
+# Past 4, runs that each start a ``bentoml serve`` or a training run compete for memory more than they gain.
+MAX_DEFAULT_JOBS = 4
 
 
 @dataclass(frozen=True)
@@ -862,6 +874,44 @@ class Run:
     output: str
 
 
+class RunningTests:
+    """The pytest runs under way, so that an interrupted script stops every one of them, not only its own."""
+
+    def __init__(self) -> None:
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def add(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+
+    def remove(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            for process in self._processes:
+                kill_session(process)
+
+
+RUNNING = RunningTests()
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL pytest, its session and every process below it: a ``bentoml serve`` the tests started leads
+    a session of its own, so killing pytest's session alone leaves it serving from a deleted copy."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for descendant in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendant.kill()
+
+
 def run_pytest(root: Path, arguments: list[str], timeout_s: float, stop_at_first: bool) -> Run:
     env = {
         **os.environ,
@@ -878,16 +928,19 @@ def run_pytest(root: Path, arguments: list[str], timeout_s: float, stop_at_first
     process = subprocess.Popen(
         command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    RUNNING.add(process)
     try:
         output, _ = process.communicate(timeout=timeout_s)
         returncode = process.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_session(process)
         output, _ = process.communicate()
         returncode = None
     except BaseException:  # Ctrl-C or SIGTERM: the tests go too, not only this script
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_session(process)
         raise
+    finally:
+        RUNNING.remove(process)
     lines = [line for line in output.splitlines() if line.strip()]
     summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ \w+ in [\d.]+s", line)), "")
     return Run(returncode, time.monotonic() - started, summary, output)
@@ -904,6 +957,17 @@ def verdict(run: Run) -> str:
     return "error"  # 3 internal error, 4 usage error, 5 no test selected
 
 
+def default_jobs() -> int:
+    """One run per CPU this process may use, at most MAX_DEFAULT_JOBS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_JOBS))
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
+
+
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="names", action="append", default=[], help="mutations whose name holds this")
@@ -911,7 +975,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unchanged tests")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for one mutation's tests")
     parser.add_argument("--baseline-timeout", type=float, default=BASELINE_TIMEOUT_S, help="seconds for the baseline")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
+    parser.add_argument("--jobs", type=positive_int, default=default_jobs(), help="mutations run at once")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies and print where they are")
     parser.add_argument("--output", action="store_true", help="print the end of each mutation's pytest output")
     return parser.parse_args(argv)
 
@@ -931,8 +996,8 @@ def baseline_passes(root: Path, mutations: list[Mutation], timeout: float) -> bo
     return False
 
 
-def run_mutation(root: Path, mutation: Mutation, options: argparse.Namespace, width: int) -> str:
-    """Apply ``mutation`` to the copy, run its tests, put the file back, print its row; returns its verdict."""
+def run_mutation(root: Path, mutation: Mutation, options: argparse.Namespace, width: int) -> tuple[str, str]:
+    """Apply ``mutation`` to the copy, run its tests, put the file back; returns its verdict and its row."""
     path = root / mutation.file
     original = path.read_text(encoding="utf-8")
     path.write_text(original.replace(mutation.original, mutation.replacement, 1), encoding="utf-8")
@@ -944,10 +1009,37 @@ def run_mutation(root: Path, mutation: Mutation, options: argparse.Namespace, wi
     detail = run.summary or (f"timed out after {options.timeout:.0f} s" if run.returncode is None else "")
     if result == "error":
         detail += f" [pytest exit status {run.returncode}: the selection is broken]"
-    print(f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}", flush=True)
+    row = f"{mutation.name:<{width}}  {result:<8}  {run.seconds:5.0f}s  {detail}"
     if options.output:
-        print(*run.output.splitlines()[-40:], sep="\n    ", flush=True)
-    return result
+        row += "".join(f"\n    {line}" for line in run.output.splitlines()[-40:])
+    return result, row
+
+
+def run_mutations(copies: list[Path], mutations: list[Mutation], options: argparse.Namespace, width: int) -> dict:
+    """Every mutation, one per copy of the tree at a time; prints each row in the list's order; the tally."""
+    free_copies: queue.SimpleQueue[Path] = queue.SimpleQueue()
+    for copy in copies:
+        free_copies.put(copy)
+
+    def on_a_free_copy(mutation: Mutation) -> tuple[str, str]:
+        root = free_copies.get()
+        try:
+            return run_mutation(root, mutation, options, width)
+        finally:
+            free_copies.put(root)
+
+    results: dict[str, int] = {"caught": 0, "survived": 0, "timeout": 0, "error": 0}
+    pool = ThreadPoolExecutor(max_workers=len(copies))
+    try:
+        for result, row in pool.map(on_a_free_copy, mutations):  # map answers in the order it was given
+            print(row, flush=True)
+            results[result] += 1
+    except BaseException:  # Ctrl-C or SIGTERM: no further run starts, and the running ones stop now
+        pool.shutdown(wait=False, cancel_futures=True)
+        RUNNING.kill_all()
+        raise
+    pool.shutdown()
+    return results
 
 
 def report_results(results: dict[str, int], seconds: float) -> int:
@@ -981,21 +1073,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="txt2img-mutate-"))
+    workdir = Path(tempfile.mkdtemp(prefix="txt2img-mutate-"))
+    copies = [workdir / f"tree-{number}" for number in range(min(options.jobs, len(mutations)))]
     try:
-        copy_tree(root)
-        if not options.no_baseline and not baseline_passes(root, mutations, options.baseline_timeout):
+        for copy in copies:
+            copy_tree(copy)
+        if not options.no_baseline and not baseline_passes(copies[0], mutations, options.baseline_timeout):
             return 2
-        results: dict[str, int] = {"caught": 0, "survived": 0, "timeout": 0, "error": 0}
-        print(f"{'mutation':<{width}}  {'result':<8}  {'time':>6}  tests")
-        for mutation in mutations:
-            results[run_mutation(root, mutation, options, width)] += 1
+        print(f"{'mutation':<{width}}  {'result':<8}  {'time':>6}  tests  ({len(copies)} at a time)")
+        results = run_mutations(copies, mutations, options, width)
         return report_results(results, time.monotonic() - started)
     finally:
         if options.keep:
-            print(f"the copy is kept in {root}")
+            print(f"the copies are kept in {workdir}")
         else:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
