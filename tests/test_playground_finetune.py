@@ -102,8 +102,8 @@ def test_fine_tune_from_the_page_then_compare_with_base_and_serve_it(browser, tr
         expect(compare).to_be_visible()
         images = compare.locator("#cmp-results .result img")
         expect(images).to_have_count(2, timeout=TIMEOUT_MS)
-        assert compare.get_by_label("Model 1").input_value() == NAME
-        assert compare.get_by_label("Model 2").input_value() == "tiny-sd"
+        assert compare.get_by_label("Model 1", exact=True).input_value() == NAME
+        assert compare.get_by_label("Model 2", exact=True).input_value() == "tiny-sd"
         seeds = page.eval_on_selector_all("#cmp-results .result", "cards => cards.map(card => card.dataset.seed)")
         assert seeds[0] == seeds[1]
         trained, base = (data_url_pixels(images.nth(index).get_attribute("src")) for index in range(2))
