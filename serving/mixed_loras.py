@@ -7,7 +7,9 @@ forward that weighs each adapter per image:
     base(x) + sum_a w[image, a] * scaling_a * lora_B_a(lora_A_a(dropout_a(x)))
 
 where ``w`` holds each image's scale of each adapter of the batch's union (0 where its set lacks it) and
-``scaling_a`` is the adapter's own ``lora_alpha / r`` (peft's scale 1). The layers' own forwards come back
+``scaling_a`` is the adapter's own ``lora_alpha / r`` (peft's scale 1). On a Linear layer the adapters run
+stacked: one down-projection of all their ranks, each image's scales on its rank blocks, one up-projection,
+so that a call of 8 LoRAs costs about what a call of one does. The layers' own forwards come back
 when the call ends, however it ends. Classifier-free guidance runs the UNet on [negatives, positives]
 (diffusers' SD pipelines concatenate them in that order), twice the batch: the rows repeat per half.
 
@@ -99,12 +101,66 @@ def mixed_loras(unet, mix: AdapterMix) -> Iterator[None]:
 
 def _mixed_forward(module, names: tuple[str, ...], weights):
     """``module``'s forward with each image's weights of ``names`` (``weights``: images x adapters)."""
+    from peft.tuners.lora import layer as lora_layers
+
     present = [(column, name) for column, name in enumerate(names) if name in module.lora_A]
-    unit_scalings = {name: _unit_scaling(module, name) for _, name in present}
     variants = [name for _, name in present if name in getattr(module, "lora_variant", {})]
     if variants:  # DoRA and other variants compute more than a product of two matrices
         raise ValueError(f"LoRA adapters {variants} are not plain LoRA, and cannot share a pipeline call")
+    columns = [(column, name, _unit_scaling(module, name)) for column, name in present]
+    if isinstance(module, lora_layers.Linear) and _stackable(module, [name for _, name in present]):
+        return _stacked_linear_forward(module, columns, weights)
+    return _per_adapter_forward(module, columns, weights)
 
+
+def _stackable(module, names: list[str]) -> bool:
+    """Whether the adapters are two bias-free products with no dropout at work, so that they stack."""
+    biased = any(module.lora_B[name].bias is not None for name in names)
+    dropping = module.training and any(getattr(module.lora_dropout[name], "p", 0) for name in names)
+    return not biased and not dropping
+
+
+def _stacked_linear_forward(module, columns: list, weights):
+    """A Linear layer's forward that runs every adapter at once: their down-projections stacked into one
+    matrix, each image's scales applied to its rank block, then their up-projections stacked side by side.
+    Two matrix products whatever the number of adapters: the cost of a batch of 8 LoRAs is about one's."""
+    import torch
+
+    plans: dict = {}  # (batch, ndim, device) -> (down, up, scales) or None, made once per call
+
+    def plan_for(batch: int, ndim: int, device):
+        key = (batch, ndim, device)
+        if key not in plans:
+            rows = _rows_for(weights, batch)
+            taken = [(column, name, unit) for column, name, unit in columns if rows[:, column].any()]
+            if not taken:  # no image of this call takes an adapter of this layer
+                plans[key] = None
+                return None
+            down = torch.cat([module.lora_A[name].weight for _, name, _ in taken]).to(device)
+            up = torch.cat([module.lora_B[name].weight for _, name, _ in taken], dim=1).to(device)
+            block_scales = [
+                (rows[:, column] * unit).unsqueeze(1).expand(batch, module.r[name]) for column, name, unit in taken
+            ]
+            shape = (batch,) + (1,) * (ndim - 2) + (down.shape[0],)
+            scales = torch.cat(block_scales, dim=1).reshape(shape).to(device=device, dtype=down.dtype)
+            plans[key] = (down, up, scales)
+        return plans[key]
+
+    def forward(x, *args, **kwargs):
+        result = module.base_layer(x, *args, **kwargs)
+        plan = plan_for(x.shape[0], x.dim(), x.device)
+        if plan is None:
+            return result
+        down, up, scales = plan
+        hidden = torch.nn.functional.linear(module._cast_input_dtype(x, down.dtype), down) * scales
+        return (result + torch.nn.functional.linear(hidden, up)).to(result.dtype)
+
+    return forward
+
+
+def _per_adapter_forward(module, columns: list, weights):
+    """A layer's forward that runs each adapter in turn, as peft does, each image's output scaled by its
+    weight: for Conv2d layers, and adapters with a bias or a dropout at work."""
     scales_by_batch: dict = {}  # (batch, ndim, device, dtype) -> [(name, per-image scales)], made once per call
 
     def scales_for(batch: int, ndim: int, device, dtype) -> list:
@@ -113,8 +169,8 @@ def _mixed_forward(module, names: tuple[str, ...], weights):
             rows = _rows_for(weights, batch)
             shape = (batch,) + (1,) * (ndim - 1)
             scales_by_batch[key] = [
-                (name, (rows[:, column] * unit_scalings[name]).reshape(shape).to(device=device, dtype=dtype))
-                for column, name in present
+                (name, (rows[:, column] * unit).reshape(shape).to(device=device, dtype=dtype))
+                for column, name, unit in columns
                 if rows[:, column].any()  # an adapter no image of this call takes costs nothing
             ]
         return scales_by_batch[key]

@@ -15,6 +15,7 @@ from serving_finetunes import (
     FULL_LORA_ID,
     STYLE_LORA_ID,
     SUBJECT_LORA_ID,
+    UNET_ATTENTION,
     save_lora_adapter,
     tiny_lora_entry,
     write_random_loras,
@@ -140,25 +141,52 @@ MIXED_SETS = [(), ((SUBJECT_LORA_ID, 0.7), (STYLE_LORA_ID, -0.5)), ((STYLE_LORA_
 
 
 def test_a_mixed_batch_gives_each_request_its_own_image_and_leaves_no_hook():
+    check_mixed_batch(make_manager(), MIXED_SETS)
+
+
+def check_mixed_batch(manager, sets: list[tuple[tuple[str, float], ...]]) -> None:
+    """One call of one image per set, each the image its set gives alone, then no hook left."""
     from serving.generation import BatchItem, generate_images
 
-    manager = make_manager()
-    alone = [served(manager, "tiny-sd", *loras) for loras in MIXED_SETS]
+    alone = [served(manager, "tiny-sd", *loras) for loras in sets]
     for index, image in enumerate(alone):  # each set draws its own image
         assert all(np.abs(image.astype(int) - other).max() > 10 for other in alone[index + 1 :])
     entry = manager.entry("tiny-sd")
-    images = [(entry, [LoraWeight(model=lora_id, scale=scale) for lora_id, scale in loras]) for loras in MIXED_SETS]
+    images = [(entry, [LoraWeight(model=lora_id, scale=scale) for lora_id, scale in loras]) for loras in sets]
     pipeline, mix = manager.pipeline_for_batch(images)
     assert mix is not None and len(mix.names) == 2
-    items = [BatchItem("a photo of sks toy", None, SEED) for _ in MIXED_SETS]
+    items = [BatchItem("a photo of sks toy", None, SEED) for _ in sets]
     together = generate_images(
         pipeline, items, width=64, height=64, num_inference_steps=STEPS, guidance_scale=7.5, adapter_mix=mix
     )
     differences = [int(np.abs(np.asarray(image, dtype=int) - own).max()) for image, own in zip(together, alone)]
     assert max(differences) <= 2, differences  # what batching alone may round apart
     assert not wrapped_layers(pipeline.unet)
-    for loras, own in zip(MIXED_SETS, alone):  # unbatched calls after it: as before, byte for byte
+    for loras, own in zip(sets, alone):  # unbatched calls after it: as before, byte for byte
         assert served(manager, "tiny-sd", *loras).tobytes() == own.tobytes()
+
+
+def test_a_mixed_batch_of_convolution_loras_gives_each_request_its_own_image(composable_lora_home, tmp_path):
+    """LoRAs on the UNet's convolutions as well (as kohya's LoCon files have): its Conv2d layers weigh each
+    adapter in turn, its Linear layers stacked."""
+    from peft.tuners.lora.layer import Conv2d
+
+    from catalog.store import write_entry
+
+    targets = (*UNET_ATTENTION, "conv1", "conv2")
+    written = []
+    for seed, lora_id in enumerate(("tiny-conv-lora-a", "tiny-conv-lora-b")):
+        folder = save_lora_adapter(tmp_path / lora_id, seed=seed, unet_targets=targets)
+        written.append(write_entry(tiny_lora_entry(lora_id, folder), user_dir=composable_lora_home / "catalog"))
+    try:
+        sets = [(), (("tiny-conv-lora-a", 0.8),), (("tiny-conv-lora-a", 0.5), ("tiny-conv-lora-b", -0.7))]
+        manager = make_manager()
+        check_mixed_batch(manager, sets)
+        unet = manager.pipeline_for(manager.entry("tiny-sd")).unet
+        assert any(isinstance(module, Conv2d) and "tiny-conv-lora-b" in module.lora_A for module in unet.modules())
+    finally:  # the home is shared with other tests
+        for path in written:
+            path.unlink()
 
 
 def test_one_set_for_the_whole_batch_switches_adapters_as_for_one_request():
