@@ -10,8 +10,8 @@ A request names its model and, in ``loras``, LoRA fine-tunes to apply on top at 
 
 A LoRA fine-tune asked for as ``model`` runs on its base with its own adapter at scale 1, plus the listed
 ones; listing it in ``loras`` as well sets its scale instead. The adapter set is kept sorted by id
-(``AdapterSet``), so the order of the list changes neither the image nor which requests share a
-pipeline call. A scale of 0 leaves its LoRA out of the set: the image is the base's, byte for byte.
+(``AdapterSet``), so the order of the list does not change the image. A scale of 0 leaves its LoRA out
+of the set: the image is the base's, byte for byte.
 """
 
 from __future__ import annotations
@@ -65,11 +65,6 @@ class LoraLoadError(InputError):
 
     def as_json(self) -> dict:
         return {"error": str(self), "field": "loras", "model": self.model_id}
-
-
-def canonical_loras(loras: Sequence[LoraWeight]) -> AdapterSet:
-    """``loras`` as an AdapterSet: what the batcher compares (serving/generation_queue.py ``Job.batch_key``)."""
-    return _sorted_set({lora.model: lora.scale for lora in loras})
 
 
 def adapter_set(entry: CatalogEntry, loras: Sequence[LoraWeight], runs_on: CatalogEntry) -> AdapterSet:

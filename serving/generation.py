@@ -8,9 +8,11 @@ are not thread-safe) and its own interrupt flag.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from catalog.families import family_of_pipeline
+from serving.mixed_loras import AdapterMix, mixed_loras
 from serving.prompts import PromptEmbeddingCache, prompt_inputs
 from serving.schema import SCHEDULER_CLASSES, LimitExceeded, PromptSyntax
 
@@ -76,6 +78,7 @@ def generate_images(
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
     prompt_cache: PromptEmbeddingCache | None = None,
+    adapter_mix: AdapterMix | None = None,
 ) -> list:
     """Generate one PIL image per item, in one pipeline call (one per prompt length, when a1111 prompts
     past the text encoder's window make embeddings of several lengths; see serving/prompts.py).
@@ -83,7 +86,8 @@ def generate_images(
     ``should_stop`` is asked after every denoising step; once it says yes, the remaining steps
     are skipped. ``on_step`` receives the number of steps done, for progress bars. ``true_cfg_scale``
     is Flux's true CFG (serving/schema.py ``check_family`` keeps it from other families).
-    ``prompt_cache`` keeps encoded prompts between calls.
+    ``prompt_cache`` keeps encoded prompts between calls. ``adapter_mix``: each item's LoRA scales, for a
+    batch of several LoRA sets (serving/mixed_loras.py); None runs the adapters the pipeline has switched on.
     """
     import torch
 
@@ -106,7 +110,8 @@ def generate_images(
     for indices, text_inputs in prompt_inputs(pipeline, texts, negatives_apply, prompt_cache):
         # CPU generators give the same image on any device; one per image keeps each seed its own.
         generators = [torch.Generator("cpu").manual_seed(items[index].seed) for index in indices]
-        with torch.inference_mode():
+        mixing = nullcontext() if adapter_mix is None else mixed_loras(view.unet, adapter_mix.rows(indices))
+        with torch.inference_mode(), mixing:
             output = view(
                 **text_inputs,
                 width=width,

@@ -1,8 +1,9 @@
 """The generation queue: a bounded FIFO of requests and the one thread that owns the device.
 
 Requests wait in arrival order. The thread takes the oldest one, adds every queued request that
-can share its pipeline call (same model, LoRAs and scales, size, steps, guidance, true CFG and scheduler) up to
-``max_batch_size`` images, and runs them together, each image with its own seed. A request whose
+can share its pipeline call (same base weights, size, steps, guidance, true CFG and scheduler) up to
+``max_batch_size`` images, and runs them together, each image with its own seed and LoRA set (serving/mixed_loras.py;
+sets that cannot mix stay apart: serving/manager.py ``batch_group``). A request whose
 client left or whose time ran out is dropped from the queue, and a running call stops at the
 next denoising step once all of its requests have given up.
 
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from catalog.families import family
 from catalog.pipelines import ModelLoadError
 from catalog.schema import CatalogEntry
-from serving.adapters import canonical_loras
 from serving.generation import BatchItem, generate_images
 from serving.manager import DownloadsForbidden, PipelineManager
 from serving.prompts import PromptEmbeddingCache
@@ -99,6 +99,7 @@ class Job:
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
     call: CallProgress | None = None  # the pipeline call it runs in, once it runs
+    lora_group: tuple | None = None  # its manager's batch_group, set on submission
 
     @property
     def steps_done(self) -> int:
@@ -116,8 +117,7 @@ class Job:
     def batch_key(self) -> tuple:
         request = self.request
         return (
-            self.entry.id,
-            canonical_loras(request.loras),  # a pipeline call runs with one set of adapters
+            self.lora_group,  # one pipeline call runs on one base; sets that cannot mix are in it too
             self.width,
             self.height,
             request.num_inference_steps,
@@ -165,6 +165,7 @@ class GenerationQueue:
             raise ModelLoadError(failed[0])
 
     def submit(self, job: Job) -> Future:
+        job.lora_group = self.manager.batch_group(job.entry, job.request.loras)
         with self._condition:
             if len(self._pending) >= self.settings.max_queue:
                 queued_images = sum(len(queued.seeds) for queued in self._pending)
@@ -323,7 +324,9 @@ class GenerationQueue:
         if self.metrics is not None:
             self.metrics.running_images.set(len(items))
         try:
-            pipeline = self.manager.pipeline_for(head.entry, head.request.loras, for_request=True)
+            pipeline, adapter_mix = self.manager.pipeline_for_batch(
+                [(job.entry, job.request.loras) for job in batch for _ in job.seeds], for_request=True
+            )
             images = generate_images(
                 pipeline,
                 items,
@@ -336,6 +339,7 @@ class GenerationQueue:
                 should_stop=lambda: all(job.gave_up() for job in batch),
                 on_step=count_step,
                 prompt_cache=self.prompt_cache,
+                adapter_mix=adapter_mix,
             )
             flags = None
             if self.safety_checker is not None:  # here, so that every route gets checked images

@@ -155,10 +155,15 @@ def prepare_slots(pipeline, slot_count: int, max_rank: int) -> LoraSlots:
     return LoraSlots(pipeline=pipeline, max_rank=max_rank, names=names, contents=[None] * slot_count)
 
 
+def takes_lora_slots(entry: CatalogEntry, settings: ServingSettings, device: str) -> bool:
+    """Whether base ``entry``, once loaded, is compiled with LoRA slots (``compiled_lora_slots``)."""
+    return settings.compile and is_cuda(device) and settings.max_loras > 0 and family(entry.family).lora
+
+
 def compiled_lora_slots(pipeline, entry: CatalogEntry, settings: ServingSettings, device: str) -> LoraSlots | None:
     """The slots a base about to be compiled needs, made now; None when it will not be compiled (serving/device.py
     compiles on CUDA only) or takes no LoRAs. The pipeline manager calls it between loading a base and
     ``optimize_for_device``."""
-    if not (settings.compile and is_cuda(device)) or settings.max_loras == 0 or not family(entry.family).lora:
+    if not takes_lora_slots(entry, settings, device):
         return None
     return prepare_slots(pipeline, settings.max_loras, settings.lora_max_rank)

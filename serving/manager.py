@@ -35,7 +35,8 @@ from serving.device import (
     release_device_memory,
     weights_bytes,
 )
-from serving.lora_hotswap import LoraSlots, compiled_lora_slots
+from serving.lora_hotswap import LoraSlots, compiled_lora_slots, takes_lora_slots
+from serving.mixed_loras import AdapterMix, adapts_unet_only
 from serving.model_store import StoredModel, with_stored_entries
 from serving.schema import LoraWeight
 from serving.settings import ServingSettings
@@ -197,6 +198,31 @@ class PipelineManager:
         base = self._base(self.base_entry(entry), for_request)
         self._activate(base, adapter_set(entry, loras, base.entry))
         return base.pipeline
+
+    def batch_group(self, entry: CatalogEntry, loras: Sequence[LoraWeight]) -> tuple:
+        """What requests sharing a pipeline call must have in common, LoRA-wise: the weights they run on,
+        and their adapter set too where it cannot mix with others (serving/mixed_loras.py says when)."""
+        runs_on = self.base_entry(entry)
+        adapters = adapter_set(entry, loras, runs_on)
+        exclusive = takes_lora_slots(runs_on, self.settings, self.device) or not all(
+            adapts_unet_only(self._catalog.get(lora_id)) for lora_id, _ in adapters
+        )
+        return (runs_on.id, adapters if exclusive else None)
+
+    def pipeline_for_batch(
+        self, images: Sequence[tuple[CatalogEntry, Sequence[LoraWeight]]], *, for_request: bool = False
+    ) -> tuple[object, AdapterMix | None]:
+        """The pipeline for a call of ``images`` (each image's model and loras, all of one ``batch_group``),
+        and the AdapterMix to run it under (serving/mixed_loras.py), or None when they all share one set:
+        then ``pipeline_for``'s adapters are switched on, as for one request."""
+        base = self._base(self.base_entry(images[0][0]), for_request)
+        sets = [adapter_set(entry, loras, base.entry) for entry, loras in images]
+        if len(set(sets)) == 1:
+            self._activate(base, sets[0])
+            return base.pipeline, None
+        union = tuple(sorted({(lora_id, 1.0) for adapters in sets for lora_id, _ in adapters}))
+        self._activate(base, union)  # loads each, keeps them all through eviction; the mix sets the scales
+        return base.pipeline, AdapterMix.of(sets, lambda lora_id: base.adapters[lora_id].name)
 
     def _activate(self, base: LoadedBase, adapters: AdapterSet) -> None:
         """Switch on exactly ``adapters`` on ``base``, loading the missing ones and making room for them."""

@@ -373,11 +373,18 @@ MUTATIONS = [
         (Select("tests/test_faults.py", "cannot_warm"),),
     ),
     Mutation(
-        "requests with different LoRAs share a pipeline call (batch key without loras)",
-        "serving/generation_queue.py",
-        "            canonical_loras(request.loras),  # a pipeline call runs with one set of adapters\n",
-        "",
-        (Select("tests/test_lora_composition.py", "same_adapters"), Select("tests/test_lora_serving.py", "together")),
+        "adapters leaking across a batch (a mixed batch weighs every image as its first)",
+        "serving/mixed_loras.py",
+        "    return weights.repeat(batch // images, 1)\n",
+        "    return weights[:1].repeat(batch, 1)\n",
+        (Select("tests/test_lora_composition.py", "mixed_batch"), Select("tests/test_lora_serving.py", "together")),
+    ),
+    Mutation(
+        "a LoRA with text-encoder layers mixes with other sets in one pipeline call",
+        "serving/manager.py",
+        "        return (runs_on.id, adapters if exclusive else None)\n",
+        "        return (runs_on.id, None)\n",
+        (Select("tests/test_lora_composition.py", "share_a_batch"),),
     ),
     # --- serving: prompt syntax and the prompt cache ------------------------------------------------
     Mutation(

@@ -19,12 +19,21 @@ def save_full_finetune(folder: Path) -> Path:
     return folder
 
 
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 def save_lora_adapter(
-    folder: Path, text_encoder: bool = False, seed: int = 1, *, rank: int = 4, alpha: int | None = None
+    folder: Path,
+    text_encoder: bool = False,
+    seed: int = 1,
+    *,
+    rank: int = 4,
+    alpha: int | None = None,
+    unet_targets: tuple[str, ...] = UNET_ATTENTION,
 ) -> Path:
-    """A LoRA of ``rank`` (alpha: ``alpha``, else the rank) on tiny-sd's UNet attention (and, with
-    ``text_encoder``, its text encoder's), with random (not zero) weights drawn from ``seed`` so it changes
-    the images."""
+    """A LoRA of ``rank`` (alpha: ``alpha``, else the rank) on tiny-sd's UNet modules ``unet_targets`` (its
+    attention, unless told) and, with ``text_encoder``, its text encoder's attention, with random (not zero)
+    weights drawn from ``seed`` so it changes the images."""
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -34,7 +43,7 @@ def save_lora_adapter(
     from catalog.tiny_sd import build_tiny_sd_pipeline
 
     pipeline = build_tiny_sd_pipeline()
-    modules = {"unet": (pipeline.unet, ["to_q", "to_k", "to_v", "to_out.0"])}
+    modules = {"unet": (pipeline.unet, list(unet_targets))}
     if text_encoder:
         modules["text_encoder"] = (pipeline.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"])
     generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,15 @@ import time
 import numpy as np
 import psutil
 import pytest
-from serving_finetunes import FULL_LORA_ID, STYLE_LORA_ID, SUBJECT_LORA_ID, write_random_loras
+from serving_finetunes import (
+    FULL_LORA_ID,
+    STYLE_LORA_ID,
+    SUBJECT_LORA_ID,
+    UNET_ATTENTION,
+    save_lora_adapter,
+    tiny_lora_entry,
+    write_random_loras,
+)
 
 from catalog.pipelines import lora_weights_file
 from serving.schema import GenerationRequest, LoraWeight
@@ -92,23 +100,124 @@ def test_two_loras_match_diffusers_set_adapters_at_their_scales_in_any_order():
     assert np.abs(at_one.astype(int) - reference.astype(int)).max() > 8  # the scales matter
 
 
-def test_only_requests_with_the_same_adapters_and_scales_share_a_batch():
-    from catalog.store import load_catalog
+def test_requests_share_a_batch_by_base_whatever_their_unet_loras(composable_lora_home, tmp_path, monkeypatch):
+    """UNet-only LoRA sets mix in one call (serving/mixed_loras.py); a set with text-encoder layers, or any set
+    on a base compiled with hot-swap slots, keeps its own batches."""
+    from catalog.store import load_catalog, write_entry
+
+    text_lora = tiny_lora_entry("tiny-text-lora", save_lora_adapter(tmp_path / "text", text_encoder=True))
+    written = write_entry(text_lora, user_dir=composable_lora_home / "catalog")
+    try:
+        check_batch_keys(load_catalog(), text_lora.id, monkeypatch)
+    finally:  # the home is shared with other tests
+        written.unlink()
+
+
+def check_batch_keys(catalog, text_lora_id: str, monkeypatch) -> None:
     from serving.generation_queue import Job
 
-    entry = load_catalog().get("tiny-sd")
-
-    def key(*loras: tuple[str, float]):
+    def key(manager, model_id: str, *loras: tuple[str, float]):
         weights = [LoraWeight(model=lora_id, scale=scale) for lora_id, scale in loras]
         request = GenerationRequest(prompt="a toy", num_inference_steps=STEPS, loras=weights)
-        return Job.create(entry, request, 64, 64, 60).batch_key
+        job = Job.create(catalog.get(model_id), request, 64, 64, 60)
+        job.lora_group = manager.batch_group(job.entry, job.request.loras)  # what GenerationQueue.submit does
+        return job.batch_key
 
-    pair = key((SUBJECT_LORA_ID, 0.5), (STYLE_LORA_ID, 1.0))
-    assert key((STYLE_LORA_ID, 1.0), (SUBJECT_LORA_ID, 0.5)) == pair  # list order is no difference
-    assert key((SUBJECT_LORA_ID, 0.5)) != pair
-    assert key((SUBJECT_LORA_ID, 0.5), (STYLE_LORA_ID, 0.9)) != pair
-    assert key() != key((SUBJECT_LORA_ID, 0.5))
-    assert key() == key((SUBJECT_LORA_ID, 0.0))  # scale 0 draws the base's image
+    manager = make_manager()
+    pair = key(manager, "tiny-sd", (SUBJECT_LORA_ID, 0.5), (STYLE_LORA_ID, 1.0))
+    assert key(manager, "tiny-sd") == pair == key(manager, "tiny-sd", (SUBJECT_LORA_ID, 0.9))
+    assert key(manager, SUBJECT_LORA_ID) == pair  # a LoRA asked for by id runs on its base
+    assert key(manager, "tiny-full") != pair and key(manager, FULL_LORA_ID) == key(manager, "tiny-full")
+    text = key(manager, "tiny-sd", (text_lora_id, 0.5))
+    assert text != pair and text != key(manager, "tiny-sd", (text_lora_id, 0.5), (SUBJECT_LORA_ID, 1.0))
+    assert text == key(manager, "tiny-sd", (text_lora_id, 0.5))
+    assert key(manager, "tiny-sd", (text_lora_id, 0.0)) == pair  # scale 0: not in the set
+    monkeypatch.setattr("serving.lora_hotswap.is_cuda", lambda device: True)
+    slotted = make_manager(compile=True)
+    assert key(slotted, "tiny-sd") != key(slotted, "tiny-sd", (SUBJECT_LORA_ID, 0.5))
+
+
+MIXED_SETS = [(), ((SUBJECT_LORA_ID, 0.7), (STYLE_LORA_ID, -0.5)), ((STYLE_LORA_ID, 1.0),)]
+
+
+def test_a_mixed_batch_gives_each_request_its_own_image_and_leaves_no_hook():
+    check_mixed_batch(make_manager(), MIXED_SETS)
+
+
+def check_mixed_batch(manager, sets: list[tuple[tuple[str, float], ...]]) -> None:
+    """One call of one image per set, each the image its set gives alone, then no hook left."""
+    from serving.generation import BatchItem, generate_images
+
+    alone = [served(manager, "tiny-sd", *loras) for loras in sets]
+    for index, image in enumerate(alone):  # each set draws its own image
+        assert all(np.abs(image.astype(int) - other).max() > 10 for other in alone[index + 1 :])
+    entry = manager.entry("tiny-sd")
+    images = [(entry, [LoraWeight(model=lora_id, scale=scale) for lora_id, scale in loras]) for loras in sets]
+    pipeline, mix = manager.pipeline_for_batch(images)
+    assert mix is not None and len(mix.names) == 2
+    items = [BatchItem("a photo of sks toy", None, SEED) for _ in sets]
+    together = generate_images(
+        pipeline, items, width=64, height=64, num_inference_steps=STEPS, guidance_scale=7.5, adapter_mix=mix
+    )
+    differences = [int(np.abs(np.asarray(image, dtype=int) - own).max()) for image, own in zip(together, alone)]
+    assert max(differences) <= 2, differences  # what batching alone may round apart
+    assert not wrapped_layers(pipeline.unet)
+    for loras, own in zip(sets, alone):  # unbatched calls after it: as before, byte for byte
+        assert served(manager, "tiny-sd", *loras).tobytes() == own.tobytes()
+
+
+def test_a_mixed_batch_of_convolution_loras_gives_each_request_its_own_image(composable_lora_home, tmp_path):
+    """LoRAs on the UNet's convolutions as well (as kohya's LoCon files have): its Conv2d layers weigh each
+    adapter in turn, its Linear layers stacked."""
+    from peft.tuners.lora.layer import Conv2d
+
+    from catalog.store import write_entry
+
+    targets = (*UNET_ATTENTION, "conv1", "conv2")
+    written = []
+    for seed, lora_id in enumerate(("tiny-conv-lora-a", "tiny-conv-lora-b")):
+        folder = save_lora_adapter(tmp_path / lora_id, seed=seed, unet_targets=targets)
+        written.append(write_entry(tiny_lora_entry(lora_id, folder), user_dir=composable_lora_home / "catalog"))
+    try:
+        sets = [(), (("tiny-conv-lora-a", 0.8),), (("tiny-conv-lora-a", 0.5), ("tiny-conv-lora-b", -0.7))]
+        manager = make_manager()
+        check_mixed_batch(manager, sets)
+        unet = manager.pipeline_for(manager.entry("tiny-sd")).unet
+        assert any(isinstance(module, Conv2d) and "tiny-conv-lora-b" in module.lora_A for module in unet.modules())
+    finally:  # the home is shared with other tests
+        for path in written:
+            path.unlink()
+
+
+def test_one_set_for_the_whole_batch_switches_adapters_as_for_one_request():
+    manager = make_manager()
+    entry = manager.entry("tiny-sd")
+    weights = [LoraWeight(model=SUBJECT_LORA_ID, scale=0.7)]
+    pipeline, mix = manager.pipeline_for_batch([(entry, weights), (manager.entry(SUBJECT_LORA_ID), [])])
+    assert mix is not None  # the LoRA at 0.7, and the model's own adapter at 1.0: two sets
+    pipeline, mix = manager.pipeline_for_batch([(entry, weights), (manager.entry(SUBJECT_LORA_ID), weights)])
+    assert mix is None  # listed, the model's own adapter takes the listed scale: one set
+    pipeline, mix = manager.pipeline_for_batch([(entry, weights), (entry, weights)])
+    assert mix is None and pipeline.get_active_adapters() == [manager_adapter_name(SUBJECT_LORA_ID)]
+
+
+def test_the_layers_own_forwards_come_back_when_a_mixed_call_fails():
+    from serving.mixed_loras import AdapterMix, mixed_loras
+
+    manager = make_manager()
+    before = served(manager, "tiny-sd", (SUBJECT_LORA_ID, 0.7))
+    unet = manager.pipeline_for(manager.entry("tiny-sd")).unet
+    mix = AdapterMix((manager_adapter_name(SUBJECT_LORA_ID),), ((1.0,), (0.0,)))
+    with pytest.raises(RuntimeError, match="interrupted"), mixed_loras(unet, mix):
+        assert wrapped_layers(unet)
+        raise RuntimeError("interrupted")
+    assert not wrapped_layers(unet)
+    assert served(manager, "tiny-sd", (SUBJECT_LORA_ID, 0.7)).tobytes() == before.tobytes()
+
+
+def wrapped_layers(unet) -> list[str]:
+    """UNet modules whose forward is an instance attribute: serving/mixed_loras.py's, while it runs."""
+    return [name for name, module in unet.named_modules() if "forward" in vars(module)]
 
 
 def test_each_refused_lora_names_itself():

@@ -114,7 +114,8 @@ def test_requests_with_different_loras_sent_together_each_get_their_own_image(ht
     calls_before = pipeline_calls(http)
     with ThreadPoolExecutor(len(crowd)) as pool:
         together = list(pool.map(lambda loras: array(image_png(http, body(*loras))), crowd))
-    assert pipeline_calls(http) - calls_before < len(crowd)  # they did meet in batches
+    # They met in mixed batches: 12 images in batches of 8 take 2 calls, where batching by set took at least 3.
+    assert pipeline_calls(http) - calls_before < len(sets)
     # Each is the image its set gives alone, up to float rounding across batch sizes.
     differences = [int(np.abs(image - alone[index % len(sets)]).max()) for index, image in enumerate(together)]
     assert max(differences) <= 2, differences
