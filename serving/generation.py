@@ -65,6 +65,15 @@ def request_pipeline(pipeline, scheduler_name: str | None):
     return view
 
 
+def negatives_apply(pipeline, guidance_scale: float, true_cfg_scale: float | None) -> bool:
+    """Whether a call with these scales uses negative prompts: Flux takes them only through true CFG, the
+    other families through classifier-free guidance."""
+    family = family_of_pipeline(type(pipeline).__name__)
+    if family is not None and family.true_cfg:
+        return (true_cfg_scale or 1) > 1
+    return guidance_scale > 1
+
+
 def generate_images(
     pipeline,
     items: list[BatchItem],
@@ -103,11 +112,9 @@ def generate_images(
         return callback_kwargs
 
     texts = [(item.prompt, item.negative_prompt, item.prompt_syntax) for item in items]
-    family = family_of_pipeline(type(pipeline).__name__)
-    # Flux takes a negative prompt only through true CFG; the others through classifier-free guidance.
-    negatives_apply = (true_cfg_scale or 1) > 1 if family is not None and family.true_cfg else guidance_scale > 1
+    negatives = negatives_apply(pipeline, guidance_scale, true_cfg_scale)
     images = [None] * len(items)
-    for indices, text_inputs in prompt_inputs(pipeline, texts, negatives_apply, prompt_cache):
+    for indices, text_inputs in prompt_inputs(pipeline, texts, negatives, prompt_cache):
         # CPU generators give the same image on any device; one per image keeps each seed its own.
         generators = [torch.Generator("cpu").manual_seed(items[index].seed) for index in indices]
         mixing = nullcontext() if adapter_mix is None else mixed_loras(view.unet, adapter_mix.rows(indices))
