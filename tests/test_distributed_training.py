@@ -105,6 +105,7 @@ def test_two_processes_learn_and_register_one_entry(tmp_path, txt2img_home):
         "loss_curve.json",
         "loss_curve.png",
         "model",
+        "steps.jsonl",
         "validation",
     ]
     # The same bar as the one-process run (tests/test_train.py): the loss falls by over 30%.
