@@ -76,6 +76,23 @@ CREATE TABLE IF NOT EXISTS job_images (
 """
 
 
+# Columns added to ``jobs`` since its first release, each with its definition: a store an older txt2img
+# wrote gains them when opened (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).
+ADDED_COLUMNS = {
+    "claimed_host": "TEXT",
+    "kind": "TEXT NOT NULL DEFAULT 'generate'",
+    "origin_host": "TEXT",
+}
+
+
+def add_missing_columns(session: Session) -> None:
+    """Give a ``jobs`` table written by an older txt2img the columns it lacks (ADDED_COLUMNS)."""
+    present = {column[0] for column in session.execute("SELECT * FROM jobs LIMIT 0").description}
+    for name, definition in ADDED_COLUMNS.items():
+        if name not in present:
+            session.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+
+
 class JobStoreUnavailable(Txt2ImgError):
     """TXT2IMG_JOBS_DB names a database this server cannot use."""
 
@@ -221,6 +238,7 @@ class SqliteDatabase:
         with self.session() as session:
             session.execute("PRAGMA journal_mode=WAL")  # readers never wait for the one writer
             session.cursor.executescript(SCHEMA.format(real=self.dialect.real, blob=self.dialect.blob))
+            add_missing_columns(session)
 
     def size(self) -> int:
         """Bytes on disk, the WAL included."""
@@ -277,6 +295,7 @@ class PostgresDatabase:
         with self.session() as session, session.transaction():
             session.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
             session.execute(SCHEMA.format(real=self.dialect.real, blob=self.dialect.blob))
+            add_missing_columns(session)
 
     def size(self) -> int:
         with self.session() as session:

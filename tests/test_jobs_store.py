@@ -148,3 +148,22 @@ def test_one_idempotency_key_stores_one_job_though_processes_add_it_at_once(job_
     assert len({job_id for job_id, _ in answers}) == 1
     assert sorted(new for _, new in answers) == [False, False, False, True]
     assert JobStore(job_store_location).count() == 1
+
+
+def test_a_store_written_before_the_added_columns_opens_and_keeps_its_jobs(job_store_location):
+    """A jobs table from an older txt2img (without claimed_host, kind, origin_host) gains them when opened,
+    instead of stopping the server at its first query."""
+    from serving.jobs import ADDED_COLUMNS, open_database
+
+    database = open_database(job_store_location)
+    with database.session() as session:
+        for column in ADDED_COLUMNS:
+            session.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        session.execute(
+            "INSERT INTO jobs (id, status, request, seeds, created, total_steps) VALUES (?, 'queued', ?, ?, ?, ?)",
+            ("old-job", '{"prompt": "a cat"}', "[7]", time.time(), 2),
+        )
+    store = JobStore(job_store_location)
+    assert store.get("old-job").kind == "generate"
+    assert store.requeue_orphans() == []
+    assert store.claim(os.getpid()).id == "old-job"
